@@ -1,0 +1,108 @@
+"""`RLSDConfig`: TRL's `GRPOConfig` plus the knobs of RLSD and its baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from rlsd.credit import CREDIT_RULES
+from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, validate_teacher_template
+
+TEACHER_MODES = ("synced", "live", "initial", "ema")
+
+
+@dataclass
+class RLSDConfig(GRPOConfig):
+    r"""
+    Configuration for [`RLSDTrainer`]. Every field of TRL's `GRPOConfig` applies unchanged; the fields below add the
+    credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
+
+    Parameters:
+        credit (`str`, *optional*, defaults to `"rlsd"`):
+            Token credit rule: `"grpo"` (A_it = A_i), `"rlsd"` (verifier sets the sign, the privileged self-teacher
+            the per-token magnitude), `"opsd"` (A_it = Delta_t, reward ignored) or `"grpo+opsd"`
+            (A_it = A_i + opsd_beta * Delta_t).
+        rlsd_lambda (`float`, *optional*, defaults to `0.5`):
+            lam_0, the weight of the clipped teacher ratio in the multiplier (1 - lam) + lam * clip(w).
+        rlsd_lambda_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which lam rises linearly from 0 to lam_0.
+        rlsd_lambda_decay_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps over which lam then falls linearly to 0, after which RLSD equals GRPO and the teacher
+            pass is skipped. 0 keeps lam_0 for the whole run.
+        rlsd_clip (`float`, *optional*, defaults to `0.2`):
+            eps_w: the teacher ratio w_t is clipped to [1 - eps_w, 1 + eps_w]. 0 makes the multiplier exactly 1.
+        rlsd_negative_only (`bool`, *optional*, defaults to `False`):
+            Reweight only completions with A_i < 0; the others keep A_i.
+        opsd_beta (`float`, *optional*, defaults to `1.0`):
+            Weight of Delta_t in `credit="grpo+opsd"`.
+        teacher (`str`, *optional*, defaults to `"synced"`):
+            Which weights the self-teacher uses: `"synced"` (a frozen copy, re-synced every `teacher_sync_steps`),
+            `"live"` (the current weights, no copy), `"initial"` (never synced; with a PEFT model, the adapter
+            disabled) or `"ema"` (an exponential moving average of the policy).
+        teacher_sync_steps (`int`, *optional*, defaults to `10`):
+            With `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher.
+        teacher_ema_decay (`float`, *optional*, defaults to `0.95`):
+            With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step.
+        privileged_column (`str`, *optional*, defaults to `"solution"`):
+            Dataset column holding the privileged reference answer (the column TRL's accuracy reward reads).
+        teacher_template (`str`, *optional*, defaults to the paper's template):
+            Teacher prompt with the fields `{prompt}` (the student's last user turn, or the whole plain-text prompt)
+            and `{answer}`. System turns of conversational prompts are kept.
+    """
+
+    credit: str = field(
+        default="rlsd",
+        metadata={"help": "Token credit rule.", "choices": list(CREDIT_RULES)},
+    )
+    rlsd_lambda: float = field(
+        default=0.5, metadata={"help": "lam_0: weight of the clipped teacher ratio in the RLSD multiplier."}
+    )
+    rlsd_lambda_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps of linear warm-up of lam from 0 to lam_0."}
+    )
+    rlsd_lambda_decay_steps: int = field(
+        default=50, metadata={"help": "Optimizer steps of linear decay of lam to 0 (0: constant lam_0)."}
+    )
+    rlsd_clip: float = field(
+        default=0.2, metadata={"help": "eps_w: the teacher ratio is clipped to [1 - eps_w, 1 + eps_w]."}
+    )
+    rlsd_negative_only: bool = field(
+        default=False, metadata={"help": "Reweight only completions with negative advantage."}
+    )
+    opsd_beta: float = field(default=1.0, metadata={"help": "Weight of Delta_t in credit='grpo+opsd'."})
+    teacher: str = field(
+        default="synced",
+        metadata={"help": "Self-teacher weights.", "choices": list(TEACHER_MODES)},
+    )
+    teacher_sync_steps: int = field(
+        default=10, metadata={"help": "With teacher='synced': optimizer steps between hard copies."}
+    )
+    teacher_ema_decay: float = field(
+        default=0.95, metadata={"help": "With teacher='ema': teacher <- decay * teacher + (1 - decay) * policy."}
+    )
+    privileged_column: str = field(
+        default="solution", metadata={"help": "Dataset column with the privileged reference answer."}
+    )
+    teacher_template: str = field(
+        default=PAPER_TEACHER_TEMPLATE,
+        metadata={"help": "Teacher prompt with {prompt} and {answer} fields."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.credit not in CREDIT_RULES:
+            raise ValueError(f"credit={self.credit!r} is not one of {', '.join(CREDIT_RULES)}")
+        if self.teacher not in TEACHER_MODES:
+            raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
+        if not 0.0 <= self.rlsd_lambda <= 1.0:
+            raise ValueError(f"rlsd_lambda must lie in [0, 1], got {self.rlsd_lambda}")
+        if not 0.0 <= self.rlsd_clip < 1.0:
+            raise ValueError(f"rlsd_clip must lie in [0, 1), got {self.rlsd_clip}")
+        if self.rlsd_lambda_warmup_steps < 0 or self.rlsd_lambda_decay_steps < 0:
+            raise ValueError("rlsd_lambda_warmup_steps and rlsd_lambda_decay_steps must be >= 0")
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}")
+        if not 0.0 <= self.teacher_ema_decay < 1.0:
+            raise ValueError(f"teacher_ema_decay must lie in [0, 1), got {self.teacher_ema_decay}")
+        validate_teacher_template(self.teacher_template)

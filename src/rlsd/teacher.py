@@ -1,0 +1,114 @@
+"""The privileged self-teacher's weights: which copy (if any) it keeps and when it follows the policy (section 2.3)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl.trainer.utils import add_fused_lm_head, use_adapter
+
+from rlsd.config import TEACHER_MODES
+
+TEACHER_WEIGHTS_FILE = "rlsd_teacher.pt"
+TEACHER_STATE_FILE = "rlsd_teacher.json"
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    """True for a PEFT-wrapped model (duck-typed so that PEFT stays optional)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+class SelfTeacher:
+    """Owns the teacher's weights for one training run.
+
+    `synced`: a frozen copy, hard-copied from the policy after every `sync_steps` optimizer steps.
+    `ema`: a copy updated after each optimizer step as decay * teacher + (1 - decay) * policy.
+    `initial`: a copy that never changes; with a PEFT policy, no copy: the policy with its adapter disabled.
+    `live`: no copy: the current policy weights.
+    """
+
+    def __init__(self, mode: str, policy: nn.Module, *, sync_steps: int, ema_decay: float, temperature: float) -> None:
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"teacher={mode!r} is not one of {', '.join(TEACHER_MODES)}")
+        self.mode = mode
+        self.sync_steps = sync_steps
+        self.ema_decay = ema_decay
+        self.last_sync_step = 0
+        self.uses_disabled_adapter = mode == "initial" and _is_peft_model(policy)
+        self.model: nn.Module | None = None
+        if mode in ("synced", "ema") or (mode == "initial" and not self.uses_disabled_adapter):
+            self.model = self._frozen_copy(policy, temperature)
+
+    @staticmethod
+    def _frozen_copy(policy: nn.Module, temperature: float) -> nn.Module:
+        """A no-grad eval-mode copy of the policy with its own fused log-prob head (TRL's, bound to the copy)."""
+        teacher = copy.deepcopy(policy)
+        teacher.__dict__.pop("forward", None)  # drop the copied patch, whose closure points at the policy
+        base = teacher.get_base_model() if _is_peft_model(teacher) else teacher
+        base.__dict__.pop("forward", None)
+        add_fused_lm_head(base, temperature=temperature)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    @contextlib.contextmanager
+    def forward_context(self, policy: nn.Module, unwrapped_policy: nn.Module) -> Iterator[nn.Module]:
+        """Yield the module that scores teacher sequences: the copy, or the policy (live / adapter disabled)."""
+        if self.model is not None:
+            yield self.model
+        elif self.uses_disabled_adapter:
+            with use_adapter(unwrapped_policy, adapter_name=None):
+                yield policy
+        else:
+            yield policy
+
+    def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
+        """Follow the policy after optimizer step `global_step`; True when the teacher's weights changed."""
+        if self.mode == "synced" and global_step - self.last_sync_step >= self.sync_steps:
+            SyncRefModelCallback.sync_target_model(policy, self.model, alpha=1.0)
+            self.last_sync_step = global_step
+            return True
+        if self.mode == "ema":
+            SyncRefModelCallback.sync_target_model(policy, self.model, alpha=1.0 - self.ema_decay)
+            self.last_sync_step = global_step
+            return True
+        return False
+
+    def save(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Write the teacher's weights (when it has its own) and its sync state into a checkpoint folder."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, TEACHER_STATE_FILE), "w") as f:
+            json.dump({"mode": self.mode, "last_sync_step": self.last_sync_step}, f)
+        if self.model is not None:
+            torch.save(unwrap(self.model).state_dict(), os.path.join(directory, TEACHER_WEIGHTS_FILE))
+
+    def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Restore what `save` wrote; a checkpoint from another teacher mode is refused."""
+        state_path = os.path.join(directory, TEACHER_STATE_FILE)
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"checkpoint {directory} has no {TEACHER_STATE_FILE}: it was not written by RLSD")
+        with open(state_path) as f:
+            state = json.load(f)
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from teacher={self.mode!r}")
+        self.last_sync_step = int(state["last_sync_step"])
+        if self.model is not None:
+            weights = torch.load(os.path.join(directory, TEACHER_WEIGHTS_FILE), map_location="cpu", weights_only=True)
+            unwrap(self.model).load_state_dict(weights)
+
+
+class TeacherSyncCallback(TrainerCallback):
+    """Calls `SelfTeacher.on_optimizer_step` at the end of every optimizer step."""
+
+    def __init__(self, trainer: object) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._on_teacher_step(state.global_step)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny tokenizer, a tiny Qwen2 and a small dataset, all built locally."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+from rlsd import RLSDConfig  # noqa: E402
+from rlsd.tiny import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def make_model(tokenizer, seed: int = 0):
+    """A very small Qwen2 (about 40k parameters) so that a training step takes well under a second."""
+    return build_tiny_qwen2(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=seed)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+def make_dataset(n: int = 8, conversational: bool = False) -> Dataset:
+    """Arithmetic prompts of different lengths with their answers in the `solution` column."""
+    rows = []
+    for i in range(n):
+        a, b = i + 1, (i * 7) % 13
+        question = f"Q: {a}+{b}*{'1' * (1 + i % 3)}="
+        prompt = (
+            [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+            if conversational
+            else question
+        )
+        rows.append({"prompt": prompt, "solution": str(a + b)})
+    return Dataset.from_list(rows)
+
+
+def parity_reward(completions, **kwargs):
+    """A deterministic reward with spread inside every group: the parity of the completion's length."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [float(len(t) % 2) for t in texts]
+
+
+def config_kwargs(tmp_path, **overrides) -> dict:
+    """Arguments of a CPU config for one or a few optimizer steps on the tiny model."""
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return values
+
+
+def make_config(tmp_path, **overrides) -> RLSDConfig:
+    """`RLSDConfig` over `config_kwargs`."""
+    return RLSDConfig(**config_kwargs(tmp_path, **overrides))
