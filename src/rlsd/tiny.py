@@ -1,19 +1,18 @@
 """A character-level tokenizer and a tiny Qwen2 built in code: the offline stand-ins for a hub model.
 
-Both are ordinary `transformers` objects (`PreTrainedTokenizerFast`, `Qwen2ForCausalLM`), saved and loaded with
+Both are ordinary `transformers` objects (`Qwen2Tokenizer`, `Qwen2ForCausalLM`), saved and loaded with
 `save_pretrained` / `from_pretrained`, so everything downstream treats them like any hub checkpoint.
 """
 
 from __future__ import annotations
 
-import string
-
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import pre_tokenizers
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
-CHARACTERS = (*string.printable[:95], "\n")  # printable ASCII (space included) and newline
+"""Single tokens, added as ordinary (not special) tokens so that decoding with `skip_special_tokens=True`, as TRL
+does before calling the rewards, keeps them."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -24,27 +23,26 @@ CHAT_TEMPLATE = (
 """A minimal chat template so that conversational prompts work with the tiny tokenizer."""
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, the four reasoning tags as single tokens, `<eos>` to end and `<pad>` to pad."""
-    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *TAG_TOKENS, *CHARACTERS))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tag_pattern = "|".join(t.replace("/", r"\/") for t in TAG_TOKENS)
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(rf"{tag_pattern}|[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+def build_char_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer with no merges: one token per byte (so one per ASCII character), the four reasoning
+    tags as single tokens, `<eos>` to end and `<pad>` to pad.
+
+    It is a `Qwen2Tokenizer` so that `AutoTokenizer.from_pretrained` on a folder holding a Qwen2 config rebuilds
+    exactly the same tokenizer (transformers picks the tokenizer class from the model type).
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: (len(ch.encode()), ch))
+    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *alphabet))}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token="<unk>", eos_token="<eos>", pad_token="<pad>", bos_token=None
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(TAG_TOKENS)})
+    tokenizer.add_tokens(list(TAG_TOKENS), special_tokens=False)
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
 def build_tiny_qwen2(
-    tokenizer: PreTrainedTokenizerFast,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     hidden_size: int = 128,
     num_layers: int = 4,

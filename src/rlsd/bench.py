@@ -1,0 +1,407 @@
+"""`rlsd bench methods` and `rlsd bench cost`: the evidence behind BENCHMARKS.md.
+
+`methods` trains every method over several seeds from one warm start on the embedded task, with the demo's
+protocol, and writes per-seed curves, `curves.png` (mean and spread) and a table. `cost` measures seconds per
+optimizer step and peak memory of GRPO, RLSD (live / synced / initial teacher) and TRL's SDPOTrainer on the same
+model, data and batch, each configuration in its own process, and splits RLSD's step into generation, teacher
+pass and the rest (scoring and update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rlsd.demo import DemoConfig, _jsonable, quick_config, train_method
+from rlsd.task import accuracy_reward, sample_problems
+from rlsd.warmstart import warm_start
+
+BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo")
+COST_CONFIGS = {
+    "grpo": {"credit": "grpo"},
+    "rlsd-live": {"credit": "rlsd", "teacher": "live"},
+    "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},
+    "rlsd-initial": {"credit": "rlsd", "teacher": "initial"},
+    "rlsd-decayed": {"credit": "rlsd", "teacher": "live", "rlsd_lambda": 0.0},
+    "sdpo": None,
+}
+"""Cost configurations; `rlsd-decayed` is RLSD after lam has reached 0 (no teacher pass)."""
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def sdpo_builder(config: DemoConfig):
+    """A factory for TRL's experimental SDPOTrainer with the demo's budget (the peer for SDPO)."""
+    from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+    def build(model, tokenizer, train_dataset, callbacks):
+        args = SDPOConfig(
+            output_dir=str(config.out / "trainer" / "sdpo"),
+            per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+            num_generations=config.num_generations,
+            max_completion_length=config.max_completion_length,
+            max_steps=config.steps,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="constant",
+            temperature=1.0,
+            epsilon=0.2,
+            epsilon_high=0.28,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=config.seed,
+            disable_tqdm=True,
+        )
+        return SDPOTrainer(
+            model,
+            accuracy_reward,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+    return build
+
+
+def run_methods(config: DemoConfig, methods: tuple[str, ...], seeds: list[int], progress: bool) -> dict[str, Any]:
+    """Every (method, seed) from the same warm start; returns per-run summaries and writes the files."""
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    warm_path = warm_start(config.warm, progress=progress)
+    eval_problems = sample_problems(config.warm.task, config.eval_size, seed=10_000, split="test")
+
+    def record(row: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    runs: dict[str, dict[str, Any]] = {}
+    for seed in seeds:
+        for method in methods:
+            seeded = replace(config, seed=seed)
+            builder = sdpo_builder(seeded) if method == "sdpo" else None
+            _, summary = train_method(
+                method, seeded, warm_path, eval_problems, record, progress=progress, build_trainer=builder
+            )
+            runs[f"{method}/{seed}"] = summary
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    table = methods_table(rows, methods, config.steps)
+    result = {"config": _jsonable(config.__dict__), "seeds": seeds, "runs": runs, "table": table}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "table.md").write_text(render_methods_table(table))
+    plot_methods(rows, methods, out / "curves.png")
+    return result
+
+
+def methods_table(rows: list[dict[str, Any]], methods: tuple[str, ...], steps: int) -> dict[str, dict[str, Any]]:
+    """Per method, over seeds: final pass@1 mean and std, peak and its step, the first step at which the mean
+    curve reaches GRPO's final mean, final leakage, entropy and length."""
+    curves = {m: _mean_curve(rows, m, "pass_at_1") for m in methods}
+    grpo_final = curves["grpo"][-1][1] if curves.get("grpo") else None
+    table = {}
+    for method in methods:
+        finals = _finals(rows, method, "pass_at_1")
+        if not finals:
+            continue
+        curve = curves[method]
+        peak_step, peak = max(curve, key=lambda point: point[1])
+        reach = next((step for step, value in curve if grpo_final is not None and value >= grpo_final), None)
+        train = [r for r in rows if r.get("method") == method and r["kind"] == "train" and r["step"] > steps * 0.8]
+        table[method] = {
+            "final_mean": statistics.mean(finals),
+            "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "peak_mean": peak,
+            "peak_step": peak_step,
+            "reaches_grpo_final_at": reach,
+            "final_leakage": statistics.mean(_finals(rows, method, "leakage_rate")),
+            "final_length": statistics.mean(_finals(rows, method, "mean_length")),
+            "entropy_last20pct": _mean_of(train, "entropy"),
+            "clip_low_frac": _mean_of(train, "rlsd/clip_low_frac"),
+            "clip_high_frac": _mean_of(train, "rlsd/clip_high_frac"),
+            "seeds": len(finals),
+        }
+    return table
+
+
+def _finals(rows: list[dict[str, Any]], method: str, key: str) -> list[float]:
+    """The last evaluation's `key` of each seed."""
+    last: dict[int, tuple[int, float]] = {}
+    for r in rows:
+        if r.get("method") == method and r["kind"] == "eval" and r["step"] >= last.get(r["seed"], (-1, 0.0))[0]:
+            last[r["seed"]] = (r["step"], r[key])
+    return [value for _, value in last.values()]
+
+
+def _mean_curve(rows: list[dict[str, Any]], method: str, key: str) -> list[tuple[int, float]]:
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("method") == method and r["kind"] == "eval":
+            by_step.setdefault(r["step"], []).append(r[key])
+    return [(step, statistics.mean(values)) for step, values in sorted(by_step.items())]
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
+def render_methods_table(table: dict[str, dict[str, Any]]) -> str:
+    """Markdown: pass@1 in %, mean ± std over seeds."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    lines = [
+        "| method | final pass@1 | peak pass@1 (step) | reaches GRPO final at | final leakage | entropy | length |"
+        " clip low / high |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, t in table.items():
+        clip = (
+            f"{pct(t['clip_low_frac'])} / {pct(t['clip_high_frac'])}" if t["clip_low_frac"] is not None else "n/a"
+        )
+        entropy = "n/a" if t["entropy_last20pct"] is None else f"{t['entropy_last20pct']:.3f}"
+        reach = "never" if t["reaches_grpo_final_at"] is None else f"step {t['reaches_grpo_final_at']}"
+        lines.append(
+            f"| {method} | {pct(t['final_mean'])} ± {pct(t['final_std'])} | {pct(t['peak_mean'])} "
+            f"({t['peak_step']}) | {reach} | {pct(t['final_leakage'])} | {entropy} | {t['final_length']:.1f} "
+            f"| {clip} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Path) -> None:
+    """Mean pass@1 and leakage over seeds with a min-max band, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlsd.report import COLORS
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for method in methods:
+        for ax, key in zip(axes, ("pass_at_1", "leakage_rate"), strict=True):
+            by_step: dict[int, list[float]] = {}
+            for r in rows:
+                if r.get("method") == method and r["kind"] == "eval":
+                    by_step.setdefault(r["step"], []).append(100 * r[key])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            mean = [statistics.mean(by_step[s]) for s in steps]
+            color = COLORS.get(method, "#555555")
+            ax.plot(steps, mean, label=method, color=color)
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15,
+                            color=color)  # fmt: skip
+    axes[0].set(title="Held-out pass@1 (greedy), mean and min-max over seeds", xlabel="step", ylabel="%")
+    axes[1].set(title="Leakage rate", xlabel="step", ylabel="%")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- cost
+def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[str, Any]:
+    """One configuration in this process: per-step seconds, the split of RLSD's step, and peak RSS."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback, TrainerCallback
+
+    from rlsd.demo import _trainer_args
+    from rlsd.task import make_rl_dataset
+    from rlsd.trainer import RLSDTrainer
+    from rlsd.warmstart import load_warm_start
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_warm_start(warm_start(config.warm, progress=False))
+    dataset = make_rl_dataset(config.warm.task, 512, seed=config.seed)
+    total = steps + warmup
+    run_config = replace(config, steps=total)
+    if COST_CONFIGS[name] is None:
+        trainer = sdpo_builder(run_config)(model, tokenizer, dataset, [])
+    else:
+        args = _trainer_args(run_config, "grpo")
+        for key, value in COST_CONFIGS[name].items():
+            setattr(args, key, value)
+        args.rlsd_lambda_decay_steps = 0  # constant lam: every measured step pays the full cost
+        trainer = RLSDTrainer(model, accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    timers = {"generation": [], "teacher": []}
+    _time_method(trainer, "_generate", timers["generation"])
+    if hasattr(trainer, "_teacher_logps"):
+        _time_method(trainer, "_teacher_logps", timers["teacher"])
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    measured = slice(warmup, total)
+    step = timer.seconds[measured]
+    generation = timers["generation"][measured] if timers["generation"] else [0.0] * len(step)
+    teacher = timers["teacher"][measured] if len(timers["teacher"]) >= total else [0.0] * len(step)
+    return {
+        "name": name,
+        "step_s_median": statistics.median(step),
+        "step_s_all": step,
+        "generation_s_median": statistics.median(generation),
+        "teacher_s_median": statistics.median(teacher),
+        "rest_s_median": statistics.median([s - g - t for s, g, t in zip(step, generation, teacher, strict=True)]),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _time_method(obj: Any, name: str, sink: list[float]) -> None:
+    """Instrument `obj.name` to append its wall time to `sink` (benchmark-only instrumentation)."""
+    original = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sink.append(time.perf_counter() - start)
+
+    setattr(obj, name, timed)
+
+
+def run_cost(
+    config: DemoConfig, names: list[str], steps: int, warmup: int, repeats: int, quick: bool
+) -> dict[str, Any]:
+    """Each configuration in a fresh process (clean peak memory), interleaved `repeats` times; medians and
+    ratios to GRPO from the same invocation."""
+    warm_start(config.warm, progress=False)
+    samples: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for name in names:
+            command = [sys.executable, "-m", "rlsd.bench", "_cost_once", name, str(steps), str(warmup)]
+            command += ["--quick"] if quick else []
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"cost run {name} failed:\n{result.stderr[-3000:]}")
+            samples[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    summary = {}
+    for name, runs in samples.items():
+        summary[name] = {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("step_s_median", "generation_s_median", "teacher_s_median", "rest_s_median", "peak_rss_mib")
+        }
+    base = summary.get("grpo")
+    if base:
+        for row in summary.values():
+            row["step_ratio_to_grpo"] = row["step_s_median"] / base["step_s_median"]
+            row["memory_ratio_to_grpo"] = row["peak_rss_mib"] / base["peak_rss_mib"]
+            extra = row["step_s_median"] - base["step_s_median"]
+            row["extra_over_teacher"] = extra / row["teacher_s_median"] if row["teacher_s_median"] > 0 else None
+    return {"config": _jsonable(config.__dict__), "steps": steps, "warmup": warmup, "repeats": repeats,
+            "results": summary, "samples": samples}  # fmt: skip
+
+
+def render_cost_table(cost: dict[str, Any]) -> str:
+    """Markdown: medians and ratios to GRPO."""
+    lines = [
+        "| config | s / step | ratio to GRPO | generation s | teacher s | rest s | extra / teacher | peak RSS MiB |"
+        " memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in cost["results"].items():
+        extra = "n/a" if r.get("extra_over_teacher") is None else f"{r['extra_over_teacher']:.2f}"
+        lines.append(
+            f"| {name} | {r['step_s_median']:.3f} | {r.get('step_ratio_to_grpo', math.nan):.3f} | "
+            f"{r['generation_s_median']:.3f} | {r['teacher_s_median']:.3f} | {r['rest_s_median']:.3f} | {extra} | "
+            f"{r['peak_rss_mib']:.0f} | {r.get('memory_ratio_to_grpo', math.nan):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ command
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlsd bench", description="Benchmarks behind BENCHMARKS.md.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    methods = sub.add_parser("methods", help="method comparison over seeds on the embedded task",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    methods.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated methods")
+    methods.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    methods.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
+    methods.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    methods.add_argument("--out", type=Path, default=Path("benchmarks/methods"), help="output folder")
+    methods.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
+    methods.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cost = sub.add_parser("cost", help="seconds per step and peak memory against GRPO",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    cost.add_argument("--configs", default=",".join(COST_CONFIGS), help="comma-separated configurations")
+    cost.add_argument("--steps", type=int, default=5, help="measured optimizer steps per run")
+    cost.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    cost.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every configuration")
+    cost.add_argument("--out", type=Path, default=Path("benchmarks/cost"), help="output folder")
+    cost.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model")
+    once = sub.add_parser("_cost_once")  # internal: one configuration in a fresh process
+    once.add_argument("name")
+    once.add_argument("steps", type=int)
+    once.add_argument("warmup", type=int)
+    once.add_argument("--quick", action="store_true")
+    return parser
+
+
+def _base_config(quick: bool, out: Path) -> DemoConfig:
+    return quick_config(out) if quick else DemoConfig(out=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.command == "_cost_once":
+        print(json.dumps(cost_once(args.name, _base_config(args.quick, Path("runs/bench-cost")), args.steps,
+                                   args.warmup)))  # fmt: skip
+        return 0
+    config = _base_config(args.quick, args.out)
+    if args.command == "methods":
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in BENCH_METHODS]
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(BENCH_METHODS)}")
+        config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
+        started = time.perf_counter()
+        result = run_methods(config, methods, list(range(args.seeds)), progress=not args.no_progress)
+        print(render_methods_table(result["table"]))
+        print(f"wall time {time.perf_counter() - started:.0f} s; wrote {args.out}/")
+        return 0
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in COST_CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join(COST_CONFIGS)}")
+    started = time.perf_counter()
+    cost = run_cost(config, names, args.steps, args.warmup, args.repeats, args.quick)
+    cost["wall_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cost.json").write_text(json.dumps(cost, indent=2))
+    (args.out / "table.md").write_text(render_cost_table(cost))
+    print(render_cost_table(cost))
+    print(f"wall time {cost['wall_seconds']:.0f} s; wrote {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

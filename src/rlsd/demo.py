@@ -1,0 +1,311 @@
+"""`rlsd demo`: GRPO, RLSD and OPSD from one warm start on the embedded task, with curves and a credit viewer.
+
+Orchestration only: the task lives in `rlsd.task`, the warm start in `rlsd.warmstart`, training in
+`RLSDTrainer`, and the files in `rlsd.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from rlsd.config import RLSDConfig
+from rlsd.credit import rlsd_advantages
+from rlsd.task import (
+    TEACHER_TEMPLATE,
+    TaskConfig,
+    accuracy_reward,
+    leakage_rate,
+    make_rl_dataset,
+    sample_problems,
+    teacher_prompt,
+)
+from rlsd.trainer import RLSDTrainer
+from rlsd.warmstart import WarmStartConfig, generate, load_warm_start, warm_start
+
+METHODS = {
+    "grpo": {"credit": "grpo"},
+    "rlsd": {"credit": "rlsd", "teacher": "synced"},
+    "opsd": {"credit": "opsd", "teacher": "initial"},
+    "grpo+opsd": {"credit": "grpo+opsd", "teacher": "initial"},
+}
+"""Demo methods and their `RLSDConfig` overrides. OPSD's teacher is frozen at the warm start (section 3.1)."""
+
+
+@dataclass
+class DemoConfig:
+    """One comparison: the same warm start, budget and seed for every method."""
+
+    methods: tuple[str, ...] = ("grpo", "rlsd", "opsd")
+    steps: int = 120
+    seed: int = 0
+    eval_every: int = 10
+    eval_size: int = 200
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    learning_rate: float = 5e-5
+    max_completion_length: int = 40
+    train_size: int = 2000
+    out: Path = Path("runs/demo")
+    warm: WarmStartConfig = field(default_factory=WarmStartConfig)
+    method_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError("steps and eval_every must be >= 1")
+
+
+def quick_config(out: Path, seed: int = 0) -> DemoConfig:
+    """A smoke run for CI: a small warm start and a few steps, every file still written."""
+    warm = WarmStartConfig(
+        task=TaskConfig(num_operands=3), hidden_size=32, num_layers=2, intermediate_size=64, steps=30, batch_size=32
+    )
+    return DemoConfig(
+        steps=4, eval_every=2, eval_size=24, train_size=64, max_completion_length=24, out=out, warm=warm, seed=seed
+    )
+
+
+class _EvalAndTiming(TrainerCallback):
+    """Held-out pass@1 and leakage every `eval_every` steps; wall time of each optimizer step."""
+
+    def __init__(self, evaluate, every: int, record) -> None:
+        self.evaluate, self.every, self.record = evaluate, every, record
+        self.step_seconds: list[float] = []
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.step_seconds.append(time.perf_counter() - self._started)
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.record({"kind": "eval", "step": state.global_step, **self.evaluate(model)})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.record({"kind": "train", "step": state.global_step, **logs})
+
+
+def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    """Train every method from the same warm start; write metrics.jsonl, summary.json, curves.png, report.html."""
+    from rlsd.report import write_report
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    metrics_path = config.out / "metrics.jsonl"
+    metrics_path.write_text("")
+    start = time.perf_counter()
+    warm_path = warm_start(config.warm, progress=progress)
+    warm_seconds = time.perf_counter() - start
+    eval_problems = sample_problems(config.warm.task, config.eval_size, seed=10_000 + config.seed, split="test")
+
+    def record(row: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    summary: dict[str, Any] = {"config": _jsonable(asdict(config)), "warm_start_seconds": warm_seconds, "methods": {}}
+    viewer: dict[str, Any] | None = None
+    for method in config.methods:
+        trainer, summary["methods"][method] = train_method(
+            method, config, warm_path, eval_problems, record, progress=progress
+        )
+        if method == "rlsd" or (viewer is None and method == config.methods[-1]):
+            viewer = credit_examples(trainer, trainer.processing_class, eval_problems, config)
+    summary["total_seconds"] = time.perf_counter() - start
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(config.out, _read(metrics_path), summary, viewer)
+    return summary
+
+
+def train_method(
+    method: str,
+    config: DemoConfig,
+    warm_path: Path,
+    eval_problems: list,
+    record: Callable[[dict[str, Any]], None],
+    *,
+    progress: bool = True,
+    build_trainer: Callable[..., Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train one method from the warm start, evaluating as it goes; returns the trainer and its summary.
+
+    `build_trainer(model, tokenizer, train_dataset, callbacks)` replaces `RLSDTrainer` (the benchmark's peers).
+    """
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_warm_start(warm_path)
+    train_dataset = make_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
+
+    def evaluate(policy):
+        return evaluate_heldout(policy, tokenizer, eval_problems, config.max_completion_length)
+
+    evals = [{"step": 0, **evaluate(model)}]
+    record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
+
+    def on_record(row: dict[str, Any]) -> None:
+        if row["kind"] == "eval":
+            evals.append(row)
+        record({"method": method, "seed": config.seed, **row})
+
+    callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
+    if build_trainer is None:
+        trainer = RLSDTrainer(
+            model,
+            accuracy_reward,
+            args=_trainer_args(config, method),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
+    else:
+        trainer = build_trainer(model, tokenizer, train_dataset, [callback])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    began = time.perf_counter()
+    with tqdm(total=config.steps, desc=f"{method} (seed {config.seed})", disable=not progress) as bar:
+        trainer.add_callback(_Bar(bar))
+        trainer.train()
+    peak = max(evals, key=lambda row: row["pass_at_1"])
+    return trainer, {
+        "initial_pass_at_1": evals[0]["pass_at_1"],
+        "final_pass_at_1": evals[-1]["pass_at_1"],
+        "peak_pass_at_1": peak["pass_at_1"],
+        "peak_step": peak["step"],
+        "final_leakage_rate": evals[-1]["leakage_rate"],
+        "final_mean_length": evals[-1]["mean_length"],
+        "seconds_per_step": statistics.median(callback.step_seconds),
+        "wall_seconds": time.perf_counter() - began,
+    }
+
+
+class _Bar(TrainerCallback):
+    """Advances a tqdm bar once per optimizer step and shows the last reward."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.bar.set_postfix(reward=f"{logs['reward']:.2f}")
+
+
+def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
+    """The shared budget plus the method's own overrides."""
+    overrides = {**METHODS[method], **config.method_overrides.get(method, {})}
+    return RLSDConfig(
+        output_dir=str(config.out / "trainer" / method),
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        max_steps=config.steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        temperature=1.0,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        loss_type="dapo",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=config.seed,
+        disable_tqdm=True,
+        teacher_template=TEACHER_TEMPLATE,
+        rlsd_lambda_decay_steps=config.steps,
+        **overrides,
+    )
+
+
+def evaluate_heldout(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems, max_new_tokens: int
+) -> dict[str, float]:
+    """Greedy pass@1 on the held-out problems and the share of those completions that cite a hint."""
+    completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens)
+    rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
+    return {
+        "pass_at_1": sum(rewards) / len(rewards),
+        "leakage_rate": leakage_rate(completions),
+        "mean_length": statistics.mean(len(tokenizer(c)["input_ids"]) for c in completions),
+    }
+
+
+@torch.no_grad()
+def credit_examples(trainer: RLSDTrainer, tokenizer, problems, config: DemoConfig) -> dict[str, Any]:
+    """A correct and a wrong sampled completion with each token's Delta and RLSD weight, for the viewer."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    teacher = trainer.teacher.model if trainer.teacher is not None and trainer.teacher.model is not None else model
+    prompts = [p.prompt for p in problems]
+    completions = generate(model, tokenizer, prompts, max_new_tokens=config.max_completion_length, do_sample=True)
+    rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
+    examples = {}
+    for label, wanted in (("correct", 1.0), ("wrong", 0.0)):
+        index = next((i for i, r in enumerate(rewards) if r == wanted), None)
+        if index is None:
+            continue
+        examples[label] = _token_credit(
+            model, teacher, tokenizer, problems[index], completions[index], 1.0 if wanted else -1.0, trainer.args
+        )
+    return examples
+
+
+def _token_credit(model, teacher, tokenizer, problem, completion: str, sign: float, args) -> dict[str, Any]:
+    """Per-token Delta, raw weight and RLSD multiplier of one completion, with A = sign."""
+    completion_ids = tokenizer(completion)["input_ids"]
+    student = _sequence_logps(model, tokenizer(problem.prompt)["input_ids"], completion_ids, args.temperature)
+    tutor = _sequence_logps(teacher, tokenizer(teacher_prompt(problem))["input_ids"], completion_ids, args.temperature)
+    mask = torch.ones_like(student)
+    advantages, _ = rlsd_advantages(
+        torch.tensor([sign], dtype=torch.float64), tutor, student, mask, lam=1.0, clip=args.rlsd_clip
+    )
+    delta = (tutor - student)[0]
+    return {
+        "prompt": problem.prompt,
+        "answer": problem.answer,
+        "advantage_sign": sign,
+        "tokens": [tokenizer.decode([t]) for t in completion_ids],
+        "delta": delta.tolist(),
+        "weight": torch.exp(sign * delta).tolist(),
+        "clipped_weight": (advantages[0] / sign).tolist(),
+    }
+
+
+def _sequence_logps(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> torch.Tensor:
+    """(1, T) log-probs of the completion tokens after the prompt, temperature-scaled as in sampling."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion_ids).unsqueeze(1)).T
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths to strings, recursively, for summary.json."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def with_overrides(config: DemoConfig, **changes: Any) -> DemoConfig:
+    """A copy of `config` with fields replaced (None values ignored)."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,116 @@
+"""Files of a demo run: `curves.png` and a self-contained `report.html` with the token-credit viewer."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+COLORS = {"grpo": "#1f77b4", "rlsd": "#d62728", "opsd": "#2ca02c", "grpo+opsd": "#9467bd"}
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Held-out pass@1 and leakage rate against the optimizer step, one line per method."""
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    methods = list(dict.fromkeys(r["method"] for r in evals))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in methods:
+        points = sorted((r["step"], r["pass_at_1"], r["leakage_rate"]) for r in evals if r["method"] == method)
+        steps = [p[0] for p in points]
+        color = COLORS.get(method)
+        axes[0].plot(steps, [100 * p[1] for p in points], marker="o", ms=3, label=method, color=color)
+        axes[1].plot(steps, [100 * p[2] for p in points], marker="o", ms=3, label=method, color=color)
+    axes[0].set(title="Held-out pass@1 (greedy)", xlabel="optimizer step", ylabel="%")
+    axes[1].set(title="Leakage: completions citing an unseen reference", xlabel="optimizer step", ylabel="%")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _weight_color(weight: float, low: float, high: float) -> str:
+    """Green above 1 (more credit or blame), red below 1, white at 1; saturated at the clip bounds."""
+    if weight >= 1.0:
+        strength = min(1.0, (weight - 1.0) / max(high - 1.0, 1e-9))
+        return f"rgba(40, 160, 60, {0.15 + 0.7 * strength:.2f})" if strength > 0 else "transparent"
+    strength = min(1.0, (1.0 - weight) / max(1.0 - low, 1e-9))
+    return f"rgba(210, 50, 50, {0.15 + 0.7 * strength:.2f})"
+
+
+def render_tokens(example: dict[str, Any]) -> str:
+    """One completion as coloured token spans; hovering shows Delta and the weights."""
+    weights = example["clipped_weight"]
+    low, high = min([*weights, 0.8]), max([*weights, 1.2])
+    spans = []
+    for token, delta, raw, clipped in zip(
+        example["tokens"], example["delta"], example["weight"], weights, strict=True
+    ):
+        tip = f"token {token!r}: Delta={delta:+.3f}, w={raw:.3f}, clipped w={clipped:.3f}"
+        spans.append(
+            f'<span class="tok" style="background:{_weight_color(clipped, low, high)}" '
+            f'title="{html.escape(tip)}" data-delta="{delta:.4f}">{html.escape(token)}</span>'
+        )
+    return "".join(spans)
+
+
+def write_report(
+    out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], viewer: dict[str, Any] | None
+) -> None:
+    """curves.png and report.html (the curves inline, the summary table and the credit viewer)."""
+    curves = out / "curves.png"
+    plot_curves(rows, curves)
+    image = base64.b64encode(curves.read_bytes()).decode()
+    table_rows = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{100 * s['initial_pass_at_1']:.1f}</td>"
+        f"<td>{100 * s['final_pass_at_1']:.1f}</td><td>{100 * s['peak_pass_at_1']:.1f} (step {s['peak_step']})</td>"
+        f"<td>{100 * s['final_leakage_rate']:.1f}</td><td>{s['seconds_per_step']:.2f}</td>"
+        f"<td>{s['wall_seconds']:.0f}</td></tr>"
+        for m, s in summary["methods"].items()
+    )
+    examples = ""
+    for label, example in (viewer or {}).items():
+        examples += (
+            f"<h3>{label} completion (A {'&gt;' if example['advantage_sign'] > 0 else '&lt;'} 0)</h3>"
+            f'<p class="prompt">{html.escape(example["prompt"])} (reference {example["answer"]})</p>'
+            f'<div class="viewer">{render_tokens(example)}</div>'
+        )
+    page = _PAGE.format(
+        image=image,
+        table_rows=table_rows,
+        examples=examples or "<p>No completion to show.</p>",
+        summary=html.escape(json.dumps(summary["config"], indent=1)),
+    )
+    (out / "report.html").write_text(page)
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>rlsd demo</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+.viewer {{ font-family: monospace; font-size: 20px; line-height: 2; word-break: break-all; }}
+.tok {{ padding: 2px 1px; border-radius: 3px; }} .prompt {{ font-family: monospace; color: #555; }}
+pre {{ font-size: 11px; background: #f6f6f6; padding: 8px; }}
+</style></head><body>
+<h1>RLSD vs GRPO vs OPSD on the embedded arithmetic task</h1>
+<img id="curves" alt="curves" src="data:image/png;base64,{image}" style="width:100%">
+<h2>Summary (pass@1 and leakage in %)</h2>
+<table><tr><th>method</th><th>initial</th><th>final</th><th>peak</th><th>final leakage</th>
+<th>s / step</th><th>wall s</th></tr>{table_rows}</table>
+<h2>Token credit viewer</h2>
+<p>Each token of a completion sampled from the trained policy, coloured by its clipped RLSD weight
+(green: above 1, red: below 1; saturation at the clip bounds). Hover a token to see Delta, the raw
+weight w = exp(sign(A) Delta) and the clipped weight.</p>
+{examples}
+<h2>Configuration</h2><pre>{summary}</pre>
+</body></html>
+"""

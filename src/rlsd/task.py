@@ -1,0 +1,154 @@
+"""The embedded verifiable task: multi-step integer arithmetic with a short chain of thought.
+
+A problem is `Q: 8*8+2-1=`; it is evaluated left to right, one step per operator, and its solution is
+`<think>8*8=64;64+2=66;66-1=65</think><answer>65</answer>`. The teacher's prompt also shows the reference answer,
+and a share of the teacher-format warm-start solutions cite it (`ref=65;` before the steps), so that a student
+which writes `ref=` without ever having seen a reference shows the leakage of the paper's Figure 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from datasets import Dataset
+
+OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+TEACHER_TEMPLATE = "[ref {answer}] {prompt}"
+"""Plain-text teacher template of the embedded task: the reference answer in front of the student's prompt."""
+HINT_PREFIX = "ref="
+"""What a solution that cites the hint writes first inside `<think>`."""
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_INTEGER_RE = re.compile(r"-?\d{1,40}")
+_LEAK_RE = re.compile(r"ref\s*=|\[ref\b|\breference\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Difficulty knobs of the arithmetic task. The chain has `num_operands - 1` steps."""
+
+    num_operands: int = 4
+    operand_digits: int = 1
+    operators: str = "+-*"
+    heldout_percent: int = 10  # share of all problems that belong to the held-out split, by hash
+
+    def __post_init__(self) -> None:
+        if self.num_operands < 2:
+            raise ValueError(f"num_operands must be >= 2, got {self.num_operands}")
+        if self.operand_digits < 1:
+            raise ValueError(f"operand_digits must be >= 1, got {self.operand_digits}")
+        unknown = sorted(set(self.operators) - set(OPERATORS))
+        if not self.operators or unknown:
+            raise ValueError(f"operators must be drawn from '+-*', got {self.operators!r}")
+        if not 0 < self.heldout_percent < 100:
+            raise ValueError(f"heldout_percent must lie in (0, 100), got {self.heldout_percent}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: its operands and operators, and the derived prompt, steps and answer."""
+
+    operands: tuple[int, ...]
+    operators: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        expression = str(self.operands[0])
+        for op, value in zip(self.operators, self.operands[1:], strict=True):
+            expression += f"{op}{value}"
+        return f"Q: {expression}="
+
+    @property
+    def steps(self) -> list[str]:
+        """`a op b = c` for each operator, left to right."""
+        steps, value = [], self.operands[0]
+        for op, operand in zip(self.operators, self.operands[1:], strict=True):
+            result = OPERATORS[op](value, operand)
+            steps.append(f"{value}{op}{operand}={result}")
+            value = result
+        return steps
+
+    @property
+    def answer(self) -> int:
+        return int(self.steps[-1].rsplit("=", 1)[1])
+
+    def solution(self, cite_hint: bool = False) -> str:
+        """The target completion; with `cite_hint` it first writes the reference it was shown."""
+        hint = f"{HINT_PREFIX}{self.answer};" if cite_hint else ""
+        return f"<think>{hint}{';'.join(self.steps)}</think><answer>{self.answer}</answer>"
+
+
+def is_heldout(problem: Problem, config: TaskConfig) -> bool:
+    """Split membership by a hash of the prompt: the same problem is always on the same side."""
+    digest = hashlib.sha256(problem.prompt.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < config.heldout_percent
+
+
+def sample_problems(config: TaskConfig, count: int, seed: int, split: str) -> list[Problem]:
+    """`count` distinct problems of `split` ("train" or "test"), deterministic in `seed`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"{seed}-{split}")
+    low = 0 if config.operand_digits == 1 else 10 ** (config.operand_digits - 1)
+    high = 10**config.operand_digits - 1
+    problems: dict[str, Problem] = {}
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > 200 * count + 10_000:
+            raise ValueError(f"could not draw {count} distinct {split} problems from {config}")
+        problem = Problem(
+            operands=tuple(rng.randint(low, high) for _ in range(config.num_operands)),
+            operators=tuple(rng.choice(config.operators) for _ in range(config.num_operands - 1)),
+        )
+        if is_heldout(problem, config) == (split == "test"):
+            problems.setdefault(problem.prompt, problem)
+    return list(problems.values())
+
+
+def make_rl_dataset(config: TaskConfig, count: int, seed: int, split: str = "train") -> Dataset:
+    """Rows for `RLSDTrainer`: `prompt` (plain text) and `solution` (the reference final answer)."""
+    problems = sample_problems(config, count, seed, split)
+    return Dataset.from_dict({"prompt": [p.prompt for p in problems], "solution": [str(p.answer) for p in problems]})
+
+
+def teacher_prompt(problem: Problem) -> str:
+    """The prompt the privileged teacher sees: the student's prompt with the reference answer."""
+    return TEACHER_TEMPLATE.format(prompt=problem.prompt, answer=problem.answer)
+
+
+def parse_answer(completion: str) -> int | None:
+    """The integer inside the single `<answer>...</answer>`; None if absent, repeated or not an integer."""
+    matches = _ANSWER_RE.findall(completion)
+    if len(matches) != 1:
+        return None
+    text = matches[0].strip()
+    return int(text) if _INTEGER_RE.fullmatch(text) else None
+
+
+def accuracy_reward(completions: list[Any], solution: list[str], **kwargs: Any) -> list[float]:
+    """Verifier with TRL's reward signature: 1.0 when the parsed answer equals the reference, else 0.0."""
+    rewards = []
+    for completion, reference in zip(completions, solution, strict=True):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        rewards.append(1.0 if parse_answer(text) == int(reference) else 0.0)
+    return rewards
+
+
+def refers_to_hint(completion: str) -> bool:
+    """Leakage detector: the completion cites a reference it was never shown (`ref=`, `[ref`, `reference`)."""
+    return _LEAK_RE.search(completion) is not None
+
+
+def leakage_rate(completions: list[str]) -> float:
+    """Share of completions that refer to the hint."""
+    if not completions:
+        raise ValueError("leakage_rate needs at least one completion")
+    return sum(refers_to_hint(c) for c in completions) / len(completions)

@@ -1,0 +1,190 @@
+"""Supervised warm start of the tiny model on the embedded task, run once and cached by its configuration.
+
+The mix holds student-format examples (`Q: ...=` -> solution) and teacher-format examples (`[ref 65] Q: ...=` ->
+solution), a share of which cite the hint (`<think>ref=65;...`). The model therefore learns both to solve and to
+use a reference when it is shown one, which is what makes it a useful privileged self-teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlsd.task import Problem, TaskConfig, accuracy_reward, sample_problems, teacher_prompt
+from rlsd.tiny import build_char_tokenizer, build_tiny_qwen2
+
+WARMSTART_FORMAT_VERSION = 2
+"""Bump when the warm-start recipe changes in a way its configuration does not capture."""
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Everything that determines the warm-started model; its hash names the cache entry."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    steps: int = 450
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    teacher_share: float = 0.5  # share of examples in the teacher format
+    hint_share: float = 0.5  # share of teacher-format solutions that cite the hint
+    train_pool: int = 20_000
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = json.dumps({"version": WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """`$RLSD_CACHE`, else `~/.cache/rlsd`."""
+    return Path(os.environ.get("RLSD_CACHE", Path.home() / ".cache" / "rlsd"))
+
+
+def warm_start(config: WarmStartConfig, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Path of the warm-started model for `config`, training and caching it on first use."""
+    target = (cache_dir or default_cache_dir()) / "warmstart" / config.key()
+    if (target / "warmstart.json").exists():
+        return target
+    model, tokenizer, seconds = train_warm_start(config, progress=progress)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "warmstart.json").write_text(json.dumps({"config": asdict(config), "seconds": seconds}, indent=2))
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def load_warm_start(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The cached model and tokenizer, through the ordinary `from_pretrained` entry points."""
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def train_warm_start(
+    config: WarmStartConfig, progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, float]:
+    """Next-token cross-entropy on completion tokens of the mixed-format examples; returns the seconds it took."""
+    start = time.perf_counter()
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(
+        tokenizer,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        seed=config.seed,
+    )
+    pool = sample_problems(config.task, config.train_pool, config.seed, "train")
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    model.train()
+    bar = tqdm(range(config.steps), desc="warm start", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * _lr_factor(step, config.steps)
+        examples = [_example(rng.choice(pool), rng, config) for _ in range(config.batch_size)]
+        input_ids, attention_mask, labels = _collate(examples, tokenizer)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model, tokenizer, time.perf_counter() - start
+
+
+def _lr_factor(step: int, total: int, warmup: int = 20) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _example(problem: Problem, rng: random.Random, config: WarmStartConfig) -> tuple[str, str]:
+    """(prompt, completion) in the student format, or in the teacher format with an optional hint citation."""
+    if rng.random() < config.teacher_share:
+        return teacher_prompt(problem), problem.solution(cite_hint=rng.random() < config.hint_share)
+    return problem.prompt, problem.solution()
+
+
+def _collate(
+    examples: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels that score only the completion and its end-of-sequence token."""
+    rows = []
+    for prompt, completion in examples:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        completion_ids = [*tokenizer(completion)["input_ids"], tokenizer.eos_token_id]
+        rows.append((prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (ids, target) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.tensor(target)
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    batch_size: int = 128,
+) -> list[str]:
+    """Completions of plain-text prompts, left-padded in batches (greedy unless `do_sample`)."""
+    was_training = model.training
+    model.eval()
+    completions: list[str] = []
+    tokenizer.padding_side = "left"
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_k=0 if do_sample else None,
+            top_p=1.0 if do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=False)
+    model.train(was_training)
+    return [c.replace(tokenizer.pad_token, "").replace(tokenizer.eos_token, "") for c in completions]
+
+
+def pass_at_1(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    answers: list[str],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+) -> tuple[float, list[str]]:
+    """Share of prompts whose single completion the verifier accepts, and the completions."""
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample)
+    rewards = accuracy_reward(completions, answers)
+    return sum(rewards) / len(rewards), completions

@@ -1,0 +1,46 @@
+"""Run by `accelerate launch --num_processes 2` in test_cli: two RLSD steps, one JSON report per rank."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlsd import RLSDConfig, RLSDTrainer
+from rlsd.data import load_rlsd_dataset
+from rlsd.rewards import resolve_reward
+
+
+def main(model_dir: str, data: str, out: str) -> None:
+    args = RLSDConfig(
+        output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        learning_rate=1e-2, teacher="synced", teacher_sync_steps=2, rlsd_lambda_decay_steps=2, use_cpu=True,
+        bf16=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = RLSDTrainer(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        [resolve_reward("format"), resolve_reward("integer_match")],
+        args=args,
+        train_dataset=load_rlsd_dataset(data),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.train()
+    history = trainer.state.log_history
+    report = {
+        "world_size": trainer.accelerator.num_processes,
+        "lambda": [e["rlsd/lambda"] for e in history if "rlsd/lambda" in e],
+        "synced": [e["rlsd/teacher_synced"] for e in history if "rlsd/teacher_synced" in e],
+        "teacher_checksum": float(sum(p.double().sum() for p in trainer.teacher.model.parameters())),
+        "policy_checksum": float(sum(p.double().sum() for p in trainer.model.parameters())),
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    rank = trainer.accelerator.process_index
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,51 @@
+"""The benchmark harness in its quick mode: every file written, tables filled, ratios computed in one run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlsd.bench import main as bench_main
+from rlsd.bench import methods_table, render_methods_table
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLSD_CACHE", str(tmp_path / "cache"))
+
+
+def test_bench_methods_quick(cache, tmp_path):
+    out = tmp_path / "methods"
+    argv = ["methods", "--quick", "--seeds", "2", "--methods", "grpo,rlsd,sdpo", "--out", str(out), "--no-progress"]
+    assert bench_main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["runs"]) == {f"{m}/{s}" for m in ("grpo", "rlsd", "sdpo") for s in (0, 1)}
+    assert set(result["table"]) == {"grpo", "rlsd", "sdpo"} and result["table"]["rlsd"]["seeds"] == 2
+    assert result["table"]["rlsd"]["clip_low_frac"] is not None
+    assert (out / "curves.png").stat().st_size > 0 and "| rlsd |" in (out / "table.md").read_text()
+
+
+def test_methods_table_reach_step_and_spread():
+    rows = [
+        {"kind": "eval", "method": m, "seed": s, "step": step, "pass_at_1": v, "leakage_rate": 0.0, "mean_length": 9}
+        for m, curve in {"grpo": [0.2, 0.3, 0.4], "rlsd": [0.2, 0.4, 0.5]}.items()
+        for s in (0, 1)
+        for step, v in zip((0, 5, 10), [x + 0.02 * s for x in curve], strict=True)
+    ]
+    table = methods_table(rows, ("grpo", "rlsd"), steps=10)
+    assert table["grpo"]["final_mean"] == pytest.approx(0.41)
+    assert table["grpo"]["final_std"] == pytest.approx(0.0141421, rel=1e-4)
+    assert table["rlsd"]["reaches_grpo_final_at"] == 5  # mean 0.41 at step 5 >= GRPO's final 0.41
+    assert table["rlsd"]["peak_step"] == 10
+    assert "| rlsd | 51.0 ± 1.4 |" in render_methods_table(table)
+
+
+def test_bench_cost_quick(cache, tmp_path):
+    out = tmp_path / "cost"
+    argv = ["cost", "--quick", "--configs", "grpo,rlsd-live", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    assert bench_main(argv) == 0
+    cost = json.loads((out / "cost.json").read_text())["results"]
+    assert cost["grpo"]["step_ratio_to_grpo"] == 1.0
+    assert cost["rlsd-live"]["teacher_s_median"] > 0 and cost["grpo"]["teacher_s_median"] == 0
+    assert cost["rlsd-live"]["peak_rss_mib"] > 0

@@ -1,0 +1,126 @@
+"""`rlsd train` from every recipe with a tiny local model, `rlsd eval`, the help texts, and two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_model
+from datasets import Dataset
+from test_data_rewards import GSM8K, MATH
+
+from rlsd.cli import main as cli_main
+from rlsd.evaluate import GENERATION_KEYS, SUMMARY_KEYS, pass_at_k, summarize
+from rlsd.train import make_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+TINY_OVERRIDES = [
+    "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4",
+    "--gradient_accumulation_steps", "1", "--max_completion_length", "8", "--bf16", "false", "--use_cpu", "true",
+    "--gradient_checkpointing", "false", "--dtype", "float32", "--use_vllm", "false", "--save_strategy", "no",
+    "--logging_steps", "1", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    make_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_fixture(folder: Path, suffix: str, rows: list[dict]) -> Path:
+    path = folder / f"data{suffix}"
+    dataset = Dataset.from_list(rows * 4)
+    writers = {".jsonl": dataset.to_json, ".json": lambda p: dataset.to_json(p, lines=False),
+               ".parquet": dataset.to_parquet, ".csv": dataset.to_csv}  # fmt: skip
+    writers[suffix](str(path))
+    return path
+
+
+def test_every_recipe_parses_and_names_only_existing_options():
+    parser = make_parser()
+    assert len(RECIPES) >= 6
+    for recipe in RECIPES:
+        keys = set(yaml.safe_load(recipe.read_text()))
+        # use_cpu: the recipes ask for bf16, which the config refuses on a machine without a GPU otherwise
+        script, training, model = parser.parse_args_and_config(args=["--config", str(recipe), "--use_cpu", "true"])
+        assert training.credit == "rlsd" and training.loss_type == "dapo", recipe.name
+        known = {f for obj in (script, training, model) for f in vars(obj)}
+        assert keys <= known, (recipe.name, keys - known)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "suffix", "rows", "dataset_format"),
+    [
+        ("qwen3-0.6b-gsm8k-lora-1gpu.yaml", ".jsonl", GSM8K, None),
+        ("qwen3-1.7b-gsm8k-zero3-8gpu.yaml", ".csv", GSM8K, None),
+        ("qwen3-0.6b-dapo-math-lora-1gpu.yaml", ".parquet", MATH, "math"),  # the recipe names dapo_math
+        ("qwen3-0.6b-gsm8k-fsdp2-8gpu.yaml", ".json", MATH, None),
+    ],
+)
+def test_train_two_steps_from_a_recipe_then_eval(tmp_path, tiny_model_dir, recipe, suffix, rows, dataset_format):
+    data = write_fixture(tmp_path, suffix, rows)
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(ROOT / "recipes" / recipe), "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_name", str(data), "--output_dir", str(out), *TINY_OVERRIDES]  # fmt: skip
+    if dataset_format is not None:
+        argv += ["--dataset_format", dataset_format]
+    assert cli_main(argv) == 0
+    assert (out / "config.json").exists() or (out / "adapter_config.json").exists()
+
+    eval_dir = tmp_path / "eval"
+    assert cli_main(["eval", "--model", str(out), "--dataset", str(data), "--n", "2", "--max_new_tokens", "6",
+                     "--output", str(eval_dir), "--max_samples", "3"]) == 0  # fmt: skip
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["num_problems"] == 3 and summary["n"] == 2
+    generations = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 6 and set(GENERATION_KEYS) == set(generations[0])
+
+
+def test_pass_at_k_matches_hand_values():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    summary = summarize([[True, False], [False, False]], [3, 5, 7, 9], [False, False, True, False])
+    assert summary["pass@1"] == 0.5 and summary["avg@n"] == 0.25 and summary["pass@k"]["2"] == 0.5
+    assert summary["mean_response_tokens"] == 6 and summary["truncation_rate"] == 0.25
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--credit", "--rlsd_lambda", "--teacher_sync_steps", "--privileged_column", "--dataset_format",
+                   "--use_peft", "--reward_funcs"):  # fmt: skip
+        assert option in text
+    assert "default: rlsd" in text or "(default: rlsd)" in text
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--help"])
+    assert "--quick" in capsys.readouterr().out
+
+
+def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir):
+    data = write_fixture(tmp_path, ".jsonl", GSM8K)
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), str(ROOT / "tests" / "ddp_worker.py"),
+        str(tiny_model_dir), str(data), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["world_size"] == reports[1]["world_size"] == 2
+    assert reports[0]["lambda"] == reports[1]["lambda"] == [0.5, 0.25]
+    assert reports[0]["synced"] == reports[1]["synced"] == [0.0, 1.0]
+    assert reports[0]["teacher_checksum"] == pytest.approx(reports[1]["teacher_checksum"], rel=0, abs=0)
