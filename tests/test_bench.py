@@ -22,7 +22,8 @@ def test_bench_methods_quick(cache, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert set(result["runs"]) == {f"{m}/{s}" for m in ("grpo", "rlsd", "sdpo") for s in (0, 1)}
     assert set(result["table"]) == {"grpo", "rlsd", "sdpo"} and result["table"]["rlsd"]["seeds"] == 2
-    assert result["table"]["rlsd"]["clip_low_frac"] is not None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("rlsd/lambda" in r for r in rows if r.get("method") == "rlsd" and r["kind"] == "train")
     assert (out / "curves.png").stat().st_size > 0 and "| rlsd |" in (out / "table.md").read_text()
 
 

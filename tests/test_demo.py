@@ -24,7 +24,13 @@ def cache(tmp_path, monkeypatch):
 
 def test_warm_start_is_cached_and_loads_with_from_pretrained(cache):
     config = WarmStartConfig(
-        task=TaskConfig(num_operands=2), hidden_size=32, num_layers=2, intermediate_size=64, steps=5, batch_size=8
+        task=TaskConfig(num_operands=2),
+        hidden_size=32,
+        num_layers=2,
+        intermediate_size=64,
+        steps=5,
+        batch_size=8,
+        train_pool=100,
     )
     path = warm_start(config, progress=False)
     assert path.parent.parent == cache and path.name == config.key()
@@ -54,7 +60,7 @@ def test_demo_quick_writes_all_files_in_under_90_seconds(cache, tmp_path):
         assert 0.0 <= numbers["final_pass_at_1"] <= 1.0 and numbers["seconds_per_step"] > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows if r["kind"] == "eval"} == {"grpo", "rlsd", "opsd"}
-    assert any("rlsd/weight_mean" in r for r in rows if r["kind"] == "train")
+    assert any("rlsd/lambda" in r for r in rows if r["kind"] == "train")
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and 'class="tok"' in page and "Delta=" in page
 

@@ -77,9 +77,10 @@ def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp
     real = trainer._teacher_logps
 
     def corrupted(inputs, output):
-        logps = real(inputs, output).clone()
+        logps, entropy = real(inputs, output)
+        logps = logps.clone()
         logps[0, 0], logps[1, 1], logps[2, 2] = float("nan"), float("inf"), float("-inf")
-        return logps
+        return logps, entropy
 
     trainer._teacher_logps = corrupted
     trainer.train()

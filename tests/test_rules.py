@@ -59,7 +59,7 @@ def test_antisd_gate_switches_off_and_on():
 def test_egrsd_scales_rlsd_by_the_teacher_entropy_gate():
     log_v = math.log(100)
     entropy = torch.tensor([[0.0, log_v / 2, log_v, 0.0]] * 3, dtype=F64)
-    adv, metrics = get_rule("egrsd").fn(signals(teacher_entropy=entropy), RuleParams(egrsd_min_gate=0.1))
+    adv, _ = get_rule("egrsd").fn(signals(teacher_entropy=entropy), RuleParams(egrsd_min_gate=0.1))
     rlsd_row0 = torch.tensor([1.05, 1.10, 0.90, 1.00], dtype=F64)
     torch.testing.assert_close(adv[0], rlsd_row0 * torch.tensor([1.0, 0.5, 0.1, 1.0], dtype=F64))
     assert torch.equal(adv[2], torch.zeros(4, dtype=F64))
@@ -136,7 +136,7 @@ def test_gear_segments_share_the_spike_weight():
 def test_zero_advantage_groups_multiplicative_zero_additive_not(name):
     rule = get_rule(name)
     s = signals(step_ids=torch.zeros(3, 4, dtype=torch.long))
-    adv, metrics = rule.fn(s, RuleParams())
+    adv, _ = rule.fn(s, RuleParams())
     assert adv.shape == (3, 4) and torch.isfinite(adv).all()
     assert adv[1, 3] == 0  # masked position
     if rule.multiplicative:
@@ -148,3 +148,49 @@ def test_zero_advantage_groups_multiplicative_zero_additive_not(name):
 def test_unknown_rule_lists_the_known_ones():
     with pytest.raises(ValueError, match="rlsd, opsd, grpo\\+opsd, rlrt, antisd, egrsd, cl-egrsd, sod, uni-opd, gear"):
         get_rule("rlsd2")
+
+
+# ------------------------------------------------------------------------------------------ in the trainer
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("name", list(RULES))
+def test_every_rule_runs_a_training_step(tokenizer, tmp_path, name, loss_type):
+    from conftest import make_config, make_dataset, make_model, parity_reward
+
+    from rlsd import RLSDTrainer
+
+    trainer = RLSDTrainer(
+        make_model(tokenizer),
+        parity_reward,
+        args=make_config(tmp_path, credit=name, loss_type=loss_type, teacher="live"),
+        train_dataset=make_dataset(),
+        processing_class=tokenizer,
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert math.isfinite(entry["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    if name != "grpo":
+        assert "rlsd/adv_abs_mean" in entry
+
+
+def test_group_rule_without_groups_is_refused_at_construction(tokenizer, tmp_path):
+    from conftest import make_config, make_dataset, make_model, parity_reward
+
+    from rlsd import RLSDTrainer
+
+    with pytest.raises(ValueError, match=r"uni-opd.*num_generations >= 2"):
+        RLSDTrainer(
+            make_model(tokenizer),
+            parity_reward,
+            args=make_config(tmp_path, credit="uni-opd", num_generations=1, per_device_train_batch_size=4),
+            train_dataset=make_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_unknown_rule_is_refused_by_the_config(tmp_path):
+    from conftest import make_config
+
+    with pytest.raises(ValueError, match="is not one of grpo, rlsd"):
+        make_config(tmp_path, credit="rlsd2")

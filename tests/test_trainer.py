@@ -71,7 +71,8 @@ def test_teacher_logps_align_with_a_direct_forward(tokenizer, tmp_path, conversa
         "completion_ids": torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in completions]),
         "completion_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions]),
     }
-    logps = trainer._teacher_logps(rows, output)
+    logps, entropy = trainer._teacher_logps(rows, output)
+    assert entropy is None  # plain RLSD computes no teacher entropy
     teacher_prompts = render_teacher_prompts(
         [r["prompt"] for r in rows], [r["solution"] for r in rows], trainer.args.teacher_template
     )
@@ -173,7 +174,7 @@ def test_initial_teacher_with_peft_is_the_base_model_without_a_copy(tokenizer, t
     trainer.train()
     rows = [make_dataset()[0]]
     output = {"completion_ids": torch.tensor([[10, 11, 12]]), "completion_mask": torch.ones(1, 3, dtype=torch.long)}
-    teacher = trainer._teacher_logps(rows, output)
+    teacher, _ = trainer._teacher_logps(rows, output)
     with trainer.model.disable_adapter():
         base = trainer._get_per_token_logps_and_entropies(*teacher_inputs(trainer, rows, output))[0]
     adapted = trainer._get_per_token_logps_and_entropies(*teacher_inputs(trainer, rows, output))[0]

@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ def sdpo_builder(config: DemoConfig):
             max_completion_length=config.max_completion_length,
             max_steps=config.steps,
             learning_rate=config.learning_rate,
-            lr_scheduler_type="constant",
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=config.warmup_steps,
             temperature=1.0,
             epsilon=0.2,
             epsilon_high=0.28,
@@ -98,7 +99,7 @@ def run_methods(config: DemoConfig, methods: tuple[str, ...], seeds: list[int], 
             runs[f"{method}/{seed}"] = summary
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     table = methods_table(rows, methods, config.steps)
-    result = {"config": _jsonable(config.__dict__), "seeds": seeds, "runs": runs, "table": table}
+    result = {"config": _jsonable(asdict(config)), "seeds": seeds, "runs": runs, "table": table}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "table.md").write_text(render_methods_table(table))
     plot_methods(rows, methods, out / "curves.png")
@@ -169,9 +170,7 @@ def render_methods_table(table: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, t in table.items():
-        clip = (
-            f"{pct(t['clip_low_frac'])} / {pct(t['clip_high_frac'])}" if t["clip_low_frac"] is not None else "n/a"
-        )
+        clip = f"{pct(t['clip_low_frac'])} / {pct(t['clip_high_frac'])}" if t["clip_low_frac"] is not None else "n/a"
         entropy = "n/a" if t["entropy_last20pct"] is None else f"{t['entropy_last20pct']:.3f}"
         reach = "never" if t["reaches_grpo_final_at"] is None else f"step {t['reaches_grpo_final_at']}"
         lines.append(
@@ -316,7 +315,7 @@ def run_cost(
             row["memory_ratio_to_grpo"] = row["peak_rss_mib"] / base["peak_rss_mib"]
             extra = row["step_s_median"] - base["step_s_median"]
             row["extra_over_teacher"] = extra / row["teacher_s_median"] if row["teacher_s_median"] > 0 else None
-    return {"config": _jsonable(config.__dict__), "steps": steps, "warmup": warmup, "repeats": repeats,
+    return {"config": _jsonable(asdict(config)), "steps": steps, "warmup": warmup, "repeats": repeats,
             "results": summary, "samples": samples}  # fmt: skip
 
 

@@ -38,7 +38,16 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def run_demo_command(argv: list[str]) -> int:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from rlsd.demo import DemoConfig, quick_config, run_demo, with_overrides
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     args = demo_parser().parse_args(argv)
     base = quick_config(args.out, seed=args.seed) if args.quick else DemoConfig(out=args.out, seed=args.seed)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from rlsd.credit import CREDIT_RULES
+from rlsd.rules import RULES
 from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, validate_teacher_template
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
@@ -21,8 +21,9 @@ class RLSDConfig(GRPOConfig):
     Parameters:
         credit (`str`, *optional*, defaults to `"rlsd"`):
             Token credit rule: `"grpo"` (A_it = A_i), `"rlsd"` (verifier sets the sign, the privileged self-teacher
-            the per-token magnitude), `"opsd"` (A_it = Delta_t, reward ignored) or `"grpo+opsd"`
-            (A_it = A_i + opsd_beta * Delta_t).
+            the per-token magnitude), `"opsd"` (A_it = Delta_t, reward ignored), `"grpo+opsd"`
+            (A_it = A_i + opsd_beta * Delta_t), or a 2026 follow-up: `"rlrt"`, `"antisd"`, `"egrsd"`, `"cl-egrsd"`,
+            `"sod"`, `"uni-opd"`, `"gear"` (see `rlsd.rules`). lam and its schedule apply to every rule that has one.
         rlsd_lambda (`float`, *optional*, defaults to `0.5`):
             lam_0, the weight of the clipped teacher ratio in the multiplier (1 - lam) + lam * clip(w).
         rlsd_lambda_warmup_steps (`int`, *optional*, defaults to `0`):
@@ -44,6 +45,22 @@ class RLSDConfig(GRPOConfig):
             With `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher.
         teacher_ema_decay (`float`, *optional*, defaults to `0.95`):
             With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step.
+        antisd_warmup_steps (`int`, *optional*, defaults to `5`):
+            AntiSD: rollout batches whose mean teacher entropy sets the gate's reference level.
+        antisd_ratio (`float`, *optional*, defaults to `0.93`):
+            AntiSD: the gate is off while the teacher entropy is below this fraction of the reference level.
+        egrsd_min_gate (`float`, *optional*, defaults to `0.1`):
+            EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.
+        egrsd_window (`int`, *optional*, defaults to `8`):
+            CL-EGRSD: tokens ahead over which the minimum teacher entropy is taken.
+        sod_c (`float`, *optional*, defaults to `1.0`):
+            SOD: weight c of the step-weighted Delta term.
+        sod_delta (`float`, *optional*, defaults to `0.2`):
+            SOD: cap 1 + delta of the step weight.
+        uniopd_margin (`float`, *optional*, defaults to `0.4`):
+            Uni-OPD: the margin between correct and incorrect completions' mean Delta that calibration enforces.
+        gear_spike_std (`float`, *optional*, defaults to `2.0`):
+            GEAR: a token is a divergence spike when |Delta| exceeds its completion's mean + this many std.
         privileged_column (`str`, *optional*, defaults to `"solution"`):
             Dataset column holding the privileged reference answer (the column TRL's accuracy reward reads).
         teacher_template (`str`, *optional*, defaults to the paper's template):
@@ -53,7 +70,7 @@ class RLSDConfig(GRPOConfig):
 
     credit: str = field(
         default="rlsd",
-        metadata={"help": "Token credit rule.", "choices": list(CREDIT_RULES)},
+        metadata={"help": "Token credit rule.", "choices": list(RULES)},
     )
     rlsd_lambda: float = field(
         default=0.5, metadata={"help": "lam_0: weight of the clipped teacher ratio in the RLSD multiplier."}
@@ -81,6 +98,14 @@ class RLSDConfig(GRPOConfig):
     teacher_ema_decay: float = field(
         default=0.95, metadata={"help": "With teacher='ema': teacher <- decay * teacher + (1 - decay) * policy."}
     )
+    antisd_warmup_steps: int = field(default=5, metadata={"help": "AntiSD: batches that set the gate level."})
+    antisd_ratio: float = field(default=0.93, metadata={"help": "AntiSD: gate off below this x reference."})
+    egrsd_min_gate: float = field(default=0.1, metadata={"help": "EGRSD: floor g_min of the entropy gate."})
+    egrsd_window: int = field(default=8, metadata={"help": "CL-EGRSD: look-ahead window of the entropy minimum."})
+    sod_c: float = field(default=1.0, metadata={"help": "SOD: weight c of the step-weighted Delta."})
+    sod_delta: float = field(default=0.2, metadata={"help": "SOD: cap 1 + delta of the step weight."})
+    uniopd_margin: float = field(default=0.4, metadata={"help": "Uni-OPD: enforced correct/incorrect margin."})
+    gear_spike_std: float = field(default=2.0, metadata={"help": "GEAR: spike threshold in standard deviations."})
     privileged_column: str = field(
         default="solution", metadata={"help": "Dataset column with the privileged reference answer."}
     )
@@ -91,8 +116,8 @@ class RLSDConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.credit not in CREDIT_RULES:
-            raise ValueError(f"credit={self.credit!r} is not one of {', '.join(CREDIT_RULES)}")
+        if self.credit not in RULES:
+            raise ValueError(f"credit={self.credit!r} is not one of {', '.join(RULES)}")
         if self.teacher not in TEACHER_MODES:
             raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
         if not 0.0 <= self.rlsd_lambda <= 1.0:

@@ -16,9 +16,6 @@ from torch import Tensor
 DELTA_BOUND = 20.0
 """Delta_t is clamped to [-DELTA_BOUND, DELTA_BOUND]; exp(20) is far beyond any clip range in use."""
 
-CREDIT_RULES = ("grpo", "rlsd", "opsd", "grpo+opsd")
-"""Names accepted by `RLSDConfig.credit`; each maps to one function below."""
-
 
 def rlsd_lambda(step: int, *, lam0: float, warmup_steps: int = 0, decay_steps: int = 0) -> float:
     """Mixing weight lam_k of RLSD at optimizer step `step` (k >= 1), section 2.1.

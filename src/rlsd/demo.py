@@ -53,8 +53,10 @@ class DemoConfig:
     eval_size: int = 200
     prompts_per_step: int = 4
     num_generations: int = 8
-    learning_rate: float = 5e-5
-    max_completion_length: int = 40
+    learning_rate: float = 2e-5
+    opsd_lr_multiplier: float = 10.0  # the paper trains OPSD at 10x GRPO's learning rate (section 3.1)
+    warmup_steps: int = 10
+    max_completion_length: int = 48
     train_size: int = 2000
     out: Path = Path("runs/demo")
     warm: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -71,10 +73,24 @@ class DemoConfig:
 def quick_config(out: Path, seed: int = 0) -> DemoConfig:
     """A smoke run for CI: a small warm start and a few steps, every file still written."""
     warm = WarmStartConfig(
-        task=TaskConfig(num_operands=3), hidden_size=32, num_layers=2, intermediate_size=64, steps=30, batch_size=32
+        task=TaskConfig(num_operands=3),
+        hidden_size=32,
+        num_layers=2,
+        intermediate_size=64,
+        steps=30,
+        batch_size=32,
+        train_pool=2000,
     )
     return DemoConfig(
-        steps=4, eval_every=2, eval_size=24, train_size=64, max_completion_length=24, out=out, warm=warm, seed=seed
+        steps=4,
+        eval_every=2,
+        eval_size=24,
+        train_size=64,
+        max_completion_length=24,
+        warmup_steps=0,
+        out=out,
+        warm=warm,
+        seed=seed,
     )
 
 
@@ -212,9 +228,9 @@ def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         max_steps=config.steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        learning_rate=config.learning_rate * (config.opsd_lr_multiplier if method == "opsd" else 1.0),
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=config.warmup_steps,
         temperature=1.0,
         epsilon=0.2,
         epsilon_high=0.28,

@@ -69,6 +69,7 @@ class CreditRule:
     source: str
     exact: bool
     multiplicative: bool = field(default=True)  # A_i = 0 gives 0 when True
+    grpo_when_lambda_zero: bool = field(default=False)  # lam = 0 or eps_w = 0 make it exactly GRPO
 
 
 # ------------------------------------------------------------------------------------------------ the rules
@@ -194,9 +195,7 @@ def gear(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]
     weight = torch.exp(torch.sign(adv) * delta).clamp(1 - params.clip, 1 + params.clip)
     positions = torch.arange(delta.size(1), device=delta.device).expand_as(delta)
     last_spike = torch.where(spikes, positions, torch.full_like(positions, -1)).cummax(1).values
-    segment_weight = torch.where(
-        last_spike >= 0, weight.gather(1, last_spike.clamp(min=0)), torch.ones_like(weight)
-    )
+    segment_weight = torch.where(last_spike >= 0, weight.gather(1, last_spike.clamp(min=0)), torch.ones_like(weight))
     token_adv = (adv * ((1 - params.lam) + params.lam * segment_weight)).masked_fill(~active, 0.0)
     metrics = {**_delta_metrics(delta, adv, active), **_advantage_metrics(token_adv, signals.mask)}
     metrics["gear_spike_frac"] = _masked_mean(spikes.double(), active)
@@ -284,16 +283,16 @@ RULES: dict[str, CreditRule] = {
     rule.name: rule
     for rule in (
         CreditRule("grpo", _base("grpo"), frozenset(), "GRPO (DeepSeekMath)", True),
-        CreditRule("rlsd", _base("rlsd"), TEACHER, "RLSD, arXiv 2604.03128", True),
+        CreditRule("rlsd", _base("rlsd"), TEACHER, "RLSD, arXiv 2604.03128", True, grpo_when_lambda_zero=True),
         CreditRule("opsd", _base("opsd"), TEACHER, "OPSD (sampled token)", True, multiplicative=False),
         CreditRule("grpo+opsd", _base("grpo+opsd"), TEACHER, "GRPO + OPSD", True, multiplicative=False),
-        CreditRule("rlrt", rlrt, TEACHER, "RLRT, reverse teacher signals", True),
+        CreditRule("rlrt", rlrt, TEACHER, "RLRT, reverse teacher signals", True, grpo_when_lambda_zero=True),
         CreditRule("antisd", antisd, TEACHER | {"teacher_entropy"}, "AntiSD, pointwise MI", True, False),
         CreditRule("egrsd", egrsd, TEACHER | {"teacher_entropy"}, "EGRSD", False),
         CreditRule("cl-egrsd", cl_egrsd, TEACHER | {"teacher_entropy"}, "CL-EGRSD", False),
         CreditRule("sod", sod, TEACHER | {"step_ids"}, "SOD", True, multiplicative=False),
         CreditRule("uni-opd", uni_opd, TEACHER | {"group_ids"}, "Uni-OPD margin calibration", True, False),
-        CreditRule("gear", gear, TEACHER, "GEAR", False),
+        CreditRule("gear", gear, TEACHER, "GEAR", False, grpo_when_lambda_zero=True),
     )
 }
 

@@ -98,11 +98,15 @@ def sample_problems(config: TaskConfig, count: int, seed: int, split: str) -> li
     rng = random.Random(f"{seed}-{split}")
     low = 0 if config.operand_digits == 1 else 10 ** (config.operand_digits - 1)
     high = 10**config.operand_digits - 1
+    share = config.heldout_percent / 100 if split == "test" else 1 - config.heldout_percent / 100
+    available = (high - low + 1) ** config.num_operands * len(config.operators) ** (config.num_operands - 1) * share
+    if count > 0.8 * available:
+        raise ValueError(f"{count} distinct {split} problems requested, but {config} has only about {available:.0f}")
     problems: dict[str, Problem] = {}
     attempts = 0
     while len(problems) < count:
         attempts += 1
-        if attempts > 200 * count + 10_000:
+        if attempts > 50 * count + 10_000:
             raise ValueError(f"could not draw {count} distinct {split} problems from {config}")
         problem = Problem(
             operands=tuple(rng.randint(low, high) for _ in range(config.num_operands)),

@@ -34,7 +34,16 @@ class SelfTeacher:
     `live`: no copy: the current policy weights.
     """
 
-    def __init__(self, mode: str, policy: nn.Module, *, sync_steps: int, ema_decay: float, temperature: float) -> None:
+    def __init__(
+        self,
+        mode: str,
+        policy: nn.Module,
+        *,
+        sync_steps: int,
+        ema_decay: float,
+        temperature: float,
+        with_entropy: bool = False,
+    ) -> None:
         if mode not in TEACHER_MODES:
             raise ValueError(f"teacher={mode!r} is not one of {', '.join(TEACHER_MODES)}")
         self.mode = mode
@@ -44,16 +53,18 @@ class SelfTeacher:
         self.uses_disabled_adapter = mode == "initial" and _is_peft_model(policy)
         self.model: nn.Module | None = None
         if mode in ("synced", "ema") or (mode == "initial" and not self.uses_disabled_adapter):
-            self.model = self._frozen_copy(policy, temperature)
+            self.model = self._frozen_copy(policy, temperature, with_entropy)
 
     @staticmethod
-    def _frozen_copy(policy: nn.Module, temperature: float) -> nn.Module:
+    def _frozen_copy(policy: nn.Module, temperature: float, with_entropy: bool) -> nn.Module:
         """A no-grad eval-mode copy of the policy with its own fused log-prob head (TRL's, bound to the copy)."""
         teacher = copy.deepcopy(policy)
         teacher.__dict__.pop("forward", None)  # drop the copied patch, whose closure points at the policy
         base = teacher.get_base_model() if _is_peft_model(teacher) else teacher
         base.__dict__.pop("forward", None)
-        add_fused_lm_head(base, temperature=temperature)
+        add_fused_lm_head(
+            base, temperature=temperature, outputs=("log_probs", "entropy") if with_entropy else ("log_probs",)
+        )
         teacher.eval()
         teacher.requires_grad_(False)
         return teacher

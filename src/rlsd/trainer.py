@@ -9,6 +9,7 @@ The trainer only gathers log-probs and hands (B, T) token advantages to TRL's ow
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,15 +23,12 @@ from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, 
 from trl.trainer.utils import pad
 
 from rlsd.config import RLSDConfig
-from rlsd.credit import grpo_advantages, grpo_opsd_advantages, opsd_advantages, rlsd_advantages, rlsd_lambda
+from rlsd.credit import grpo_advantages, rlsd_lambda
+from rlsd.rules import AntiSDGate, RuleParams, Signals, get_rule
 from rlsd.teacher import SelfTeacher, TeacherSyncCallback
 from rlsd.teacher_prompt import is_empty_answer, render_teacher_prompts, validate_teacher_template
 
-TEACHER_CREDITS = ("rlsd", "opsd", "grpo+opsd")
-"""Credit rules that read the teacher's log-probs."""
-
-_DEFERRED_KEYS = ("rlsd_seq_advantages", "rlsd_teacher_logps", "rlsd_lambda")
-"""Rollout-batch entries that carry the credit inputs from generation to the loss's forward."""
+RULE_STATE_FILE = "rlsd_rule_state.json"
 
 
 class RLSDTrainer(GRPOTrainer):
@@ -50,7 +48,10 @@ class RLSDTrainer(GRPOTrainer):
         if not isinstance(args, RLSDConfig):
             raise TypeError(f"RLSDTrainer needs an RLSDConfig, got {type(args).__name__}")
         validate_teacher_template(args.teacher_template)
-        self.uses_teacher = args.credit in TEACHER_CREDITS
+        self.rule = get_rule(args.credit)
+        self.uses_teacher = "teacher_logps" in self.rule.needs
+        if "group_ids" in self.rule.needs and args.num_generations < 2:
+            raise ValueError(f"credit={args.credit!r} compares completions within a group: num_generations >= 2")
         if self.uses_teacher:
             if args.remove_unused_columns:
                 raise ValueError(
@@ -62,6 +63,7 @@ class RLSDTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, **kwargs)
 
         self._deferred_credit: dict[str, Any] | None = None
+        self.antisd_gate = AntiSDGate(args.antisd_warmup_steps, args.antisd_ratio) if args.credit == "antisd" else None
         self.teacher: SelfTeacher | None = None
         if self.uses_teacher:
             policy = self.accelerator.unwrap_model(self.model)
@@ -71,6 +73,7 @@ class RLSDTrainer(GRPOTrainer):
                 sync_steps=args.teacher_sync_steps,
                 ema_decay=args.teacher_ema_decay,
                 temperature=self.temperature,
+                with_entropy="teacher_entropy" in self.rule.needs,
             )
             if self.teacher.model is not None:
                 self.teacher.model = self._prepare_frozen_model(self.teacher.model)
@@ -103,41 +106,72 @@ class RLSDTrainer(GRPOTrainer):
         )
 
     def _teacher_pass_needed(self, lam: float) -> bool:
-        """The teacher is skipped when the credit rule ignores it or the RLSD multiplier is identically 1."""
+        """The teacher is skipped when the rule ignores it, or when its multiplier is identically 1 (lam = 0 or
+        eps_w = 0 for the rules that reduce to GRPO there)."""
         if not self.uses_teacher:
             return False
-        return self.args.credit != "rlsd" or (lam > 0.0 and self.args.rlsd_clip > 0.0)
+        if self.rule.grpo_when_lambda_zero:
+            return lam > 0.0 and self.args.rlsd_clip > 0.0
+        return True
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollout and scoring, then the teacher pass and (B, T) token advantages."""
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
-        lam = self._current_lambda() if self.args.credit == "rlsd" else 0.0
-        if self.args.credit == "rlsd":
+        mask = _loss_mask(output)
+        lam = self._current_lambda() if self.uses_teacher else 0.0
+        if self.uses_teacher:
             self._metrics[mode]["rlsd/lambda"].append(lam)
         if not self._teacher_pass_needed(lam):
-            output["advantages"], _ = grpo_advantages(output["advantages"], _loss_mask(output))
+            output["advantages"], _ = grpo_advantages(output["advantages"], mask)
             if self.uses_teacher:
                 self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
             return output
 
         start = time.perf_counter()
-        teacher_logps = self._teacher_logps(inputs, output)
+        teacher_logps, teacher_entropy = self._teacher_logps(inputs, output)
         self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
+        gate = self._antisd_gate_value(teacher_entropy, mask) if self.antisd_gate is not None else 1.0
+        pending = {
+            "rlsd_seq_advantages": output["advantages"],
+            "rlsd_teacher_logps": teacher_logps,
+            "rlsd_lambda": torch.tensor(lam, dtype=torch.float64),
+            "rlsd_gate": torch.tensor(gate, dtype=torch.float64),
+        }
+        if teacher_entropy is not None:
+            pending["rlsd_teacher_entropy"] = teacher_entropy
         student_logps = output.get("old_per_token_logps")
-        if student_logps is not None:  # TRL already scored the rollout with the current weights
-            output["advantages"] = self._token_advantages(
-                output["advantages"], teacher_logps, student_logps, _loss_mask(output), lam, mode
-            )
+        if student_logps is None and "group_ids" in self.rule.needs:
+            student_logps = self._score_rollout(output)  # group statistics need every completion of a group now
+        if student_logps is not None:  # the credit is final at rollout time
+            output["advantages"] = self._token_advantages({**output, **pending}, student_logps, mode)
             return output
-        output["rlsd_seq_advantages"] = output["advantages"]
-        output["rlsd_teacher_logps"] = teacher_logps
-        output["rlsd_lambda"] = torch.tensor(lam, dtype=torch.float64)
+        output.update(pending)
         return output
 
+    def _antisd_gate_value(self, teacher_entropy: torch.Tensor, mask: torch.Tensor) -> float:
+        """Feed the batch's mean teacher entropy (over all processes) to AntiSD's gate."""
+        totals = torch.stack([(teacher_entropy * mask).sum(), mask.sum()]).double()
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return self.antisd_gate.update((totals[0] / totals[1].clamp(min=1)).item())
+
     @torch.no_grad()
-    def _teacher_logps(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> torch.Tensor:
-        """tau_t: one no-grad forward on [teacher prompt ; completion ids], chunked by the per-device batch."""
+    def _score_rollout(self, output: dict[str, Any]) -> torch.Tensor:
+        """The student's log-probs of the rollout with the current weights (only for group-level rules)."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, output["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size,
+        )  # fmt: skip
+        return logps
+
+    @torch.no_grad()
+    def _teacher_logps(
+        self, inputs: list[dict[str, Any]], output: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tau_t (and the teacher's entropy when the rule needs it): one no-grad forward on
+        [teacher prompt ; completion ids], chunked by the per-device batch."""
         column = self.args.privileged_column
         missing = [i for i, row in enumerate(inputs) if column not in row]
         if missing:
@@ -167,43 +201,47 @@ class RLSDTrainer(GRPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.teacher.forward_context(self.model, policy) as teacher_model,
         ):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                teacher_model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size
+            logps, entropy, _ = self._get_per_token_logps_and_entropies(
+                teacher_model,
+                input_ids,
+                attention_mask,
+                completion_ids.size(1),
+                batch_size=batch_size,
+                compute_entropy="teacher_entropy" in self.rule.needs,
             )
-        return logps
+        return logps, entropy
 
     # ------------------------------------------------------------------------------------------------ credit
-    def _token_advantages(
-        self,
-        seq_advantages: torch.Tensor,
-        teacher_logps: torch.Tensor,
-        student_logps: torch.Tensor,
-        mask: torch.Tensor,
-        lam: float,
-        mode: str,
-    ) -> torch.Tensor:
-        """Apply the configured credit rule and log its metrics under `rlsd/`."""
+    def _token_advantages(self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str) -> torch.Tensor:
+        """Apply the configured rule to a batch carrying the `rlsd_*` entries; log its metrics under `rlsd/`."""
         args = self.args
-        if args.credit == "rlsd":
-            token_adv, metrics = rlsd_advantages(
-                seq_advantages,
-                teacher_logps,
-                student_logps,
-                mask,
-                lam=lam,
-                clip=args.rlsd_clip,
-                negative_only=args.rlsd_negative_only,
-            )
-            metrics.pop("lambda")  # logged once per rollout batch
-        elif args.credit == "opsd":
-            token_adv, metrics = opsd_advantages(teacher_logps, student_logps, mask)
-            token_adv = token_adv.to(seq_advantages.dtype)
-        else:
-            token_adv, metrics = grpo_opsd_advantages(
-                seq_advantages, teacher_logps, student_logps, mask, beta=args.opsd_beta
-            )
+        mask = _loss_mask(batch)
+        signals = Signals(
+            seq_advantages=batch["rlsd_seq_advantages"],
+            mask=mask,
+            teacher_logps=batch["rlsd_teacher_logps"],
+            student_logps=student_logps,
+            teacher_entropy=batch.get("rlsd_teacher_entropy"),
+            group_ids=torch.arange(mask.size(0), device=mask.device) // self.num_generations,
+            step_ids=_step_ids(batch),
+            vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
+        )
+        params = RuleParams(
+            lam=float(batch["rlsd_lambda"]),
+            clip=args.rlsd_clip,
+            negative_only=args.rlsd_negative_only,
+            opsd_beta=args.opsd_beta,
+            antisd_gate=float(batch["rlsd_gate"]),
+            egrsd_min_gate=args.egrsd_min_gate,
+            egrsd_window=args.egrsd_window,
+            sod_c=args.sod_c,
+            sod_delta=args.sod_delta,
+            uniopd_margin=args.uniopd_margin,
+            gear_spike_std=args.gear_spike_std,
+        )
+        token_adv, metrics = self.rule.fn(signals, params)
         self._log_across_processes(mode, metrics)
-        return token_adv
+        return token_adv.to(batch["rlsd_seq_advantages"].dtype)
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
         """Average each metric over processes (NaN-aware; counts are summed) and append it to TRL's metrics."""
@@ -235,14 +273,7 @@ class RLSDTrainer(GRPOTrainer):
         pending, self._deferred_credit = self._deferred_credit, None
         if pending is not None:
             mode = "train" if self.model.training else "eval"
-            pending["advantages"] = self._token_advantages(
-                pending["rlsd_seq_advantages"],
-                pending["rlsd_teacher_logps"],
-                logps.detach(),
-                _loss_mask(pending),
-                float(pending["rlsd_lambda"]),
-                mode,
-            )
+            pending["advantages"] = self._token_advantages(pending, logps.detach(), mode)
         return logps, entropies, aux_loss
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -253,18 +284,37 @@ class RLSDTrainer(GRPOTrainer):
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             self.teacher.save(folder, self.accelerator.unwrap_model)
+        if self.antisd_gate is not None and self.args.should_save:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
+            with open(os.path.join(folder, RULE_STATE_FILE), "w") as f:
+                json.dump(self.antisd_gate.state_dict(), f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming restores the teacher together with the optimizer."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.teacher is not None and checkpoint is not None:
             self.teacher.load(checkpoint, self.accelerator.unwrap_model)
+        if self.antisd_gate is not None and checkpoint is not None:
+            with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
+                self.antisd_gate.load_state_dict(json.load(f))
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
     """Completion tokens that enter the loss: the completion mask times TRL's tool mask when present."""
     mask = batch["completion_mask"]
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
+
+
+def _step_ids(batch: dict[str, Any]) -> torch.Tensor:
+    """Index of the assistant segment of each completion token: segments are separated by tool outputs (TRL's
+    tool mask is 0 on them); a single-turn completion is one step, 0 everywhere."""
+    mask = batch["completion_mask"]
+    tool_mask = batch.get("tool_mask")
+    if tool_mask is None:
+        return torch.zeros_like(mask, dtype=torch.long)
+    resumes = (tool_mask[:, 1:] == 1) & (tool_mask[:, :-1] == 0)
+    return torch.cat([torch.zeros_like(mask[:, :1]), resumes.long().cumsum(1)], dim=1)
 
 
 def _check_privileged_column(dataset: Any, column: str, split_name: str) -> None:

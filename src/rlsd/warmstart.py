@@ -36,7 +36,7 @@ class WarmStartConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 512
-    steps: int = 450
+    steps: int = 250
     batch_size: int = 64
     learning_rate: float = 1e-3
     teacher_share: float = 0.5  # share of examples in the teacher format

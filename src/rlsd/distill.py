@@ -1,0 +1,119 @@
+"""Distillation losses over full next-token distributions (specification sections 3.1, 3.3, 3.4): pure torch.
+
+Every function takes the student's logits (with gradient) and the teacher's logits (no gradient) at the same
+completion positions, (B, T, V), and returns a per-token loss (B, T). The gradient flows into the student only:
+the teacher's logits are detached here whatever the caller passes. Callers chunk over tokens for a large
+vocabulary (`chunked_token_loss`) so that no (B, T, V) float64 tensor is ever held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalized Jensen-Shannon divergence per token.
+
+    beta = 0: forward KL(p_T || p_S); beta = 1: reverse KL(p_S || p_T); in between
+    JSD_beta = beta * KL(p_T || M) + (1 - beta) * KL(p_S || M) with M = beta * p_S + (1 - beta) * p_T
+    (the form TRL's GKD uses), which is symmetric at beta = 0.5.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    log_s = F.log_softmax(student_logits, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach(), dim=-1)
+    return _jsd_from_logprobs(log_s, log_t, beta)
+
+
+def _jsd_from_logprobs(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """The divergence of `generalized_jsd` from normalized log-probabilities."""
+    if beta == 0.0:
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    if beta == 1.0:
+        return (log_s.exp() * (log_s - log_t)).sum(-1)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log(beta), log_t + math.log(1.0 - beta)]), dim=0)
+    kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
+    kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
+    return beta * kl_t + (1.0 - beta) * kl_s
+
+
+def topk_jsd(student_logits: Tensor, teacher_logits: Tensor, k: int, beta: float = 0.5, tail: bool = True) -> Tensor:
+    """`generalized_jsd` restricted to the teacher's top-k tokens, renormalized; with `tail`, the remaining
+    probability mass of each distribution forms one extra bucket (no renormalization needed then)."""
+    teacher_logits = teacher_logits.detach()
+    top = teacher_logits.topk(k, dim=-1).indices
+    log_s = F.log_softmax(student_logits, dim=-1).gather(-1, top)
+    log_t = F.log_softmax(teacher_logits, dim=-1).gather(-1, top)
+    if tail:
+        log_s, log_t = _with_tail(log_s), _with_tail(log_t)
+    else:
+        log_s, log_t = log_s.log_softmax(-1), log_t.log_softmax(-1)
+    return _jsd_from_logprobs(log_s, log_t, beta)
+
+
+def _with_tail(log_probs: Tensor) -> Tensor:
+    """Append log(1 - sum p) as a bucket, computed stably with log1p(-exp(logsumexp))."""
+    mass = torch.logsumexp(log_probs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([log_probs, torch.log(-torch.expm1(mass))], dim=-1)
+
+
+def teacher_top1_ce(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Cross-entropy towards argmax p_T (the variant that leaks most)."""
+    target = teacher_logits.detach().argmax(-1, keepdim=True)
+    return -F.log_softmax(student_logits, dim=-1).gather(-1, target).squeeze(-1)
+
+
+def student_top1_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Reverse KL restricted to the support {argmax p_S} (the variant that leaks least; the project's reading):
+    p_S(a) * (log p_S(a) - log p_T(a)) with a = argmax p_S."""
+    log_s = F.log_softmax(student_logits, dim=-1)
+    top = log_s.detach().argmax(-1, keepdim=True)
+    log_s_a = log_s.gather(-1, top).squeeze(-1)
+    log_t_a = F.log_softmax(teacher_logits.detach(), dim=-1).gather(-1, top).squeeze(-1)
+    return log_s_a.exp() * (log_s_a - log_t_a)
+
+
+def sdpg_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """SDPG's distillation term: KL(p_S || stopgrad p_T) over the full vocabulary (reverse KL)."""
+    return generalized_jsd(student_logits, teacher_logits, beta=1.0)
+
+
+def sdpg_ref_penalty(student_logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """SDPG's anchor on sampled tokens: 0.5 * (log pi_theta - log pi_ref)^2."""
+    return 0.5 * (student_logps - ref_logps.detach()) ** 2
+
+
+def chunked_token_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher_head: Callable[[Tensor], Tensor],
+    chunk_tokens: int = 1024,
+) -> Tensor:
+    """Per-token loss from hidden states (B, T, H), projecting to logits `chunk_tokens` positions at a time, so
+    that only (chunk, V) logits exist at once."""
+    batch, length = student_hidden.shape[:2]
+    flat_s = student_hidden.reshape(batch * length, -1)
+    flat_t = teacher_hidden.reshape(batch * length, -1)
+    pieces = []
+    for start in range(0, flat_s.size(0), chunk_tokens):
+        end = start + chunk_tokens
+        with torch.no_grad():
+            teacher_logits = teacher_head(flat_t[start:end])
+        pieces.append(loss_fn(student_head(flat_s[start:end]), teacher_logits))
+    return torch.cat(pieces).view(batch, length)
+
+
+DISTILL_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "jsd": generalized_jsd,
+    "topk_jsd": topk_jsd,
+    "teacher_top1": teacher_top1_ce,
+    "student_top1": student_top1_kl,
+    "sdpg_kl": sdpg_kl,
+}
