@@ -50,3 +50,13 @@ def test_bench_cost_quick(cache, tmp_path):
     assert cost["grpo"]["step_ratio_to_grpo"] == 1.0
     assert cost["rlsd-live"]["teacher_s_median"] > 0 and cost["grpo"]["teacher_s_median"] == 0
     assert cost["rlsd-live"]["peak_rss_mib"] > 0
+
+
+def test_bench_study_quick_pairs_every_knob_with_grpo(cache, tmp_path):
+    out = tmp_path / "study"
+    argv = ["study", "--quick", "--seeds", "2", "--configs", "grpo,rlsd-const", "--out", str(out), "--no-progress"]
+    assert bench_main(argv) == 0
+    study = json.loads((out / "results.json").read_text())["study"]
+    assert study["grpo"]["diff_mean"] == 0.0 and study["grpo"]["diff_ci95"] == [0.0, 0.0]
+    assert len(study["rlsd-const"]["scores"]) == 2
+    assert "| rlsd-const |" in (out / "study.md").read_text()

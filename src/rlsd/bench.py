@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from rlsd.demo import DemoConfig, _jsonable, quick_config, train_method
+from rlsd.demo import DemoConfig, _jsonable, budget_kwargs, quick_config, train_method
 from rlsd.task import accuracy_reward, sample_problems
 from rlsd.warmstart import warm_start
 
@@ -35,6 +35,18 @@ COST_CONFIGS = {
     "sdpo": None,
 }
 """Cost configurations; `rlsd-decayed` is RLSD after lam has reached 0 (no teacher pass)."""
+STUDY_CONFIGS = {
+    "grpo": {"credit": "grpo"},
+    "rlsd": {"credit": "rlsd", "teacher": "synced"},
+    "rlsd-const": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda_decay_steps": 0},
+    "rlsd-lam1": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda": 1.0, "rlsd_lambda_decay_steps": 0},
+    "rlsd-neg": {"credit": "rlsd", "teacher": "synced", "rlsd_negative_only": True},
+    "rlsd-live": {"credit": "rlsd", "teacher": "live"},
+}
+"""Knobs of the "where does the token credit matter" study, each paired with GRPO on the same seeds. `rlsd`
+decays lam from 0.5 to 0 over the run; `-const` keeps 0.5; `-lam1` keeps 1.0 (the clipped weight alone)."""
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Two-sided 95% Student-t quantiles by degrees of freedom."""
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -43,26 +55,7 @@ def sdpo_builder(config: DemoConfig):
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
     def build(model, tokenizer, train_dataset, callbacks):
-        args = SDPOConfig(
-            output_dir=str(config.out / "trainer" / "sdpo"),
-            per_device_train_batch_size=config.prompts_per_step * config.num_generations,
-            num_generations=config.num_generations,
-            max_completion_length=config.max_completion_length,
-            max_steps=config.steps,
-            learning_rate=config.learning_rate,
-            lr_scheduler_type="constant_with_warmup",
-            warmup_steps=config.warmup_steps,
-            temperature=1.0,
-            epsilon=0.2,
-            epsilon_high=0.28,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            seed=config.seed,
-            disable_tqdm=True,
-        )
+        args = SDPOConfig(**budget_kwargs(config, "sdpo"))
         return SDPOTrainer(
             model,
             accuracy_reward,
@@ -188,7 +181,7 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlsd.report import COLORS
+    from rlsd.report import COLORS, save_pass_and_leakage
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for method in methods:
@@ -205,14 +198,65 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
             ax.plot(steps, mean, label=method, color=color)
             ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15,
                             color=color)  # fmt: skip
-    axes[0].set(title="Held-out pass@1 (greedy), mean and min-max over seeds", xlabel="step", ylabel="%")
-    axes[1].set(title="Leakage rate", xlabel="step", ylabel="%")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_pass_and_leakage(fig, axes, path, "Held-out pass@1 (greedy), mean and min-max over seeds")
+
+
+# ------------------------------------------------------------------------------------------------- study
+def run_study(config: DemoConfig, names: list[str], seeds: list[int], progress: bool) -> dict[str, Any]:
+    """Every knob and GRPO on the same seeds; the metric is the mean held-out pass@1 over the evaluations of
+    the second half of the run, compared with GRPO seed by seed (paired differences, 95% t interval)."""
+    variants = {name: STUDY_CONFIGS[name] for name in names if name not in ("grpo", "rlsd")}
+    config = replace(config, method_overrides={**config.method_overrides, **variants})
+    result = run_methods(config, tuple(names), seeds, progress)
+    rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
+    result["study"] = study_table(rows, names, seeds, config.steps)
+    (config.out / "results.json").write_text(json.dumps(result, indent=2))
+    (config.out / "study.md").write_text(render_study_table(result["study"]))
+    return result
+
+
+def second_half_score(rows: list[dict[str, Any]], method: str, seed: int, steps: int) -> float:
+    """Mean pass@1 of one run over its evaluations at steps >= steps / 2."""
+    values = [
+        r["pass_at_1"]
+        for r in rows
+        if r.get("method") == method and r.get("seed") == seed and r["kind"] == "eval" and r["step"] >= steps / 2
+    ]
+    if not values:
+        raise ValueError(f"no evaluation of {method} seed {seed} in the second half of the run")
+    return statistics.mean(values)
+
+
+def study_table(rows: list[dict[str, Any]], names: list[str], seeds: list[int], steps: int) -> dict[str, Any]:
+    """Per knob: mean score, and the paired difference to GRPO with its 95% interval."""
+    base = {seed: second_half_score(rows, "grpo", seed, steps) for seed in seeds}
+    table = {}
+    for name in names:
+        scores = [second_half_score(rows, name, seed, steps) for seed in seeds]
+        diffs = [score - base[seed] for score, seed in zip(scores, seeds, strict=True)]
+        half = T_975[len(seeds) - 1] * statistics.stdev(diffs) / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
+        table[name] = {
+            "score_mean": statistics.mean(scores),
+            "diff_mean": statistics.mean(diffs),
+            "diff_ci95": [statistics.mean(diffs) - half, statistics.mean(diffs) + half],
+            "scores": scores,
+        }
+    return table
+
+
+def render_study_table(table: dict[str, Any]) -> str:
+    lines = [
+        "| config | pass@1, 2nd half (mean) | minus GRPO (paired) | 95% interval | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in table.items():
+        low, high = t["diff_ci95"]
+        verdict = "baseline" if name == "grpo" else ("helps" if low > 0 else "hurts" if high < 0 else "within noise")
+        lines.append(
+            f"| {name} | {100 * t['score_mean']:.1f} | {100 * t['diff_mean']:+.1f} | "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # -------------------------------------------------------------------------------------------------- cost
@@ -357,6 +401,15 @@ def make_parser() -> argparse.ArgumentParser:
     cost.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every configuration")
     cost.add_argument("--out", type=Path, default=Path("benchmarks/cost"), help="output folder")
     cost.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model")
+    study = sub.add_parser("study", help="knobs of RLSD against GRPO over paired seeds",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    study.add_argument("--configs", default=",".join(STUDY_CONFIGS), help="comma-separated knobs (grpo included)")
+    study.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    study.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    study.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+    study.add_argument("--out", type=Path, default=Path("benchmarks/study"), help="output folder")
+    study.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
+    study.add_argument("--no-progress", action="store_true", help="hide progress bars")
     once = sub.add_parser("_cost_once")  # internal: one configuration in a fresh process
     once.add_argument("name")
     once.add_argument("steps", type=int)
@@ -386,6 +439,16 @@ def main(argv: list[str] | None = None) -> int:
         result = run_methods(config, methods, list(range(args.seeds)), progress=not args.no_progress)
         print(render_methods_table(result["table"]))
         print(f"wall time {time.perf_counter() - started:.0f} s; wrote {args.out}/")
+        return 0
+    if args.command == "study":
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in STUDY_CONFIGS]
+        if unknown or "grpo" not in names:
+            raise SystemExit(f"configs must include grpo and come from {', '.join(STUDY_CONFIGS)}; got {names}")
+        if not args.quick:
+            config = replace(config, steps=args.steps, eval_every=args.eval_every)
+        result = run_study(config, names, list(range(args.seeds)), progress=not args.no_progress)
+        print(render_study_table(result["study"]))
         return 0
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in COST_CONFIGS]

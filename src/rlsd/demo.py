@@ -60,10 +60,10 @@ class DemoConfig:
     train_size: int = 2000
     out: Path = Path("runs/demo")
     warm: WarmStartConfig = field(default_factory=WarmStartConfig)
-    method_overrides: dict[str, Any] = field(default_factory=dict)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra or variant methods
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS and m not in self.method_overrides]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if self.steps < 1 or self.eval_every < 1:
@@ -221,8 +221,22 @@ class _Bar(TrainerCallback):
 
 def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
     """The shared budget plus the method's own overrides."""
-    overrides = {**METHODS[method], **config.method_overrides.get(method, {})}
     return RLSDConfig(
+        **{
+            **budget_kwargs(config, method),
+            "beta": 0.0,
+            "loss_type": "dapo",
+            "teacher_template": TEACHER_TEMPLATE,
+            "rlsd_lambda_decay_steps": config.steps,
+            **METHODS.get(method, {}),
+            **config.method_overrides.get(method, {}),
+        }
+    )
+
+
+def budget_kwargs(config: DemoConfig, method: str) -> dict[str, Any]:
+    """The training arguments every compared method shares: batch, length, steps, learning rate, clipping, seed."""
+    return dict(
         output_dir=str(config.out / "trainer" / method),
         per_device_train_batch_size=config.prompts_per_step * config.num_generations,
         num_generations=config.num_generations,
@@ -234,8 +248,6 @@ def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
         temperature=1.0,
         epsilon=0.2,
         epsilon_high=0.28,
-        beta=0.0,
-        loss_type="dapo",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -243,9 +255,6 @@ def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
         bf16=False,
         seed=config.seed,
         disable_tqdm=True,
-        teacher_template=TEACHER_TEMPLATE,
-        rlsd_lambda_decay_steps=config.steps,
-        **overrides,
     )
 
 

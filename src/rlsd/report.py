@@ -27,7 +27,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         color = COLORS.get(method)
         axes[0].plot(steps, [100 * p[1] for p in points], marker="o", ms=3, label=method, color=color)
         axes[1].plot(steps, [100 * p[2] for p in points], marker="o", ms=3, label=method, color=color)
-    axes[0].set(title="Held-out pass@1 (greedy)", xlabel="optimizer step", ylabel="%")
+    save_pass_and_leakage(fig, axes, path, "Held-out pass@1 (greedy)")
+
+
+def save_pass_and_leakage(fig, axes, path: Path, pass_title: str) -> None:
+    """Titles, grid and legend of the two panels (pass@1, leakage); write the figure and close it."""
+    axes[0].set(title=pass_title, xlabel="optimizer step", ylabel="%")
     axes[1].set(title="Leakage: completions citing an unseen reference", xlabel="optimizer step", ylabel="%")
     for ax in axes:
         ax.grid(alpha=0.3)
