@@ -1,9 +1,11 @@
-"""Run by `accelerate launch --num_processes 2` in test_cli: two RLSD steps, one JSON report per rank."""
+"""Run by `torchrun --nproc_per_node 2` in test_cli (accelerate's multi-CPU equivalent: it reads torchrun's
+environment and uses gloo): two RLSD steps, one JSON report per rank."""
 
 from __future__ import annotations
 
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -11,7 +13,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsd import RLSDConfig, RLSDTrainer
 from rlsd.data import load_rlsd_dataset
-from rlsd.rewards import resolve_reward
+from rlsd.rewards import completion_text, resolve_reward
+
+
+def checksum_reward(completions, **kwargs):
+    """A reward with spread inside every group, so that the two steps really update the policy."""
+    return [float(zlib.crc32(completion_text(c).encode()) % 2) for c in completions]
+
+
+def checksum(module) -> float:
+    return float(sum(p.detach().double().sum() for p in module.parameters()))
 
 
 def main(model_dir: str, data: str, out: str) -> None:
@@ -20,9 +31,11 @@ def main(model_dir: str, data: str, out: str) -> None:
         learning_rate=1e-2, teacher="synced", teacher_sync_steps=2, rlsd_lambda_decay_steps=2, use_cpu=True,
         bf16=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    initial = checksum(model)
     trainer = RLSDTrainer(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        [resolve_reward("format"), resolve_reward("integer_match")],
+        model,
+        [checksum_reward, resolve_reward("integer_match")],
         args=args,
         train_dataset=load_rlsd_dataset(data),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -33,8 +46,9 @@ def main(model_dir: str, data: str, out: str) -> None:
         "world_size": trainer.accelerator.num_processes,
         "lambda": [e["rlsd/lambda"] for e in history if "rlsd/lambda" in e],
         "synced": [e["rlsd/teacher_synced"] for e in history if "rlsd/teacher_synced" in e],
-        "teacher_checksum": float(sum(p.double().sum() for p in trainer.teacher.model.parameters())),
-        "policy_checksum": float(sum(p.double().sum() for p in trainer.model.parameters())),
+        "initial_checksum": initial,
+        "teacher_checksum": checksum(trainer.teacher.model),
+        "policy_checksum": checksum(trainer.model),
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     rank = trainer.accelerator.process_index

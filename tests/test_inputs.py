@@ -115,3 +115,18 @@ def test_config_defaults_match_the_paper():
         0.2,
     )
     assert (config.teacher, config.teacher_sync_steps, config.privileged_column) == ("synced", 10, "solution")
+
+
+def test_a_reward_that_raises_stops_training_naming_the_row(tokenizer, tmp_path):
+    def fragile(completions, solution, **kwargs):
+        return [1.0 / (int(answer) - 2) for answer in solution]  # an answer of 2 divides by zero
+
+    trainer = RLSDTrainer(
+        make_model(tokenizer),
+        fragile,
+        args=make_config(tmp_path, credit="grpo"),
+        train_dataset=Dataset.from_list([{"prompt": "Q: 1+1=", "solution": "2"}] * 8),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(RuntimeError, match=r"'fragile' raised on row 0: ZeroDivisionError"):
+        trainer.train()

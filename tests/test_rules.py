@@ -174,17 +174,17 @@ def test_every_rule_runs_a_training_step(tokenizer, tmp_path, name, loss_type):
         assert "rlsd/adv_abs_mean" in entry
 
 
-def test_group_rule_without_groups_is_refused_at_construction(tokenizer, tmp_path):
+def test_a_rule_whose_signal_is_missing_is_refused_at_construction(tokenizer, tmp_path):
     from conftest import make_config, make_dataset, make_model, parity_reward
 
     from rlsd import RLSDTrainer
 
-    with pytest.raises(ValueError, match=r"uni-opd.*num_generations >= 2"):
+    with pytest.raises(ValueError, match=r"no privileged column 'solution'.*\['prompt'\]"):
         RLSDTrainer(
             make_model(tokenizer),
             parity_reward,
-            args=make_config(tmp_path, credit="uni-opd", num_generations=1, per_device_train_batch_size=4),
-            train_dataset=make_dataset(),
+            args=make_config(tmp_path, credit="egrsd"),
+            train_dataset=make_dataset().remove_columns("solution"),
             processing_class=tokenizer,
         )
 

@@ -159,6 +159,8 @@ def resolve_reward(name: str) -> RewardFunc:
 def guard_reward(func: RewardFunc) -> RewardFunc:
     """Wrap a reward so that an exception names the function, the first failing row and the error."""
     name = getattr(func, "__name__", repr(func))
+    if getattr(func, "_rlsd_guarded", False):
+        return func
 
     @functools.wraps(func)
     def guarded(completions: list[Any], **kwargs: Any) -> list[float | None]:
@@ -169,6 +171,7 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
             where = f"row {row}" if row is not None else "the batch (no single row fails alone)"
             raise RuntimeError(f"reward function {name!r} raised on {where}: {type(err).__name__}: {err}") from err
 
+    guarded._rlsd_guarded = True
     return guarded
 
 

@@ -9,6 +9,7 @@ The trainer only gathers log-probs and hands (B, T) token advantages to TRL's ow
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from trl.trainer.utils import pad
 
 from rlsd.config import RLSDConfig
 from rlsd.credit import grpo_advantages, rlsd_lambda
+from rlsd.rewards import guard_reward
 from rlsd.rules import AntiSDGate, RuleParams, Signals, get_rule
 from rlsd.teacher import SelfTeacher, TeacherSyncCallback
 from rlsd.teacher_prompt import is_empty_answer, render_teacher_prompts, validate_teacher_template
@@ -50,8 +52,6 @@ class RLSDTrainer(GRPOTrainer):
         validate_teacher_template(args.teacher_template)
         self.rule = get_rule(args.credit)
         self.uses_teacher = "teacher_logps" in self.rule.needs
-        if "group_ids" in self.rule.needs and args.num_generations < 2:
-            raise ValueError(f"credit={args.credit!r} compares completions within a group: num_generations >= 2")
         if self.uses_teacher:
             if args.remove_unused_columns:
                 raise ValueError(
@@ -60,7 +60,7 @@ class RLSDTrainer(GRPOTrainer):
                 )
             for split_name in ("train_dataset", "eval_dataset"):
                 _check_privileged_column(kwargs.get(split_name), args.privileged_column, split_name)
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+        super().__init__(model, _guard_rewards(reward_funcs), args=args, **kwargs)
 
         self._deferred_credit: dict[str, Any] | None = None
         self.antisd_gate = AntiSDGate(args.antisd_warmup_steps, args.antisd_ratio) if args.credit == "antisd" else None
@@ -298,6 +298,18 @@ class RLSDTrainer(GRPOTrainer):
         if self.antisd_gate is not None and checkpoint is not None:
             with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
                 self.antisd_gate.load_state_dict(json.load(f))
+
+
+def _guard_rewards(reward_funcs: Any) -> Any:
+    """Plain reward functions are wrapped so that an exception names the function and the row (`guard_reward`);
+    model names, reward models and async functions pass through unchanged."""
+
+    def guard(func: Any) -> Any:
+        if isinstance(func, str | torch.nn.Module) or not callable(func) or inspect.iscoroutinefunction(func):
+            return func
+        return guard_reward(func)
+
+    return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
