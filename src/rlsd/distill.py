@@ -109,11 +109,3 @@ def chunked_token_loss(
         pieces.append(loss_fn(student_head(flat_s[start:end]), teacher_logits))
     return torch.cat(pieces).view(batch, length)
 
-
-DISTILL_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "jsd": generalized_jsd,
-    "topk_jsd": topk_jsd,
-    "teacher_top1": teacher_top1_ce,
-    "student_top1": student_top1_kl,
-    "sdpg_kl": sdpg_kl,
-}
