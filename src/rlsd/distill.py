@@ -108,4 +108,3 @@ def chunked_token_loss(
             teacher_logits = teacher_head(flat_t[start:end])
         pieces.append(loss_fn(student_head(flat_s[start:end]), teacher_logits))
     return torch.cat(pieces).view(batch, length)
-
