@@ -222,7 +222,12 @@ class RLSDTrainer(GRPOTrainer):
             teacher_logps=batch["rlsd_teacher_logps"],
             student_logps=student_logps,
             teacher_entropy=batch.get("rlsd_teacher_entropy"),
-            group_ids=torch.arange(mask.size(0), device=mask.device) // self.num_generations,
+            # rows are still in group order only at rollout time, which is where group-level rules are applied
+            group_ids=(
+                torch.arange(mask.size(0), device=mask.device) // self.num_generations
+                if "group_ids" in self.rule.needs
+                else None
+            ),
             step_ids=_step_ids(batch),
             vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
         )
