@@ -50,7 +50,7 @@ def test_empty_answer_names_the_row(tokenizer, tmp_path):
 
 def test_empty_answer_in_a_rollout_batch_names_the_row():
     with pytest.raises(ValueError, match=r"batch row 1 \(prompt: 'Q: 2\+2='\)"):
-        render_teacher_prompts(["Q: 1+1=", "Q: 2+2="], ["2", None], PAPER_TEACHER_TEMPLATE)
+        render_teacher_prompts(["Q: 1+1=", "Q: 2+2="], PAPER_TEACHER_TEMPLATE, answers=["2", None])
 
 
 def test_empty_dataset_is_refused(tokenizer, tmp_path):
@@ -76,8 +76,8 @@ def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp
     )
     real = trainer._teacher_logps
 
-    def corrupted(inputs, output):
-        logps, entropy = real(inputs, output)
+    def corrupted(output):
+        logps, entropy = real(output)
         logps = logps.clone()
         logps[0, 0], logps[1, 1], logps[2, 2] = float("nan"), float("inf"), float("-inf")
         return logps, entropy
@@ -91,7 +91,7 @@ def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp
 
 
 def test_paper_template_for_plain_and_conversational_prompts():
-    plain = render_teacher_prompt("What is 2+3? Put the answer in \\boxed{}.", 5, PAPER_TEACHER_TEMPLATE)
+    plain = render_teacher_prompt("What is 2+3? Put the answer in \\boxed{}.", PAPER_TEACHER_TEMPLATE, answer=5)
     assert plain.startswith("What is 2+3? Put the answer in \\boxed{}.\n\nHere is a reference solution:\n5\n\n")
     assert plain.endswith("please try to solve this problem using your own approach below.")
     conversation = [
@@ -100,7 +100,7 @@ def test_paper_template_for_plain_and_conversational_prompts():
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "What is 2+3?"},
     ]
-    rewritten = render_teacher_prompt(conversation, "5", "{prompt} [ref: {answer}]")
+    rewritten = render_teacher_prompt(conversation, "{prompt} [ref: {answer}]", answer="5")
     assert rewritten[:3] == conversation[:3]  # system and earlier turns kept
     assert rewritten[3] == {"role": "user", "content": "What is 2+3? [ref: 5]"}
     assert conversation[3]["content"] == "What is 2+3?"  # the row itself is not modified

@@ -51,6 +51,12 @@ def test_parity_with_trl_grpo_trainer(tokenizer, tmp_path, overrides):
 
 
 # ---------------------------------------------------------------------------------------------------- alignment
+def teacher_pass(trainer, rows, output):
+    """The trainer's teacher context and teacher pass on a hand-made rollout."""
+    output.update(trainer._teacher_context(rows, output, "train"))
+    return trainer._teacher_logps(output)
+
+
 def direct_teacher_logps(model, tokenizer, prompt_text: str, completion: list[int], temperature: float):
     """log p(y_t | teacher prompt, y_<t) from one unpadded forward returning full logits."""
     prompt_ids = tokenizer(prompt_text)["input_ids"]
@@ -71,10 +77,10 @@ def test_teacher_logps_align_with_a_direct_forward(tokenizer, tmp_path, conversa
         "completion_ids": torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in completions]),
         "completion_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions]),
     }
-    logps, entropy = trainer._teacher_logps(rows, output)
+    logps, entropy = teacher_pass(trainer, rows, output)
     assert entropy is None  # plain RLSD computes no teacher entropy
     teacher_prompts = render_teacher_prompts(
-        [r["prompt"] for r in rows], [r["solution"] for r in rows], trainer.args.teacher_template
+        [r["prompt"] for r in rows], trainer.args.teacher_template, answers=[r["solution"] for r in rows]
     )
     for row, (prompt, completion) in enumerate(zip(teacher_prompts, completions, strict=True)):
         text = (
@@ -174,7 +180,7 @@ def test_initial_teacher_with_peft_is_the_base_model_without_a_copy(tokenizer, t
     trainer.train()
     rows = [make_dataset()[0]]
     output = {"completion_ids": torch.tensor([[10, 11, 12]]), "completion_mask": torch.ones(1, 3, dtype=torch.long)}
-    teacher, _ = trainer._teacher_logps(rows, output)
+    teacher, _ = teacher_pass(trainer, rows, output)
     with trainer.model.disable_adapter():
         base = trainer._get_per_token_logps_and_entropies(*teacher_inputs(trainer, rows, output))[0]
     adapted = trainer._get_per_token_logps_and_entropies(*teacher_inputs(trainer, rows, output))[0]
@@ -184,7 +190,7 @@ def test_initial_teacher_with_peft_is_the_base_model_without_a_copy(tokenizer, t
 
 def teacher_inputs(trainer, rows, output):
     """(model, ids, mask, logits_to_keep) of the teacher sequence for a single unpadded row."""
-    prompt = render_teacher_prompts([rows[0]["prompt"]], [rows[0]["solution"]], trainer.args.teacher_template)
+    prompt = render_teacher_prompts([rows[0]["prompt"]], trainer.args.teacher_template, answers=[rows[0]["solution"]])
     prompt_ids = torch.tensor([trainer.processing_class(prompt[0])["input_ids"]])
     ids = torch.cat([prompt_ids, output["completion_ids"]], dim=1)
     return trainer.model, ids, torch.ones_like(ids), output["completion_ids"].size(1)

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from rlsd.rules import RULES
-from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, validate_teacher_template
+from rlsd.teacher_prompt import DEFAULT_TEMPLATES, PRIVILEGED_SOURCES, validate_teacher_template
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
+DISTILL_LOSSES = ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg")
+DISTILL_COEF_DEFAULTS = {"sdpg": 0.001}
+"""`distill_coef` when left unset: SDPG's beta = 0.001; 1.0 for the OPSD losses."""
 
 
 @dataclass
@@ -61,11 +64,48 @@ class RLSDConfig(GRPOConfig):
             Uni-OPD: the margin between correct and incorrect completions' mean Delta that calibration enforces.
         gear_spike_std (`float`, *optional*, defaults to `2.0`):
             GEAR: a token is a divergence spike when |Delta| exceeds its completion's mean + this many std.
+        distill_loss (`str`, *optional*, defaults to `"none"`):
+            Distillation term added to TRL's loss, from the student's and the teacher's full next-token distributions
+            at each completion token (gradient into the student only; logits are built `distill_chunk_tokens` at a
+            time and recomputed in the backward pass, so no (B, T, V) tensor is held): `"jsd"` (generalized JSD,
+            `distill_jsd_beta`), `"topk_jsd"` (the same over the teacher's top `distill_topk` tokens),
+            `"teacher_top1"` (cross-entropy to argmax p_T), `"student_top1"` (reverse KL on argmax p_S) or `"sdpg"`
+            (KL(p_S || sg p_T) over the full vocabulary plus `sdpg_ref_coef` * 0.5 (log pi / pi_ref)^2 on sampled
+            tokens, arXiv 2606.04036). The term is the token mean over the micro-batch's completion tokens.
+        distill_coef (`float` or `None`, *optional*, defaults to `None`):
+            Weight of the distillation term; `None` means 0.001 for `"sdpg"` (the paper's beta) and 1.0 otherwise.
+        distill_jsd_beta (`float`, *optional*, defaults to `0.5`):
+            beta of the generalized JSD: 0 is forward KL(p_T || p_S), 1 is reverse KL(p_S || p_T).
+        distill_topk (`int`, *optional*, defaults to `100`):
+            k of `"topk_jsd"`: the divergence is taken over the teacher's k most likely tokens.
+        distill_tail (`bool`, *optional*, defaults to `True`):
+            With `"topk_jsd"`, the remaining probability mass of each distribution forms one extra bucket; without
+            it, both top-k distributions are renormalized.
+        distill_positive_only (`bool`, *optional*, defaults to `False`):
+            Distill only completions with A_i > 0 (SDPG's optional gating).
+        distill_chunk_tokens (`int`, *optional*, defaults to `1024`):
+            Completion tokens projected to the vocabulary at once by the distillation term.
+        sdpg_ref_coef (`float`, *optional*, defaults to `0.001`):
+            SDPG's alpha: weight of 0.5 (log pi_theta - log pi_ref)^2 on sampled tokens, pi_ref the initial model
+            (with PEFT, the adapter disabled). Scored at rollout time, only with `distill_loss="sdpg"` and alpha > 0.
+        policy_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of TRL's loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains
+            on the distillation term alone (full OPSD).
+        privileged_source (`str`, *optional*, defaults to `"answer"`):
+            What the teacher is shown: `"answer"` (the reference answer from `privileged_column`), `"sibling"` (a
+            completion of the same group whose reward reaches `sibling_reward_threshold`, SDPO's teacher;
+            completions without one get no teacher signal: their Delta is 0 and they are left out of the
+            distillation term, and they are counted in `rlsd/no_context_frac`) or `"both"` (a completion without a
+            successful sibling still sees the answer).
+        sibling_reward_threshold (`float`, *optional*, defaults to `1.0`):
+            Total (weighted) reward at which a sibling counts as successful.
         privileged_column (`str`, *optional*, defaults to `"solution"`):
             Dataset column holding the privileged reference answer (the column TRL's accuracy reward reads).
-        teacher_template (`str`, *optional*, defaults to the paper's template):
-            Teacher prompt with the fields `{prompt}` (the student's last user turn, or the whole plain-text prompt)
-            and `{answer}`. System turns of conversational prompts are kept.
+        teacher_template (`str` or `None`, *optional*, defaults to `None`):
+            Teacher prompt with the fields `{prompt}` (the student's last user turn, or the whole plain-text prompt),
+            `{answer}` and / or `{sibling}` as `privileged_source` fills them. `None` is the paper's template for
+            `"answer"` and its counterparts for `"sibling"` and `"both"` (`rlsd.teacher_prompt`). System turns of
+            conversational prompts are kept.
     """
 
     credit: str = field(
@@ -106,12 +146,32 @@ class RLSDConfig(GRPOConfig):
     sod_delta: float = field(default=0.2, metadata={"help": "SOD: cap 1 + delta of the step weight."})
     uniopd_margin: float = field(default=0.4, metadata={"help": "Uni-OPD: enforced correct/incorrect margin."})
     gear_spike_std: float = field(default=2.0, metadata={"help": "GEAR: spike threshold in standard deviations."})
+    distill_loss: str = field(
+        default="none", metadata={"help": "Distillation term beside the policy loss.", "choices": list(DISTILL_LOSSES)}
+    )
+    distill_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the distillation term (None: 0.001 for sdpg, else 1.0)."}
+    )
+    distill_jsd_beta: float = field(default=0.5, metadata={"help": "JSD beta: 0 forward KL, 1 reverse KL."})
+    distill_topk: int = field(default=100, metadata={"help": "k of distill_loss='topk_jsd'."})
+    distill_tail: bool = field(default=True, metadata={"help": "topk_jsd: keep the rest of the mass as a bucket."})
+    distill_positive_only: bool = field(default=False, metadata={"help": "Distill only completions with A > 0."})
+    distill_chunk_tokens: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at once."})
+    sdpg_ref_coef: float = field(default=0.001, metadata={"help": "SDPG alpha: 0.5 (log pi/pi_ref)^2 weight."})
+    policy_loss_coef: float = field(default=1.0, metadata={"help": "Weight of TRL's loss (0: distillation only)."})
+    privileged_source: str = field(
+        default="answer",
+        metadata={"help": "Teacher context: answer, sibling or both.", "choices": list(PRIVILEGED_SOURCES)},
+    )
+    sibling_reward_threshold: float = field(
+        default=1.0, metadata={"help": "Reward at which a sibling completion counts as successful."}
+    )
     privileged_column: str = field(
         default="solution", metadata={"help": "Dataset column with the privileged reference answer."}
     )
-    teacher_template: str = field(
-        default=PAPER_TEACHER_TEMPLATE,
-        metadata={"help": "Teacher prompt with {prompt} and {answer} fields."},
+    teacher_template: str | None = field(
+        default=None,
+        metadata={"help": "Teacher prompt with {prompt}, {answer} and/or {sibling} (None: the source's default)."},
     )
 
     def __post_init__(self) -> None:
@@ -130,4 +190,16 @@ class RLSDConfig(GRPOConfig):
             raise ValueError(f"teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}")
         if not 0.0 <= self.teacher_ema_decay < 1.0:
             raise ValueError(f"teacher_ema_decay must lie in [0, 1), got {self.teacher_ema_decay}")
-        validate_teacher_template(self.teacher_template)
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"distill_loss={self.distill_loss!r} is not one of {', '.join(DISTILL_LOSSES)}")
+        if self.distill_coef is None:
+            self.distill_coef = DISTILL_COEF_DEFAULTS.get(self.distill_loss, 1.0)
+        if not 0.0 <= self.distill_jsd_beta <= 1.0:
+            raise ValueError(f"distill_jsd_beta must lie in [0, 1], got {self.distill_jsd_beta}")
+        if self.distill_topk < 1 or self.distill_chunk_tokens < 1:
+            raise ValueError("distill_topk and distill_chunk_tokens must be >= 1")
+        if min(self.distill_coef, self.sdpg_ref_coef, self.policy_loss_coef) < 0.0:
+            raise ValueError("distill_coef, sdpg_ref_coef and policy_loss_coef must be >= 0")
+        if self.teacher_template is None:
+            self.teacher_template = DEFAULT_TEMPLATES.get(self.privileged_source, DEFAULT_TEMPLATES["answer"])
+        validate_teacher_template(self.teacher_template, self.privileged_source)

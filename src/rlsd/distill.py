@@ -8,12 +8,14 @@ vocabulary (`chunked_token_loss`) so that no (B, T, V) float64 tensor is ever he
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
@@ -88,6 +90,22 @@ def sdpg_ref_penalty(student_logps: Tensor, ref_logps: Tensor) -> Tensor:
     return 0.5 * (student_logps - ref_logps.detach()) ** 2
 
 
+def token_loss_fn(
+    name: str, *, beta: float = 0.5, topk: int = 100, tail: bool = True
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-token loss `(student_logits, teacher_logits) -> (N,)` of `RLSDConfig.distill_loss = name`."""
+    losses: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "jsd": functools.partial(generalized_jsd, beta=beta),
+        "topk_jsd": functools.partial(topk_jsd, k=topk, beta=beta, tail=tail),
+        "teacher_top1": teacher_top1_ce,
+        "student_top1": student_top1_kl,
+        "sdpg": sdpg_kl,
+    }
+    if name not in losses:
+        raise ValueError(f"unknown distillation loss {name!r}; the known ones are {', '.join(losses)}")
+    return losses[name]
+
+
 def chunked_token_loss(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     student_hidden: Tensor,
@@ -96,15 +114,23 @@ def chunked_token_loss(
     teacher_head: Callable[[Tensor], Tensor],
     chunk_tokens: int = 1024,
 ) -> Tensor:
-    """Per-token loss from hidden states (B, T, H), projecting to logits `chunk_tokens` positions at a time, so
-    that only (chunk, V) logits exist at once."""
+    """Per-token loss from hidden states (B, T, H), projecting to logits `chunk_tokens` positions at a time.
+
+    Each chunk is checkpointed: its logits are freed after the forward and recomputed in the backward pass, so
+    that only (chunk, V) logits exist at any time, in the backward pass too."""
     batch, length = student_hidden.shape[:2]
     flat_s = student_hidden.reshape(batch * length, -1)
     flat_t = teacher_hidden.reshape(batch * length, -1)
+
+    def piece(hidden_s: Tensor, hidden_t: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher_head(hidden_t)
+        return loss_fn(student_head(hidden_s), teacher_logits)
+
+    recompute = torch.is_grad_enabled() and flat_s.requires_grad
     pieces = []
     for start in range(0, flat_s.size(0), chunk_tokens):
-        end = start + chunk_tokens
-        with torch.no_grad():
-            teacher_logits = teacher_head(flat_t[start:end])
-        pieces.append(loss_fn(student_head(flat_s[start:end]), teacher_logits))
+        chunk_s, chunk_t = flat_s[start : start + chunk_tokens], flat_t[start : start + chunk_tokens]
+        chunk = checkpoint(piece, chunk_s, chunk_t, use_reentrant=False) if recompute else piece(chunk_s, chunk_t)
+        pieces.append(chunk)
     return torch.cat(pieces).view(batch, length)

@@ -1,4 +1,5 @@
-"""Teacher prompts: the student's prompt rewritten to show the privileged answer (section 2.3)."""
+"""Teacher prompts: the student's prompt rewritten to show privileged context: the reference answer (section 2.3),
+a successful sibling completion of the same group (SDPO, section 3.3), or both."""
 
 from __future__ import annotations
 
@@ -15,51 +16,124 @@ PAPER_TEACHER_TEMPLATE = (
 """The authors' teacher prompt. `{prompt}` is the student's last user turn (which carries the answer-format
 instruction), `{answer}` the reference final answer."""
 
-TEMPLATE_FIELDS = ("prompt", "answer")
+SIBLING_TEACHER_TEMPLATE = (
+    "{prompt}\n\n"
+    "Here is a correct solution from another attempt:\n"
+    "{sibling}\n\n"
+    "After understanding the correct solution, please try to solve this problem using your own approach below."
+)
+"""Teacher prompt of `privileged_source="sibling"` (SDPO's teacher): a successful completion of the same group."""
+
+BOTH_TEACHER_TEMPLATE = (
+    "{prompt}\n\n"
+    "Here is a reference solution:\n"
+    "{answer}\n\n"
+    "Here is a correct solution from another attempt:\n"
+    "{sibling}\n\n"
+    "After understanding them, please try to solve this problem using your own approach below."
+)
+"""Teacher prompt of `privileged_source="both"`."""
+
+NO_SIBLING_TEXT = "(no other attempt was correct)"
+"""What `{sibling}` shows with `privileged_source="both"` when no sibling succeeded (the answer still teaches)."""
+
+TEMPLATE_FIELDS = ("prompt", "answer", "sibling")
+PRIVILEGED_SOURCES: dict[str, tuple[str, ...]] = {
+    "answer": ("answer",),
+    "sibling": ("sibling",),
+    "both": ("answer", "sibling"),
+}
+"""The template fields each privileged source fills besides `{prompt}`."""
+DEFAULT_TEMPLATES = {
+    "answer": PAPER_TEACHER_TEMPLATE,
+    "sibling": SIBLING_TEACHER_TEMPLATE,
+    "both": BOTH_TEACHER_TEMPLATE,
+}
 
 Prompt = str | list[dict[str, Any]]
 
 
-def validate_teacher_template(template: str) -> None:
-    """Reject a template with an unknown or positional field, or without `{prompt}` and `{answer}`."""
+def template_fields(template: str) -> set[str]:
+    """The named fields of a format string; a positional field or a malformed string is refused."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
         raise ValueError(f"teacher_template is not a valid format string: {err}") from err
-    fields = {name for _, name, _, _ in parsed if name is not None}
+    return {name for _, name, _, _ in parsed if name is not None}
+
+
+def validate_teacher_template(template: str, source: str = "answer") -> None:
+    """Reject a template with an unknown field, a field the privileged source does not fill, or without `{prompt}`
+    and every field the source fills."""
+    if source not in PRIVILEGED_SOURCES:
+        raise ValueError(f"privileged_source={source!r} is not one of {', '.join(PRIVILEGED_SOURCES)}")
+    fields = template_fields(template)
     unknown = sorted(fields - set(TEMPLATE_FIELDS))
     if unknown:
         raise ValueError(
             f"teacher_template has unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
-            f"the known fields are {{prompt}} and {{answer}}"
+            f"the known fields are {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}"
         )
-    missing = [f for f in TEMPLATE_FIELDS if f not in fields]
+    filled = ("prompt", *PRIVILEGED_SOURCES[source])
+    unfilled = sorted(fields - set(filled))
+    if unfilled:
+        raise ValueError(
+            f"teacher_template uses {{{unfilled[0]}}}, which privileged_source={source!r} does not fill "
+            f"(it fills {', '.join('{' + f + '}' for f in filled)})"
+        )
+    missing = [f for f in filled if f not in fields]
     if missing:
         raise ValueError(f"teacher_template must contain {{{missing[0]}}}; got {template!r}")
 
 
-def render_teacher_prompt(prompt: Prompt, answer: Any, template: str) -> Prompt:
+def render_teacher_prompt(prompt: Prompt, template: str, **fields: Any) -> Prompt:
     """The teacher's view of one row: a plain-text prompt is filled in whole; for a conversation the last user turn
-    is rewritten and every other turn (system prompts included) is kept."""
-    answer_text = _answer_text(answer)
+    is rewritten and every other turn (system prompts included) is kept. `fields` fill `{answer}` / `{sibling}`."""
+    values = {name: _answer_text(value) for name, value in fields.items()}
     if isinstance(prompt, str):
-        return template.format(prompt=prompt, answer=answer_text)
+        return template.format(prompt=prompt, **values)
     last_user = _last_user_index(prompt)
     content = prompt[last_user]["content"]
     if not isinstance(content, str):
         raise ValueError("teacher prompts need text-only user turns; the last user turn has structured content")
-    rewritten = {**prompt[last_user], "content": template.format(prompt=content, answer=answer_text)}
+    rewritten = {**prompt[last_user], "content": template.format(prompt=content, **values)}
     return [*prompt[:last_user], rewritten, *prompt[last_user + 1 :]]
 
 
-def render_teacher_prompts(prompts: Sequence[Prompt], answers: Sequence[Any], template: str) -> list[Prompt]:
+def render_teacher_prompts(
+    prompts: Sequence[Prompt],
+    template: str,
+    answers: Sequence[Any] | None = None,
+    siblings: Sequence[str] | None = None,
+) -> list[Prompt]:
     """`render_teacher_prompt` over a batch; an empty answer fails naming its position and prompt."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
-    for index, answer in enumerate(answers):
+    columns = {"answer": answers, "sibling": siblings}
+    fields = {name: values for name, values in columns.items() if name in template_fields(template)}
+    for name, values in fields.items():
+        if values is None:
+            raise ValueError(f"teacher_template uses {{{name}}} but no {name}s were given")
+        if len(values) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(values)} {name}s")
+    for index, answer in enumerate(fields.get("answer") or []):
         if is_empty_answer(answer):
             raise ValueError(f"empty privileged answer in batch row {index} (prompt: {_preview(prompts[index])})")
-    return [render_teacher_prompt(p, a, template) for p, a in zip(prompts, answers, strict=True)]
+    return [
+        render_teacher_prompt(prompt, template, **{name: values[row] for name, values in fields.items()})
+        for row, prompt in enumerate(prompts)
+    ]
+
+
+def pick_siblings(rewards: Sequence[float], group_size: int, threshold: float) -> list[int | None]:
+    """SDPO's privileged context: for each completion, the first other completion of its group (consecutive
+    blocks of `group_size`) whose reward reaches `threshold`; None when no sibling succeeded."""
+    if group_size < 1 or len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    picks: list[int | None] = []
+    for index in range(len(rewards)):
+        first = index - index % group_size
+        winners = [j for j in range(first, first + group_size) if j != index and rewards[j] >= threshold]
+        picks.append(winners[0] if winners else None)
+    return picks
 
 
 def is_empty_answer(answer: Any) -> bool:

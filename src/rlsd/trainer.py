@@ -1,23 +1,32 @@
 """`RLSDTrainer`: TRL's `GRPOTrainer` with token-level credit from a privileged self-teacher.
 
 The trainer only gathers log-probs and hands (B, T) token advantages to TRL's own loss:
-1. after TRL's rollout and scoring, one no-grad teacher forward on [teacher prompt ; completion];
+1. after TRL's rollout and scoring, one no-grad teacher forward on [teacher prompt ; completion], the teacher
+   prompt showing the reference answer, a successful sibling completion, or both;
 2. the student's sampled-token log-probs are TRL's old log-probs when TRL computes them, else the detached
    log-probs of the loss's own forward (no extra pass);
-3. `rlsd.credit` turns (A_i, teacher, student, mask) into A_it.
+3. a credit rule (`rlsd.rules`) turns (A_i, teacher, student, mask, ...) into A_it.
+With a distillation loss (`distill_loss`), the student's last hidden states are captured from the loss's own
+forward (a hook on the backbone) and the teacher's are recomputed without gradient at loss time; `rlsd.distill`
+projects both to the vocabulary a chunk of tokens at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDatasetDict
+from torch.distributed.tensor import DTensor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, prepare_fsdp
@@ -25,10 +34,18 @@ from trl.trainer.utils import pad
 
 from rlsd.config import RLSDConfig
 from rlsd.credit import grpo_advantages, rlsd_lambda
+from rlsd.distill import chunked_token_loss, sdpg_ref_penalty, token_loss_fn
 from rlsd.rewards import guard_reward
 from rlsd.rules import AntiSDGate, RuleParams, Signals, get_rule
-from rlsd.teacher import SelfTeacher, TeacherSyncCallback
-from rlsd.teacher_prompt import is_empty_answer, render_teacher_prompts, validate_teacher_template
+from rlsd.teacher import SelfTeacher, TeacherSyncCallback, _is_peft_model
+from rlsd.teacher_prompt import (
+    NO_SIBLING_TEXT,
+    PRIVILEGED_SOURCES,
+    is_empty_answer,
+    pick_siblings,
+    render_teacher_prompts,
+    validate_teacher_template,
+)
 
 RULE_STATE_FILE = "rlsd_rule_state.json"
 
@@ -49,10 +66,19 @@ class RLSDTrainer(GRPOTrainer):
             args = RLSDConfig(output_dir=f"{model_name.split('/')[-1]}-RLSD")
         if not isinstance(args, RLSDConfig):
             raise TypeError(f"RLSDTrainer needs an RLSDConfig, got {type(args).__name__}")
-        validate_teacher_template(args.teacher_template)
+        validate_teacher_template(args.teacher_template, args.privileged_source)
         self.rule = get_rule(args.credit)
-        self.uses_teacher = "teacher_logps" in self.rule.needs
-        if self.uses_teacher:
+        self.rule_uses_teacher = "teacher_logps" in self.rule.needs
+        self.distill_fn = (
+            None
+            if args.distill_loss == "none"
+            else token_loss_fn(
+                args.distill_loss, beta=args.distill_jsd_beta, topk=args.distill_topk, tail=args.distill_tail
+            )
+        )
+        self.uses_teacher = self.rule_uses_teacher or self.distill_fn is not None
+        self.shows_answer = "answer" in PRIVILEGED_SOURCES[args.privileged_source]
+        if self.uses_teacher and self.shows_answer:
             if args.remove_unused_columns:
                 raise ValueError(
                     f"remove_unused_columns=True would drop the privileged column {args.privileged_column!r}; "
@@ -62,7 +88,8 @@ class RLSDTrainer(GRPOTrainer):
                 _check_privileged_column(kwargs.get(split_name), args.privileged_column, split_name)
         super().__init__(model, _guard_rewards(reward_funcs), args=args, **kwargs)
 
-        self._deferred_credit: dict[str, Any] | None = None
+        self._loss_state: dict[str, Any] | None = None
+        self._last_rewards: torch.Tensor | None = None
         self.antisd_gate = AntiSDGate(args.antisd_warmup_steps, args.antisd_ratio) if args.credit == "antisd" else None
         self.teacher: SelfTeacher | None = None
         if self.uses_teacher:
@@ -79,6 +106,16 @@ class RLSDTrainer(GRPOTrainer):
                 self.teacher.model = self._prepare_frozen_model(self.teacher.model)
             if args.teacher in ("synced", "ema"):
                 self.add_callback(TeacherSyncCallback(self))
+        self.reference: SelfTeacher | None = None
+        if self.distill_fn is not None:
+            _check_plain_lm_head(self.accelerator.unwrap_model(self.model))
+            if args.distill_loss == "sdpg" and args.sdpg_ref_coef > 0:  # SDPG's anchor to the initial model
+                policy = self.accelerator.unwrap_model(self.model)
+                self.reference = SelfTeacher(
+                    "initial", policy, sync_steps=1, ema_decay=0.0, temperature=self.temperature
+                )
+                if self.reference.model is not None:
+                    self.reference.model = self._prepare_frozen_model(self.reference.model)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -108,28 +145,37 @@ class RLSDTrainer(GRPOTrainer):
     def _teacher_pass_needed(self, lam: float) -> bool:
         """The teacher is skipped when the rule ignores it, or when its multiplier is identically 1 (lam = 0 or
         eps_w = 0 for the rules that reduce to GRPO there)."""
-        if not self.uses_teacher:
+        if not self.rule_uses_teacher:
             return False
         if self.rule.grpo_when_lambda_zero:
             return lam > 0.0 and self.args.rlsd_clip > 0.0
         return True
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's rollout and scoring, then the teacher pass and (B, T) token advantages."""
+        """TRL's rollout and scoring, then the teacher's context, the teacher pass and (B, T) token advantages."""
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         mask = _loss_mask(output)
-        lam = self._current_lambda() if self.uses_teacher else 0.0
-        if self.uses_teacher:
+        lam = self._current_lambda() if self.rule_uses_teacher else 0.0
+        if self.rule_uses_teacher:
             self._metrics[mode]["rlsd/lambda"].append(lam)
+        if self.uses_teacher:
+            output.update(self._teacher_context(inputs, output, mode))
+        if self.distill_fn is not None:
+            weight = output["rlsd_has_context"].float()
+            if self.args.distill_positive_only:
+                weight = weight * (output["advantages"] > 0).float()
+            output["rlsd_distill_weight"] = weight
+        if self.reference is not None:
+            output["rlsd_ref_logps"] = self._reference_logps(output)
         if not self._teacher_pass_needed(lam):
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
-            if self.uses_teacher:
+            if self.rule_uses_teacher:
                 self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
-            return output
+            return self._without_unused_context(output)
 
         start = time.perf_counter()
-        teacher_logps, teacher_entropy = self._teacher_logps(inputs, output)
+        teacher_logps, teacher_entropy = self._teacher_logps(output)
         self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
         gate = self._antisd_gate_value(teacher_entropy, mask) if self.antisd_gate is not None else 1.0
         pending = {
@@ -145,9 +191,25 @@ class RLSDTrainer(GRPOTrainer):
             student_logps = self._score_rollout(output)  # group statistics need every completion of a group now
         if student_logps is not None:  # the credit is final at rollout time
             output["advantages"] = self._token_advantages({**output, **pending}, student_logps, mode)
-            return output
+            return self._without_unused_context(output)
         output.update(pending)
+        return self._without_unused_context(output)
+
+    def _without_unused_context(self, output: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's prompt ids travel to the loss only when a distillation loss re-runs the teacher there."""
+        if self.distill_fn is None:
+            output.pop("rlsd_teacher_prompt_ids", None)
+            output.pop("rlsd_teacher_prompt_mask", None)
         return output
+
+    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """TRL's rewards (gathered over processes); the weighted total is kept for choosing successful siblings."""
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        totals = (rewards_per_func * weights).nansum(dim=1)
+        totals[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        self._last_rewards = totals
+        return rewards_per_func
 
     def _antisd_gate_value(self, teacher_entropy: torch.Tensor, mask: torch.Tensor) -> float:
         """Feed the batch's mean teacher entropy (over all processes) to AntiSD's gate."""
@@ -166,20 +228,20 @@ class RLSDTrainer(GRPOTrainer):
         )  # fmt: skip
         return logps
 
-    @torch.no_grad()
-    def _teacher_logps(
-        self, inputs: list[dict[str, Any]], output: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tau_t (and the teacher's entropy when the rule needs it): one no-grad forward on
-        [teacher prompt ; completion ids], chunked by the per-device batch."""
-        column = self.args.privileged_column
-        missing = [i for i, row in enumerate(inputs) if column not in row]
-        if missing:
-            raise KeyError(
-                f"rollout row {missing[0]} has no privileged column {column!r}; it has {sorted(inputs[missing[0]])}"
-            )
+    def _teacher_context(self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str) -> dict[str, Any]:
+        """The teacher's prompt ids (left-padded) and which rows have a privileged context at all (a row whose
+        source is only a sibling has none when no sibling succeeded); rows without one are counted."""
+        answers = self._privileged_answers(inputs) if self.shows_answer else None
+        siblings = None
+        has_context = torch.ones(len(inputs), dtype=torch.bool, device=self.accelerator.device)
+        if "sibling" in PRIVILEGED_SOURCES[self.args.privileged_source]:
+            siblings, found = self._sibling_completions(output, mode)
+            if not self.shows_answer:
+                has_context = found
+            self._log_across_processes(mode, {"no_sibling_count": float((~found).sum())})
+        self._log_across_processes(mode, {"no_context_frac": 1.0 - has_context.float().mean().item()})
         teacher_prompts = render_teacher_prompts(
-            [row["prompt"] for row in inputs], [row[column] for row in inputs], self.args.teacher_template
+            [row["prompt"] for row in inputs], self.args.teacher_template, answers=answers, siblings=siblings
         )
         prompt_ids_list, _, _ = self._tokenize_prompts(teacher_prompts)
         device = self.accelerator.device
@@ -191,11 +253,42 @@ class RLSDTrainer(GRPOTrainer):
         prompt_mask = pad(
             [torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0, padding_side="left"
         ).to(device)
+        return {"rlsd_teacher_prompt_ids": prompt_ids, "rlsd_teacher_prompt_mask": prompt_mask,
+                "rlsd_has_context": has_context}  # fmt: skip
+
+    def _privileged_answers(self, inputs: list[dict[str, Any]]) -> list[Any]:
+        """The reference answers of a rollout batch; a row without the privileged column is named."""
+        column = self.args.privileged_column
+        missing = [i for i, row in enumerate(inputs) if column not in row]
+        if missing:
+            raise KeyError(
+                f"rollout row {missing[0]} has no privileged column {column!r}; it has {sorted(inputs[missing[0]])}"
+            )
+        return [row[column] for row in inputs]
+
+    def _sibling_completions(self, output: dict[str, Any], mode: str) -> tuple[list[str], torch.Tensor]:
+        """For each local completion, the text of the first other completion of its group whose total reward reaches
+        `sibling_reward_threshold` (groups may span processes: texts and rewards are gathered), and whether one
+        exists; rows without one show `NO_SIBLING_TEXT`."""
+        ids, mask = output["completion_ids"], output["completion_mask"]
+        texts = self._tokenizer.batch_decode(
+            [row[keep.bool()] for row, keep in zip(ids, mask, strict=True)], skip_special_tokens=True
+        )
+        all_texts = gather_object(texts)
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        picks = pick_siblings(self._last_rewards.tolist(), group_size, self.args.sibling_reward_threshold)
+        start = self.accelerator.process_index * len(texts)
+        local = picks[start : start + len(texts)]
+        found = torch.tensor([j is not None for j in local], dtype=torch.bool, device=ids.device)
+        return [NO_SIBLING_TEXT if j is None else all_texts[j] for j in local], found
+
+    @torch.no_grad()
+    def _teacher_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tau_t (and the teacher's entropy when the rule needs it): one no-grad forward on
+        [teacher prompt ; completion ids], chunked by the per-device batch."""
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        mode = "train" if self.model.training else "eval"
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        input_ids = torch.cat([output["rlsd_teacher_prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([output["rlsd_teacher_prompt_mask"], completion_mask], dim=1)
         policy = self.accelerator.unwrap_model(self.model)
         with (
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -206,20 +299,44 @@ class RLSDTrainer(GRPOTrainer):
                 input_ids,
                 attention_mask,
                 completion_ids.size(1),
-                batch_size=batch_size,
+                batch_size=self._scoring_batch_size(),
                 compute_entropy="teacher_entropy" in self.rule.needs,
             )
         return logps, entropy
+
+    @torch.no_grad()
+    def _reference_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        """log pi_ref of the sampled tokens under the student's own prompt (SDPG's anchor)."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        policy = self.accelerator.unwrap_model(self.model)
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self.reference.forward_context(self.model, policy) as reference_model,
+        ):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                reference_model, input_ids, attention_mask, output["completion_ids"].size(1),
+                batch_size=self._scoring_batch_size(),
+            )  # fmt: skip
+        return logps
+
+    def _scoring_batch_size(self) -> int:
+        """Rows per no-grad scoring forward: TRL's per-device batch of the current mode."""
+        training = self.model.training
+        return self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
 
     # ------------------------------------------------------------------------------------------------ credit
     def _token_advantages(self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str) -> torch.Tensor:
         """Apply the configured rule to a batch carrying the `rlsd_*` entries; log its metrics under `rlsd/`."""
         args = self.args
         mask = _loss_mask(batch)
+        # a row without privileged context gets Delta = 0: its teacher is the student itself
+        has_context = batch["rlsd_has_context"].unsqueeze(1)
+        teacher_logps = torch.where(has_context, batch["rlsd_teacher_logps"], student_logps)
         signals = Signals(
             seq_advantages=batch["rlsd_seq_advantages"],
             mask=mask,
-            teacher_logps=batch["rlsd_teacher_logps"],
+            teacher_logps=teacher_logps,
             student_logps=student_logps,
             teacher_entropy=batch.get("rlsd_teacher_entropy"),
             # rows are still in group order only at rollout time, which is where group-level rules are applied
@@ -249,37 +366,111 @@ class RLSDTrainer(GRPOTrainer):
         return token_adv.to(batch["rlsd_seq_advantages"].dtype)
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
-        """Average each metric over processes (NaN-aware; counts are summed) and append it to TRL's metrics."""
+        """Average each metric over processes (NaN-aware; `*_count` metrics are summed) and append it to TRL's
+        metrics under `rlsd/`."""
         keys = sorted(metrics)
         local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(keys))
         for index, key in enumerate(keys):
             column = gathered[:, index]
-            value = column.nansum() if key == "nonfinite_count" else column.nanmean()
+            value = column.nansum() if key.endswith("_count") else column.nanmean()
             if not math.isnan(value.item()):
                 self._metrics[mode][f"rlsd/{key}"].append(value.item())
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """TRL's loss; when the credit waits for the student log-probs, they come from this forward, detached."""
-        if "rlsd_teacher_logps" not in inputs:
+        """TRL's loss; when the credit waits for the student log-probs, they come from this forward, detached; with
+        a distillation loss, the distillation term (and SDPG's anchor) from the same forward is added."""
+        deferred = "rlsd_teacher_logps" in inputs
+        if not deferred and self.distill_fn is None:
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
-        self._deferred_credit = inputs
+        teacher = self._teacher_hidden(inputs) if self.distill_fn is not None else None
+        state: dict[str, Any] = {"pending": inputs if deferred else None}
+        backbone, head = _backbone_and_head(self.accelerator.unwrap_model(model))
+        self._loss_state = state
         try:
-            return super()._compute_loss(model, inputs)
+            with _captured_output(backbone if teacher is not None else None) as student_hidden:
+                loss = super()._compute_loss(model, inputs)
         finally:
-            self._deferred_credit = None
+            self._loss_state = None
+        if teacher is None:
+            return loss
+        completion_length = inputs["completion_ids"].size(1)
+        student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
+        extra = self._distillation_term(inputs, (student, head), teacher, state["logps"])
+        return self.args.policy_loss_coef * loss + extra
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's scoring forward; inside the loss, it also turns the pending credit into (B, T) advantages."""
+        """TRL's scoring forward; the first one inside the loss also hands its log-probs to the loss state and turns
+        the pending credit into (B, T) advantages."""
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
-        pending, self._deferred_credit = self._deferred_credit, None
-        if pending is not None:
-            mode = "train" if self.model.training else "eval"
-            pending["advantages"] = self._token_advantages(pending, logps.detach(), mode)
+        state, self._loss_state = self._loss_state, None
+        if state is not None:
+            state["logps"] = logps
+            if state["pending"] is not None:
+                mode = "train" if self.model.training else "eval"
+                state["pending"]["advantages"] = self._token_advantages(state["pending"], logps.detach(), mode)
         return logps, entropies, aux_loss
+
+    @torch.no_grad()
+    def _teacher_hidden(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The teacher's last hidden states at the completion positions, (B, T, H), and its LM head: a no-grad
+        forward on [teacher prompt ; completion] with the teacher's current weights."""
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["rlsd_teacher_prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["rlsd_teacher_prompt_mask"], inputs["completion_mask"]], dim=1)
+        policy = self.accelerator.unwrap_model(self.model)
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self.teacher.forward_context(self.model, policy) as teacher_model,
+        ):
+            backbone, head = _backbone_and_head(self.accelerator.unwrap_model(teacher_model))
+            with _captured_output(backbone) as hidden:
+                GRPOTrainer._get_per_token_logps_and_entropies(
+                    self, teacher_model, input_ids, attention_mask, completion_ids.size(1)
+                )
+        return torch.cat(hidden)[:, -completion_ids.size(1) - 1 : -1], head
+
+    def _distillation_term(
+        self,
+        inputs: dict[str, Any],
+        student: tuple[torch.Tensor, torch.nn.Module],
+        teacher: tuple[torch.Tensor, torch.nn.Module],
+        student_logps: torch.Tensor,
+    ) -> torch.Tensor:
+        """distill_coef * token mean of the distillation loss (+ SDPG's anchor), over the micro-batch's completion
+        tokens and scaled for gradient accumulation; rows without context (or gated out) contribute zero."""
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        loss_mask = _loss_mask(inputs).float()
+        weights = loss_mask * inputs["rlsd_distill_weight"].unsqueeze(1)
+        selected = weights > 0
+        tokens = loss_mask.sum().clamp(min=1.0)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        (student_hidden, student_head), (teacher_hidden, teacher_head) = student, teacher
+        metrics = {"distill_token_frac": (selected.sum() / tokens).item()}
+        if selected.any():
+            per_token = chunked_token_loss(
+                self.distill_fn,
+                student_hidden[selected].unsqueeze(0),
+                teacher_hidden[selected].unsqueeze(0),
+                _logits_fn(student_head, self.temperature),
+                _logits_fn(teacher_head, self.temperature),
+                chunk_tokens=args.distill_chunk_tokens,
+            ).squeeze(0)
+            distill = (per_token * weights[selected]).sum() / tokens
+            metrics["distill_loss"] = ((per_token.detach() * weights[selected]).sum() / weights[selected].sum()).item()
+        else:  # a differentiable zero keeps every process's backward identical
+            distill = student_hidden.sum() * 0.0
+        term = args.distill_coef * distill
+        if "rlsd_ref_logps" in inputs:
+            penalty = (sdpg_ref_penalty(student_logps, inputs["rlsd_ref_logps"]) * loss_mask).sum() / tokens
+            metrics["ref_penalty"] = penalty.item()
+            term = term + args.sdpg_ref_coef * penalty
+        self._log_across_processes(mode, metrics)
+        return term / accumulation
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
@@ -315,6 +506,58 @@ def _guard_rewards(reward_funcs: Any) -> Any:
         return guard_reward(func)
 
     return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
+
+
+@contextlib.contextmanager
+def _captured_output(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """Collect the last hidden state of every forward of `module` (a backbone) while the context is open, graph
+    included; None captures nothing."""
+    captured: list[torch.Tensor] = []
+    if module is None:
+        yield captured
+        return
+
+    def hook(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body whose output TRL's fused head projects, and the LM head (PEFT wrappers looked through)."""
+    base = model.get_base_model() if _is_peft_model(model) else model
+    return base.base_model, base.get_output_embeddings()
+
+
+def _logits_fn(head: torch.nn.Module, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Hidden states -> float32 logits / temperature through `head`, as TRL's fused head scores them (FSDP2's
+    sharded head is gathered as TRL does)."""
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        return F.linear(hidden.to(weight.dtype), weight, bias).float() / temperature
+
+    return logits
+
+
+def _check_plain_lm_head(model: torch.nn.Module) -> None:
+    """Distillation builds logits as head(h) / temperature; a model that caps or rescales its logits is refused."""
+    config = model.config.get_text_config()
+    rescaling = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    for name in rescaling:
+        value = getattr(config, name, None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"distill_loss needs a plain LM head, but {config.model_type} sets {name}={value}; "
+                "use a token-advantage rule (credit=...) for this model"
+            )
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
