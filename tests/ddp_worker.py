@@ -1,5 +1,6 @@
 """Run by `torchrun --nproc_per_node 2` in test_cli (accelerate's multi-CPU equivalent: it reads torchrun's
-environment and uses gloo): two RLSD steps, one JSON report per rank."""
+environment and uses gloo): two RLSD steps, one JSON report per rank. Mode `family`: one group of four completions
+spans both ranks, the teacher sees the answer and a successful sibling, and a JSD distillation term is trained."""
 
 from __future__ import annotations
 
@@ -21,25 +22,47 @@ def checksum_reward(completions, **kwargs):
     return [float(zlib.crc32(completion_text(c).encode()) % 2) for c in completions]
 
 
+def first_of_rank0_reward(completions, **kwargs):
+    """Only rank 0's first completion succeeds: rank 1's rows must find their sibling on the other process."""
+    rank = torch.distributed.get_rank()
+    return [1.0 if rank == 0 and i == 0 else 0.0 for i in range(len(completions))]
+
+
 def checksum(module) -> float:
     return float(sum(p.detach().double().sum() for p in module.parameters()))
 
 
-def main(model_dir: str, data: str, out: str) -> None:
-    args = RLSDConfig(
-        output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
-        learning_rate=1e-2, teacher="synced", teacher_sync_steps=2, rlsd_lambda_decay_steps=2, use_cpu=True,
-        bf16=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
+    family = mode == "family"
+    extra = dict(privileged_source="both", distill_loss="jsd", per_device_train_batch_size=2) if family else {}
+    args = RLSDConfig(**{
+        **dict(output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+               learning_rate=1e-2, teacher="synced", teacher_sync_steps=2, rlsd_lambda_decay_steps=2, use_cpu=True,
+               bf16=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0),
+        **extra,
+    })  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     initial = checksum(model)
     trainer = RLSDTrainer(
         model,
-        [checksum_reward, resolve_reward("integer_match")],
+        first_of_rank0_reward if family else [checksum_reward, resolve_reward("integer_match")],
         args=args,
         train_dataset=load_rlsd_dataset(data),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
+    contexts: list[dict] = []
+    sibling_completions = trainer._sibling_completions
+
+    def recorded(output, mode):
+        texts, found = sibling_completions(output, mode)
+        own = trainer.processing_class.batch_decode(
+            [ids[m.bool()] for ids, m in zip(output["completion_ids"], output["completion_mask"], strict=True)],
+            skip_special_tokens=True,
+        )
+        contexts.append({"own": own, "siblings": texts, "found": found.tolist()})
+        return texts, found
+
+    trainer._sibling_completions = recorded
     trainer.train()
     history = trainer.state.log_history
     report = {
@@ -49,6 +72,8 @@ def main(model_dir: str, data: str, out: str) -> None:
         "initial_checksum": initial,
         "teacher_checksum": checksum(trainer.teacher.model),
         "policy_checksum": checksum(trainer.model),
+        "contexts": contexts,
+        "distill_loss": [e["rlsd/distill_loss"] for e in history if "rlsd/distill_loss" in e],
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     rank = trainer.accelerator.process_index
@@ -57,4 +82,4 @@ def main(model_dir: str, data: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -60,3 +60,19 @@ def test_bench_study_quick_pairs_every_knob_with_grpo(cache, tmp_path):
     assert study["grpo"]["diff_mean"] == 0.0 and study["grpo"]["diff_ci95"] == [0.0, 0.0]
     assert len(study["rlsd-const"]["scores"]) == 2
     assert "| rlsd-const |" in (out / "study.md").read_text()
+
+
+def test_bench_family_members_run_in_methods_and_cost(cache, tmp_path):
+    """The family's distillation loss and sibling context go through both harnesses like the baselines."""
+    out = tmp_path / "family"
+    argv = ["methods", "--quick", "--seeds", "1", "--methods", "grpo,sdpg,rlsd-sibling", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert bench_main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = {m: [r for r in rows if r.get("method") == m and r["kind"] == "train"] for m in ("sdpg", "rlsd-sibling")}
+    assert all("rlsd/ref_penalty" in r for r in train["sdpg"])
+    assert all("rlsd/no_context_frac" in r for r in train["rlsd-sibling"])
+    argv = ["cost", "--quick", "--configs", "grpo,opsd-jsd", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
+    cost = json.loads((tmp_path / "cost.json").read_text())["results"]
+    assert cost["opsd-jsd"]["step_ratio_to_grpo"] > 0

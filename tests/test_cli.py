@@ -125,3 +125,24 @@ def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir
     # Both ranks hold the same policy, it moved, and the teacher is its copy from the sync at step 2.
     assert reports[0]["policy_checksum"] == reports[1]["policy_checksum"] != reports[0]["initial_checksum"]
     assert reports[0]["teacher_checksum"] == reports[1]["teacher_checksum"] == reports[0]["policy_checksum"]
+
+
+def test_two_processes_share_sibling_contexts_and_the_distillation_term(tmp_path, tiny_model_dir):
+    """One group spans both ranks; only rank 0's first completion succeeds, so every other row's sibling is that
+    completion, also on rank 1; the JSD term trains and both ranks end with the same policy."""
+    data = write_fixture(tmp_path, ".jsonl", GSM8K)
+    out = tmp_path / "ddp-family"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), "family",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    for step0, step1 in zip(rank0["contexts"], rank1["contexts"], strict=True):
+        winner = step0["own"][0]
+        assert step0["found"] == [False, True] and step1["found"] == [True, True]
+        assert step0["siblings"][1] == step1["siblings"][0] == step1["siblings"][1] == winner
+    assert len(rank0["contexts"]) == 2 and rank0["distill_loss"] and rank0["distill_loss"][0] > 0
+    assert rank0["policy_checksum"] == rank1["policy_checksum"] != rank0["initial_checksum"]

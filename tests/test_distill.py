@@ -84,3 +84,27 @@ def test_chunked_loss_equals_unchunked():
     student_h, teacher_h = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
     chunked = chunked_token_loss(generalized_jsd, student_h, teacher_h, head, head, chunk_tokens=3)
     torch.testing.assert_close(chunked, generalized_jsd(head(student_h), head(teacher_h)))
+
+
+def test_chunked_loss_gradient_equals_unchunked_and_never_keeps_full_logits():
+    """Chunks are recomputed in the backward pass: nothing of size (tokens, V) is saved for it."""
+    torch.manual_seed(1)
+    tokens, hidden, vocab, chunk = 40, 8, 1000, 4
+    head = torch.nn.Linear(hidden, vocab, dtype=torch.float64)
+    student_h = torch.randn(1, tokens, hidden, dtype=torch.float64, requires_grad=True)
+    teacher_h = torch.randn(1, tokens, hidden, dtype=torch.float64)
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        chunked = chunked_token_loss(generalized_jsd, student_h, teacher_h, head, head, chunk_tokens=chunk)
+    assert max(saved) < chunk * vocab  # the whole logits would be tokens * vocab = 40000
+    chunked.sum().backward()
+    grad_chunked, head_grad_chunked = student_h.grad.clone(), head.weight.grad.clone()
+    student_h.grad, head.weight.grad = None, None
+    generalized_jsd(head(student_h), head(teacher_h)).sum().backward()
+    torch.testing.assert_close(grad_chunked, student_h.grad)
+    torch.testing.assert_close(head_grad_chunked, head.weight.grad)

@@ -1,7 +1,8 @@
-"""`rlsd bench methods` and `rlsd bench cost`: the evidence behind BENCHMARKS.md.
+"""`rlsd bench methods`, `cost` and `study`: the evidence behind BENCHMARKS.md.
 
-`methods` trains every method over several seeds from one warm start on the embedded task, with the demo's
-protocol, and writes per-seed curves, `curves.png` (mean and spread) and a table. `cost` measures seconds per
+`methods` trains every method (the baselines, or any member of the self-distillation family) over several seeds
+from one warm start on the embedded task, with the demo's protocol, and writes per-seed curves, `curves.png`
+(mean and spread) and a table. `cost` measures seconds per
 optimizer step and peak memory of GRPO, RLSD (live / synced / initial teacher) and TRL's SDPOTrainer on the same
 model, data and batch, each configuration in its own process, and splits RLSD's step into generation, teacher
 pass and the rest (scoring and update).
@@ -22,19 +23,43 @@ from pathlib import Path
 from typing import Any
 
 from rlsd.demo import DemoConfig, _jsonable, budget_kwargs, quick_config, train_method
-from rlsd.task import accuracy_reward, sample_problems
+from rlsd.task import SIBLING_TEMPLATE, accuracy_reward, sample_problems
 from rlsd.warmstart import warm_start
 
 BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo")
-COST_CONFIGS = {
+_FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
+_SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
+FAMILY_METHODS: dict[str, dict[str, Any]] = {
+    "rlrt": {"credit": "rlrt", "teacher": "synced"},
+    "antisd": {"credit": "antisd", "teacher": "synced"},
+    "egrsd": {"credit": "egrsd", "teacher": "synced"},
+    "cl-egrsd": {"credit": "cl-egrsd", "teacher": "synced"},
+    "sod": {"credit": "sod", "teacher": "synced"},
+    "uni-opd": {"credit": "uni-opd", "teacher": "synced"},
+    "gear": {"credit": "gear", "teacher": "synced"},
+    "opsd-jsd": {**_FULL_OPSD, "distill_loss": "jsd"},
+    "opsd-topk": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16},
+    "opsd-teacher-top1": {**_FULL_OPSD, "distill_loss": "teacher_top1"},
+    "opsd-student-top1": {**_FULL_OPSD, "distill_loss": "student_top1"},
+    "sdpg": {"credit": "grpo", "distill_loss": "sdpg", "teacher": "live"},
+    "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
+    "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
+}
+"""The self-distillation family on the demo's protocol: the 2026 credit rules with RLSD's synced teacher; full OPSD
+(no reward, teacher frozen at the warm start, lr 10x like `opsd`) with each distillation loss; SDPG with its live
+teacher and paper weights; and the sibling context: RLSD shown a successful sibling instead of the answer, and an
+SDPO-style run (top-k JSD from a sibling-conditioned EMA teacher, no policy gradient). top-k is 16 of the tiny
+model's 263 tokens (the papers' 100 would be most of this vocabulary)."""
+COST_CONFIGS: dict[str, dict[str, Any] | None] = {
     "grpo": {"credit": "grpo"},
     "rlsd-live": {"credit": "rlsd", "teacher": "live"},
     "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},
     "rlsd-initial": {"credit": "rlsd", "teacher": "initial"},
     "rlsd-decayed": {"credit": "rlsd", "teacher": "live", "rlsd_lambda": 0.0},
     "sdpo": None,
+    **FAMILY_METHODS,
 }
-"""Cost configurations; `rlsd-decayed` is RLSD after lam has reached 0 (no teacher pass)."""
+"""Cost configurations (the family's included); `rlsd-decayed` is RLSD after lam has reached 0 (no teacher pass)."""
 STUDY_CONFIGS = {
     "grpo": {"credit": "grpo"},
     "rlsd": {"credit": "rlsd", "teacher": "synced"},
@@ -70,6 +95,8 @@ def sdpo_builder(config: DemoConfig):
 
 def run_methods(config: DemoConfig, methods: tuple[str, ...], seeds: list[int], progress: bool) -> dict[str, Any]:
     """Every (method, seed) from the same warm start; returns per-run summaries and writes the files."""
+    family = {m: FAMILY_METHODS[m] for m in methods if m in FAMILY_METHODS}
+    config = replace(config, method_overrides={**family, **config.method_overrides})
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -184,7 +211,8 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
     from rlsd.report import COLORS, save_pass_and_leakage
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for method in methods:
+    palette = plt.get_cmap("tab20")
+    for index, method in enumerate(methods):
         for ax, key in zip(axes, ("pass_at_1", "leakage_rate"), strict=True):
             by_step: dict[int, list[float]] = {}
             for r in rows:
@@ -194,7 +222,7 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
                 continue
             steps = sorted(by_step)
             mean = [statistics.mean(by_step[s]) for s in steps]
-            color = COLORS.get(method, "#555555")
+            color = COLORS.get(method, palette(index % 20))
             ax.plot(steps, mean, label=method, color=color)
             ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15,
                             color=color)  # fmt: skip
@@ -278,10 +306,9 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     if COST_CONFIGS[name] is None:
         trainer = sdpo_builder(run_config)(model, tokenizer, dataset, [])
     else:
-        args = _trainer_args(run_config, "grpo")
-        for key, value in COST_CONFIGS[name].items():
-            setattr(args, key, value)
-        args.rlsd_lambda_decay_steps = 0  # constant lam: every measured step pays the full cost
+        # constant lam: every measured step pays the full cost
+        overrides = {**COST_CONFIGS[name], "rlsd_lambda_decay_steps": 0}
+        args = _trainer_args(replace(run_config, method_overrides={name: overrides}), name)
         trainer = RLSDTrainer(model, accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     timers = {"generation": [], "teacher": []}
@@ -386,7 +413,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     methods = sub.add_parser("methods", help="method comparison over seeds on the embedded task",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    methods.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated methods")
+    family = ", ".join(FAMILY_METHODS)
+    methods.add_argument("--methods", default=",".join(BENCH_METHODS), help=f"comma-separated; family: {family}")
     methods.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     methods.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
     methods.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
@@ -431,9 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     config = _base_config(args.quick, args.out)
     if args.command == "methods":
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in methods if m not in BENCH_METHODS]
+        known = (*BENCH_METHODS, *FAMILY_METHODS)
+        unknown = [m for m in methods if m not in known]
         if unknown:
-            raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(BENCH_METHODS)}")
+            raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         started = time.perf_counter()
         result = run_methods(config, methods, list(range(args.seeds)), progress=not args.no_progress)

@@ -54,7 +54,7 @@ class DemoConfig:
     prompts_per_step: int = 4
     num_generations: int = 8
     learning_rate: float = 2e-5
-    opsd_lr_multiplier: float = 10.0  # the paper trains OPSD at 10x GRPO's learning rate (section 3.1)
+    opsd_lr_multiplier: float = 10.0  # the paper trains OPSD (every `opsd*` method) at 10x GRPO's lr (section 3.1)
     warmup_steps: int = 10
     max_completion_length: int = 48
     train_size: int = 2000
@@ -242,7 +242,7 @@ def budget_kwargs(config: DemoConfig, method: str) -> dict[str, Any]:
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         max_steps=config.steps,
-        learning_rate=config.learning_rate * (config.opsd_lr_multiplier if method == "opsd" else 1.0),
+        learning_rate=config.learning_rate * (config.opsd_lr_multiplier if method.startswith("opsd") else 1.0),
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=config.warmup_steps,
         temperature=1.0,

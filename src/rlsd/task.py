@@ -19,6 +19,8 @@ from datasets import Dataset
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 TEACHER_TEMPLATE = "[ref {answer}] {prompt}"
 """Plain-text teacher template of the embedded task: the reference answer in front of the student's prompt."""
+SIBLING_TEMPLATE = "[ref {sibling}] {prompt}"
+"""The same slot showing a successful sibling completion instead of the answer (`privileged_source="sibling"`)."""
 HINT_PREFIX = "ref="
 """What a solution that cites the hint writes first inside `<think>`."""
 

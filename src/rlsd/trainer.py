@@ -224,7 +224,7 @@ class RLSDTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         logps, _, _ = self._get_per_token_logps_and_entropies(
             self.model, input_ids, attention_mask, output["completion_ids"].size(1),
-            batch_size=self.args.per_device_train_batch_size,
+            batch_size=self._scoring_batch_size(),
         )  # fmt: skip
         return logps
 
@@ -238,8 +238,9 @@ class RLSDTrainer(GRPOTrainer):
             siblings, found = self._sibling_completions(output, mode)
             if not self.shows_answer:
                 has_context = found
-            self._log_across_processes(mode, {"no_sibling_count": float((~found).sum())})
-        self._log_across_processes(mode, {"no_context_frac": 1.0 - has_context.float().mean().item()})
+            no_context = 1.0 - has_context.float().mean().item()
+            missing = float((~found).sum())
+            self._log_across_processes(mode, {"no_sibling_count": missing, "no_context_frac": no_context})
         teacher_prompts = render_teacher_prompts(
             [row["prompt"] for row in inputs], self.args.teacher_template, answers=answers, siblings=siblings
         )
