@@ -27,6 +27,18 @@ def test_bench_methods_quick(cache, tmp_path):
     assert (out / "curves.png").stat().st_size > 0 and "| rlsd |" in (out / "table.md").read_text()
 
 
+def test_bench_methods_resume_adds_seeds_and_keeps_finished_runs(cache, tmp_path):
+    out = tmp_path / "methods"
+    base = ["methods", "--quick", "--methods", "grpo", "--out", str(out), "--no-progress"]
+    assert bench_main([*base, "--seeds", "1"]) == 0
+    first = (out / "metrics.jsonl").read_text()
+    assert bench_main([*base, "--seeds", "2", "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "metrics.jsonl").read_text().startswith(first)  # seed 0 kept as it was, not trained again
+    assert sorted({r["seed"] for r in rows}) == [0, 1]
+    assert json.loads((out / "results.json").read_text())["table"]["grpo"]["seeds"] == 2
+
+
 def test_methods_table_reach_step_and_spread():
     rows = [
         {"kind": "eval", "method": m, "seed": s, "step": step, "pass_at_1": v, "leakage_rate": 0.0, "mean_length": 9}

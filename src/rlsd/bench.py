@@ -93,14 +93,18 @@ def sdpo_builder(config: DemoConfig):
     return build
 
 
-def run_methods(config: DemoConfig, methods: tuple[str, ...], seeds: list[int], progress: bool) -> dict[str, Any]:
-    """Every (method, seed) from the same warm start; returns per-run summaries and writes the files."""
+def run_methods(
+    config: DemoConfig, methods: tuple[str, ...], seeds: list[int], progress: bool, resume: bool = False
+) -> dict[str, Any]:
+    """Every (method, seed) from the same warm start; returns per-run summaries and writes the files. With `resume`,
+    runs already complete in the output folder (final evaluation written) are kept and not trained again."""
     family = {m: FAMILY_METHODS[m] for m in methods if m in FAMILY_METHODS}
     config = replace(config, method_overrides={**family, **config.method_overrides})
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    kept, runs = _completed_runs(out, config.steps) if resume else ([], {})
+    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     warm_path = warm_start(config.warm, progress=progress)
     eval_problems = sample_problems(config.warm.task, config.eval_size, seed=10_000, split="test")
 
@@ -108,9 +112,10 @@ def run_methods(config: DemoConfig, methods: tuple[str, ...], seeds: list[int], 
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    runs: dict[str, dict[str, Any]] = {}
     for seed in seeds:
         for method in methods:
+            if f"{method}/{seed}" in runs:
+                continue
             seeded = replace(config, seed=seed)
             builder = sdpo_builder(seeded) if method == "sdpo" else None
             _, summary = train_method(
@@ -118,12 +123,28 @@ def run_methods(config: DemoConfig, methods: tuple[str, ...], seeds: list[int], 
             )
             runs[f"{method}/{seed}"] = summary
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    wanted = {f"{method}/{seed}" for method in methods for seed in seeds}
+    rows = [r for r in rows if f"{r.get('method')}/{r.get('seed')}" in wanted]
+    runs = {key: value for key, value in runs.items() if key in wanted}
     table = methods_table(rows, methods, config.steps)
     result = {"config": _jsonable(asdict(config)), "seeds": seeds, "runs": runs, "table": table}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "table.md").write_text(render_methods_table(table))
     plot_methods(rows, methods, out / "curves.png")
     return result
+
+
+def _completed_runs(out: Path, steps: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The metric rows and summaries of the runs in `out` that reached their final evaluation at `steps`."""
+    metrics_path, results_path = out / "metrics.jsonl", out / "results.json"
+    if not metrics_path.exists() or not results_path.exists():
+        return [], {}
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    finished = {(r["method"], r["seed"]) for r in rows if r["kind"] == "eval" and r["step"] == steps}
+    summaries = json.loads(results_path.read_text())["runs"]
+    done = {f"{m}/{s}" for m, s in finished} & set(summaries)
+    kept = [r for r in rows if f"{r.get('method')}/{r.get('seed')}" in done]
+    return kept, {key: summaries[key] for key in done}
 
 
 def methods_table(rows: list[dict[str, Any]], methods: tuple[str, ...], steps: int) -> dict[str, dict[str, Any]]:
@@ -311,10 +332,14 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
         args = _trainer_args(replace(run_config, method_overrides={name: overrides}), name)
         trainer = RLSDTrainer(model, accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
-    timers = {"generation": [], "teacher": []}
+    # the teacher's share of a step: its prompt (rendering, tokenization), the rollout-time pass of the credit rules
+    # and the loss-time pass of the distillation losses
+    teacher_parts = ("_teacher_context", "_teacher_logps", "_teacher_hidden")
+    timers: dict[str, list[float]] = {"generation": [], **{part: [] for part in teacher_parts}}
     _time_method(trainer, "_generate", timers["generation"])
     if hasattr(trainer, "_teacher_logps"):
-        _time_method(trainer, "_teacher_logps", timers["teacher"])
+        for part in teacher_parts:
+            _time_method(trainer, part, timers[part])
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -331,8 +356,13 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     trainer.train()
     measured = slice(warmup, total)
     step = timer.seconds[measured]
-    generation = timers["generation"][measured] if timers["generation"] else [0.0] * len(step)
-    teacher = timers["teacher"][measured] if len(timers["teacher"]) >= total else [0.0] * len(step)
+
+    def per_step(seconds: list[float]) -> list[float]:
+        """One entry per optimizer step (one micro-batch per step here), zeros when never called."""
+        return seconds[measured] if len(seconds) >= total else [0.0] * len(step)
+
+    generation = per_step(timers["generation"])
+    teacher = [sum(parts) for parts in zip(*(per_step(timers[part]) for part in teacher_parts), strict=True)]
     return {
         "name": name,
         "step_s_median": statistics.median(step),
@@ -421,6 +451,7 @@ def make_parser() -> argparse.ArgumentParser:
     methods.add_argument("--out", type=Path, default=Path("benchmarks/methods"), help="output folder")
     methods.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
     methods.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    methods.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
     cost = sub.add_parser("cost", help="seconds per step and peak memory against GRPO",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     cost.add_argument("--configs", default=",".join(COST_CONFIGS), help="comma-separated configurations")
@@ -465,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         started = time.perf_counter()
-        result = run_methods(config, methods, list(range(args.seeds)), progress=not args.no_progress)
+        result = run_methods(
+            config, methods, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume
+        )
         print(render_methods_table(result["table"]))
         print(f"wall time {time.perf_counter() - started:.0f} s; wrote {args.out}/")
         return 0

@@ -416,7 +416,7 @@ class RLSDTrainer(GRPOTrainer):
         return logps, entropies, aux_loss
 
     @torch.no_grad()
-    def _teacher_hidden(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    def _teacher_hidden(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.nn.Module]:
         """The teacher's last hidden states at the completion positions, (B, T, H), and its LM head: a no-grad
         forward on [teacher prompt ; completion] with the teacher's current weights."""
         completion_ids = inputs["completion_ids"]
@@ -451,7 +451,8 @@ class RLSDTrainer(GRPOTrainer):
         tokens = loss_mask.sum().clamp(min=1.0)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         (student_hidden, student_head), (teacher_hidden, teacher_head) = student, teacher
-        metrics = {"distill_token_frac": (selected.sum() / tokens).item()}
+        # the same keys on every process (NaN where nothing was distilled): metrics are gathered
+        metrics = {"distill_token_frac": (selected.sum() / tokens).item(), "distill_loss": math.nan}
         if selected.any():
             per_token = chunked_token_loss(
                 self.distill_fn,
