@@ -72,6 +72,7 @@ class RLSDConfig(GRPOConfig):
             `"teacher_top1"` (cross-entropy to argmax p_T), `"student_top1"` (reverse KL on argmax p_S) or `"sdpg"`
             (KL(p_S || sg p_T) over the full vocabulary plus `sdpg_ref_coef` * 0.5 (log pi / pi_ref)^2 on sampled
             tokens, arXiv 2606.04036). The term is the token mean over the micro-batch's completion tokens.
+            Runs under DDP, FSDP2 and ZeRO-2; ZeRO-3 is refused.
         distill_coef (`float` or `None`, *optional*, defaults to `None`):
             Weight of the distillation term; `None` means 0.001 for `"sdpg"` (the paper's beta) and 1.0 otherwise.
         distill_jsd_beta (`float`, *optional*, defaults to `0.5`):

@@ -109,6 +109,11 @@ class RLSDTrainer(GRPOTrainer):
         self.reference: SelfTeacher | None = None
         if self.distill_fn is not None:
             _check_plain_lm_head(self.accelerator.unwrap_model(self.model))
+            if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise NotImplementedError(
+                    "distill_loss projects the captured hidden states through the LM head after the forward, which "
+                    "ZeRO-3 has re-partitioned; use FSDP2 or ZeRO-2, or a token-advantage rule (credit=...)"
+                )
             if args.distill_loss == "sdpg" and args.sdpg_ref_coef > 0:  # SDPG's anchor to the initial model
                 policy = self.accelerator.unwrap_model(self.model)
                 self.reference = SelfTeacher(
