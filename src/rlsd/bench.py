@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsd.demo import DemoConfig, _jsonable, budget_kwargs, quick_config, train_method
-from rlsd.task import SIBLING_TEMPLATE, accuracy_reward, sample_problems
+from rlsd.task import SIBLING_TEMPLATE, accuracy_reward, evaluation_problems
 from rlsd.warmstart import warm_start
 
 BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo")
@@ -106,7 +106,7 @@ def run_methods(
     kept, runs = _completed_runs(out, config.steps) if resume else ([], {})
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     warm_path = warm_start(config.warm, progress=progress)
-    eval_problems = sample_problems(config.warm.task, config.eval_size, seed=10_000, split="test")
+    eval_problems = evaluation_problems(config.warm.task, config.eval_size, config.eval_set)
 
     def record(row: dict[str, Any]) -> None:
         with metrics_path.open("a") as f:

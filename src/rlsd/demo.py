@@ -25,9 +25,9 @@ from rlsd.task import (
     TEACHER_TEMPLATE,
     TaskConfig,
     accuracy_reward,
+    evaluation_problems,
     leakage_rate,
     make_rl_dataset,
-    sample_problems,
     teacher_prompt,
 )
 from rlsd.trainer import RLSDTrainer
@@ -47,15 +47,18 @@ class DemoConfig:
     """One comparison: the same warm start, budget and seed for every method."""
 
     methods: tuple[str, ...] = ("grpo", "rlsd", "opsd")
-    steps: int = 120
+    steps: int = 150
     seed: int = 0
     eval_every: int = 10
-    eval_size: int = 200
+    eval_size: int = 500  # the first `eval_size` problems of the fixed held-out set (at most 500)
+    eval_set: str = "heldout"  # "pilot": a disjoint set, for choosing a regime without touching the held-out one
+    sample_k: int = 8  # samples per problem (T = 1) for sampled pass@1 and pass@k at the start and end; 0 skips
     prompts_per_step: int = 4
     num_generations: int = 8
-    learning_rate: float = 2e-5
-    opsd_lr_multiplier: float = 10.0  # the paper trains OPSD (every `opsd*` method) at 10x GRPO's lr (section 3.1)
-    warmup_steps: int = 10
+    learning_rate: float = 5e-5
+    opsd_lr_multiplier: float = 1.0  # the paper trains OPSD at 10x GRPO's lr; the bench has that variant
+    warmup_steps: int = 0
+    lambda_decay_steps: int = 50  # RLSD's lam decays from 0.5 to 0 over this many steps (the paper's 50)
     max_completion_length: int = 48
     train_size: int = 2000
     out: Path = Path("runs/demo")
@@ -85,6 +88,8 @@ def quick_config(out: Path, seed: int = 0) -> DemoConfig:
         steps=4,
         eval_every=2,
         eval_size=24,
+        sample_k=2,
+        lambda_decay_steps=4,
         train_size=64,
         max_completion_length=24,
         warmup_steps=0,
@@ -125,7 +130,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     warm_path = warm_start(config.warm, progress=progress)
     warm_seconds = time.perf_counter() - start
-    eval_problems = sample_problems(config.warm.task, config.eval_size, seed=10_000 + config.seed, split="test")
+    eval_problems = evaluation_problems(config.warm.task, config.eval_size, config.eval_set)
 
     def record(row: dict[str, Any]) -> None:
         with metrics_path.open("a") as f:
@@ -168,6 +173,7 @@ def train_method(
 
     evals = [{"step": 0, **evaluate(model)}]
     record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
+    sampled = [_sampled_eval(model, tokenizer, eval_problems, config, step=0)] if config.sample_k else []
 
     def on_record(row: dict[str, Any]) -> None:
         if row["kind"] == "eval":
@@ -192,6 +198,11 @@ def train_method(
     with tqdm(total=config.steps, desc=f"{method} (seed {config.seed})", disable=not progress) as bar:
         trainer.add_callback(_Bar(bar))
         trainer.train()
+    if config.sample_k:
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        sampled.append(_sampled_eval(policy, tokenizer, eval_problems, config, step=config.steps))
+        for row in sampled:
+            record({"kind": "sampled", "method": method, "seed": config.seed, **row})
     peak = max(evals, key=lambda row: row["pass_at_1"])
     return trainer, {
         "initial_pass_at_1": evals[0]["pass_at_1"],
@@ -227,7 +238,7 @@ def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
             "beta": 0.0,
             "loss_type": "dapo",
             "teacher_template": TEACHER_TEMPLATE,
-            "rlsd_lambda_decay_steps": config.steps,
+            "rlsd_lambda_decay_steps": config.lambda_decay_steps,
             **METHODS.get(method, {}),
             **config.method_overrides.get(method, {}),
         }
@@ -261,13 +272,36 @@ def budget_kwargs(config: DemoConfig, method: str) -> dict[str, Any]:
 def evaluate_heldout(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems, max_new_tokens: int
 ) -> dict[str, float]:
-    """Greedy pass@1 on the held-out problems and the share of those completions that cite a hint."""
+    """Greedy pass@1 on the held-out problems, the share of completions that cite a hint, and the per-problem
+    outcomes as a string of 0/1 in problem order (for problem-by-problem comparisons)."""
     completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens)
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
     return {
         "pass_at_1": sum(rewards) / len(rewards),
         "leakage_rate": leakage_rate(completions),
         "mean_length": statistics.mean(len(tokenizer(c)["input_ids"]) for c in completions),
+        "correct": "".join(str(int(r)) for r in rewards),
+    }
+
+
+def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int) -> dict[str, Any]:
+    """Sampled pass@1 and pass@k at T = 1 (`k = sample_k` completions per problem) with the per-problem count of
+    correct samples; the random state is forked and seeded so training is unaffected and runs are comparable."""
+    k = config.sample_k
+    prompts = [p.prompt for p in problems for _ in range(k)]
+    with torch.random.fork_rng():
+        torch.manual_seed(1_000 + config.seed)
+        completions = generate(
+            model, tokenizer, prompts, max_new_tokens=config.max_completion_length, do_sample=True, batch_size=512
+        )
+    rewards = accuracy_reward(completions, [str(p.answer) for p in problems for _ in range(k)])
+    counts = [int(sum(rewards[i * k : (i + 1) * k])) for i in range(len(problems))]
+    return {
+        "step": step,
+        "k": k,
+        "sampled_pass_at_1": sum(counts) / (k * len(counts)),
+        "sampled_pass_at_k": sum(c > 0 for c in counts) / len(counts),
+        "correct_counts": "".join(str(c) for c in counts) if k < 10 else counts,
     }
 
 

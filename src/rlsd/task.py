@@ -1,9 +1,11 @@
 """The embedded verifiable task: multi-step integer arithmetic with a short chain of thought.
 
-A problem is `Q: 8*8+2-1=`; it is evaluated left to right, one step per operator, and its solution is
-`<think>8*8=64;64+2=66;66-1=65</think><answer>65</answer>`. The teacher's prompt also shows the reference answer,
-and a share of the teacher-format warm-start solutions cite it (`ref=65;` before the steps), so that a student
-which writes `ref=` without ever having seen a reference shows the leakage of the paper's Figure 2.
+A problem is `Q: 3+4*5-2=`. Under the default `products-first` semantics the products are worked out first
+(never two `*` in a row, multiplier 2-9), then the rest left to right, one step per operator:
+`<think>4*5=20;3+20=23;23-2=21</think><answer>21</answer>`. Under `left-to-right` (version 0.1's task) every
+operator is applied in order, so products chain and may multiply a multi-digit intermediate. The teacher's prompt
+also shows the reference answer, and a share of the teacher-format warm-start solutions cite it (`ref=21;` before
+the steps), so that a student which writes `ref=` without ever having seen a reference shows the paper's leakage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 from datasets import Dataset
 
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+SEMANTICS = ("products-first", "left-to-right")
+"""How a problem is evaluated: products first (the default), or strictly left to right (version 0.1's task)."""
 TEACHER_TEMPLATE = "[ref {answer}] {prompt}"
 """Plain-text teacher template of the embedded task: the reference answer in front of the student's prompt."""
 SIBLING_TEMPLATE = "[ref {sibling}] {prompt}"
@@ -37,6 +41,7 @@ class TaskConfig:
     operand_digits: int = 1
     operators: str = "+-*"
     heldout_percent: int = 10  # share of all problems that belong to the held-out split, by hash
+    semantics: str = "products-first"  # or "left-to-right": every operator in order, products may chain
 
     def __post_init__(self) -> None:
         if self.num_operands < 2:
@@ -48,6 +53,8 @@ class TaskConfig:
             raise ValueError(f"operators must be drawn from '+-*', got {self.operators!r}")
         if not 0 < self.heldout_percent < 100:
             raise ValueError(f"heldout_percent must lie in (0, 100), got {self.heldout_percent}")
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +66,7 @@ class Problem:
 
     operands: tuple[int, ...]
     operators: tuple[str, ...]
+    semantics: str = "products-first"
 
     @property
     def prompt(self) -> str:
@@ -69,9 +77,16 @@ class Problem:
 
     @property
     def steps(self) -> list[str]:
-        """`a op b = c` for each operator, left to right."""
-        steps, value = [], self.operands[0]
-        for op, operand in zip(self.operators, self.operands[1:], strict=True):
+        """`a op b = c` for each operator: with `products-first`, every product, then the rest left to right."""
+        operands, operators, steps = list(self.operands), list(self.operators), []
+        if self.semantics == "products-first":
+            while "*" in operators:
+                i = operators.index("*")
+                product = operands[i] * operands[i + 1]
+                steps.append(f"{operands[i]}*{operands[i + 1]}={product}")
+                operands[i : i + 2], operators[i : i + 1] = [product], []
+        value = operands[0]
+        for op, operand in zip(operators, operands[1:], strict=True):
             result = OPERATORS[op](value, operand)
             steps.append(f"{value}{op}{operand}={result}")
             value = result
@@ -110,13 +125,45 @@ def sample_problems(config: TaskConfig, count: int, seed: int, split: str) -> li
         attempts += 1
         if attempts > 50 * count + 10_000:
             raise ValueError(f"could not draw {count} distinct {split} problems from {config}")
-        problem = Problem(
-            operands=tuple(rng.randint(low, high) for _ in range(config.num_operands)),
-            operators=tuple(rng.choice(config.operators) for _ in range(config.num_operands - 1)),
-        )
+        problem = _draw_problem(rng, config, low, high)
         if is_heldout(problem, config) == (split == "test"):
             problems.setdefault(problem.prompt, problem)
     return list(problems.values())
+
+
+def _draw_problem(rng: random.Random, config: TaskConfig, low: int, high: int) -> Problem:
+    """Uniform operands and operators; under `products-first`, no two `*` in a row and every multiplier in 2-9."""
+    operators: list[str] = []
+    for _ in range(config.num_operands - 1):
+        allowed = config.operators
+        if config.semantics == "products-first" and operators[-1:] == ["*"] and set(allowed) - {"*"}:
+            allowed = allowed.replace("*", "")
+        operators.append(rng.choice(allowed))
+    operands = [rng.randint(low, high) for _ in range(config.num_operands)]
+    if config.semantics == "products-first":
+        operands = [rng.randint(2, 9) if i > 0 and operators[i - 1] == "*" else v for i, v in enumerate(operands)]
+    return Problem(operands=tuple(operands), operators=tuple(operators), semantics=config.semantics)
+
+
+HELDOUT_SIZE = 500
+"""Size of the fixed held-out evaluation set every reported number is measured on."""
+PILOT_SIZE = 200
+"""Size of the pilot evaluation set used to choose a regime; disjoint from the held-out set."""
+
+
+def evaluation_problems(config: TaskConfig, count: int, purpose: str = "heldout") -> list[Problem]:
+    """The first `count` problems of the fixed held-out set, or of the pilot set (test split, never in the held-out
+    set), so that choosing a regime on the pilot set leaves the held-out numbers untouched."""
+    heldout = sample_problems(config, HELDOUT_SIZE, seed=10_000, split="test")
+    if purpose == "heldout":
+        if count > HELDOUT_SIZE:
+            raise ValueError(f"the held-out set has {HELDOUT_SIZE} problems, {count} requested")
+        return heldout[:count]
+    if purpose != "pilot":
+        raise ValueError(f"purpose must be 'heldout' or 'pilot', got {purpose!r}")
+    taken = {p.prompt for p in heldout}
+    pool = sample_problems(config, count + HELDOUT_SIZE, seed=20_000, split="test")
+    return [p for p in pool if p.prompt not in taken][:count]
 
 
 def make_rl_dataset(config: TaskConfig, count: int, seed: int, split: str = "train") -> Dataset:

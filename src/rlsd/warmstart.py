@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlsd.task import Problem, TaskConfig, accuracy_reward, sample_problems, teacher_prompt
 from rlsd.tiny import build_char_tokenizer, build_tiny_qwen2
 
-WARMSTART_FORMAT_VERSION = 2
+WARMSTART_FORMAT_VERSION = 3
 """Bump when the warm-start recipe changes in a way its configuration does not capture."""
 
 
@@ -39,10 +39,16 @@ class WarmStartConfig:
     steps: int = 250
     batch_size: int = 64
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # after `warmup_steps` linear warm-up: "cosine" (decay to 10%) or "constant"
+    warmup_steps: int = 20
     teacher_share: float = 0.5  # share of examples in the teacher format
     hint_share: float = 0.5  # share of teacher-format solutions that cite the hint
     train_pool: int = 20_000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
 
     def key(self) -> str:
         payload = json.dumps({"version": WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -94,7 +100,7 @@ def train_warm_start(
     bar = tqdm(range(config.steps), desc="warm start", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * _lr_factor(step, config.steps)
+            group["lr"] = config.learning_rate * _lr_factor(step, config)
         examples = [_example(rng.choice(pool), rng, config) for _ in range(config.batch_size)]
         input_ids, attention_mask, labels = _collate(examples, tokenizer)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
@@ -107,11 +113,13 @@ def train_warm_start(
     return model, tokenizer, time.perf_counter() - start
 
 
-def _lr_factor(step: int, total: int, warmup: int = 20) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+def _lr_factor(step: int, config: WarmStartConfig) -> float:
+    """Linear warm-up, then constant, or cosine decay to 10% of the peak."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
