@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 
 from rlsd.task import (
@@ -17,7 +20,7 @@ from rlsd.tiny import build_char_tokenizer
 
 
 def test_problem_format_and_left_to_right_chain():
-    problem = sample_problems(TaskConfig(), 1, seed=0, split="train")[0]
+    problem = sample_problems(TaskConfig(semantics="left-to-right"), 1, seed=0, split="train")[0]
     a = problem.operands[0]
     assert problem.prompt.startswith("Q: ") and problem.prompt.endswith("=")
     text = problem.solution()
@@ -39,6 +42,47 @@ def test_hand_written_problem():
     assert problem.solution() == "<think>8*8=64;64+2=66;66-1=65</think><answer>65</answer>"
     assert problem.solution(cite_hint=True) == "<think>ref=65;8*8=64;64+2=66;66-1=65</think><answer>65</answer>"
     assert teacher_prompt(problem) == "[ref 65] Q: 8*8+2-1="
+
+
+def test_products_first_by_hand():
+    from rlsd.task import Problem
+
+    problem = Problem(operands=(3, 4, 5, 2), operators=("+", "*", "-"))
+    assert problem.steps == ["4*5=20", "3+20=23", "23-2=21"] and problem.answer == 21
+    assert Problem(operands=(3, 4, 5, 2), operators=("+", "*", "-"), semantics="left-to-right").answer == 33
+    assert Problem(operands=(2, 3, 4, 5), operators=("*", "+", "*")).steps == ["2*3=6", "4*5=20", "6+20=26"]
+
+
+def test_products_first_draws_single_products_with_multiplier_2_to_9():
+    problems = sample_problems(TaskConfig(), 2000, seed=0, split="train")
+    for problem in problems:
+        ops, operands = problem.operators, problem.operands
+        assert all(not (a == "*" and b == "*") for a, b in zip(ops, ops[1:], strict=False)), problem.prompt
+        assert all(2 <= operands[i + 1] <= 9 for i, op in enumerate(ops) if op == "*"), problem.prompt
+        assert problem.answer == _sum_of_products(problem.prompt[3:-1])
+    assert sum("*" in p.operators for p in problems) > 500
+
+
+def _sum_of_products(expression: str) -> int:
+    """An independent oracle: split into signed terms at + and -, multiply each term's factors, add the terms."""
+    total = 0
+    for term in re.findall(r"[+-]?[^+-]+", expression):
+        sign, factors = (-1, term[1:]) if term[0] == "-" else (1, term.lstrip("+"))
+        total += sign * math.prod(int(f) for f in factors.split("*"))
+    return total
+
+
+def test_evaluation_sets_are_fixed_and_the_pilot_set_is_disjoint_from_the_heldout_set():
+    from rlsd.task import HELDOUT_SIZE, evaluation_problems
+
+    heldout = evaluation_problems(TaskConfig(), HELDOUT_SIZE)
+    assert [p.prompt for p in evaluation_problems(TaskConfig(), 200)] == [p.prompt for p in heldout[:200]]
+    pilot = evaluation_problems(TaskConfig(), 200, "pilot")
+    assert len(pilot) == 200 and not {p.prompt for p in pilot} & {p.prompt for p in heldout}
+    train = {p.prompt for p in sample_problems(TaskConfig(), 5000, seed=0, split="train")}
+    assert not train & {p.prompt for p in heldout + pilot}
+    with pytest.raises(ValueError, match="purpose"):
+        evaluation_problems(TaskConfig(), 10, "final")
 
 
 def test_generator_is_deterministic_and_seed_dependent():
@@ -131,3 +175,5 @@ def test_bad_task_configs_are_refused():
         TaskConfig(operators="/")
     with pytest.raises(ValueError, match="num_operands"):
         TaskConfig(num_operands=1)
+    with pytest.raises(ValueError, match="semantics"):
+        TaskConfig(semantics="right-to-left")

@@ -27,8 +27,9 @@ PILOTS: dict[str, tuple[WarmStartConfig, dict]] = {
     "p4-hint0.2-ws450-lr1e-4": (WarmStartConfig(**_WARM, hint_share=0.2), {"learning_rate": 1e-4}),
 }
 """The pre-registered pilots, in the order they are tried (BENCHMARKS.md, section 0)."""
-PILOT_PROTOCOL = dict(steps=150, eval_every=25, eval_size=200, eval_set="pilot", sample_k=0, learning_rate=5e-5,
-                      warmup_steps=0, opsd_lr_multiplier=1.0, lambda_decay_steps=50)  # fmt: skip
+PILOT_PROTOCOL = dict(steps=150, eval_every=25, eval_size=200, eval_set="pilot", sample_k=0, diagnostics_size=0,
+                      learning_rate=5e-5,
+                      warmup_steps=0, lambda_decay_steps=50)  # fmt: skip
 
 
 def main(name: str, methods: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""`rlsd bench methods`, `cost` and `study`: the evidence behind BENCHMARKS.md.
+"""`rlsd bench methods`, `cost`, `study` and `report`: the evidence behind BENCHMARKS.md.
 
 `methods` trains every method (the baselines, or any member of the self-distillation family) over several seeds
 from one warm start on the embedded task, with the demo's protocol, and writes per-seed curves, `curves.png`
@@ -26,7 +26,13 @@ from rlsd.demo import DemoConfig, _jsonable, budget_kwargs, quick_config, train_
 from rlsd.task import SIBLING_TEMPLATE, accuracy_reward, evaluation_problems
 from rlsd.warmstart import warm_start
 
-BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo")
+BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo", "opsd-10x", "grpo-10x")
+LR_VARIANTS: dict[str, dict[str, Any]] = {
+    "opsd-10x": {"credit": "opsd", "teacher": "initial", "lr_multiplier": 10.0},
+    "grpo-10x": {"credit": "grpo", "lr_multiplier": 10.0},
+}
+"""OPSD at the paper's 10x learning rate, next to GRPO at 10x as the control: separates "leakage collapses OPSD"
+from "a 10x learning rate collapses anything"."""
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
 _SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
 FAMILY_METHODS: dict[str, dict[str, Any]] = {
@@ -46,7 +52,7 @@ FAMILY_METHODS: dict[str, dict[str, Any]] = {
     "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
 }
 """The self-distillation family on the demo's protocol: the 2026 credit rules with RLSD's synced teacher; full OPSD
-(no reward, teacher frozen at the warm start, lr 10x like `opsd`) with each distillation loss; SDPG with its live
+(no reward, teacher frozen at the warm start, GRPO's lr like `opsd`) with each distillation loss; SDPG with its live
 teacher and paper weights; and the sibling context: RLSD shown a successful sibling instead of the answer, and an
 SDPO-style run (top-k JSD from a sibling-conditioned EMA teacher, no policy gradient). top-k is 16 of the tiny
 model's 263 tokens (the papers' 100 would be most of this vocabulary)."""
@@ -98,7 +104,7 @@ def run_methods(
 ) -> dict[str, Any]:
     """Every (method, seed) from the same warm start; returns per-run summaries and writes the files. With `resume`,
     runs already complete in the output folder (final evaluation written) are kept and not trained again."""
-    family = {m: FAMILY_METHODS[m] for m in methods if m in FAMILY_METHODS}
+    family = {m: {**FAMILY_METHODS, **LR_VARIANTS}[m] for m in methods if m in FAMILY_METHODS or m in LR_VARIANTS}
     config = replace(config, method_overrides={**family, **config.method_overrides})
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,11 @@ def run_methods(
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     warm_path = warm_start(config.warm, progress=progress)
     eval_problems = evaluation_problems(config.warm.task, config.eval_size, config.eval_set)
+    (out / "problems.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": p.prompt, "answer": p.answer}) + "\n" for i, p in enumerate(eval_problems)
+        )
+    )
 
     def record(row: dict[str, Any]) -> None:
         with metrics_path.open("a") as f:
@@ -229,11 +240,11 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlsd.report import COLORS, save_pass_and_leakage
+    from rlsd.report import method_colors, save_pass_and_leakage
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    palette = plt.get_cmap("tab20")
-    for index, method in enumerate(methods):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = method_colors(list(methods))
+    for method in methods:
         for ax, key in zip(axes, ("pass_at_1", "leakage_rate"), strict=True):
             by_step: dict[int, list[float]] = {}
             for r in rows:
@@ -243,7 +254,7 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
                 continue
             steps = sorted(by_step)
             mean = [statistics.mean(by_step[s]) for s in steps]
-            color = COLORS.get(method, palette(index % 20))
+            color = colors[method]
             ax.plot(steps, mean, label=method, color=color)
             ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15,
                             color=color)  # fmt: skip
@@ -445,7 +456,7 @@ def make_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     family = ", ".join(FAMILY_METHODS)
     methods.add_argument("--methods", default=",".join(BENCH_METHODS), help=f"comma-separated; family: {family}")
-    methods.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    methods.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     methods.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
     methods.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     methods.add_argument("--out", type=Path, default=Path("benchmarks/methods"), help="output folder")
@@ -469,6 +480,9 @@ def make_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", type=Path, default=Path("benchmarks/study"), help="output folder")
     study.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    report = sub.add_parser("report", help="render every table of BENCHMARKS.md and README.md from benchmarks/")
+    report.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document differs")
+    report.add_argument("--root", type=Path, default=Path("."), help="the repository root")
     once = sub.add_parser("_cost_once")  # internal: one configuration in a fresh process
     once.add_argument("name")
     once.add_argument("steps", type=int)
@@ -487,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cost_once(args.name, _base_config(args.quick, Path("runs/bench-cost")), args.steps,
                                    args.warmup)))  # fmt: skip
         return 0
+    if args.command == "report":
+        from rlsd.evidence import render_documents
+
+        differing = render_documents(args.root, check=args.check)
+        verb = "differ from the raw files" if args.check else "re-rendered"
+        print(f"{len(differing)} table(s) {verb}: {', '.join(differing) or 'none'}")
+        return 1 if args.check and differing else 0
     config = _base_config(args.quick, args.out)
     if args.command == "methods":
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

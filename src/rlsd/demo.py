@@ -39,7 +39,8 @@ METHODS = {
     "opsd": {"credit": "opsd", "teacher": "initial"},
     "grpo+opsd": {"credit": "grpo+opsd", "teacher": "initial"},
 }
-"""Demo methods and their `RLSDConfig` overrides. OPSD's teacher is frozen at the warm start (section 3.1)."""
+"""Demo methods and their `RLSDConfig` overrides. OPSD's teacher is frozen at the warm start (section 3.1). Every
+method trains at the same learning rate; an override may hold `lr_multiplier` (the bench's 10x variants)."""
 
 
 @dataclass
@@ -53,10 +54,10 @@ class DemoConfig:
     eval_size: int = 500  # the first `eval_size` problems of the fixed held-out set (at most 500)
     eval_set: str = "heldout"  # "pilot": a disjoint set, for choosing a regime without touching the held-out one
     sample_k: int = 8  # samples per problem (T = 1) for sampled pass@1 and pass@k at the start and end; 0 skips
+    diagnostics_size: int = 200  # problems whose sampled completions score the self-teacher at start and end; 0 skips
     prompts_per_step: int = 4
     num_generations: int = 8
     learning_rate: float = 5e-5
-    opsd_lr_multiplier: float = 1.0  # the paper trains OPSD at 10x GRPO's lr; the bench has that variant
     warmup_steps: int = 0
     lambda_decay_steps: int = 50  # RLSD's lam decays from 0.5 to 0 over this many steps (the paper's 50)
     max_completion_length: int = 48
@@ -89,6 +90,7 @@ def quick_config(out: Path, seed: int = 0) -> DemoConfig:
         eval_every=2,
         eval_size=24,
         sample_k=2,
+        diagnostics_size=8,
         lambda_decay_steps=4,
         train_size=64,
         max_completion_length=24,
@@ -174,6 +176,7 @@ def train_method(
     evals = [{"step": 0, **evaluate(model)}]
     record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
     sampled = [_sampled_eval(model, tokenizer, eval_problems, config, step=0)] if config.sample_k else []
+    diagnostics = [teacher_diagnostics(model, tokenizer, eval_problems, config, 0)] if config.diagnostics_size else []
 
     def on_record(row: dict[str, Any]) -> None:
         if row["kind"] == "eval":
@@ -203,6 +206,11 @@ def train_method(
         sampled.append(_sampled_eval(policy, tokenizer, eval_problems, config, step=config.steps))
         for row in sampled:
             record({"kind": "sampled", "method": method, "seed": config.seed, **row})
+    if config.diagnostics_size:
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        diagnostics.append(teacher_diagnostics(policy, tokenizer, eval_problems, config, step=config.steps))
+        for row in diagnostics:
+            record({"kind": "diagnostics", "method": method, "seed": config.seed, **row})
     peak = max(evals, key=lambda row: row["pass_at_1"])
     return trainer, {
         "initial_pass_at_1": evals[0]["pass_at_1"],
@@ -231,16 +239,18 @@ class _Bar(TrainerCallback):
 
 
 def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
-    """The shared budget plus the method's own overrides."""
+    """The shared budget plus the method's own overrides (`lr_multiplier` scales the shared learning rate)."""
+    overrides = {**METHODS.get(method, {}), **config.method_overrides.get(method, {})}
+    budget = budget_kwargs(config, method)
+    budget["learning_rate"] *= overrides.pop("lr_multiplier", 1.0)
     return RLSDConfig(
         **{
-            **budget_kwargs(config, method),
+            **budget,
             "beta": 0.0,
             "loss_type": "dapo",
             "teacher_template": TEACHER_TEMPLATE,
             "rlsd_lambda_decay_steps": config.lambda_decay_steps,
-            **METHODS.get(method, {}),
-            **config.method_overrides.get(method, {}),
+            **overrides,
         }
     )
 
@@ -253,7 +263,7 @@ def budget_kwargs(config: DemoConfig, method: str) -> dict[str, Any]:
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         max_steps=config.steps,
-        learning_rate=config.learning_rate * (config.opsd_lr_multiplier if method.startswith("opsd") else 1.0),
+        learning_rate=config.learning_rate,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=config.warmup_steps,
         temperature=1.0,
@@ -303,6 +313,62 @@ def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int) -> 
         "sampled_pass_at_k": sum(c > 0 for c in counts) / len(counts),
         "correct_counts": "".join(str(c) for c in counts) if k < 10 else counts,
     }
+
+
+@torch.no_grad()
+def teacher_diagnostics(model, tokenizer, problems, config: DemoConfig, step: int) -> dict[str, Any]:
+    """How well the privileged self-teacher (these weights, shown the answer) tells correct from wrong completions:
+    one sampled completion per problem, per-token Delta = log p_T - log p_S, the AUC of the per-sequence mean Delta
+    (correct above wrong), mean Delta by token position, and the share of clipped RLSD weights with sign(A) = +1 for
+    correct and -1 for wrong completions (eps_w = 0.2)."""
+    chosen = problems[: config.diagnostics_size]
+    with torch.random.fork_rng():
+        torch.manual_seed(2_000 + config.seed)
+        completions = generate(
+            model, tokenizer, [p.prompt for p in chosen], max_new_tokens=config.max_completion_length, do_sample=True
+        )
+    rewards = accuracy_reward(completions, [str(p.answer) for p in chosen])
+    was_training = model.training
+    model.eval()
+    means, by_position, clipped, tokens = [], [[] for _ in range(config.max_completion_length)], [0, 0], 0
+    for problem, completion, reward in zip(chosen, completions, rewards, strict=True):
+        ids = tokenizer(completion)["input_ids"][: config.max_completion_length]
+        if not ids:
+            continue
+        student = _sequence_logps(model, tokenizer(problem.prompt)["input_ids"], ids, 1.0)[0]
+        tutor = _sequence_logps(model, tokenizer(teacher_prompt(problem))["input_ids"], ids, 1.0)[0]
+        delta = (tutor - student).clamp(-20, 20)
+        means.append((delta.mean().item(), reward))
+        for position, value in enumerate(delta.tolist()):
+            by_position[position].append(value)
+        weight = torch.exp((1.0 if reward else -1.0) * delta)
+        clipped[0] += int((weight < 0.8).sum())
+        clipped[1] += int((weight > 1.2).sum())
+        tokens += len(ids)
+    model.train(was_training)
+    return {
+        "step": step,
+        "auc": _auc([m for m, r in means if r], [m for m, r in means if not r]),
+        "n_correct": sum(1 for _, r in means if r),
+        "n_wrong": sum(1 for _, r in means if not r),
+        "mean_delta_correct": _mean([m for m, r in means if r]),
+        "mean_delta_wrong": _mean([m for m, r in means if not r]),
+        "delta_by_position": [_mean(values) for values in by_position],
+        "clip_low_frac": clipped[0] / max(tokens, 1),
+        "clip_high_frac": clipped[1] / max(tokens, 1),
+    }
+
+
+def _auc(positives: list[float], negatives: list[float]) -> float | None:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney AUC); None without both."""
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.mean(values) if values else None
 
 
 @torch.no_grad()

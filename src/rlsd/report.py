@@ -16,28 +16,43 @@ import matplotlib.pyplot as plt
 COLORS = {"grpo": "#1f77b4", "rlsd": "#d62728", "opsd": "#2ca02c", "grpo+opsd": "#9467bd"}
 
 
+def method_colors(methods: list[str]) -> dict[str, Any]:
+    """A colour per method, never two alike: the fixed ones above, then tab20's colours that none of them uses."""
+    from matplotlib.colors import to_hex
+
+    palette = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    spare = [c for c in dict.fromkeys(map(to_hex, palette)) if c not in COLORS.values()]
+    colors, others = {}, iter(spare)
+    for method in methods:
+        colors[method] = COLORS.get(method) or next(others)
+    return colors
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """Held-out pass@1 and leakage rate against the optimizer step, one line per method."""
     evals = [r for r in rows if r.get("kind") == "eval"]
     methods = list(dict.fromkeys(r["method"] for r in evals))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = method_colors(methods)
     for method in methods:
         points = sorted((r["step"], r["pass_at_1"], r["leakage_rate"]) for r in evals if r["method"] == method)
         steps = [p[0] for p in points]
-        color = COLORS.get(method)
+        color = colors[method]
         axes[0].plot(steps, [100 * p[1] for p in points], marker="o", ms=3, label=method, color=color)
         axes[1].plot(steps, [100 * p[2] for p in points], marker="o", ms=3, label=method, color=color)
     save_pass_and_leakage(fig, axes, path, "Held-out pass@1 (greedy)")
 
 
 def save_pass_and_leakage(fig, axes, path: Path, pass_title: str) -> None:
-    """Titles, grid and legend of the two panels (pass@1, leakage); write the figure and close it."""
+    """Titles, grid and one legend below both panels (so that it hides no data); write the figure and close it."""
     axes[0].set(title=pass_title, xlabel="optimizer step", ylabel="%")
     axes[1].set(title="Leakage: completions citing an unseen reference", xlabel="optimizer step", ylabel="%")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = 1 + (len(labels) - 1) // 8
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -36,13 +36,13 @@ class WarmStartConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 512
-    steps: int = 250
+    steps: int = 450
     batch_size: int = 64
     learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # after `warmup_steps` linear warm-up: "cosine" (decay to 10%) or "constant"
+    lr_schedule: str = "constant"  # after `warmup_steps` linear warm-up: "constant", or "cosine" (decay to 10%)
     warmup_steps: int = 20
-    teacher_share: float = 0.5  # share of examples in the teacher format
-    hint_share: float = 0.5  # share of teacher-format solutions that cite the hint
+    teacher_share: float = 0.3  # share of examples in the teacher format
+    hint_share: float = 0.2  # share of teacher-format solutions that cite the hint (6% of all targets)
     train_pool: int = 20_000
     seed: int = 0
 

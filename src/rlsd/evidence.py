@@ -1,0 +1,304 @@
+"""`rlsd bench report`: every table of BENCHMARKS.md and the README's demo table, rendered from the committed raw
+files under `benchmarks/`, so that no number in the documents is typed by hand.
+
+A table lives in a document between `<!-- table:NAME -->` and `<!-- end -->`; `render_documents` replaces each
+block with what `TABLES[NAME]` renders from the raw files, and with `check=True` only reports the blocks that
+differ (the test suite runs it that way). Statistics: paired differences over seeds with a two-sided 95%
+Student-t interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Two-sided 95% Student-t quantiles by degrees of freedom."""
+DOCUMENTS = ("README.md", "BENCHMARKS.md")
+_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end -->)", re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its two-sided 95% t interval (the interval collapses to the mean for one value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = T_975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a metrics file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_curve(rows: list[dict[str, Any]], method: str, seed: int, key: str = "pass_at_1") -> dict[int, float]:
+    """step -> `key` of one run's greedy evaluations."""
+    return {
+        r["step"]: r[key] for r in rows if r.get("kind") == "eval" and r.get("method") == method and r["seed"] == seed
+    }
+
+
+def seeds_of(rows: list[dict[str, Any]], method: str) -> list[int]:
+    return sorted({r["seed"] for r in rows if r.get("method") == method and r.get("kind") == "eval"})
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _interval(values: list[float], signed: bool = False) -> str:
+    """`m [lo, hi]` in percentage points."""
+    mean, low, high = mean_interval(values)
+    sign = "+" if signed else ""
+    return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
+
+
+# ------------------------------------------------------------------------------------------------ the pilot
+def render_pilot(root: Path) -> str:
+    """Every pilot run: its warm start and greedy pass@1 on the pilot set at each evaluation, and the rule."""
+    lines = [
+        "| pilot | method | pass@1 at steps 0 / 25 / 50 / 75 / 100 / 125 / 150 | 2nd half minus warm start | rule |",
+        "|---|---|---|---|---|",
+    ]
+    for folder in sorted((root / "benchmarks" / "pilot").glob("p*/")):
+        rows = read_rows(folder / "metrics.jsonl")
+        for method in dict.fromkeys(r["method"] for r in rows if r.get("kind") == "eval"):
+            curve = eval_curve(rows, method, 0)
+            if max(curve) < 150:
+                lines.append(f"| {folder.name} | {method} | unfinished | n/a | n/a |")
+                continue
+            gain = statistics.mean(v for s, v in curve.items() if s >= 75) - curve[0]
+            verdict = ("qualifies" if gain >= 0.05 else "fails") if method == "grpo" else "check"
+            points = " / ".join(_pct(curve[s]) for s in sorted(curve))
+            lines.append(f"| {folder.name} | {method} | {points} | {100 * gain:+.1f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def _methods_rows(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    folder = root / "benchmarks" / "methods"
+    return read_rows(folder / "metrics.jsonl"), json.loads((folder / "results.json").read_text())
+
+
+def _final_and_start(rows: list[dict[str, Any]], method: str, seed: int) -> tuple[float, float]:
+    curve = eval_curve(rows, method, seed)
+    return curve[max(curve)], curve[0]
+
+
+def _second_half(rows: list[dict[str, Any]], method: str, seed: int) -> float:
+    curve = eval_curve(rows, method, seed)
+    last = max(curve)
+    return statistics.mean(v for s, v in curve.items() if s >= last / 2)
+
+
+def _sampled(rows: list[dict[str, Any]], method: str, seed: int, step: int, key: str) -> float | None:
+    found = [r[key] for r in rows if r.get("kind") == "sampled" and r["method"] == method and r["seed"] == seed
+             and r["step"] == step]  # fmt: skip
+    return found[0] if found else None
+
+
+def render_methods(root: Path) -> str:
+    """Final greedy pass@1 with its interval, paired differences to the warm start and to GRPO, the second-half
+    mean, sampled pass@1 and pass@8 at the start and end, leakage and length."""
+    rows, results = _methods_rows(root)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("kind") == "eval"))
+    steps = results["config"]["steps"]
+    lines = [
+        "| method | seeds | final pass@1 | minus warm start (paired) | minus GRPO (paired) | 2nd-half mean |"
+        " sampled pass@1 start -> end | pass@8 start -> end | final leakage | length |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    grpo_seeds = set(seeds_of(rows, "grpo"))
+    for method in methods:
+        seeds = seeds_of(rows, method)
+        finals = [_final_and_start(rows, method, s) for s in seeds]
+        vs_grpo = "baseline" if method == "grpo" else "n/a"
+        paired = [s for s in seeds if s in grpo_seeds]
+        if method != "grpo" and len(paired) > 1:
+            vs_grpo = _interval([_final_and_start(rows, method, s)[0] - _final_and_start(rows, "grpo", s)[0]
+                                 for s in paired], signed=True)  # fmt: skip
+        sampled = []
+        for key in ("sampled_pass_at_1", "sampled_pass_at_k"):
+            start = [_sampled(rows, method, s, 0, key) for s in seeds]
+            end = [_sampled(rows, method, s, steps, key) for s in seeds]
+            if None in start or None in end:
+                sampled.append("n/a")
+            else:
+                sampled.append(f"{_pct(statistics.mean(start))} -> {_pct(statistics.mean(end))}")
+        leakage = statistics.mean(eval_curve(rows, method, s, "leakage_rate")[steps] for s in seeds)
+        length = statistics.mean(eval_curve(rows, method, s, "mean_length")[steps] for s in seeds)
+        lines.append(
+            f"| {method} | {len(seeds)} | {_interval([f for f, _ in finals])} | "
+            f"{_interval([f - w for f, w in finals], signed=True)} | {vs_grpo} | "
+            f"{_pct(statistics.mean(_second_half(rows, method, s) for s in seeds))} | {sampled[0]} | {sampled[1]} | "
+            f"{_pct(leakage)} | {length:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_efficiency(root: Path) -> str:
+    """Sample efficiency (claim b): steps for the seed-mean curve to reach warm start + k points, and RLSD at N
+    steps against GRPO at 2N steps and at the step with the same wall time (compute-matched), paired over seeds."""
+    rows, results = _methods_rows(root)
+    seeds = [s for s in seeds_of(rows, "rlsd") if s in seeds_of(rows, "grpo")]
+    lines = ["| comparison | RLSD | GRPO | RLSD minus GRPO (paired, 95%) |", "|---|---|---|---|"]
+    ratio = statistics.median(
+        results["runs"][f"rlsd/{s}"]["seconds_per_step"] / results["runs"][f"grpo/{s}"]["seconds_per_step"]
+        for s in seeds
+    )
+    curves = {m: [eval_curve(rows, m, s) for s in seeds] for m in ("rlsd", "grpo")}
+    steps = sorted(curves["grpo"][0])
+    for n in [s for s in steps if s > 0 and 2 * s in steps and s % 20 == 0]:
+        for label, other in ((f"step {n} vs {2 * n}", 2 * n), (f"step {n} vs wall-time-matched", None)):
+            target = other if other is not None else min(steps, key=lambda s, n=n: abs(s - n * ratio))
+            r = [c[n] for c in curves["rlsd"]]
+            g = [c[target] for c in curves["grpo"]]
+            name = label if other is not None else f"step {n} vs {target} (same wall time)"
+            lines.append(f"| {name} | {_pct(statistics.mean(r))} | {_pct(statistics.mean(g))} | "
+                         f"{_interval([a - b for a, b in zip(r, g, strict=True)], signed=True)} |")  # fmt: skip
+    warm = statistics.mean(c[0] for c in curves["grpo"])
+    reach = []
+    for points in (2, 4, 6, 8, 10):
+        cells = []
+        for method in ("rlsd", "grpo"):
+            mean_curve = {s: statistics.mean(c[s] for c in curves[method]) for s in steps}
+            hit = next((s for s in steps if mean_curve[s] >= warm + points / 100), None)
+            cells.append("never" if hit is None else f"step {hit}")
+        reach.append(f"| warm start + {points} points reached at | {cells[0]} | {cells[1]} | |")
+    lines += reach
+    lines.append(f"| median RLSD / GRPO seconds per step | {ratio:.3f} | 1.000 | |")
+    return "\n".join(lines) + "\n"
+
+
+def render_diagnostics(root: Path) -> str:
+    """The self-teacher at the start and end of each method's runs: AUC of the per-sequence mean Delta (correct
+    above wrong), mean Delta at the first reasoning tokens and over the rest, clipped shares."""
+    rows, _ = _methods_rows(root)
+    diag = [r for r in rows if r.get("kind") == "diagnostics"]
+    lines = [
+        "| run | step | AUC (mean Delta: correct vs wrong) | mean Delta correct / wrong | Delta at tokens 1, 2, 3 |"
+        " clipped low / high |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in diag):
+        for step in sorted({r["step"] for r in diag if r["method"] == method}):
+            if step == 0 and method != "grpo":
+                continue  # the warm start is the same for every method: shown once
+            chosen = [r for r in diag if r["method"] == method and r["step"] == step and r["auc"] is not None]
+            if not chosen:
+                continue
+            name = "warm start" if step == 0 else method
+            first = " / ".join(f"{statistics.mean(r['delta_by_position'][i] for r in chosen):+.3f}" for i in (1, 2, 3))
+            lines.append(
+                f"| {name} | {step} | {_interval([r['auc'] for r in chosen]).replace('.', '.', 1)} | "
+                f"{statistics.mean(r['mean_delta_correct'] for r in chosen):+.3f} / "
+                f"{statistics.mean(r['mean_delta_wrong'] for r in chosen):+.3f} | {first} | "
+                f"{_pct(statistics.mean(r['clip_low_frac'] for r in chosen))} / "
+                f"{_pct(statistics.mean(r['clip_high_frac'] for r in chosen))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_training_clip(root: Path) -> str:
+    """RLSD's clipped shares during training, over the steps where lam > 0 (one window for every number)."""
+    rows, results = _methods_rows(root)
+    decay = results["config"]["lambda_decay_steps"]
+    lines = [
+        "| window | clipped low | clipped high | clipped total | policy entropy RLSD / GRPO |",
+        "|---|---|---|---|---|",
+    ]
+    for label, last in (("steps 1 to lam = 0", decay), ("all steps", results["config"]["steps"])):
+        low = statistics.mean(_train_values(rows, "rlsd", "rlsd/clip_low_frac", last))
+        high = statistics.mean(_train_values(rows, "rlsd", "rlsd/clip_high_frac", last))
+        entropy = " / ".join(
+            f"{statistics.mean(_train_values(rows, m, 'entropy', last)):.3f}" for m in ("rlsd", "grpo")
+        )
+        lines.append(f"| {label} | {_pct(low)} | {_pct(high)} | {_pct(low + high)} | {entropy} |")
+    return "\n".join(lines) + "\n"
+
+
+def _train_values(rows: list[dict[str, Any]], method: str, key: str, last_step: int) -> list[float]:
+    """`key` of every logged training step 1..`last_step` of every seed of `method`."""
+    return [r[key] for r in rows if r.get("kind") == "train" and r["method"] == method
+            and r["step"] <= last_step and r.get(key) is not None]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ the rest
+def render_cost(root: Path, folder: str = "cost") -> str:
+    from rlsd.bench import render_cost_table
+
+    return render_cost_table(json.loads((root / "benchmarks" / folder / "cost.json").read_text()))
+
+
+def render_study(root: Path) -> str:
+    from rlsd.bench import render_study_table
+
+    return render_study_table(json.loads((root / "benchmarks" / "study" / "results.json").read_text())["study"])
+
+
+def render_family(root: Path) -> str:
+    from rlsd.bench import render_methods_table
+
+    return render_methods_table(json.loads((root / "benchmarks" / "family" / "results.json").read_text())["table"])
+
+
+def render_demo(root: Path) -> str:
+    """The README's demo table from the committed summary of one `make demo` run."""
+    summary = json.loads((root / "benchmarks" / "demo" / "summary.json").read_text())
+    lines = [
+        "| method | warm start | final pass@1 | peak (step) | final leakage | s / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, s in summary["methods"].items():
+        lines.append(f"| {method} | {_pct(s['initial_pass_at_1'])} | {_pct(s['final_pass_at_1'])} | "
+                     f"{_pct(s['peak_pass_at_1'])} ({s['peak_step']}) | {_pct(s['final_leakage_rate'])} | "
+                     f"{s['seconds_per_step']:.2f} |")  # fmt: skip
+    lines.append("")
+    lines.append(f"Wall time {summary['total_seconds']:.0f} s in all, {summary['warm_start_seconds']:.0f} s of it "
+                 "the warm start (cold cache).")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[Path], str]] = {
+    "pilot": render_pilot,
+    "methods": render_methods,
+    "efficiency": render_efficiency,
+    "diagnostics": render_diagnostics,
+    "training-clip": render_training_clip,
+    "cost": render_cost,
+    "study": render_study,
+    "family": render_family,
+    "family-cost": lambda root: render_cost(root, "family-cost"),
+    "demo": render_demo,
+}
+"""Every rendered table by name, as named in the documents' `<!-- table:NAME -->` markers."""
+
+
+def render_documents(root: Path, check: bool = False) -> list[str]:
+    """Re-render every marked table of README.md and BENCHMARKS.md from the raw files; returns `FILE:NAME` of each
+    block that differed (with `check`, nothing is written)."""
+    differing: list[str] = []
+    for document in DOCUMENTS:
+        path = root / document
+        text = path.read_text()
+
+        def replace(match: re.Match[str], document: str = document) -> str:
+            name = match["name"]
+            if name not in TABLES:
+                raise ValueError(f"{document}: unknown table '{name}'; known: {', '.join(TABLES)}")
+            body = TABLES[name](root)
+            if body != match["body"]:
+                differing.append(f"{document}:{name}")
+            return match[1] + body + match[4]
+
+        rendered = _BLOCK.sub(replace, text)
+        if not check and rendered != text:
+            path.write_text(rendered)
+    return differing
