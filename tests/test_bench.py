@@ -39,6 +39,20 @@ def test_bench_methods_resume_adds_seeds_and_keeps_finished_runs(cache, tmp_path
     assert json.loads((out / "results.json").read_text())["table"]["grpo"]["seeds"] == 2
 
 
+def test_greedy_only_runs_train_exactly_like_full_runs(cache, tmp_path):
+    """Sampled pass@k and the teacher diagnostics fork the RNG, so skipping them changes no training step."""
+    curves = {}
+    for name, extra in (("full", []), ("greedy", ["--greedy-only"])):
+        out = tmp_path / name
+        assert bench_main(["methods", "--quick", "--seeds", "1", "--methods", "rlsd", "--out", str(out),
+                           "--no-progress", *extra]) == 0  # fmt: skip
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = [(r["step"], r.get("loss"), r.get("pass_at_1")) for r in rows if r["kind"] in ("train", "eval")]
+        kinds = {r["kind"] for r in rows}
+        assert ({"sampled", "diagnostics"} <= kinds) == (name == "full")
+    assert curves["full"] == curves["greedy"]
+
+
 def test_methods_table_reach_step_and_spread():
     rows = [
         {"kind": "eval", "method": m, "seed": s, "step": step, "pass_at_1": v, "leakage_rate": 0.0, "mean_length": 9}

@@ -75,7 +75,8 @@ STUDY_CONFIGS = {
     "rlsd-live": {"credit": "rlsd", "teacher": "live"},
 }
 """Knobs of the "where does the token credit matter" study, each paired with GRPO on the same seeds. `rlsd`
-decays lam from 0.5 to 0 over the run; `-const` keeps 0.5; `-lam1` keeps 1.0 (the clipped weight alone)."""
+decays lam from 0.5 to 0 over the demo's `lambda_decay_steps` (the paper's 50); `-const` keeps 0.5 for the whole run;
+`-lam1` keeps 1.0 (the clipped weight alone)."""
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 """Two-sided 95% Student-t quantiles by degrees of freedom."""
 
@@ -262,12 +263,14 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
 
 
 # ------------------------------------------------------------------------------------------------- study
-def run_study(config: DemoConfig, names: list[str], seeds: list[int], progress: bool) -> dict[str, Any]:
+def run_study(
+    config: DemoConfig, names: list[str], seeds: list[int], progress: bool, resume: bool = False
+) -> dict[str, Any]:
     """Every knob and GRPO on the same seeds; the metric is the mean held-out pass@1 over the evaluations of
     the second half of the run, compared with GRPO seed by seed (paired differences, 95% t interval)."""
     variants = {name: STUDY_CONFIGS[name] for name in names if name not in ("grpo", "rlsd")}
     config = replace(config, method_overrides={**config.method_overrides, **variants})
-    result = run_methods(config, tuple(names), seeds, progress)
+    result = run_methods(config, tuple(names), seeds, progress, resume=resume)
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     result["study"] = study_table(rows, names, seeds, config.steps)
     (config.out / "results.json").write_text(json.dumps(result, indent=2))
@@ -463,6 +466,7 @@ def make_parser() -> argparse.ArgumentParser:
     methods.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
     methods.add_argument("--no-progress", action="store_true", help="hide progress bars")
     methods.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
+    methods.add_argument("--greedy-only", action="store_true", help=_GREEDY_ONLY)
     cost = sub.add_parser("cost", help="seconds per step and peak memory against GRPO",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     cost.add_argument("--configs", default=",".join(COST_CONFIGS), help="comma-separated configurations")
@@ -475,11 +479,13 @@ def make_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     study.add_argument("--configs", default=",".join(STUDY_CONFIGS), help="comma-separated knobs (grpo included)")
     study.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    study.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    study.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+    study.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
+    study.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: the demo's)")
     study.add_argument("--out", type=Path, default=Path("benchmarks/study"), help="output folder")
     study.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    study.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
+    study.add_argument("--greedy-only", action="store_true", help=_GREEDY_ONLY)
     report = sub.add_parser("report", help="render every table of BENCHMARKS.md and README.md from benchmarks/")
     report.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document differs")
     report.add_argument("--root", type=Path, default=Path("."), help="the repository root")
@@ -489,6 +495,14 @@ def make_parser() -> argparse.ArgumentParser:
     once.add_argument("warmup", type=int)
     once.add_argument("--quick", action="store_true")
     return parser
+
+
+_GREEDY_ONLY = "skip sampled pass@k and the teacher diagnostics (training is unchanged: they use a forked RNG)"
+
+
+def _greedy_only(config: DemoConfig) -> DemoConfig:
+    """Only the greedy evaluations: a run's training and greedy curve stay identical to a full run's."""
+    return replace(config, sample_k=0, diagnostics_size=0)
 
 
 def _base_config(quick: bool, out: Path) -> DemoConfig:
@@ -516,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
+        config = _greedy_only(config) if args.greedy_only else config
         started = time.perf_counter()
         result = run_methods(
             config, methods, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume
@@ -528,9 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in STUDY_CONFIGS]
         if unknown or "grpo" not in names:
             raise SystemExit(f"configs must include grpo and come from {', '.join(STUDY_CONFIGS)}; got {names}")
-        if not args.quick:
-            config = replace(config, steps=args.steps, eval_every=args.eval_every)
-        result = run_study(config, names, list(range(args.seeds)), progress=not args.no_progress)
+        config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
+        config = _greedy_only(config) if args.greedy_only else config
+        result = run_study(config, names, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume)
         print(render_study_table(result["study"]))
         return 0
     names = [n.strip() for n in args.configs.split(",") if n.strip()]

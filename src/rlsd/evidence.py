@@ -230,6 +230,44 @@ def _train_values(rows: list[dict[str, Any]], method: str, key: str, last_step: 
             and r["step"] <= last_step and r.get(key) is not None]  # fmt: skip
 
 
+def render_claims(root: Path) -> str:
+    """The measurements behind claims (a) and (c): each OPSD variant's seed-mean peak, final and leakage next to
+    GRPO at the same learning rate, and RLSD's policy entropy minus GRPO's, paired over seeds, in two windows."""
+    rows, results = _methods_rows(root)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("kind") == "eval"))
+    lines = ["| measurement | value |", "|---|---|"]
+    for method in [m for m in methods if "opsd" in m or m.startswith("grpo")]:
+        seeds = seeds_of(rows, method)
+        curves = [eval_curve(rows, method, s) for s in seeds]
+        leaks = [eval_curve(rows, method, s, "leakage_rate") for s in seeds]
+        mean = {step: statistics.mean(c[step] for c in curves) for step in sorted(curves[0])}
+        leak = {step: statistics.mean(c[step] for c in leaks) for step in sorted(leaks[0])}
+        peak = max(mean, key=mean.get)
+        first_leak = next((step for step, value in leak.items() if value >= 0.05), None)
+        lines.append(
+            f"| {method}: pass@1 start / peak (step) / final; leakage final / max; first step with >= 5% leakage | "
+            f"{_pct(mean[0])} / {_pct(mean[peak])} ({peak}) / {_pct(mean[max(mean)])}; {_pct(leak[max(leak)])} / "
+            f"{_pct(max(leak.values()))}; {'never' if first_leak is None else f'step {first_leak}'} |"
+        )
+    seeds = [s for s in seeds_of(rows, "rlsd") if s in seeds_of(rows, "grpo")]
+    decay, steps = results["config"]["lambda_decay_steps"], results["config"]["steps"]
+    for label, last in ((f"steps 1-{decay} (lam > 0)", decay), (f"steps 1-{steps}", steps)):
+        diffs = [
+            statistics.mean(_train_values(_one_seed(rows, s), "rlsd", "entropy", last))
+            - statistics.mean(_train_values(_one_seed(rows, s), "grpo", "entropy", last))
+            for s in seeds
+        ]
+        mean, low, high = mean_interval(diffs)
+        lines.append(
+            f"| policy entropy, RLSD minus GRPO (paired, nats), {label} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _one_seed(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("seed") == seed]
+
+
 # ------------------------------------------------------------------------------------------------ the rest
 def render_cost(root: Path, folder: str = "cost") -> str:
     from rlsd.bench import render_cost_table
@@ -272,6 +310,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "efficiency": render_efficiency,
     "diagnostics": render_diagnostics,
     "training-clip": render_training_clip,
+    "claims": render_claims,
     "cost": render_cost,
     "study": render_study,
     "family": render_family,
