@@ -122,8 +122,8 @@ def test_token_delta_clamps_to_the_bound():
         (500, 0, 50, 0.0),  # beyond
         (2, 4, 50, 0.25),  # warm-up
         (4, 4, 50, 0.5),
-        (5, 4, 50, 0.5),
-        (30, 4, 50, 0.25),
+        (5, 4, 50, 0.49),  # lam_0 is reached once, at k = W; the decay starts at the next step
+        (29, 4, 50, 0.25),
         (1000, 0, 0, 0.5),  # no decay: constant
     ],
 )

@@ -96,7 +96,7 @@ def test_unknown_format_and_missing_column_are_named():
 
 def test_row_without_answer_is_named():
     rows = [*GSM8K, {"question": "no answer here", "answer": "just text"}]
-    with pytest.raises(ValueError, match="row 2 of the gsm8k dataset has no final answer"):
+    with pytest.raises(ValueError, match="row 2 of the gsm8k dataset: has no final answer"):
         to_rlsd_rows(Dataset.from_list(rows))
 
 

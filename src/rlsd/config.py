@@ -6,11 +6,16 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from rlsd.rules import RULES
+from rlsd.rewards import DEFAULT_REWARD_TIMEOUT_S
+from rlsd.rules import RULES, check_rule_options
 from rlsd.teacher_prompt import DEFAULT_TEMPLATES, PRIVILEGED_SOURCES, validate_teacher_template
+from rlsd.validate import ConfigError, check_finite_floats, check_positive
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
+SPANS = ("all", "think")
 DISTILL_LOSSES = ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg")
+POSITIVE_FIELDS = ("max_completion_length", "num_generations", "per_device_train_batch_size")
+"""Counts that must be >= 1 (checked up front: 0 fails deep inside TRL or generation otherwise)."""
 DISTILL_COEF_DEFAULTS = {"sdpg": 0.001}
 """`distill_coef` when left unset: SDPG's beta = 0.001; 1.0 for the OPSD losses."""
 
@@ -33,21 +38,33 @@ class RLSDConfig(GRPOConfig):
             Optimizer steps over which lam rises linearly from 0 to lam_0.
         rlsd_lambda_decay_steps (`int`, *optional*, defaults to `50`):
             Optimizer steps over which lam then falls linearly to 0, after which RLSD equals GRPO and the teacher
-            pass is skipped. 0 keeps lam_0 for the whole run.
+            pass is skipped. lam_0 is used once, at step max(warm-up, 1), and 0 is reached that many steps later.
+            0 keeps lam_0 for the whole run.
         rlsd_clip (`float`, *optional*, defaults to `0.2`):
             eps_w: the teacher ratio w_t is clipped to [1 - eps_w, 1 + eps_w]. 0 makes the multiplier exactly 1.
         rlsd_negative_only (`bool`, *optional*, defaults to `False`):
-            Reweight only completions with A_i < 0; the others keep A_i.
+            Reweight only completions with A_i < 0; the others keep A_i. Honoured by `"rlsd"`, `"egrsd"` and
+            `"cl-egrsd"`; the other rules refuse it.
+        rlsd_span (`str`, *optional*, defaults to `"all"`):
+            Which completion tokens the teacher may reweight (the specification's span mask): `"all"`, or
+            `"think"`, only the tokens inside the reasoning span, between `<think>` and `</think>` (from the start
+            when the prompt opened the span; none when a completion has neither tag); the other tokens keep A_i.
+            Honoured by `"rlsd"`, `"egrsd"` and `"cl-egrsd"`; the other rules refuse it.
         opsd_beta (`float`, *optional*, defaults to `1.0`):
             Weight of Delta_t in `credit="grpo+opsd"`.
         teacher (`str`, *optional*, defaults to `"synced"`):
             Which weights the self-teacher uses: `"synced"` (a frozen copy, re-synced every `teacher_sync_steps`),
             `"live"` (the current weights, no copy), `"initial"` (never synced; with a PEFT model, the adapter
-            disabled) or `"ema"` (an exponential moving average of the policy).
+            disabled) or `"ema"` (an exponential moving average of the policy). A copy gets the policy's fused head
+            as TRL installs it (`cast_lm_head_to_fp32` included). The copies are refused when ZeRO-3 has
+            partitioned the policy (use `"live"`). With any teacher, `disable_dropout` is forced to True and
+            attention dropout inside the attention function is refused, so that Delta carries no dropout noise.
         teacher_sync_steps (`int`, *optional*, defaults to `10`):
             With `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher.
         teacher_ema_decay (`float`, *optional*, defaults to `0.95`):
-            With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step.
+            With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step;
+            bf16 / fp16 parameters are averaged in an fp32 shadow (one fp32 copy more, kept in checkpoints) so that
+            steps below their precision are not rounded away.
         antisd_warmup_steps (`int`, *optional*, defaults to `5`):
             AntiSD: rollout batches whose mean teacher entropy sets the gate's reference level.
         antisd_ratio (`float`, *optional*, defaults to `0.93`):
@@ -107,6 +124,15 @@ class RLSDConfig(GRPOConfig):
             `{answer}` and / or `{sibling}` as `privileged_source` fills them. `None` is the paper's template for
             `"answer"` and its counterparts for `"sibling"` and `"both"` (`rlsd.teacher_prompt`). System turns of
             conversational prompts are kept.
+        reward_timeout (`float`, *optional*, defaults to `600.0`):
+            Seconds one call of a reward function may take; a call that overruns stops the run with an error naming
+            the function (bounded in a worker thread, so it works off the main thread too). 0: no bound.
+        resume_weights_only (`bool`, *optional*, defaults to `False`):
+            Resuming refuses a checkpoint that is torn or misses a file. With this, a checkpoint that holds its
+            weights and `trainer_state.json` is enough: the missing optimizer, scheduler, RNG, teacher or rule state
+            starts fresh, each named in a warning.
+
+    Every float knob must be finite: NaN and inf are refused at construction, naming the flag.
     """
 
     credit: str = field(
@@ -127,6 +153,13 @@ class RLSDConfig(GRPOConfig):
     )
     rlsd_negative_only: bool = field(
         default=False, metadata={"help": "Reweight only completions with negative advantage."}
+    )
+    rlsd_span: str = field(
+        default="all",
+        metadata={
+            "help": "Tokens the teacher may reweight: all, or think (inside <think>...</think>).",
+            "choices": list(SPANS),
+        },
     )
     opsd_beta: float = field(default=1.0, metadata={"help": "Weight of Delta_t in credit='grpo+opsd'."})
     teacher: str = field(
@@ -174,11 +207,29 @@ class RLSDConfig(GRPOConfig):
         default=None,
         metadata={"help": "Teacher prompt with {prompt}, {answer} and/or {sibling} (None: the source's default)."},
     )
+    reward_timeout: float = field(
+        default=DEFAULT_REWARD_TIMEOUT_S,
+        metadata={"help": "Seconds one reward-function call may take before the run stops naming it (0: no bound)."},
+    )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint missing its optimizer / scheduler / RNG / teacher state: load the "
+            "weights and step, start the rest fresh (each named in a warning)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_finite_floats(self)  # a NaN / inf knob is named by its flag here, not found as a NaN model later
+        check_positive({f"--{name}": getattr(self, name) for name in POSITIVE_FIELDS})
+        if self.reward_timeout < 0:
+            raise ConfigError("--reward_timeout", f"must be >= 0, got {self.reward_timeout}", "0 means no bound")
         super().__post_init__()
         if self.credit not in RULES:
             raise ValueError(f"credit={self.credit!r} is not one of {', '.join(RULES)}")
+        if self.rlsd_span not in SPANS:
+            raise ValueError(f"rlsd_span={self.rlsd_span!r} is not one of {', '.join(SPANS)}")
+        check_rule_options(self.credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
         if self.teacher not in TEACHER_MODES:
             raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
         if not 0.0 <= self.rlsd_lambda <= 1.0:

@@ -9,6 +9,7 @@ Positions outside `mask` are exactly 0. Notation follows `algorithms.md` section
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -17,12 +18,27 @@ DELTA_BOUND = 20.0
 """Delta_t is clamped to [-DELTA_BOUND, DELTA_BOUND]; exp(20) is far beyond any clip range in use."""
 
 
+class TokenMean(float):
+    """A metric that is a mean over `count` tokens (or rows): a float carrying its count, so that the trainer can
+    combine processes by a count-weighted mean, as TRL's global masked mean does."""
+
+    count: float
+
+    def __new__(cls, value: float, count: float) -> TokenMean:
+        metric = super().__new__(cls, value)
+        metric.count = float(count)
+        return metric
+
+    def __getnewargs__(self) -> tuple[float, float]:
+        return float(self), self.count
+
+
 def rlsd_lambda(step: int, *, lam0: float, warmup_steps: int = 0, decay_steps: int = 0) -> float:
     """Mixing weight lam_k of RLSD at optimizer step `step` (k >= 1), section 2.1.
 
-    Warm-up (k <= W): lam_k = lam0 * k / W. Then decay over D steps, with j = k - W:
-    lam_k = lam0 * max(0, 1 - (j - 1) / D), so the first post-warm-up step gets lam0 and step W + D + 1 gets 0.
-    D = 0 keeps lam0 for the whole run.
+    Warm-up (k <= W): lam_k = lam0 * k / W. lam0 is reached once, at the peak step P = max(W, 1); then it decays
+    over D steps: lam_k = lam0 * max(0, 1 - (k - P) / D), so step P + D gets 0 (W = 0: lam0 at k = 1, 0 at
+    k = D + 1; W = 3, D = 5: lam0/3, 2 lam0/3, lam0, 0.8 lam0, ...). D = 0 keeps lam0 for the whole run.
     """
     if step < 1:
         raise ValueError(f"step counts optimizer steps from 1, got {step}")
@@ -32,8 +48,34 @@ def rlsd_lambda(step: int, *, lam0: float, warmup_steps: int = 0, decay_steps: i
         return lam0 * step / warmup_steps
     if decay_steps == 0:
         return lam0
-    steps_into_decay = step - warmup_steps - 1
-    return lam0 * max(0.0, 1.0 - steps_into_decay / decay_steps)
+    steps_after_peak = step - max(warmup_steps, 1)
+    return lam0 * max(0.0, 1.0 - steps_after_peak / decay_steps)
+
+
+def think_span_mask(
+    pieces: Sequence[Sequence[str]], width: int, open_tag: str = "<think>", close_tag: str = "</think>"
+) -> Tensor:
+    """(B, width) bool: the tokens whose text lies inside the reasoning span, between `open_tag` and the next
+    `close_tag` (the tags' own tokens are outside), from the decoded tokens `pieces` of each completion.
+
+    Without `open_tag` the span starts at the completion's start when a `close_tag` follows (the prompt opened
+    it), and there is no span without either tag; without `close_tag` it runs to the end (a truncated completion).
+    """
+    mask = torch.zeros(len(pieces), width, dtype=torch.bool)
+    for row, tokens in enumerate(pieces):
+        text = "".join(tokens)
+        opened = text.find(open_tag)
+        begin = opened + len(open_tag) if opened >= 0 else 0
+        closed = text.find(close_tag, begin)
+        if opened < 0 and closed < 0:
+            continue
+        end = closed if closed >= 0 else len(text)
+        start = 0
+        for column, token in enumerate(tokens[:width]):
+            stop = start + len(token)
+            mask[row, column] = begin <= start and stop <= end
+            start = stop
+    return mask
 
 
 def token_delta(teacher_logps: Tensor, student_logps: Tensor, mask: Tensor) -> tuple[Tensor, int]:
@@ -152,12 +194,12 @@ def _check_shapes(teacher_logps: Tensor, student_logps: Tensor, mask: Tensor) ->
         )
 
 
-def _masked_mean(values: Tensor, where: Tensor) -> float:
-    """Mean of `values` over `where`; NaN when `where` is empty (TRL's logger skips NaN)."""
+def _masked_mean(values: Tensor, where: Tensor) -> TokenMean:
+    """Mean of `values` over `where`, carrying its token count; NaN when `where` is empty (TRL's logger skips NaN)."""
     count = int(where.sum().item())
     if count == 0:
-        return math.nan
-    return float(values.double().masked_select(where.bool()).mean().item())
+        return TokenMean(math.nan, 0)
+    return TokenMean(values.double().masked_select(where.bool()).mean().item(), count)
 
 
 def _delta_metrics(delta: Tensor, adv: Tensor, active: Tensor) -> dict[str, float]:

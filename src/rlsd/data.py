@@ -12,6 +12,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 from rlsd.rewards import last_boxed
+from rlsd.validate import DatasetError, check_answer_length, check_dataset_file, looks_local, text_cell
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Think step by step inside <think> </think> tags."
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -26,44 +27,71 @@ class Adapter:
 
     name: str
     required: tuple[str, ...]
-    question: Callable[[dict[str, Any]], str]
-    answer: Callable[[dict[str, Any]], str | None]
+    question: Callable[[dict[str, Any], str], str]
+    answer: Callable[[dict[str, Any], str], str | None]
+    """Both take the row and where it is (for errors naming its row and column)."""
 
 
-def _gsm8k_answer(row: dict[str, Any]) -> str | None:
+def _gsm8k_answer(row: dict[str, Any], where: str) -> str | None:
     """GSM8K: the final answer follows `####`, with thousands separators removed."""
-    text = str(row["answer"])
+    value = row.get("answer")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise DatasetError(
+            f"{where}, column 'answer'",
+            f"holds the number {value!r}, but the gsm8k format reads the final answer after '####' in a text",
+            "store the worked answer as text ending in '#### <answer>', or pass --dataset_format generic "
+            "--prompt_column question --answer_column answer to use the number as the final answer",
+        )
+    if value is None:
+        return None
+    text = text_cell(row, "answer", where)
     return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else None
 
 
-def _math_answer(row: dict[str, Any]) -> str | None:
+def _math_answer(row: dict[str, Any], where: str) -> str | None:
     """MATH / MATH-500: the `answer` column when present, else the last `\\boxed{}` of the solution."""
     if row.get("answer") not in (None, ""):
-        return str(row["answer"])
-    return last_boxed(str(row["solution"]))
+        return text_cell(row, "answer", where, numbers=True)
+    return last_boxed(text_cell(row, "solution", where))
 
 
-def _dapo_question(row: dict[str, Any]) -> str:
+def _dapo_question(row: dict[str, Any], where: str) -> str:
     """DAPO-Math-17k: the problem inside the original instruction wrapper (or the plain prompt text)."""
     prompt = row["prompt"]
-    text = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        text = text_cell(prompt[-1], "content", f"{where}, column 'prompt', last message")
+    else:
+        text = text_cell(row, "prompt", where)
     match = _DAPO_BODY_RE.search(text)
     return match.group(1) if match else text
 
 
-def _dapo_answer(row: dict[str, Any]) -> str | None:
+def _dapo_answer(row: dict[str, Any], where: str) -> str | None:
+    """DAPO-Math-17k: `reward_model.ground_truth`, else a `solution` column."""
     reward_model = row.get("reward_model")
     if isinstance(reward_model, dict):
-        return reward_model.get("ground_truth")
-    return row.get("solution")
+        if reward_model.get("ground_truth") is None:
+            return None
+        return text_cell(reward_model, "ground_truth", f"{where}, column 'reward_model'", numbers=True)
+    return None if row.get("solution") is None else text_cell(row, "solution", where, numbers=True)
+
+
+def _column_answer(column: str) -> Callable[[dict[str, Any], str], str | None]:
+    """A final answer read from one column: text or a number; null means no answer."""
+    return lambda r, where: None if r.get(column) is None else text_cell(r, column, where, numbers=True)
+
+
+def _column_question(column: str) -> Callable[[dict[str, Any], str], str]:
+    """A question read from one column: non-empty text (a null is named, not turned into the prompt 'None')."""
+    return lambda r, where: text_cell(r, column, where)
 
 
 ADAPTERS: dict[str, Adapter] = {
-    "gsm8k": Adapter("gsm8k", ("question", "answer"), lambda r: str(r["question"]), _gsm8k_answer),
-    "math": Adapter("math", ("problem", "solution"), lambda r: str(r["problem"]), _math_answer),
+    "gsm8k": Adapter("gsm8k", ("question", "answer"), _column_question("question"), _gsm8k_answer),
+    "math": Adapter("math", ("problem", "solution"), _column_question("problem"), _math_answer),
     "dapo_math": Adapter("dapo_math", ("prompt", "reward_model"), _dapo_question, _dapo_answer),
     "deepmath": Adapter(
-        "deepmath", ("question", "final_answer"), lambda r: str(r["question"]), lambda r: r["final_answer"]
+        "deepmath", ("question", "final_answer"), _column_question("question"), _column_answer("final_answer")
     ),
 }
 """Known formats. `generic` is built from --prompt_column / --answer_column."""
@@ -72,10 +100,7 @@ ADAPTERS: dict[str, Adapter] = {
 def generic_adapter(prompt_column: str, answer_column: str) -> Adapter:
     """Any dataset with one question column and one final-answer column."""
     return Adapter(
-        "generic",
-        (prompt_column, answer_column),
-        lambda r: str(r[prompt_column]),
-        lambda r: None if r[answer_column] is None else str(r[answer_column]),
+        "generic", (prompt_column, answer_column), _column_question(prompt_column), _column_answer(answer_column)
     )
 
 
@@ -92,12 +117,20 @@ def detect_format(columns: list[str]) -> str:
 
 
 def load_source(name: str, config: str | None = None, split: str | None = None) -> Dataset | DatasetDict:
-    """A local jsonl / json / parquet / csv file, or a hub dataset name, through `datasets.load_dataset`."""
+    """A local jsonl / json / parquet / csv file, or a hub dataset name, through `datasets.load_dataset`; a local
+    file is checked first (`rlsd.validate.check_dataset_file`) and a load error names the file and its cause."""
     path = Path(name)
-    if path.suffix in LOCAL_FORMATS:
-        if not path.exists():
-            raise FileNotFoundError(f"dataset file {name} does not exist")
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")  # one split
+    if path.suffix in LOCAL_FORMATS and not path.exists():
+        raise FileNotFoundError(f"dataset file {name} does not exist")
+    if path.is_file() or (path.suffix in LOCAL_FORMATS and looks_local(name)):
+        check_dataset_file(path, LOCAL_FORMATS)
+        try:
+            return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")  # one split
+        except Exception as err:
+            cause = err.__cause__ or err
+            raise DatasetError(
+                name, f"cannot be loaded ({type(cause).__name__}: {cause})", "check the file's format"
+            ) from err
     return load_dataset(name, name=config, split=split)
 
 
@@ -109,8 +142,10 @@ def to_rlsd_rows(
     answer_column: str | None = None,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     instruction: str = DEFAULT_INSTRUCTION,
+    source: str | None = None,
 ) -> Dataset:
-    """Rows `{prompt: [system?, user], solution: answer}`; a row without an answer fails naming its index."""
+    """Rows `{prompt: [system?, user], solution: answer}`; a row without an answer, a cell of the wrong type (a
+    null question, a list answer) or an overlong final answer fails naming its row, column and `source`."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     adapter = _choose_adapter(dataset.column_names, dataset_format, prompt_column, answer_column)
@@ -121,16 +156,32 @@ def to_rlsd_rows(
         )
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
-        answer = adapter.answer(row)
+        where = f"row {index} of {source}" if source else f"row {index} of the {adapter.name} dataset"
+        answer = adapter.answer(row, where)
         if answer is None or not str(answer).strip():
-            raise ValueError(f"row {index} of the {adapter.name} dataset has no final answer")
-        user = f"{adapter.question(row).strip()}\n\n{instruction}".strip()
+            raise DatasetError(
+                f"row {index} of the {adapter.name} dataset" + (f" ({source})" if source else ""),
+                "has no final answer",
+                _no_answer_fix(adapter),
+            )
+        answer = check_answer_length(str(answer).strip(), where)
+        user = f"{adapter.question(row, where).strip()}\n\n{instruction}".strip()
         prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": user}
         ]
-        return {"prompt": prompt, "solution": str(answer).strip()}
+        return {"prompt": prompt, "solution": answer}
 
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+
+
+def _no_answer_fix(adapter: Adapter) -> str:
+    """Where the adapter looks for the final answer, and the flags that point it elsewhere."""
+    if adapter.name == "gsm8k":
+        return (
+            "the gsm8k format reads what follows '####' in column 'answer'; for plain answers pass "
+            "--dataset_format generic --prompt_column question --answer_column answer"
+        )
+    return f"fill column(s) {list(adapter.required[1:])} or drop the row"
 
 
 def _choose_adapter(
@@ -172,4 +223,5 @@ def load_rlsd_dataset(
         answer_column=answer_column,
         system_prompt=system_prompt,
         instruction=instruction,
+        source=name,
     )

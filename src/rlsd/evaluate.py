@@ -1,7 +1,8 @@
 """`rlsd eval`: sample n completions per problem and report pass@1, avg@n, unbiased pass@k, lengths and truncation.
 
 The same adapters (`rlsd.data`) and rewards (`rlsd.rewards`) as training. HF `generate` by default; vLLM when it
-is installed and `--backend vllm` is asked for.
+is installed and `--backend vllm` is asked for. Every argument is checked before the model is loaded, and
+generations.jsonl is written batch by batch, so that a crash keeps what was generated.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 from rlsd.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_rlsd_dataset
 from rlsd.rewards import resolve_reward
+from rlsd.validate import ConfigError, OutputDirError, check_model_folder, check_positive
 
 SUMMARY_KEYS = (
     "pass@1",
@@ -30,6 +33,7 @@ SUMMARY_KEYS = (
 )
 """Keys of summary.json; generations.jsonl rows carry GENERATION_KEYS."""
 GENERATION_KEYS = ("problem", "sample", "prompt", "solution", "completion", "reward", "num_tokens", "truncated")
+OUTPUT_FILES = ("generations.jsonl", "summary.json")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -60,12 +64,19 @@ def summarize(correct: list[list[bool]], lengths: list[int], truncated: list[boo
 
 def generate_hf(model, tokenizer, prompts: list[Any], args: argparse.Namespace) -> list[tuple[str, int, bool]]:
     """(text, token count, truncated) for every prompt repeated n times, with HF `generate` in batches."""
+    return [result for batch in generate_hf_batches(model, tokenizer, prompts, args) for result in batch]
+
+
+def generate_hf_batches(
+    model, tokenizer, prompts: list[Any], args: argparse.Namespace
+) -> Iterator[list[tuple[str, int, bool]]]:
+    """The same, one list per `generate` call as soon as it is done (so that results can be written as they come)."""
     texts = [_render(tokenizer, p) for p in prompts for _ in range(args.n)]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    results = []
     for start in range(0, len(texts), args.batch_size):
+        results = []
         batch = tokenizer(texts[start : start + args.batch_size], return_tensors="pt", padding=True)
         batch = batch.to(model.device)
         with torch.no_grad():
@@ -82,7 +93,7 @@ def generate_hf(model, tokenizer, prompts: list[Any], args: argparse.Namespace) 
             ended = tokenizer.eos_token_id in ids
             length = ids.index(tokenizer.eos_token_id) if ended else len(ids)
             results.append((tokenizer.decode(ids[:length], skip_special_tokens=True), length, not ended))
-    return results
+        yield results
 
 
 def generate_vllm(model_path: str, tokenizer, prompts: list[Any], args: argparse.Namespace):
@@ -104,10 +115,35 @@ def _render(tokenizer, prompt: Any) -> str:
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
+def check_args(args: argparse.Namespace) -> Path:
+    """Every argument of `rlsd eval`, before any model is loaded: counts, sampling, the output folder (not a file,
+    no earlier results unless --overwrite) and a local model folder; returns the output folder."""
+    check_positive(
+        {"--n": args.n, "--batch_size": args.batch_size, "--max_new_tokens": args.max_new_tokens,
+         "--max_samples": args.max_samples}
+    )  # fmt: skip
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError("--temperature", f"must be >= 0, got {args.temperature}", "0 is greedy decoding")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ConfigError("--top_p", f"must lie in (0, 1], got {args.top_p}", "1 disables nucleus sampling")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise OutputDirError(f"--output {output}", "is a file", "choose a folder")
+    existing = [name for name in OUTPUT_FILES if (output / name).exists()]
+    if existing and not args.overwrite:
+        raise OutputDirError(
+            f"--output {output}", f"already holds {', '.join(existing)}", "pass --overwrite, or choose another folder"
+        )
+    check_model_folder(args.model)
+    return output
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the evaluation and write generations.jsonl and summary.json into args.output."""
+    """Run the evaluation and write generations.jsonl (batch by batch) and summary.json into args.output."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    output = check_args(args)
+    reward = resolve_reward(args.reward)
     dataset = load_rlsd_dataset(
         args.dataset,
         config=args.dataset_config,
@@ -123,30 +159,27 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts, solutions = dataset["prompt"], dataset["solution"]
     if args.backend == "vllm":
-        results = generate_vllm(args.model, tokenizer, prompts, args)
+        batches: Any = [generate_vllm(args.model, tokenizer, prompts, args)]
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model)
         model.eval()
         torch.manual_seed(args.seed)
-        results = generate_hf(model, tokenizer, prompts, args)
-    reward = resolve_reward(args.reward)
-    repeated_solutions = [s for s in solutions for _ in range(args.n)]
-    rewards = reward([text for text, _, _ in results], solution=repeated_solutions)
-    output = Path(args.output)
+        batches = generate_hf_batches(model, tokenizer, prompts, args)
     output.mkdir(parents=True, exist_ok=True)
     correct: list[list[bool]] = [[] for _ in prompts]
+    results: list[tuple[str, int, bool]] = []
     with (output / "generations.jsonl").open("w") as f:
-        for index, ((text, length, truncated), score) in enumerate(zip(results, rewards, strict=True)):
-            problem, sample = divmod(index, args.n)
-            correct[problem].append(bool(score and score > 0.5))
-            row = dict(
-                zip(
-                    GENERATION_KEYS,
-                    (problem, sample, prompts[problem], solutions[problem], text, score, length, truncated),
-                    strict=True,
-                )
-            )
-            f.write(json.dumps(row) + "\n")
+        for batch in batches:
+            start = len(results)
+            results.extend(batch)
+            solution = [solutions[index // args.n] for index in range(start, len(results))]
+            rewards = reward([text for text, _, _ in batch], solution=solution)
+            for index, ((text, length, truncated), score) in enumerate(zip(batch, rewards, strict=True), start):
+                problem, sample = divmod(index, args.n)
+                correct[problem].append(bool(score and score > 0.5))
+                values = (problem, sample, prompts[problem], solutions[problem], text, score, length, truncated)
+                f.write(json.dumps(dict(zip(GENERATION_KEYS, values, strict=True))) + "\n")
+            f.flush()
     summary = {
         **summarize(correct, [r[1] for r in results], [r[2] for r in results]),
         "model": args.model,
@@ -181,6 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--output", required=True, help="folder for generations.jsonl and summary.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     return parser
 
 

@@ -39,6 +39,7 @@ class Signals:
     group_ids: Tensor | None = None  # (B,) which prompt each completion answers
     step_ids: Tensor | None = None  # (B, T) index of the assistant segment (step) of each token
     vocab_size: int | None = None
+    span_mask: Tensor | None = None  # (B, T) tokens a rule with the "span" option may reweight (None: all)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class CreditRule:
     exact: bool
     multiplicative: bool = field(default=True)  # A_i = 0 gives 0 when True
     grpo_when_lambda_zero: bool = field(default=False)  # lam = 0 or eps_w = 0 make it exactly GRPO
+    options: frozenset[str] = field(default=frozenset())  # honours "negative_only" and / or "span" (RLSD's options)
 
 
 # ------------------------------------------------------------------------------------------------ the rules
@@ -212,7 +214,8 @@ def _entropy_gate(entropy: Tensor, signals: Signals, params: RuleParams) -> Tens
 
 
 def _gated_rlsd(signals: Signals, params: RuleParams, gate: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """The RLSD token advantages times a (B, T) gate."""
+    """The RLSD token advantages times a (B, T) gate; with `negative_only` or a span mask, the tokens RLSD leaves
+    alone keep A_i (no gate either)."""
     token_adv, metrics = rlsd_advantages(
         signals.seq_advantages.double(),
         signals.teacher_logps,
@@ -220,7 +223,13 @@ def _gated_rlsd(signals: Signals, params: RuleParams, gate: Tensor) -> tuple[Ten
         signals.mask,
         lam=params.lam,
         clip=params.clip,
+        negative_only=params.negative_only,
+        span_mask=signals.span_mask,
     )
+    if params.negative_only:
+        gate = torch.where((signals.seq_advantages < 0).unsqueeze(1), gate, torch.ones_like(gate))
+    if signals.span_mask is not None:
+        gate = torch.where(signals.span_mask.bool(), gate, torch.ones_like(gate))
     token_adv = token_adv * gate
     metrics.pop("lambda")
     metrics.update(_advantage_metrics(token_adv, signals.mask))
@@ -263,7 +272,7 @@ def _base(fn_name: str) -> Callable[[Signals, RuleParams], tuple[Tensor, dict[st
     def rlsd(s: Signals, p: RuleParams):
         adv, metrics = rlsd_advantages(
             s.seq_advantages, s.teacher_logps, s.student_logps, s.mask, lam=p.lam, clip=p.clip,
-            negative_only=p.negative_only,
+            negative_only=p.negative_only, span_mask=s.span_mask,
         )  # fmt: skip
         metrics.pop("lambda")
         return adv, metrics
@@ -279,22 +288,39 @@ def _base(fn_name: str) -> Callable[[Signals, RuleParams], tuple[Tensor, dict[st
 
 
 TEACHER = frozenset({"teacher_logps", "student_logps"})
+RLSD_OPTIONS = frozenset({"negative_only", "span"})
 RULES: dict[str, CreditRule] = {
     rule.name: rule
     for rule in (
         CreditRule("grpo", _base("grpo"), frozenset(), "GRPO (DeepSeekMath)", True),
-        CreditRule("rlsd", _base("rlsd"), TEACHER, "RLSD, arXiv 2604.03128", True, grpo_when_lambda_zero=True),
+        CreditRule(
+            "rlsd",
+            _base("rlsd"),
+            TEACHER,
+            "RLSD, arXiv 2604.03128",
+            True,
+            grpo_when_lambda_zero=True,
+            options=RLSD_OPTIONS,
+        ),
         CreditRule("opsd", _base("opsd"), TEACHER, "OPSD (sampled token)", True, multiplicative=False),
         CreditRule("grpo+opsd", _base("grpo+opsd"), TEACHER, "GRPO + OPSD", True, multiplicative=False),
         CreditRule("rlrt", rlrt, TEACHER, "RLRT, reverse teacher signals", True, grpo_when_lambda_zero=True),
         CreditRule("antisd", antisd, TEACHER | {"teacher_entropy"}, "AntiSD, pointwise MI", True, False),
-        CreditRule("egrsd", egrsd, TEACHER | {"teacher_entropy"}, "EGRSD", False),
-        CreditRule("cl-egrsd", cl_egrsd, TEACHER | {"teacher_entropy"}, "CL-EGRSD", False),
+        CreditRule("egrsd", egrsd, TEACHER | {"teacher_entropy"}, "EGRSD", False, options=RLSD_OPTIONS),
+        CreditRule("cl-egrsd", cl_egrsd, TEACHER | {"teacher_entropy"}, "CL-EGRSD", False, options=RLSD_OPTIONS),
         CreditRule("sod", sod, TEACHER | {"step_ids"}, "SOD", True, multiplicative=False),
         CreditRule("uni-opd", uni_opd, TEACHER | {"group_ids"}, "Uni-OPD margin calibration", True, False),
         CreditRule("gear", gear, TEACHER, "GEAR", False, grpo_when_lambda_zero=True),
     )
 }
+
+
+def check_rule_options(name: str, *, negative_only: bool, span: bool) -> None:
+    """Refuse RLSD's options (`rlsd_negative_only`, `rlsd_span`) for a rule that would silently ignore them."""
+    for option, used in (("negative_only", negative_only), ("span", span)):
+        if used and option not in get_rule(name).options:
+            honouring = ", ".join(rule.name for rule in RULES.values() if option in rule.options)
+            raise ValueError(f"credit={name!r} does not honour rlsd_{option}; the rules that do: {honouring}")
 
 
 def get_rule(name: str) -> CreditRule:

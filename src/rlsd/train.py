@@ -6,13 +6,19 @@ Every field is settable from `--config recipe.yaml` and from flags (flags win); 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from rlsd.config import RLSDConfig
 from rlsd.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_rlsd_dataset
 from rlsd.rewards import REWARDS, resolve_reward
+from rlsd.validate import check_model_folder, check_output_dir, check_positive
+
+RESUME_LATEST = ("true", "latest")
+RESUME_NONE = ("", "false", "none")
 
 
 @dataclass
@@ -29,6 +35,8 @@ class TrainScriptArguments:
         instruction (`str`): Answer-format instruction appended to every question.
         reward_funcs (`list[str]`, defaults to `["math_accuracy"]`): Reward names or dotted import paths.
         max_train_samples (`int`, *optional*): Keep only the first N rows (smoke runs).
+        overwrite_output_dir (`bool`, defaults to `False`): Replace a previous run found in `--output_dir` (its
+            checkpoints and final model are deleted first); without it such a folder is refused unless resuming.
     """
 
     dataset_name: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet/.csv file."})
@@ -46,6 +54,9 @@ class TrainScriptArguments:
         metadata={"help": f"Reward names ({', '.join(REWARDS)}) or dotted import paths."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete a previous run found in --output_dir instead of refusing it."}
+    )
 
 
 def make_parser() -> TrlParser:
@@ -53,9 +64,22 @@ def make_parser() -> TrlParser:
 
 
 def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args: ModelConfig) -> str:
-    """Load data and rewards, train, save the final model; returns the output folder."""
+    """Check every input (model folder, counts, output folder, rewards, dataset) before any model is loaded, then
+    train and save the final model; returns the output folder."""
     from rlsd.trainer import RLSDTrainer
 
+    resume = resume_value(training_args.resume_from_checkpoint)
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required (a hub name or a local folder)")
+    check_model_folder(model_args.model_name_or_path)
+    check_positive({"--max_train_samples": script_args.max_train_samples})
+    previous = check_output_dir(
+        training_args.output_dir,
+        resuming=resume is not None,
+        overwrite=script_args.overwrite_output_dir,
+        overwrite_flag="--overwrite_output_dir",
+    )
+    reward_funcs = [resolve_reward(name, training_args.reward_timeout) for name in script_args.reward_funcs]
     dataset = load_rlsd_dataset(
         script_args.dataset_name,
         config=script_args.dataset_config,
@@ -68,8 +92,8 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
     )
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
-    if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required (a hub name or a local folder)")
+    if previous and resume is None and training_args.should_save:
+        remove_previous_run(Path(training_args.output_dir), previous)
     model_init_kwargs = dict(training_args.model_init_kwargs or {})
     model_init_kwargs.setdefault("dtype", model_args.dtype)
     if model_args.attn_implementation is not None:
@@ -79,14 +103,34 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
     training_args.model_init_kwargs = model_init_kwargs
     trainer = RLSDTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=[resolve_reward(name) for name in script_args.reward_funcs],
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return training_args.output_dir
+
+
+def resume_value(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint`: `true` / `latest` resume from the newest checkpoint of the output folder (as
+    `Trainer.train(True)` does), `false` / empty not at all, anything else is a checkpoint path."""
+    if isinstance(value, str) and value.strip().lower() in RESUME_LATEST:
+        return True
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in RESUME_NONE):
+        return None
+    return value
+
+
+def remove_previous_run(folder: Path, entries: list[str]) -> None:
+    """--overwrite_output_dir: delete the previous run's checkpoints and final files so the two runs never mix."""
+    for name in entries:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

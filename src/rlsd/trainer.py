@@ -14,8 +14,10 @@ projects both to the vocabulary a chunk of tokens at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -27,17 +29,20 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDatasetDict
 from torch.distributed.tensor import DTensor
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOTrainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, prepare_fsdp
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import pad
 
+from rlsd import checkpoint as checkpoint_files
 from rlsd.config import RLSDConfig
-from rlsd.credit import grpo_advantages, rlsd_lambda
+from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
 from rlsd.distill import chunked_token_loss, sdpg_ref_penalty, token_loss_fn
 from rlsd.rewards import guard_reward
 from rlsd.rules import AntiSDGate, RuleParams, Signals, get_rule
-from rlsd.teacher import SelfTeacher, TeacherSyncCallback, _is_peft_model
+from rlsd.teacher import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, SelfTeacher, TeacherSyncCallback, _is_peft_model
 from rlsd.teacher_prompt import (
     NO_SIBLING_TEXT,
     PRIVILEGED_SOURCES,
@@ -46,7 +51,9 @@ from rlsd.teacher_prompt import (
     render_teacher_prompts,
     validate_teacher_template,
 )
+from rlsd.validate import CheckpointError, NonFiniteError
 
+logger = logging.getLogger(__name__)
 RULE_STATE_FILE = "rlsd_rule_state.json"
 
 
@@ -77,6 +84,9 @@ class RLSDTrainer(GRPOTrainer):
             )
         )
         self.uses_teacher = self.rule_uses_teacher or self.distill_fn is not None
+        # a multiplicative rule gives A_it = 0 on rows with A_i = 0 whatever the teacher says: unless a distillation
+        # term needs the teacher there too, those rows are neither rendered nor scored by the teacher
+        self.skips_known_credit = self.rule.multiplicative and self.distill_fn is None
         self.shows_answer = "answer" in PRIVILEGED_SOURCES[args.privileged_source]
         if self.uses_teacher and self.shows_answer:
             if args.remove_unused_columns:
@@ -86,7 +96,11 @@ class RLSDTrainer(GRPOTrainer):
                 )
             for split_name in ("train_dataset", "eval_dataset"):
                 _check_privileged_column(kwargs.get(split_name), args.privileged_column, split_name)
-        super().__init__(model, _guard_rewards(reward_funcs), args=args, **kwargs)
+        if self.uses_teacher and not args.disable_dropout:
+            # the teacher scores in eval mode; dropout in the student's train-mode forward would enter Delta
+            logger.info("a self-teacher is used: setting disable_dropout=True (TRL then zeroes every nn.Dropout)")
+            args.disable_dropout = True
+        super().__init__(model, _guard_rewards(reward_funcs, args.reward_timeout), args=args, **kwargs)
 
         self._loss_state: dict[str, Any] | None = None
         self._last_rewards: torch.Tensor | None = None
@@ -94,6 +108,7 @@ class RLSDTrainer(GRPOTrainer):
         self.teacher: SelfTeacher | None = None
         if self.uses_teacher:
             policy = self.accelerator.unwrap_model(self.model)
+            _check_no_attention_dropout(policy)
             self.teacher = SelfTeacher(
                 args.teacher,
                 policy,
@@ -101,6 +116,7 @@ class RLSDTrainer(GRPOTrainer):
                 ema_decay=args.teacher_ema_decay,
                 temperature=self.temperature,
                 with_entropy="teacher_entropy" in self.rule.needs,
+                cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
             )
             if self.teacher.model is not None:
                 self.teacher.model = self._prepare_frozen_model(self.teacher.model)
@@ -117,8 +133,9 @@ class RLSDTrainer(GRPOTrainer):
             if args.distill_loss == "sdpg" and args.sdpg_ref_coef > 0:  # SDPG's anchor to the initial model
                 policy = self.accelerator.unwrap_model(self.model)
                 self.reference = SelfTeacher(
-                    "initial", policy, sync_steps=1, ema_decay=0.0, temperature=self.temperature
-                )
+                    "initial", policy, sync_steps=1, ema_decay=0.0, temperature=self.temperature,
+                    cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+                )  # fmt: skip
                 if self.reference.model is not None:
                     self.reference.model = self._prepare_frozen_model(self.reference.model)
 
@@ -164,8 +181,9 @@ class RLSDTrainer(GRPOTrainer):
         lam = self._current_lambda() if self.rule_uses_teacher else 0.0
         if self.rule_uses_teacher:
             self._metrics[mode]["rlsd/lambda"].append(lam)
+        teacher_rows = self._teacher_rows(output["advantages"]) if self.skips_known_credit else None
         if self.uses_teacher:
-            output.update(self._teacher_context(inputs, output, mode))
+            output.update(self._teacher_context(inputs, output, mode, rows=teacher_rows))
         if self.distill_fn is not None:
             weight = output["rlsd_has_context"].float()
             if self.args.distill_positive_only:
@@ -182,7 +200,7 @@ class RLSDTrainer(GRPOTrainer):
         start = time.perf_counter()
         teacher_logps, teacher_entropy = self._teacher_logps(output)
         self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
-        gate = self._antisd_gate_value(teacher_entropy, mask) if self.antisd_gate is not None else 1.0
+        gate = self._antisd_gate_value(teacher_entropy, mask, mode) if self.antisd_gate is not None else 1.0
         pending = {
             "rlsd_seq_advantages": output["advantages"],
             "rlsd_teacher_logps": teacher_logps,
@@ -191,6 +209,8 @@ class RLSDTrainer(GRPOTrainer):
         }
         if teacher_entropy is not None:
             pending["rlsd_teacher_entropy"] = teacher_entropy
+        if teacher_rows is not None:  # the rule scores only these rows; the others keep A_it = 0
+            pending["rlsd_scored"] = output["advantages"] != 0
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in self.rule.needs:
             student_logps = self._score_rollout(output)  # group statistics need every completion of a group now
@@ -202,6 +222,7 @@ class RLSDTrainer(GRPOTrainer):
 
     def _without_unused_context(self, output: dict[str, Any]) -> dict[str, Any]:
         """The teacher's prompt ids travel to the loss only when a distillation loss re-runs the teacher there."""
+        output.pop("rlsd_teacher_rows", None)  # only with the skip, which has no distillation term
         if self.distill_fn is None:
             output.pop("rlsd_teacher_prompt_ids", None)
             output.pop("rlsd_teacher_prompt_mask", None)
@@ -216,8 +237,11 @@ class RLSDTrainer(GRPOTrainer):
         self._last_rewards = totals
         return rewards_per_func
 
-    def _antisd_gate_value(self, teacher_entropy: torch.Tensor, mask: torch.Tensor) -> float:
-        """Feed the batch's mean teacher entropy (over all processes) to AntiSD's gate."""
+    def _antisd_gate_value(self, teacher_entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> float:
+        """Feed the batch's mean teacher entropy (over all processes) to AntiSD's gate; an eval batch reads the gate
+        as training left it and does not move it."""
+        if mode != "train":
+            return 1.0 if self.antisd_gate.on else 0.0
         totals = torch.stack([(teacher_entropy * mask).sum(), mask.sum()]).double()
         totals = self.accelerator.reduce(totals, reduction="sum")
         return self.antisd_gate.update((totals[0] / totals[1].clamp(min=1)).item())
@@ -233,24 +257,48 @@ class RLSDTrainer(GRPOTrainer):
         )  # fmt: skip
         return logps
 
-    def _teacher_context(self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str) -> dict[str, Any]:
-        """The teacher's prompt ids (left-padded) and which rows have a privileged context at all (a row whose
-        source is only a sibling has none when no sibling succeeded); rows without one are counted."""
-        answers = self._privileged_answers(inputs) if self.shows_answer else None
+    def _teacher_rows(self, seq_advantages: torch.Tensor) -> torch.Tensor:
+        """Indices of the rows the teacher scores under a multiplicative rule: those with A_i != 0 in batch order,
+        topped up with rows of known credit to the largest such count over processes, so that every process runs
+        the same number of forward chunks (a sharded model gathers its parameters collectively in each)."""
+        scored = seq_advantages != 0
+        count = scored.sum().reshape(1)
+        target = int(self.accelerator.gather(count).max().item())
+        order = torch.cat([scored.nonzero().flatten(), (~scored).nonzero().flatten()])
+        return order[:target]
+
+    def _teacher_context(
+        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rows: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """The teacher's prompt ids (left-padded) of `rows` (all rows when None; else they travel along as
+        `rlsd_teacher_rows`) and which rows have a privileged context at all (a row whose source is only a sibling
+        has none when no sibling succeeded); rows without one are counted. Rows outside `rows` are neither rendered
+        nor tokenized."""
+        selected = list(range(len(inputs))) if rows is None else rows.tolist()
+        answers = self._privileged_answers([inputs[i] for i in selected]) if self.shows_answer else None
         siblings = None
         has_context = torch.ones(len(inputs), dtype=torch.bool, device=self.accelerator.device)
         if "sibling" in PRIVILEGED_SOURCES[self.args.privileged_source]:
             siblings, found = self._sibling_completions(output, mode)
             if not self.shows_answer:
                 has_context = found
-            no_context = 1.0 - has_context.float().mean().item()
+            no_context = TokenMean(1.0 - has_context.float().mean().item(), has_context.numel())
             missing = float((~found).sum())
             self._log_across_processes(mode, {"no_sibling_count": missing, "no_context_frac": no_context})
+            siblings = [siblings[i] for i in selected]
         teacher_prompts = render_teacher_prompts(
-            [row["prompt"] for row in inputs], self.args.teacher_template, answers=answers, siblings=siblings
+            [inputs[i]["prompt"] for i in selected], self.args.teacher_template, answers=answers, siblings=siblings
         )
-        prompt_ids_list, _, _ = self._tokenize_prompts(teacher_prompts)
         device = self.accelerator.device
+        if not teacher_prompts:  # no row needs the teacher
+            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
+            return {
+                "rlsd_teacher_prompt_ids": empty,
+                "rlsd_teacher_prompt_mask": empty,
+                "rlsd_has_context": has_context,
+                "rlsd_teacher_rows": rows,
+            }
+        prompt_ids_list, _, _ = self._tokenize_prompts(teacher_prompts)
         prompt_ids = pad(
             [torch.tensor(ids) for ids in prompt_ids_list],
             padding_value=self._tokenizer.pad_token_id,
@@ -259,8 +307,9 @@ class RLSDTrainer(GRPOTrainer):
         prompt_mask = pad(
             [torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0, padding_side="left"
         ).to(device)
-        return {"rlsd_teacher_prompt_ids": prompt_ids, "rlsd_teacher_prompt_mask": prompt_mask,
-                "rlsd_has_context": has_context}  # fmt: skip
+        context = {"rlsd_teacher_prompt_ids": prompt_ids, "rlsd_teacher_prompt_mask": prompt_mask,
+                   "rlsd_has_context": has_context}  # fmt: skip
+        return context if rows is None else {**context, "rlsd_teacher_rows": rows}
 
     def _privileged_answers(self, inputs: list[dict[str, Any]]) -> list[Any]:
         """The reference answers of a rollout batch; a row without the privileged column is named."""
@@ -291,8 +340,26 @@ class RLSDTrainer(GRPOTrainer):
     @torch.no_grad()
     def _teacher_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tau_t (and the teacher's entropy when the rule needs it): one no-grad forward on
-        [teacher prompt ; completion ids], chunked by the per-device batch."""
+        [teacher prompt ; completion ids], chunked by the per-device batch. With `rlsd_teacher_rows` (the rows
+        whose teacher prompts were built), only those rows are scored and the others are 0."""
+        rows = output.get("rlsd_teacher_rows")
+        if rows is None:
+            return self._teacher_forward(output, output["completion_ids"], output["completion_mask"])
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+        entropy = torch.zeros_like(logps) if "teacher_entropy" in self.rule.needs else None
+        if rows.numel() == 0:
+            return logps, entropy
+        row_logps, row_entropy = self._teacher_forward(output, completion_ids[rows], completion_mask[rows])
+        logps = logps.to(row_logps.dtype).index_copy(0, rows, row_logps)
+        if entropy is not None:
+            entropy = entropy.to(row_entropy.dtype).index_copy(0, rows, row_entropy)
+        return logps, entropy
+
+    def _teacher_forward(
+        self, output: dict[str, Any], completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's log-probs (and entropy) of `completion_ids` after the teacher prompts of `output`."""
         input_ids = torch.cat([output["rlsd_teacher_prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([output["rlsd_teacher_prompt_mask"], completion_mask], dim=1)
         policy = self.accelerator.unwrap_model(self.model)
@@ -353,6 +420,7 @@ class RLSDTrainer(GRPOTrainer):
             ),
             step_ids=_step_ids(batch),
             vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
+            span_mask=self._think_span(batch) if args.rlsd_span == "think" else None,
         )
         params = RuleParams(
             lam=float(batch["rlsd_lambda"]),
@@ -367,19 +435,38 @@ class RLSDTrainer(GRPOTrainer):
             uniopd_margin=args.uniopd_margin,
             gear_spike_std=args.gear_spike_std,
         )
-        token_adv, metrics = self.rule.fn(signals, params)
+        scored = batch.get("rlsd_scored")
+        if scored is None:
+            token_adv, metrics = self.rule.fn(signals, params)
+        else:
+            token_adv, metrics = _rule_on_rows(self.rule.fn, signals, params, scored)
         self._log_across_processes(mode, metrics)
         return token_adv.to(batch["rlsd_seq_advantages"].dtype)
 
+    def _think_span(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, T) completion tokens inside the reasoning span (`rlsd_span="think"`), from each token's text."""
+        ids = batch["completion_ids"]
+        pieces = [self._tokenizer.batch_decode(row.unsqueeze(1)) for row in ids.cpu()]
+        return think_span_mask(pieces, ids.size(1)).to(ids.device) & batch["completion_mask"].bool()
+
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
-        """Average each metric over processes (NaN-aware; `*_count` metrics are summed) and append it to TRL's
-        metrics under `rlsd/`."""
+        """Combine each metric over processes and append it to TRL's metrics under `rlsd/`: a `TokenMean` by the
+        count-weighted mean (token-weighted, as TRL's global masked mean), `*_count` metrics by their sum, any other
+        value by the mean over processes (NaN-aware)."""
         keys = sorted(metrics)
-        local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(keys))
+        values = [metrics[k] for k in keys]
+        counts = [getattr(v, "count", math.nan) for v in values]
+        local = torch.tensor([values + counts], dtype=torch.float64, device=self.accelerator.device)
+        gathered = self.accelerator.gather(local).view(-1, 2 * len(keys))
         for index, key in enumerate(keys):
-            column = gathered[:, index]
-            value = column.nansum() if key.endswith("_count") else column.nanmean()
+            column, count = gathered[:, index], gathered[:, len(keys) + index]
+            if key.endswith("_count"):
+                value = column.nansum()
+            elif torch.isnan(count).all():
+                value = column.nanmean()
+            else:
+                counted = count > 0
+                value = (column[counted] * count[counted]).sum() / count[counted].sum()
             if not math.isnan(value.item()):
                 self._metrics[mode][f"rlsd/{key}"].append(value.item())
 
@@ -399,6 +486,12 @@ class RLSDTrainer(GRPOTrainer):
                 loss = super()._compute_loss(model, inputs)
         finally:
             self._loss_state = None
+        if "logps" not in state:
+            raise RuntimeError(
+                "TRL's loss never called _get_per_token_logps_and_entropies, so the token credit that waits for its "
+                "log-probs was not computed and the step would silently train with sequence advantages; this "
+                "trainer relies on TRL 1.16's loss (check the TRL version and loss options such as liger)"
+            )
         if teacher is None:
             return loss
         completion_length = inputs["completion_ids"].size(1)
@@ -457,7 +550,10 @@ class RLSDTrainer(GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         (student_hidden, student_head), (teacher_hidden, teacher_head) = student, teacher
         # the same keys on every process (NaN where nothing was distilled): metrics are gathered
-        metrics = {"distill_token_frac": (selected.sum() / tokens).item(), "distill_loss": math.nan}
+        metrics = {
+            "distill_token_frac": TokenMean((selected.sum() / tokens).item(), loss_mask.sum().item()),
+            "distill_loss": TokenMean(math.nan, 0),
+        }
         if selected.any():
             per_token = chunked_token_loss(
                 self.distill_fn,
@@ -468,19 +564,144 @@ class RLSDTrainer(GRPOTrainer):
                 chunk_tokens=args.distill_chunk_tokens,
             ).squeeze(0)
             distill = (per_token * weights[selected]).sum() / tokens
-            metrics["distill_loss"] = ((per_token.detach() * weights[selected]).sum() / weights[selected].sum()).item()
+            mass = weights[selected].sum()
+            metrics["distill_loss"] = TokenMean(
+                ((per_token.detach() * weights[selected]).sum() / mass).item(), mass.item()
+            )
         else:  # a differentiable zero keeps every process's backward identical
             distill = student_hidden.sum() * 0.0
         term = args.distill_coef * distill
         if "rlsd_ref_logps" in inputs:
             penalty = (sdpg_ref_penalty(student_logps, inputs["rlsd_ref_logps"]) * loss_mask).sum() / tokens
-            metrics["ref_penalty"] = penalty.item()
+            metrics["ref_penalty"] = TokenMean(penalty.item(), loss_mask.sum().item())
             term = term + args.sdpg_ref_coef * penalty
         self._log_across_processes(mode, metrics)
         return term / accumulation
 
+    # ---------------------------------------------------------------------------------------- non-finite guards
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """TRL's loss; in training a NaN or inf loss stops the run here, before its backward pass, the optimizer
+        step or any save, naming the step and the batch entries that are not finite."""
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        value = loss[0] if isinstance(loss, tuple) else loss
+        if self.model.training and not self.args.fp16 and not torch.isfinite(value.detach()).all():
+            bad = [
+                k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
+            ]
+            found = f" (not finite in the batch: {', '.join(bad)})" if bad else ""
+            raise NonFiniteError(f"training step {self.state.global_step + 1}", f"the loss is {value.item()}{found}",
+                                 self._nonfinite_fix())  # fmt: skip
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """HF's gradient norm (computed before every optimizer step); a NaN or inf one stops the run before the
+        optimizer applies it, naming the step and the first parameter whose gradient is not finite (with fp16, the
+        loss scaler skips such steps itself)."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(norm) if norm is not None else 0.0
+        if not self.args.fp16 and not math.isfinite(value):
+            name = _first_nonfinite_grad(model)
+            where = f" (first in {name})" if name else ""
+            raise NonFiniteError(f"training step {self.state.global_step + 1}", f"the gradient norm is {value}{where}",
+                                 self._nonfinite_fix())  # fmt: skip
+        return norm
+
+    def _nonfinite_fix(self) -> str:
+        """How to fix a non-finite step: what was not applied, and the knobs this run changed from their defaults."""
+        changed = _changed_knobs(self.args)
+        return (
+            "nothing from this step was applied or saved and the last checkpoint is intact; check the learning rate"
+            + (f", the knobs this run changed ({changed})" if changed else "")
+            + " and the rewards of this batch, then resume"
+        )
+
     # ------------------------------------------------------------------------------------------- checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """TRL's training loop; a checkpoint to resume from is verified first, file by file (`rlsd.checkpoint`)."""
+        checkpoint = self._verified_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    def _verified_checkpoint(self, resume: str | bool | None) -> str | None:
+        """The checkpoint to resume from (True: the latest `checkpoint-N` of output_dir), refused when it is torn,
+        misses a file or holds an unreadable one; a weights-only resume names what it starts fresh."""
+        self._fresh_on_resume: list[str] = []
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            output_dir = self.args.output_dir
+            resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            if resume is None:
+                raise CheckpointError(f"output folder {output_dir}", "holds no checkpoint-N folder to resume from",
+                                      "train without resuming, or pass the path of a checkpoint")  # fmt: skip
+        self._fresh_on_resume = checkpoint_files.verify(
+            str(resume),
+            required=[TRAINER_STATE_NAME],
+            expected=self._hf_state_files() + self._rlsd_state_files(),
+            weights_only=self.args.resume_weights_only,
+        )
+        if self._fresh_on_resume and self.accelerator.is_main_process:
+            logger.warning("resume_weights_only: %s lacks %s; that state starts fresh", resume,
+                           ", ".join(self._fresh_on_resume))  # fmt: skip
+        return str(resume)
+
+    def _hf_state_files(self) -> list[str]:
+        """The optimizer, scheduler and RNG files HF writes into a checkpoint of this run (DeepSpeed and FSDP keep
+        theirs in sub-folders, which the manifest covers)."""
+        if self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return []
+        rng = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
+        return ["optimizer.pt", "scheduler.pt", rng]
+
+    def _rlsd_state_files(self) -> list[str]:
+        """The files RLSD adds to a checkpoint of this run: the teacher's state and weights, the rule's state."""
+        files = []
+        if self.teacher is not None:
+            files.append(TEACHER_STATE_FILE)
+            if self.teacher.model is not None:
+                files.append(TEACHER_WEIGHTS_FILE)
+        if self.antisd_gate is not None:
+            files.append(RULE_STATE_FILE)
+        return files
+
     def _save_checkpoint(self, model, trial):
+        """`_write_checkpoint` under a temporary name (`.rlsd-partial-checkpoint-N/checkpoint-N`), sealed with a
+        manifest of every file and its size, then renamed to `checkpoint-N`: a run killed while saving leaves no
+        `checkpoint-N` that looks complete. A failed write is removed; a full disk is reported as one."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        root = checkpoint_files.staging_root(run_dir, name)
+        if self.args.should_save:
+            checkpoint_files.discard(root)  # a torn write of this step by an earlier, killed run
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: root  # HF and TRL write (and rotate) inside the staging folder
+        try:
+            self._write_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self._unstage_best_checkpoint(root, run_dir, name)
+                checkpoint_files.seal(os.path.join(root, name), self.state.global_step)
+        except Exception as err:
+            if self.args.should_save:
+                checkpoint_files.discard(root)
+            if checkpoint_files.is_disk_full(err, run_dir):
+                raise checkpoint_files.disk_full_error(name, run_dir) from err
+            raise
+        finally:
+            del self._get_output_dir
+        if self.args.should_save:
+            checkpoint_files.publish(os.path.join(root, name), os.path.join(run_dir, name))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+        self.accelerator.wait_for_everyone()
+
+    def _unstage_best_checkpoint(self, root: str, run_dir: str, name: str) -> None:
+        """HF records the best checkpoint where it was written: point it at its final place (state and file)."""
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(root):
+            self.state.best_model_checkpoint = run_dir + best[len(root) :]
+            self.state.save_to_json(os.path.join(root, name, TRAINER_STATE_NAME))
+
+    def _write_checkpoint(self, model, trial):
         """TRL's checkpoint plus the teacher's weights and sync state."""
         super()._save_checkpoint(model, trial)
         if self.teacher is not None and self.args.should_save:
@@ -494,25 +715,77 @@ class RLSDTrainer(GRPOTrainer):
                 json.dump(self.antisd_gate.state_dict(), f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """Resuming restores the teacher together with the optimizer."""
+        """Resuming restores the teacher and the rule state together with the optimizer (verified before: see
+        `train`); in a weights-only resume, a missing teacher restarts from the resumed policy."""
         super()._load_optimizer_and_scheduler(checkpoint)
+        fresh = set(getattr(self, "_fresh_on_resume", []))
         if self.teacher is not None and checkpoint is not None:
-            self.teacher.load(checkpoint, self.accelerator.unwrap_model)
-        if self.antisd_gate is not None and checkpoint is not None:
+            if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
+                if self.teacher.model is not None:
+                    policy = self.accelerator.unwrap_model(self.model)
+                    SyncRefModelCallback.sync_target_model(policy, self.teacher.model, alpha=1.0)
+            else:
+                self.teacher.load(checkpoint, self.accelerator.unwrap_model)
+        if self.antisd_gate is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
             with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
                 self.antisd_gate.load_state_dict(json.load(f))
 
 
-def _guard_rewards(reward_funcs: Any) -> Any:
-    """Plain reward functions are wrapped so that an exception names the function and the row (`guard_reward`);
-    model names, reward models and async functions pass through unchanged."""
+def _guard_rewards(reward_funcs: Any, timeout_s: float) -> Any:
+    """Plain reward functions are wrapped so that an exception, a call longer than `timeout_s` or a malformed
+    output names the function (`guard_reward`); model names, reward models and async functions pass unchanged."""
 
     def guard(func: Any) -> Any:
         if isinstance(func, str | torch.nn.Module) or not callable(func) or inspect.iscoroutinefunction(func):
             return func
-        return guard_reward(func)
+        return guard_reward(func, timeout_s)
 
     return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
+
+
+def _rule_on_rows(
+    rule_fn: Callable[[Signals, RuleParams], tuple[torch.Tensor, dict[str, float]]],
+    signals: Signals,
+    params: RuleParams,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A multiplicative rule on the `rows` (B,) with A_i != 0 only, its metrics over those rows; every other row
+    gets A_it = 0, which is what the rule gives a row with A_i = 0 whatever its teacher says."""
+    index = rows.nonzero().flatten()
+    subset = dataclasses.replace(
+        signals,
+        **{
+            item.name: getattr(signals, item.name)[index]
+            for item in dataclasses.fields(signals)
+            if isinstance(getattr(signals, item.name), torch.Tensor)
+        },
+    )
+    row_adv, metrics = rule_fn(subset, params)
+    token_adv = torch.zeros(signals.mask.shape, dtype=row_adv.dtype, device=row_adv.device)
+    return token_adv.index_copy(0, index, row_adv), metrics
+
+
+def _first_nonfinite_grad(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter whose gradient holds a NaN or inf (None when none is found)."""
+    try:
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+                return name
+    except RuntimeError:  # a sharded gradient that cannot be checked locally
+        return None
+    return None
+
+
+def _changed_knobs(args: RLSDConfig) -> str:
+    """RLSD's own numeric knobs that differ from their defaults, as `name=value` (for non-finite step errors)."""
+    own = {f.name for f in dataclasses.fields(RLSDConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
+    changed = []
+    for item in dataclasses.fields(args):
+        value = getattr(args, item.name)
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if item.name in own and numeric and value != item.default:
+            changed.append(f"{item.name}={value}")
+    return ", ".join(changed)
 
 
 @contextlib.contextmanager
@@ -552,6 +825,18 @@ def _logits_fn(head: torch.nn.Module, temperature: float) -> Callable[[torch.Ten
         return F.linear(hidden.to(weight.dtype), weight, bias).float() / temperature
 
     return logits
+
+
+def _check_no_attention_dropout(model: torch.nn.Module) -> None:
+    """Attention dropout applied inside the attention function (not an `nn.Dropout`, which TRL's disable_dropout
+    zeroes) would make the student's train-mode log-probs noisy against the teacher's: refused."""
+    for name, module in model.named_modules():
+        rate = getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, float) and rate > 0.0:
+            raise ValueError(
+                f"{name or type(model).__name__} has attention_dropout={rate}; with a self-teacher, Delta would carry "
+                "dropout noise: load the model with attention_dropout=0.0 in its config"
+            )
 
 
 def _check_plain_lm_head(model: torch.nn.Module) -> None:
