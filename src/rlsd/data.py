@@ -11,6 +11,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from rlsd.gsm_symbolic import gsm_symbolic_rows, is_gsm_symbolic
 from rlsd.rewards import last_boxed
 from rlsd.validate import DatasetError, check_answer_length, check_dataset_file, looks_local, text_cell
 
@@ -118,7 +119,10 @@ def detect_format(columns: list[str]) -> str:
 
 def load_source(name: str, config: str | None = None, split: str | None = None) -> Dataset | DatasetDict:
     """A local jsonl / json / parquet / csv file, or a hub dataset name, through `datasets.load_dataset`; a local
-    file is checked first (`rlsd.validate.check_dataset_file`) and a load error names the file and its cause."""
+    file is checked first (`rlsd.validate.check_dataset_file`) and a load error names the file and its cause.
+    `gsm_symbolic` (or a folder of its .toml templates) builds GSM-Symbolic rows, `config` holding its options."""
+    if is_gsm_symbolic(name):
+        return Dataset.from_list(gsm_symbolic_rows(name, config, split))
     path = Path(name)
     if path.suffix in LOCAL_FORMATS and not path.exists():
         raise FileNotFoundError(f"dataset file {name} does not exist")
