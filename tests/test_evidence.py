@@ -67,3 +67,11 @@ def test_lr_variants_scale_only_their_own_learning_rate():
     assert _trainer_args(config, "grpo-10x").learning_rate == pytest.approx(10 * config.learning_rate)
     assert _trainer_args(config, "opsd").learning_rate == config.learning_rate
     assert _trainer_args(config, "opsd-10x").credit == "opsd"
+
+
+def test_method_colors_never_repeat():
+    from rlsd.report import COLORS, method_colors
+
+    methods = [*COLORS, *(f"method-{i}" for i in range(30))]
+    colors = method_colors(methods)
+    assert len(set(colors.values())) == len(methods) and colors["grpo"] == COLORS["grpo"]

@@ -183,9 +183,9 @@ def render_diagnostics(root: Path) -> str:
     rows, _ = _methods_rows(root)
     diag = [r for r in rows if r.get("kind") == "diagnostics"]
     lines = [
-        "| run | step | AUC (mean Delta: correct vs wrong) | mean Delta correct / wrong | Delta at tokens 1, 2, 3 |"
-        " clipped low / high |",
-        "|---|---|---|---|---|---|",
+        "| run | step | seeds | AUC (mean Delta: correct vs wrong) | mean Delta correct / wrong |"
+        " Delta at tokens 1, 2, 3 | clipped low / high |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in diag):
         for step in sorted({r["step"] for r in diag if r["method"] == method}):
@@ -196,8 +196,9 @@ def render_diagnostics(root: Path) -> str:
                 continue
             name = "warm start" if step == 0 else method
             first = " / ".join(f"{statistics.mean(r['delta_by_position'][i] for r in chosen):+.3f}" for i in (1, 2, 3))
+            auc, low, high = mean_interval([r["auc"] for r in chosen])
             lines.append(
-                f"| {name} | {step} | {_interval([r['auc'] for r in chosen]).replace('.', '.', 1)} | "
+                f"| {name} | {step} | {len(chosen)} | {auc:.3f} [{low:.3f}, {high:.3f}] | "
                 f"{statistics.mean(r['mean_delta_correct'] for r in chosen):+.3f} / "
                 f"{statistics.mean(r['mean_delta_wrong'] for r in chosen):+.3f} | {first} | "
                 f"{_pct(statistics.mean(r['clip_low_frac'] for r in chosen))} / "

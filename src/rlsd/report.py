@@ -17,10 +17,10 @@ COLORS = {"grpo": "#1f77b4", "rlsd": "#d62728", "opsd": "#2ca02c", "grpo+opsd": 
 
 
 def method_colors(methods: list[str]) -> dict[str, Any]:
-    """A colour per method, never two alike: the fixed ones above, then tab20's colours that none of them uses."""
+    """A colour per method, never two alike: the fixed ones above, then tab10's distinct hues, then tab20's."""
     from matplotlib.colors import to_hex
 
-    palette = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
     spare = [c for c in dict.fromkeys(map(to_hex, palette)) if c not in COLORS.values()]
     colors, others = {}, iter(spare)
     for method in methods:
