@@ -82,8 +82,8 @@ def render_pilot(root: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def _methods_rows(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    folder = root / "benchmarks" / "methods"
+def _methods_rows(root: Path, name: str = "methods") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    folder = root / "benchmarks" / name
     return read_rows(folder / "metrics.jsonl"), json.loads((folder / "results.json").read_text())
 
 
@@ -104,10 +104,10 @@ def _sampled(rows: list[dict[str, Any]], method: str, seed: int, step: int, key:
     return found[0] if found else None
 
 
-def render_methods(root: Path) -> str:
+def render_methods(root: Path, name: str = "methods") -> str:
     """Final greedy pass@1 with its interval, paired differences to the warm start and to GRPO, the second-half
-    mean, sampled pass@1 and pass@8 at the start and end, leakage and length."""
-    rows, results = _methods_rows(root)
+    mean, sampled pass@1 and pass@8 at the start and end, leakage and length (`name`: the folder under benchmarks)."""
+    rows, results = _methods_rows(root, name)
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get("kind") == "eval"))
     steps = results["config"]["steps"]
     lines = [
@@ -282,12 +282,6 @@ def render_study(root: Path) -> str:
     return render_study_table(json.loads((root / "benchmarks" / "study" / "results.json").read_text())["study"])
 
 
-def render_family(root: Path) -> str:
-    from rlsd.bench import render_methods_table
-
-    return render_methods_table(json.loads((root / "benchmarks" / "family" / "results.json").read_text())["table"])
-
-
 def render_demo(root: Path) -> str:
     """The README's demo table from the committed summary of one `make demo` run."""
     summary = json.loads((root / "benchmarks" / "demo" / "summary.json").read_text())
@@ -300,8 +294,12 @@ def render_demo(root: Path) -> str:
                      f"{_pct(s['peak_pass_at_1'])} ({s['peak_step']}) | {_pct(s['final_leakage_rate'])} | "
                      f"{s['seconds_per_step']:.2f} |")  # fmt: skip
     lines.append("")
-    lines.append(f"Wall time {summary['total_seconds']:.0f} s in all, {summary['warm_start_seconds']:.0f} s of it "
-                 "the warm start (cold cache).")  # fmt: skip
+    timing = json.loads((root / "benchmarks" / "demo" / "timing.json").read_text())
+    lines.append(
+        f"`rlsd demo` took {summary['total_seconds']:.0f} s, {summary['warm_start_seconds']:.0f} s of it the warm "
+        f"start (cold cache); `make demo` on a fresh clone, creating the virtual environment and installing "
+        f"everything, took {timing['make_demo_seconds']:.0f} s in all ({timing['machine']})."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -314,8 +312,9 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "claims": render_claims,
     "cost": render_cost,
     "study": render_study,
-    "family": render_family,
+    "family": lambda root: render_methods(root, "family"),
     "family-cost": lambda root: render_cost(root, "family-cost"),
+    "cost-before-skip": lambda root: render_cost(root, "cost-before-skip"),
     "demo": render_demo,
 }
 """Every rendered table by name, as named in the documents' `<!-- table:NAME -->` markers."""

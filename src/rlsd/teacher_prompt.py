@@ -88,16 +88,42 @@ def validate_teacher_template(template: str, source: str = "answer") -> None:
 
 def render_teacher_prompt(prompt: Prompt, template: str, **fields: Any) -> Prompt:
     """The teacher's view of one row: a plain-text prompt is filled in whole; for a conversation the last user turn
-    is rewritten and every other turn (system prompts included) is kept. `fields` fill `{answer}` / `{sibling}`."""
+    is rewritten (its last text block when it holds image blocks, which stay) and every other turn (system prompts
+    included) is kept. `fields` fill `{answer}` / `{sibling}`."""
     values = {name: _answer_text(value) for name, value in fields.items()}
     if isinstance(prompt, str):
         return template.format(prompt=prompt, **values)
     last_user = _last_user_index(prompt)
     content = prompt[last_user]["content"]
-    if not isinstance(content, str):
-        raise ValueError("teacher prompts need text-only user turns; the last user turn has structured content")
-    rewritten = {**prompt[last_user], "content": template.format(prompt=content, **values)}
-    return [*prompt[:last_user], rewritten, *prompt[last_user + 1 :]]
+    if isinstance(content, str):
+        rewritten = template.format(prompt=content, **values)
+    else:
+        rewritten = _rewrite_blocks(content, template, values)
+    return [*prompt[:last_user], {**prompt[last_user], "content": rewritten}, *prompt[last_user + 1 :]]
+
+
+def _rewrite_blocks(blocks: list[dict[str, Any]], template: str, values: dict[str, str]) -> list[dict[str, Any]]:
+    """Structured content (image and text blocks): the last text block is filled into the template and every other
+    block (images included, in place) is kept, so that the teacher sees what the student sees plus the context; a turn
+    without text gets one text block after its images."""
+    text_indices = [i for i, block in enumerate(blocks) if block.get("type") == "text"]
+    if not text_indices:
+        return [*blocks, {"type": "text", "text": template.format(prompt="", **values).lstrip()}]
+    last = text_indices[-1]
+    rewritten = {**blocks[last], "text": template.format(prompt=blocks[last]["text"], **values)}
+    return [*blocks[:last], rewritten, *blocks[last + 1 :]]
+
+
+def has_image_blocks(prompt: Any) -> bool:
+    """True when a conversational prompt holds an image block in any turn (images carried inside the prompt)."""
+    if not isinstance(prompt, list):
+        return False
+    return any(
+        isinstance(message, dict)
+        and isinstance(message.get("content"), list)
+        and any(isinstance(block, dict) and block.get("type") == "image" for block in message["content"])
+        for message in prompt
+    )
 
 
 def render_teacher_prompts(

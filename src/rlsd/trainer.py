@@ -9,6 +9,9 @@ The trainer only gathers log-probs and hands (B, T) token advantages to TRL's ow
 With a distillation loss (`distill_loss`), the student's last hidden states are captured from the loss's own
 forward (a hook on the backbone) and the teacher's are recomputed without gradient at loss time; `rlsd.distill`
 projects both to the vocabulary a chunk of tokens at a time.
+With a vision-language model (a processor and an `image`/`images` column), the teacher prompt keeps the image
+blocks and every teacher or re-scoring forward gets the rollout's vision tensors, the teacher with its own
+token-type ids.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import prepare_multimodal_messages
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import pad
@@ -46,6 +50,7 @@ from rlsd.teacher import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, SelfTeacher, 
 from rlsd.teacher_prompt import (
     NO_SIBLING_TEXT,
     PRIVILEGED_SOURCES,
+    has_image_blocks,
     is_empty_answer,
     pick_siblings,
     render_teacher_prompts,
@@ -55,6 +60,15 @@ from rlsd.validate import CheckpointError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 RULE_STATE_FILE = "rlsd_rule_state.json"
+IMAGE_COLUMNS = ("image", "images")
+IMAGE_KEYS = (
+    "pixel_values", "image_grid_thw", "num_images", "num_tiles", "pixel_attention_mask", "spatial_shapes",
+    "image_sizes", "image_position_ids",
+)  # fmt: skip
+"""The per-image inputs TRL 1.16 hands to every scoring forward of a vision-language model (the same for the teacher:
+it sees the same images)."""
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+"""Per-token inputs of a vision-language model, recomputed for the teacher's sequence."""
 
 
 class RLSDTrainer(GRPOTrainer):
@@ -101,6 +115,11 @@ class RLSDTrainer(GRPOTrainer):
             logger.info("a self-teacher is used: setting disable_dropout=True (TRL then zeroes every nn.Dropout)")
             args.disable_dropout = True
         super().__init__(model, _guard_rewards(reward_funcs, args.reward_timeout), args=args, **kwargs)
+        self.vision = _image_dataset(kwargs.get("train_dataset")) or _image_dataset(kwargs.get("eval_dataset"))
+        if self.uses_teacher:
+            self._check_vision_supported(kwargs)
+        if self._is_vlm:  # the row-subset teacher pass would have to slice the vision tensors: every row is scored
+            self.skips_known_credit = False
 
         self._loss_state: dict[str, Any] | None = None
         self._last_rewards: torch.Tensor | None = None
@@ -140,6 +159,33 @@ class RLSDTrainer(GRPOTrainer):
                     self.reference.model = self._prepare_frozen_model(self.reference.model)
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _check_vision_supported(self, kwargs: dict[str, Any]) -> None:
+        """With a teacher, images are supported from an `image`/`images` column (the prompts may hold TRL's empty
+        image placeholders) with a processor and single-turn rollouts; image blocks in the prompts of a dataset without
+        an image column, a plain tokenizer, tools, environments or a rollout function are refused (the teacher, or
+        TRL's own scoring, would not see the images)."""
+        for split_name in ("train_dataset", "eval_dataset"):
+            split = kwargs.get(split_name)
+            if _prompts_hold_images(split) and not _image_dataset(split):
+                raise ValueError(_IMAGE_BLOCKS_ERROR.format(where=split_name))
+        if not self.vision:
+            return
+        what = _teacher_use(self.args)
+        if not self._is_vlm:
+            raise ValueError(_TOKENIZER_WITH_IMAGES_ERROR.format(what=what))
+        used = {
+            "tools": bool(self.tools),
+            "environment_factory": self.environment_factories is not None,
+            "rollout_func": self.rollout_func is not None,
+        }
+        unsupported = [name for name, on in used.items() if on]
+        if unsupported:
+            raise NotImplementedError(
+                f"images with {' and '.join(unsupported)} and {what}: the teacher's prompt is rebuilt from the "
+                "dataset row and would miss the images or observations added during the rollout; use credit='grpo' "
+                "and distill_loss='none' for this run, or drop the image column"
+            )
+
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device)."""
         if self.is_deepspeed_enabled:
@@ -226,6 +272,8 @@ class RLSDTrainer(GRPOTrainer):
         if self.distill_fn is None:
             output.pop("rlsd_teacher_prompt_ids", None)
             output.pop("rlsd_teacher_prompt_mask", None)
+            for key in TOKEN_TYPE_KEYS:
+                output.pop(f"rlsd_teacher_{key}", None)
         return output
 
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -253,7 +301,7 @@ class RLSDTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         logps, _, _ = self._get_per_token_logps_and_entropies(
             self.model, input_ids, attention_mask, output["completion_ids"].size(1),
-            batch_size=self._scoring_batch_size(),
+            batch_size=self._scoring_batch_size(), **_student_vision_kwargs(output),
         )  # fmt: skip
         return logps
 
@@ -286,8 +334,16 @@ class RLSDTrainer(GRPOTrainer):
             missing = float((~found).sum())
             self._log_across_processes(mode, {"no_sibling_count": missing, "no_context_frac": no_context})
             siblings = [siblings[i] for i in selected]
+        images = _batch_images(inputs)
+        prompts = [inputs[i]["prompt"] for i in selected]
+        if images is None and any(has_image_blocks(prompt) for prompt in prompts):
+            raise ValueError(_IMAGE_BLOCKS_ERROR.format(where="a rollout batch"))
+        if images is not None and not self._is_vlm:
+            raise ValueError(_TOKENIZER_WITH_IMAGES_ERROR.format(what=_teacher_use(self.args)))
+        if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
+            prompts = [prepare_multimodal_messages(inputs[i]["prompt"], images=images[i]) for i in selected]
         teacher_prompts = render_teacher_prompts(
-            [inputs[i]["prompt"] for i in selected], self.args.teacher_template, answers=answers, siblings=siblings
+            prompts, self.args.teacher_template, answers=answers, siblings=siblings
         )
         device = self.accelerator.device
         if not teacher_prompts:  # no row needs the teacher
@@ -298,7 +354,7 @@ class RLSDTrainer(GRPOTrainer):
                 "rlsd_has_context": has_context,
                 "rlsd_teacher_rows": rows,
             }
-        prompt_ids_list, _, _ = self._tokenize_prompts(teacher_prompts)
+        prompt_ids_list, _, fields = self._tokenize_prompts(teacher_prompts)
         prompt_ids = pad(
             [torch.tensor(ids) for ids in prompt_ids_list],
             padding_value=self._tokenizer.pad_token_id,
@@ -309,7 +365,31 @@ class RLSDTrainer(GRPOTrainer):
         ).to(device)
         context = {"rlsd_teacher_prompt_ids": prompt_ids, "rlsd_teacher_prompt_mask": prompt_mask,
                    "rlsd_has_context": has_context}  # fmt: skip
+        if images is not None:
+            context.update(self._teacher_token_types(fields, prompt_ids, output))
         return context if rows is None else {**context, "rlsd_teacher_rows": rows}
+
+    def _teacher_token_types(
+        self, fields: dict[str, Any], prompt_ids: torch.Tensor, output: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The processor's token-type ids of the teacher prompts (left-padded like the ids, as
+        `rlsd_teacher_<key>`), after checking that each teacher prompt holds as many image tokens as the student's."""
+        pad_id = self._image_pad_token_id
+        if pad_id is not None:
+            teacher_count = (prompt_ids == pad_id).sum(1)
+            student_count = ((output["prompt_ids"] == pad_id) & output["prompt_mask"].bool()).sum(1)
+            if not torch.equal(teacher_count, student_count):
+                raise RuntimeError(
+                    f"the teacher prompts hold {teacher_count.tolist()} image tokens per row but the student's hold "
+                    f"{student_count.tolist()}: the teacher would not see the same images; check the chat template"
+                )
+        context = {}
+        for key in TOKEN_TYPE_KEYS:
+            if key in fields:
+                rows = [torch.as_tensor(row, dtype=torch.long) for row in fields[key]]
+                padded = pad(rows, padding_value=0, padding_side="left").to(prompt_ids.device)
+                context[f"rlsd_teacher_{key}"] = padded
+        return context
 
     def _privileged_answers(self, inputs: list[dict[str, Any]]) -> list[Any]:
         """The reference answers of a rollout batch; a row without the privileged column is named."""
@@ -374,6 +454,7 @@ class RLSDTrainer(GRPOTrainer):
                 completion_ids.size(1),
                 batch_size=self._scoring_batch_size(),
                 compute_entropy="teacher_entropy" in self.rule.needs,
+                **_teacher_vision_kwargs(output, completion_ids.size(1)),
             )
         return logps, entropy
 
@@ -389,7 +470,7 @@ class RLSDTrainer(GRPOTrainer):
         ):
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 reference_model, input_ids, attention_mask, output["completion_ids"].size(1),
-                batch_size=self._scoring_batch_size(),
+                batch_size=self._scoring_batch_size(), **_student_vision_kwargs(output),
             )  # fmt: skip
         return logps
 
@@ -528,8 +609,9 @@ class RLSDTrainer(GRPOTrainer):
             backbone, head = _backbone_and_head(self.accelerator.unwrap_model(teacher_model))
             with _captured_output(backbone) as hidden:
                 GRPOTrainer._get_per_token_logps_and_entropies(
-                    self, teacher_model, input_ids, attention_mask, completion_ids.size(1)
-                )
+                    self, teacher_model, input_ids, attention_mask, completion_ids.size(1),
+                    **_teacher_vision_kwargs(inputs, completion_ids.size(1)),
+                )  # fmt: skip
         return torch.cat(hidden)[:, -completion_ids.size(1) - 1 : -1], head
 
     def _distillation_term(
@@ -729,6 +811,79 @@ class RLSDTrainer(GRPOTrainer):
         if self.antisd_gate is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
             with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
                 self.antisd_gate.load_state_dict(json.load(f))
+
+
+_IMAGE_BLOCKS_ERROR = (
+    "{where} has image blocks inside its prompts and no `image`/`images` column: TRL 1.16 passes pixel values to "
+    "its scoring forwards only for images from such a column, so neither the loss nor the self-teacher would see "
+    "these images; put the images in an `images` column (the prompts may keep empty {{'type': 'image'}} "
+    "placeholders) or use credit='grpo' with distill_loss='none'"
+)
+
+_TOKENIZER_WITH_IMAGES_ERROR = (
+    "the dataset has an image column and {what} uses the self-teacher, but processing_class is a tokenizer: the "
+    "teacher would score the completions without the images; pass the model's processor (AutoProcessor) as "
+    "processing_class"
+)
+
+
+def _teacher_use(args: RLSDConfig) -> str:
+    """What in the config uses the self-teacher, for error messages."""
+    parts = [f"credit={args.credit!r}"] if args.credit != "grpo" else []
+    if args.distill_loss != "none":
+        parts.append(f"distill_loss={args.distill_loss!r}")
+    return " with ".join(parts) or "the config"
+
+
+def _image_dataset(dataset: Any) -> bool:
+    """True when a dataset (or any split of a dict of them) has an `image` or `images` column."""
+    if dataset is None:
+        return False
+    parts = dataset.values() if isinstance(dataset, dict | IterableDatasetDict) else [dataset]
+    return any(set(IMAGE_COLUMNS) & set(getattr(part, "column_names", None) or []) for part in parts)
+
+
+def _prompts_hold_images(dataset: Any, rows: int = 16) -> bool:
+    """True when one of the first `rows` prompts of a map-style dataset (or any split) holds an image block."""
+    if dataset is None:
+        return False
+    parts = dataset.values() if isinstance(dataset, dict | IterableDatasetDict) else [dataset]
+    for part in parts:
+        if not isinstance(part, Dataset) or "prompt" not in part.column_names:
+            continue
+        if any(has_image_blocks(prompt) for prompt in part.select(range(min(rows, len(part))))["prompt"]):
+            return True
+    return False
+
+
+def _batch_images(inputs: list[dict[str, Any]]) -> list[list[Any] | None] | None:
+    """The images of each rollout row exactly as TRL 1.16 collects them (`images` list or single `image` column);
+    None when the batch carries none."""
+    if "images" in inputs[0]:
+        images = [row.get("images") for row in inputs]
+    elif "image" in inputs[0]:
+        images = [[row.get("image")] if row.get("image") is not None else None for row in inputs]
+    else:
+        return None
+    return None if all(not image_list for image_list in images) else images
+
+
+def _student_vision_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The vision inputs TRL stored with the rollout (images and the student's token types), for a forward on
+    [student prompt ; completion]; empty for text."""
+    return {key: batch[key] for key in (*IMAGE_KEYS, *TOKEN_TYPE_KEYS) if batch.get(key) is not None}
+
+
+def _teacher_vision_kwargs(batch: dict[str, Any], completion_length: int) -> dict[str, Any]:
+    """The same images as the student's, with the teacher prompt's token types extended by zeros over the
+    completion, for a forward on [teacher prompt ; completion]; empty for text."""
+    kwargs = {key: batch[key] for key in IMAGE_KEYS if batch.get(key) is not None}
+    for key in TOKEN_TYPE_KEYS:
+        prompt_types = batch.get(f"rlsd_teacher_{key}")
+        if prompt_types is not None:
+            zeros = prompt_types.new_zeros(prompt_types.size(0), completion_length)
+            kwargs[key] = torch.cat([prompt_types, zeros], dim=1)
+    return kwargs
 
 
 def _guard_rewards(reward_funcs: Any, timeout_s: float) -> Any:
