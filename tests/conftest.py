@@ -76,3 +76,25 @@ def config_kwargs(tmp_path, **overrides) -> dict:
 def make_config(tmp_path, **overrides) -> RLSDConfig:
     """`RLSDConfig` over `config_kwargs`."""
     return RLSDConfig(**config_kwargs(tmp_path, **overrides))
+
+
+def build_trainer(tokenizer, tmp_path, reward=parity_reward, dataset=None, model=None, **config):
+    """An `RLSDTrainer` on the tiny model and dataset unless given, with `make_config(tmp_path, **config)`."""
+    from rlsd import RLSDTrainer
+
+    return RLSDTrainer(
+        model if model is not None else make_model(tokenizer),
+        reward,
+        args=make_config(tmp_path, **config),
+        train_dataset=dataset if dataset is not None else make_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The tiny model and tokenizer saved as a local model folder, once per module."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    make_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

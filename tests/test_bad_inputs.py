@@ -44,14 +44,6 @@ TINY = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_c
         "true", "--reward_funcs", "integer_match"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    make_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 

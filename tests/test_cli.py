@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_model
 from datasets import Dataset
 from test_data_rewards import GSM8K, MATH
 
@@ -26,14 +25,6 @@ TINY_OVERRIDES = [
     "--gradient_checkpointing", "false", "--dtype", "float32", "--use_vllm", "false", "--save_strategy", "no",
     "--logging_steps", "1", "--disable_tqdm", "true",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    make_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_fixture(folder: Path, suffix: str, rows: list[dict]) -> Path:

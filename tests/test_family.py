@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_config, make_dataset, make_model, parity_reward
+from conftest import build_trainer, make_config, make_dataset, make_model
 from datasets import Dataset
 
-from rlsd import RLSDTrainer
 from rlsd.config import DISTILL_LOSSES
 from rlsd.distill import generalized_jsd
 from rlsd.teacher_prompt import NO_SIBLING_TEXT, pick_siblings, render_teacher_prompts
@@ -17,14 +16,7 @@ from rlsd.teacher_prompt import NO_SIBLING_TEXT, pick_siblings, render_teacher_p
 LOSSES = [name for name in DISTILL_LOSSES if name != "none"]
 
 
-def build(tokenizer, tmp_path, reward=parity_reward, dataset=None, model=None, **config):
-    return RLSDTrainer(
-        model if model is not None else make_model(tokenizer),
-        reward,
-        args=make_config(tmp_path, **config),
-        train_dataset=dataset if dataset is not None else make_dataset(),
-        processing_class=tokenizer,
-    )
+build = build_trainer
 
 
 def logged(trainer, key: str) -> list[float]:

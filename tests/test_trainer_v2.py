@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config, make_dataset, make_model, parity_reward
+from conftest import build_trainer, make_config, make_dataset, make_model
 from transformers import set_seed
-
-from rlsd import RLSDTrainer
 
 MULTIPLICATIVE = ["rlsd", "rlrt", "gear", "egrsd", "cl-egrsd"]
 
 
-def build(tokenizer, tmp_path, reward=parity_reward, dataset=None, model=None, **config):
-    return RLSDTrainer(
-        model if model is not None else make_model(tokenizer),
-        reward,
-        args=make_config(tmp_path, **config),
-        train_dataset=dataset if dataset is not None else make_dataset(),
-        processing_class=tokenizer,
-    )
+build = build_trainer
 
 
 def mixed_reward(constant_row: int):
