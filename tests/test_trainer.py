@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import config_kwargs, make_config, make_dataset, make_model, parity_reward
+from conftest import build_trainer, config_kwargs, make_dataset, make_model, parity_reward
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from rlsd import RLSDTrainer
 from rlsd.teacher_prompt import render_teacher_prompts
 
-
-def build(tokenizer, tmp_path, dataset=None, model=None, **config):
-    return RLSDTrainer(
-        model if model is not None else make_model(tokenizer),
-        parity_reward,
-        args=make_config(tmp_path, **config),
-        train_dataset=dataset if dataset is not None else make_dataset(),
-        processing_class=tokenizer,
-    )
+build = build_trainer
 
 
 def logged(trainer, key: str) -> float:
