@@ -156,11 +156,11 @@ def render_efficiency(root: Path) -> str:
     curves = {m: [eval_curve(rows, m, s) for s in seeds] for m in ("rlsd", "grpo")}
     steps = sorted(curves["grpo"][0])
     for n in [s for s in steps if s > 0 and 2 * s in steps and s % 20 == 0]:
-        for label, other in ((f"step {n} vs {2 * n}", 2 * n), (f"step {n} vs wall-time-matched", None)):
-            target = other if other is not None else min(steps, key=lambda s, n=n: abs(s - n * ratio))
+        same_time = min(steps, key=lambda s, n=n: abs(s - n * ratio))
+        pairs = ((2 * n, f"step {n} vs {2 * n}"), (same_time, f"step {n} vs {same_time} (same wall time)"))
+        for target, name in pairs:
             r = [c[n] for c in curves["rlsd"]]
             g = [c[target] for c in curves["grpo"]]
-            name = label if other is not None else f"step {n} vs {target} (same wall time)"
             lines.append(f"| {name} | {_pct(statistics.mean(r))} | {_pct(statistics.mean(g))} | "
                          f"{_interval([a - b for a, b in zip(r, g, strict=True)], signed=True)} |")  # fmt: skip
     warm = statistics.mean(c[0] for c in curves["grpo"])

@@ -33,8 +33,8 @@ def describe(where: str, what: str, fix: str = "") -> str:
     return f"{where}: {what}" + (f"; {fix}" if fix else "")
 
 
-class InputError(ValueError):
-    """A bad input, named: where it is (file, line, row, column or flag), what is wrong and how to fix it."""
+class _NamedError(Exception):
+    """An error of the one message style, carrying its three parts."""
 
     def __init__(self, where: str, what: str, fix: str = "") -> None:
         self.where, self.what, self.fix = where, what, fix
@@ -43,6 +43,10 @@ class InputError(ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         """Picklable (dataset workers, multiprocessing) despite the keyword-free three-part constructor."""
         return (type(self), (self.where, self.what, self.fix))
+
+
+class InputError(_NamedError, ValueError):
+    """A bad input, named: where it is (file, line, row, column or flag), what is wrong and how to fix it."""
 
 
 class DatasetError(InputError):
@@ -298,13 +302,5 @@ class RewardError(RuntimeError):
         return (type(self), (self.name, self.what, self.fix))
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(_NamedError, RuntimeError):
     """A NaN or inf loss, gradient or advantage: training stops at that step, before anything is saved."""
-
-    def __init__(self, where: str, what: str, fix: str = "") -> None:
-        self.where, self.what, self.fix = where, what, fix
-        super().__init__(describe(where, what, fix))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Picklable despite the three-part constructor."""
-        return (type(self), (self.where, self.what, self.fix))
