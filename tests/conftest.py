@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 from rlsd import RLSDConfig  # noqa: E402
-from rlsd.tiny import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
+from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -507,7 +507,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from conftest import make_config, make_dataset, make_model, parity_reward
 from rlsd import RLSDTrainer
-from rlsd.tiny import build_char_tokenizer
+from rlsd.experiments.tiny import build_char_tokenizer
 
 real_save = torch.save
 

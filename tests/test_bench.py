@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rlsd.bench import main as bench_main
-from rlsd.bench import methods_table, render_methods_table
+from rlsd.experiments.bench import main as bench_main
+from rlsd.experiments.bench import methods_table, render_methods_table
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from conftest import make_config, make_dataset, parity_reward
 
 from rlsd.cli import main as cli_main
 from rlsd.convert import ConversionError, convert_gguf, load_gguf, plain_model, smollm2_gguf
-from rlsd.tiny import build_char_tokenizer
+from rlsd.experiments.tiny import build_char_tokenizer
 from rlsd.validate import OutputDirError
 
 gguf = pytest.importorskip("gguf", reason='the gguf package is missing: pip install -e ".[dev]" (or make test)')

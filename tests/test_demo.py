@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsd.cli import main as cli_main
-from rlsd.task import TaskConfig, sample_problems
-from rlsd.warmstart import WarmStartConfig, generate, warm_start
+from rlsd.experiments.task import TaskConfig, sample_problems
+from rlsd.experiments.warmstart import WarmStartConfig, generate, warm_start
 
 
 @pytest.fixture

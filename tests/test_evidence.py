@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from rlsd.bench import LR_VARIANTS
-from rlsd.demo import DemoConfig, _auc, _trainer_args
-from rlsd.evidence import TABLES, mean_interval, render_documents
+from rlsd.experiments.demo import DemoConfig, _auc, trainer_args
+from rlsd.experiments.evidence import TABLES, mean_interval, render_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,15 +60,15 @@ def test_auc_counts_ties_half():
 
 
 def test_lr_variants_scale_only_their_own_learning_rate():
-    config = replace(DemoConfig(), method_overrides=dict(LR_VARIANTS))
-    assert _trainer_args(config, "opsd-10x").learning_rate == pytest.approx(10 * config.learning_rate)
-    assert _trainer_args(config, "grpo-10x").learning_rate == pytest.approx(10 * config.learning_rate)
-    assert _trainer_args(config, "opsd").learning_rate == config.learning_rate
-    assert _trainer_args(config, "opsd-10x").credit == "opsd"
+    config = DemoConfig()
+    assert trainer_args(config, "opsd-10x").learning_rate == pytest.approx(10 * config.learning_rate)
+    assert trainer_args(config, "grpo-10x").learning_rate == pytest.approx(10 * config.learning_rate)
+    assert trainer_args(config, "opsd").learning_rate == config.learning_rate
+    assert trainer_args(config, "opsd-10x").credit == "opsd"
 
 
 def test_method_colors_never_repeat():
-    from rlsd.report import COLORS, method_colors
+    from rlsd.experiments.report import COLORS, method_colors
 
     methods = [*COLORS, *(f"method-{i}" for i in range(30))]
     colors = method_colors(methods)

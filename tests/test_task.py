@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from rlsd.task import (
+from rlsd.experiments.task import (
     TaskConfig,
     accuracy_reward,
     leakage_rate,
@@ -16,7 +16,7 @@ from rlsd.task import (
     sample_problems,
     teacher_prompt,
 )
-from rlsd.tiny import build_char_tokenizer
+from rlsd.experiments.tiny import build_char_tokenizer
 
 
 def test_problem_format_and_left_to_right_chain():
@@ -35,7 +35,7 @@ def test_problem_format_and_left_to_right_chain():
 
 
 def test_hand_written_problem():
-    from rlsd.task import Problem
+    from rlsd.experiments.task import Problem
 
     problem = Problem(operands=(8, 8, 2, 1), operators=("*", "+", "-"))
     assert problem.prompt == "Q: 8*8+2-1="
@@ -45,7 +45,7 @@ def test_hand_written_problem():
 
 
 def test_products_first_by_hand():
-    from rlsd.task import Problem
+    from rlsd.experiments.task import Problem
 
     problem = Problem(operands=(3, 4, 5, 2), operators=("+", "*", "-"))
     assert problem.steps == ["4*5=20", "3+20=23", "23-2=21"] and problem.answer == 21
@@ -73,7 +73,7 @@ def _sum_of_products(expression: str) -> int:
 
 
 def test_evaluation_sets_are_fixed_and_the_pilot_set_is_disjoint_from_the_heldout_set():
-    from rlsd.task import HELDOUT_SIZE, evaluation_problems
+    from rlsd.experiments.task import HELDOUT_SIZE, evaluation_problems
 
     heldout = evaluation_problems(TaskConfig(), HELDOUT_SIZE)
     assert [p.prompt for p in evaluation_problems(TaskConfig(), 200)] == [p.prompt for p in heldout[:200]]

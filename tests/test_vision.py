@@ -13,8 +13,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from trl import GRPOConfig, GRPOTrainer
 
 from rlsd import RLSDTrainer
+from rlsd.experiments.tiny import build_char_tokenizer
 from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, has_image_blocks, render_teacher_prompt
-from rlsd.tiny import build_char_tokenizer
 
 VISION_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 VL_CHAT_TEMPLATE = (

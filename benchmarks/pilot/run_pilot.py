@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from rlsd.demo import DemoConfig, _jsonable, train_method
-from rlsd.task import TaskConfig, evaluation_problems
-from rlsd.warmstart import WarmStartConfig, warm_start
+from rlsd.experiments.demo import DemoConfig, jsonable, train_method
+from rlsd.experiments.task import TaskConfig, evaluation_problems
+from rlsd.experiments.warmstart import WarmStartConfig, warm_start
 
 PRODUCTS_FIRST = TaskConfig(semantics="products-first")
 _WARM = dict(task=PRODUCTS_FIRST, steps=450, lr_schedule="constant", teacher_share=0.3)
@@ -53,7 +53,7 @@ def main(name: str, methods: list[str]) -> None:
         if method in done:
             continue
         _, summaries[method] = train_method(method, config, warm_path, problems, record, progress=False)
-    summary = {"config": _jsonable(asdict(config)), "warm_start_seconds": warm_seconds, "methods": summaries}
+    summary = {"config": jsonable(asdict(config)), "warm_start_seconds": warm_seconds, "methods": summaries}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

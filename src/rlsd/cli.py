@@ -16,7 +16,8 @@ SUBCOMMANDS = {
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    from rlsd.demo import METHODS, DemoConfig
+    from rlsd.experiments.demo import DemoConfig
+    from rlsd.experiments.methods import CATALOGUE
 
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
@@ -27,7 +28,7 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=",".join(defaults.methods),
-        help=f"comma-separated methods among {', '.join(METHODS)}",
+        help=f"comma-separated methods among {', '.join(name for name, o in CATALOGUE.items() if o is not None)}",
     )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per method")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, sampling and warm start")
@@ -43,7 +44,7 @@ def run_demo_command(argv: list[str]) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from rlsd.demo import DemoConfig, quick_config, run_demo, with_overrides
+    from rlsd.experiments.demo import DemoConfig, quick_config, run_demo, with_overrides
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(rest)
     if command == "bench":
-        from rlsd.bench import main as bench_main
+        from rlsd.experiments.bench import main as bench_main
 
         return bench_main(rest)
     if command == "model":

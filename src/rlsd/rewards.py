@@ -172,16 +172,6 @@ REWARDS: dict[str, RewardFunc] = {
 }
 
 
-def task_accuracy(completions: list[Any], solution: list[str], **kwargs: Any) -> list[float]:
-    """The embedded arithmetic task's verifier (see `rlsd.task.accuracy_reward`)."""
-    from rlsd.task import accuracy_reward
-
-    return accuracy_reward(completions, solution, **kwargs)
-
-
-REWARDS["task_accuracy"] = task_accuracy
-
-
 def resolve_reward(name: str, timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S) -> RewardFunc:
     """A registered reward by name, or any function by dotted import path (`my_pkg.rewards.fn`), guarded."""
     if name in REWARDS:

@@ -22,61 +22,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from rlsd.demo import DemoConfig, _jsonable, budget_kwargs, quick_config, train_method
-from rlsd.task import SIBLING_TEMPLATE, accuracy_reward, evaluation_problems
-from rlsd.warmstart import warm_start
+from rlsd.experiments.demo import DemoConfig, budget_kwargs, jsonable, quick_config, train_method
+from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
+from rlsd.experiments.task import accuracy_reward, evaluation_problems
+from rlsd.experiments.warmstart import warm_start
 
-BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo", "opsd-10x", "grpo-10x")
-LR_VARIANTS: dict[str, dict[str, Any]] = {
-    "opsd-10x": {"credit": "opsd", "teacher": "initial", "lr_multiplier": 10.0},
-    "grpo-10x": {"credit": "grpo", "lr_multiplier": 10.0},
-}
-"""OPSD at the paper's 10x learning rate, next to GRPO at 10x as the control: separates "leakage collapses OPSD"
-from "a 10x learning rate collapses anything"."""
-_FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
-_SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
-FAMILY_METHODS: dict[str, dict[str, Any]] = {
-    "rlrt": {"credit": "rlrt", "teacher": "synced"},
-    "antisd": {"credit": "antisd", "teacher": "synced"},
-    "egrsd": {"credit": "egrsd", "teacher": "synced"},
-    "cl-egrsd": {"credit": "cl-egrsd", "teacher": "synced"},
-    "sod": {"credit": "sod", "teacher": "synced"},
-    "uni-opd": {"credit": "uni-opd", "teacher": "synced"},
-    "gear": {"credit": "gear", "teacher": "synced"},
-    "opsd-jsd": {**_FULL_OPSD, "distill_loss": "jsd"},
-    "opsd-topk": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16},
-    "opsd-teacher-top1": {**_FULL_OPSD, "distill_loss": "teacher_top1"},
-    "opsd-student-top1": {**_FULL_OPSD, "distill_loss": "student_top1"},
-    "sdpg": {"credit": "grpo", "distill_loss": "sdpg", "teacher": "live"},
-    "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
-    "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
-}
-"""The self-distillation family on the demo's protocol: the 2026 credit rules with RLSD's synced teacher; full OPSD
-(no reward, teacher frozen at the warm start, GRPO's lr like `opsd`) with each distillation loss; SDPG with its live
-teacher and paper weights; and the sibling context: RLSD shown a successful sibling instead of the answer, and an
-SDPO-style run (top-k JSD from a sibling-conditioned EMA teacher, no policy gradient). top-k is 16 of the tiny
-model's 263 tokens (the papers' 100 would be most of this vocabulary)."""
-COST_CONFIGS: dict[str, dict[str, Any] | None] = {
-    "grpo": {"credit": "grpo"},
-    "rlsd-live": {"credit": "rlsd", "teacher": "live"},
-    "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},
-    "rlsd-initial": {"credit": "rlsd", "teacher": "initial"},
-    "rlsd-decayed": {"credit": "rlsd", "teacher": "live", "rlsd_lambda": 0.0},
-    "sdpo": None,
-    **FAMILY_METHODS,
-}
-"""Cost configurations (the family's included); `rlsd-decayed` is RLSD after lam has reached 0 (no teacher pass)."""
-STUDY_CONFIGS = {
-    "grpo": {"credit": "grpo"},
-    "rlsd": {"credit": "rlsd", "teacher": "synced"},
-    "rlsd-const": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda_decay_steps": 0},
-    "rlsd-lam1": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda": 1.0, "rlsd_lambda_decay_steps": 0},
-    "rlsd-neg": {"credit": "rlsd", "teacher": "synced", "rlsd_negative_only": True},
-    "rlsd-live": {"credit": "rlsd", "teacher": "live"},
-}
-"""Knobs of the "where does the token credit matter" study, each paired with GRPO on the same seeds. `rlsd`
-decays lam from 0.5 to 0 over the demo's `lambda_decay_steps` (the paper's 50); `-const` keeps 0.5 for the whole run;
-`-lam1` keeps 1.0 (the clipped weight alone)."""
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 """Two-sided 95% Student-t quantiles by degrees of freedom."""
 
@@ -105,8 +55,6 @@ def run_methods(
 ) -> dict[str, Any]:
     """Every (method, seed) from the same warm start; returns per-run summaries and writes the files. With `resume`,
     runs already complete in the output folder (final evaluation written) are kept and not trained again."""
-    family = {m: {**FAMILY_METHODS, **LR_VARIANTS}[m] for m in methods if m in FAMILY_METHODS or m in LR_VARIANTS}
-    config = replace(config, method_overrides={**family, **config.method_overrides})
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -139,7 +87,7 @@ def run_methods(
     rows = [r for r in rows if f"{r.get('method')}/{r.get('seed')}" in wanted]
     runs = {key: value for key, value in runs.items() if key in wanted}
     table = methods_table(rows, methods, config.steps)
-    result = {"config": _jsonable(asdict(config)), "seeds": seeds, "runs": runs, "table": table}
+    result = {"config": jsonable(asdict(config)), "seeds": seeds, "runs": runs, "table": table}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "table.md").write_text(render_methods_table(table))
     plot_methods(rows, methods, out / "curves.png")
@@ -241,7 +189,7 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlsd.report import method_colors, save_pass_and_leakage
+    from rlsd.experiments.report import method_colors, save_pass_and_leakage
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = method_colors(list(methods))
@@ -268,8 +216,6 @@ def run_study(
 ) -> dict[str, Any]:
     """Every knob and GRPO on the same seeds; the metric is the mean held-out pass@1 over the evaluations of
     the second half of the run, compared with GRPO seed by seed (paired differences, 95% t interval)."""
-    variants = {name: STUDY_CONFIGS[name] for name in names if name not in ("grpo", "rlsd")}
-    config = replace(config, method_overrides={**config.method_overrides, **variants})
     result = run_methods(config, tuple(names), seeds, progress, resume=resume)
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     result["study"] = study_table(rows, names, seeds, config.steps)
@@ -328,22 +274,21 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     import torch
     from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
-    from rlsd.demo import _trainer_args
-    from rlsd.task import make_rl_dataset
+    from rlsd.experiments.demo import trainer_args
+    from rlsd.experiments.task import make_rl_dataset
+    from rlsd.experiments.warmstart import load_warm_start
     from rlsd.trainer import RLSDTrainer
-    from rlsd.warmstart import load_warm_start
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_warm_start(warm_start(config.warm, progress=False))
     dataset = make_rl_dataset(config.warm.task, 512, seed=config.seed)
     total = steps + warmup
     run_config = replace(config, steps=total)
-    if COST_CONFIGS[name] is None:
+    if CATALOGUE[name] is None:
         trainer = sdpo_builder(run_config)(model, tokenizer, dataset, [])
     else:
         # constant lam: every measured step pays the full cost
-        overrides = {**COST_CONFIGS[name], "rlsd_lambda_decay_steps": 0}
-        args = _trainer_args(replace(run_config, method_overrides={name: overrides}), name)
+        args = trainer_args(replace(run_config, method_overrides={name: {"rlsd_lambda_decay_steps": 0}}), name)
         trainer = RLSDTrainer(model, accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     # the teacher's share of a step: its prompt (rendering, tokenization), the rollout-time pass of the credit rules
@@ -411,7 +356,7 @@ def run_cost(
     samples: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for _ in range(repeats):
         for name in names:
-            command = [sys.executable, "-m", "rlsd.bench", "_cost_once", name, str(steps), str(warmup)]
+            command = [sys.executable, "-m", "rlsd.experiments.bench", "_cost_once", name, str(steps), str(warmup)]
             command += ["--quick"] if quick else []
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
@@ -430,7 +375,7 @@ def run_cost(
             row["memory_ratio_to_grpo"] = row["peak_rss_mib"] / base["peak_rss_mib"]
             extra = row["step_s_median"] - base["step_s_median"]
             row["extra_over_teacher"] = extra / row["teacher_s_median"] if row["teacher_s_median"] > 0 else None
-    return {"config": _jsonable(asdict(config)), "steps": steps, "warmup": warmup, "repeats": repeats,
+    return {"config": jsonable(asdict(config)), "steps": steps, "warmup": warmup, "repeats": repeats,
             "results": summary, "samples": samples}  # fmt: skip
 
 
@@ -516,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.warmup)))  # fmt: skip
         return 0
     if args.command == "report":
-        from rlsd.evidence import render_documents
+        from rlsd.experiments.evidence import render_documents
 
         differing = render_documents(args.root, check=args.check)
         verb = "differ from the raw files" if args.check else "re-rendered"
@@ -525,10 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     config = _base_config(args.quick, args.out)
     if args.command == "methods":
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        known = (*BENCH_METHODS, *FAMILY_METHODS)
-        unknown = [m for m in methods if m not in known]
-        if unknown:
-            raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
+        try:
+            check_known(methods)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         config = _greedy_only(config) if args.greedy_only else config
         started = time.perf_counter()
@@ -540,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "study":
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
-        unknown = [n for n in names if n not in STUDY_CONFIGS]
+        unknown = [n for n in names if n not in CATALOGUE or CATALOGUE[n] is None]
         if unknown or "grpo" not in names:
             raise SystemExit(f"configs must include grpo and come from {', '.join(STUDY_CONFIGS)}; got {names}")
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
@@ -549,9 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         print(render_study_table(result["study"]))
         return 0
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in COST_CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join(COST_CONFIGS)}")
+    try:
+        check_known(names)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     started = time.perf_counter()
     cost = run_cost(config, names, args.steps, args.warmup, args.repeats, args.quick)
     cost["wall_seconds"] = time.perf_counter() - started

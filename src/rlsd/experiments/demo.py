@@ -1,7 +1,7 @@
 """`rlsd demo`: GRPO, RLSD and OPSD from one warm start on the embedded task, with curves and a credit viewer.
 
-Orchestration only: the task lives in `rlsd.task`, the warm start in `rlsd.warmstart`, training in
-`RLSDTrainer`, and the files in `rlsd.report`.
+Orchestration only: the task lives in `rlsd.experiments.task`, the warm start in `rlsd.experiments.warmstart`, the
+method catalogue in `rlsd.experiments.methods`, training in `RLSDTrainer`, and the files in `rlsd.experiments.report`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rlsd.config import RLSDConfig
 from rlsd.credit import rlsd_advantages
-from rlsd.task import (
+from rlsd.experiments.methods import CATALOGUE, check_known
+from rlsd.experiments.task import (
     TEACHER_TEMPLATE,
     TaskConfig,
     accuracy_reward,
@@ -30,17 +31,8 @@ from rlsd.task import (
     make_rl_dataset,
     teacher_prompt,
 )
+from rlsd.experiments.warmstart import WarmStartConfig, generate, load_warm_start, warm_start
 from rlsd.trainer import RLSDTrainer
-from rlsd.warmstart import WarmStartConfig, generate, load_warm_start, warm_start
-
-METHODS = {
-    "grpo": {"credit": "grpo"},
-    "rlsd": {"credit": "rlsd", "teacher": "synced"},
-    "opsd": {"credit": "opsd", "teacher": "initial"},
-    "grpo+opsd": {"credit": "grpo+opsd", "teacher": "initial"},
-}
-"""Demo methods and their `RLSDConfig` overrides. OPSD's teacher is frozen at the warm start (section 3.1). Every
-method trains at the same learning rate; an override may hold `lr_multiplier` (the bench's 10x variants)."""
 
 
 @dataclass
@@ -67,9 +59,7 @@ class DemoConfig:
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra or variant methods
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS and m not in self.method_overrides]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        check_known([m for m in self.methods if m not in self.method_overrides])
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
 
@@ -124,7 +114,7 @@ class _EvalAndTiming(TrainerCallback):
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Train every method from the same warm start; write metrics.jsonl, summary.json, curves.png, report.html."""
-    from rlsd.report import write_report
+    from rlsd.experiments.report import write_report
 
     config.out.mkdir(parents=True, exist_ok=True)
     metrics_path = config.out / "metrics.jsonl"
@@ -138,7 +128,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    summary: dict[str, Any] = {"config": _jsonable(asdict(config)), "warm_start_seconds": warm_seconds, "methods": {}}
+    summary: dict[str, Any] = {"config": jsonable(asdict(config)), "warm_start_seconds": warm_seconds, "methods": {}}
     viewer: dict[str, Any] | None = None
     for method in config.methods:
         trainer, summary["methods"][method] = train_method(
@@ -188,7 +178,7 @@ def train_method(
         trainer = RLSDTrainer(
             model,
             accuracy_reward,
-            args=_trainer_args(config, method),
+            args=trainer_args(config, method),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             callbacks=[callback],
@@ -238,9 +228,9 @@ class _Bar(TrainerCallback):
             self.bar.set_postfix(reward=f"{logs['reward']:.2f}")
 
 
-def _trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
+def trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
     """The shared budget plus the method's own overrides (`lr_multiplier` scales the shared learning rate)."""
-    overrides = {**METHODS.get(method, {}), **config.method_overrides.get(method, {})}
+    overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
     budget = budget_kwargs(config, method)
     budget["learning_rate"] *= overrides.pop("lr_multiplier", 1.0)
     return RLSDConfig(
@@ -422,12 +412,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Paths to strings, recursively, for summary.json."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return str(value) if isinstance(value, Path) else value
 
 

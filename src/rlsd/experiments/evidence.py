@@ -271,13 +271,13 @@ def _one_seed(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ the rest
 def render_cost(root: Path, folder: str = "cost") -> str:
-    from rlsd.bench import render_cost_table
+    from rlsd.experiments.bench import render_cost_table
 
     return render_cost_table(json.loads((root / "benchmarks" / folder / "cost.json").read_text()))
 
 
 def render_study(root: Path) -> str:
-    from rlsd.bench import render_study_table
+    from rlsd.experiments.bench import render_study_table
 
     return render_study_table(json.loads((root / "benchmarks" / "study" / "results.json").read_text())["study"])
 

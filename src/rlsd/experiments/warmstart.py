@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlsd.task import Problem, TaskConfig, accuracy_reward, sample_problems, teacher_prompt
-from rlsd.tiny import build_char_tokenizer, build_tiny_qwen2
+from rlsd.experiments.task import Problem, TaskConfig, accuracy_reward, sample_problems, teacher_prompt
+from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
 
 WARMSTART_FORMAT_VERSION = 3
 """Bump when the warm-start recipe changes in a way its configuration does not capture."""

@@ -1,0 +1,72 @@
+"""The one catalogue of named methods the demo and the benchmarks train, with each name's `RLSDConfig` overrides,
+and the named subsets each command runs by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlsd.experiments.task import SIBLING_TEMPLATE
+
+_FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
+_SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
+
+CATALOGUE: dict[str, dict[str, Any] | None] = {
+    # the demo's methods; OPSD's teacher is frozen at the warm start (section 3.1)
+    "grpo": {"credit": "grpo"},
+    "rlsd": {"credit": "rlsd", "teacher": "synced"},
+    "opsd": {"credit": "opsd", "teacher": "initial"},
+    "grpo+opsd": {"credit": "grpo+opsd", "teacher": "initial"},
+    # TRL's experimental SDPOTrainer, the peer for SDPO (built by the bench, not from an RLSDConfig)
+    "sdpo": None,
+    # OPSD at the paper's 10x learning rate, next to GRPO at 10x as the control: separates "leakage collapses OPSD"
+    # from "a 10x learning rate collapses anything"
+    "opsd-10x": {"credit": "opsd", "teacher": "initial", "lr_multiplier": 10.0},
+    "grpo-10x": {"credit": "grpo", "lr_multiplier": 10.0},
+    # the self-distillation family: the 2026 credit rules with RLSD's synced teacher; full OPSD (no reward, teacher
+    # frozen at the warm start) with each distillation loss; SDPG with its live teacher and paper weights; the
+    # sibling context (RLSD shown a successful sibling instead of the answer, and an SDPO-style run: top-k JSD from
+    # a sibling-conditioned EMA teacher, no policy gradient). top-k is 16 of the tiny model's 263 tokens.
+    "rlrt": {"credit": "rlrt", "teacher": "synced"},
+    "antisd": {"credit": "antisd", "teacher": "synced"},
+    "egrsd": {"credit": "egrsd", "teacher": "synced"},
+    "cl-egrsd": {"credit": "cl-egrsd", "teacher": "synced"},
+    "sod": {"credit": "sod", "teacher": "synced"},
+    "uni-opd": {"credit": "uni-opd", "teacher": "synced"},
+    "gear": {"credit": "gear", "teacher": "synced"},
+    "opsd-jsd": {**_FULL_OPSD, "distill_loss": "jsd"},
+    "opsd-topk": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16},
+    "opsd-teacher-top1": {**_FULL_OPSD, "distill_loss": "teacher_top1"},
+    "opsd-student-top1": {**_FULL_OPSD, "distill_loss": "student_top1"},
+    "sdpg": {"credit": "grpo", "distill_loss": "sdpg", "teacher": "live"},
+    "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
+    "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
+    # teacher modes and lam schedules (cost and study); `rlsd-decayed` is RLSD after lam has reached 0
+    "rlsd-live": {"credit": "rlsd", "teacher": "live"},
+    "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},
+    "rlsd-initial": {"credit": "rlsd", "teacher": "initial"},
+    "rlsd-decayed": {"credit": "rlsd", "teacher": "live", "rlsd_lambda": 0.0},
+    "rlsd-const": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda_decay_steps": 0},
+    "rlsd-lam1": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda": 1.0, "rlsd_lambda_decay_steps": 0},
+    "rlsd-neg": {"credit": "rlsd", "teacher": "synced", "rlsd_negative_only": True},
+}
+"""Every named method. An entry may hold `lr_multiplier`, which scales the shared learning rate."""
+
+DEMO_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd")
+BENCH_METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd", "sdpo", "opsd-10x", "grpo-10x")
+FAMILY_METHODS = (
+    "rlrt", "antisd", "egrsd", "cl-egrsd", "sod", "uni-opd", "gear", "opsd-jsd", "opsd-topk", "opsd-teacher-top1",
+    "opsd-student-top1", "sdpg", "rlsd-sibling", "sdpo-jsd",
+)  # fmt: skip
+COST_CONFIGS = ("grpo", "rlsd-live", "rlsd-synced", "rlsd-initial", "rlsd-decayed", "sdpo", *FAMILY_METHODS)
+STUDY_CONFIGS = ("grpo", "rlsd", "rlsd-const", "rlsd-lam1", "rlsd-neg", "rlsd-live")
+"""The study's knobs, each paired with GRPO on the same seeds: `rlsd` decays lam from 0.5 to 0 over the demo's
+`lambda_decay_steps` (the paper's 50); `-const` keeps 0.5 for the whole run; `-lam1` keeps 1.0 (the clipped weight
+alone)."""
+
+
+def check_known(names: tuple[str, ...] | list[str], allowed: tuple[str, ...] | None = None) -> None:
+    """Refuse names outside the catalogue (or outside `allowed`), listing the choices."""
+    choices = allowed or tuple(CATALOGUE)
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(choices)}")
