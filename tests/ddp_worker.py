@@ -51,18 +51,16 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
     contexts: list[dict] = []
-    sibling_completions = trainer._sibling_completions
+    if family:  # record what the sibling source shows each row
+        siblings = trainer.source.siblings
 
-    def recorded(output, mode):
-        texts, found = sibling_completions(output, mode)
-        own = trainer.processing_class.batch_decode(
-            [ids[m.bool()] for ids, m in zip(output["completion_ids"], output["completion_mask"], strict=True)],
-            skip_special_tokens=True,
-        )
-        contexts.append({"own": own, "siblings": texts, "found": found.tolist()})
-        return texts, found
+        def recorded(view):
+            texts, found = siblings(view)
+            own = list(view.completion_texts[view.offset : view.offset + len(view.rows)])
+            contexts.append({"own": own, "siblings": texts, "found": found})
+            return texts, found
 
-    trainer._sibling_completions = recorded
+        trainer.source.siblings = recorded
     trainer.train()
     history = trainer.state.log_history
     report = {

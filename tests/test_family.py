@@ -173,7 +173,7 @@ def test_sibling_context_shows_a_successful_sibling_and_rows_without_one_get_no_
         skip_special_tokens=True,
     )
     prompts = render_teacher_prompts([r["prompt"] for r in inputs], "{sibling}|{prompt}",
-                                     siblings=[texts[1], texts[0], texts[0], texts[0]])  # fmt: skip
+                                     {"sibling": [texts[1], texts[0], texts[0], texts[0]]})  # fmt: skip
     shown = trainer.processing_class.batch_decode(batch["rlsd_teacher_prompt_ids"], skip_special_tokens=True)
     assert shown == prompts
     assert batch["rlsd_has_context"].tolist() == [True] * 4

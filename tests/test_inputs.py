@@ -8,6 +8,7 @@ from conftest import make_config, make_dataset, make_model, parity_reward
 from datasets import Dataset
 
 from rlsd import RLSDConfig, RLSDTrainer
+from rlsd.scoring import ScoreResult
 from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, render_teacher_prompt, render_teacher_prompts
 
 
@@ -50,7 +51,7 @@ def test_empty_answer_names_the_row(tokenizer, tmp_path):
 
 def test_empty_answer_in_a_rollout_batch_names_the_row():
     with pytest.raises(ValueError, match=r"batch row 1 \(prompt: 'Q: 2\+2='\)"):
-        render_teacher_prompts(["Q: 1+1=", "Q: 2+2="], PAPER_TEACHER_TEMPLATE, answers=["2", None])
+        render_teacher_prompts(["Q: 1+1=", "Q: 2+2="], PAPER_TEACHER_TEMPLATE, {"answer": ["2", None]})
 
 
 def test_empty_dataset_is_refused(tokenizer, tmp_path):
@@ -74,15 +75,15 @@ def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp
         train_dataset=make_dataset(),
         processing_class=tokenizer,
     )
-    real = trainer._teacher_logps
+    real = trainer._score_teacher_rows
 
-    def corrupted(output):
-        logps, entropy = real(output)
-        logps = logps.clone()
+    def corrupted(*args):
+        scores = real(*args)
+        logps = scores.logps.clone()
         logps[0, 0], logps[1, 1], logps[2, 2] = float("nan"), float("inf"), float("-inf")
-        return logps, entropy
+        return ScoreResult(logps, scores.entropy)
 
-    trainer._teacher_logps = corrupted
+    trainer._score_teacher_rows = corrupted
     trainer.train()
     entry = next(e for e in trainer.state.log_history if "rlsd/nonfinite_count" in e)
     assert entry["rlsd/nonfinite_count"] == 3

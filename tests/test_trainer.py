@@ -44,8 +44,8 @@ def test_parity_with_trl_grpo_trainer(tokenizer, tmp_path, overrides):
 # ---------------------------------------------------------------------------------------------------- alignment
 def teacher_pass(trainer, rows, output):
     """The trainer's teacher context and teacher pass on a hand-made rollout."""
-    output.update(trainer._teacher_context(rows, output, "train"))
-    return trainer._teacher_logps(output)
+    scores = trainer.teacher_scores(rows, output)
+    return scores.logps, scores.entropy
 
 
 def direct_teacher_logps(model, tokenizer, prompt_text: str, completion: list[int], temperature: float):
@@ -71,7 +71,7 @@ def test_teacher_logps_align_with_a_direct_forward(tokenizer, tmp_path, conversa
     logps, entropy = teacher_pass(trainer, rows, output)
     assert entropy is None  # plain RLSD computes no teacher entropy
     teacher_prompts = render_teacher_prompts(
-        [r["prompt"] for r in rows], trainer.args.teacher_template, answers=[r["solution"] for r in rows]
+        [r["prompt"] for r in rows], trainer.args.teacher_template, {"answer": [r["solution"] for r in rows]}
     )
     for row, (prompt, completion) in enumerate(zip(teacher_prompts, completions, strict=True)):
         text = (
@@ -181,7 +181,8 @@ def test_initial_teacher_with_peft_is_the_base_model_without_a_copy(tokenizer, t
 
 def teacher_inputs(trainer, rows, output):
     """(model, ids, mask, logits_to_keep) of the teacher sequence for a single unpadded row."""
-    prompt = render_teacher_prompts([rows[0]["prompt"]], trainer.args.teacher_template, answers=[rows[0]["solution"]])
+    answers = {"answer": [rows[0]["solution"]]}
+    prompt = render_teacher_prompts([rows[0]["prompt"]], trainer.args.teacher_template, answers)
     prompt_ids = torch.tensor([trainer.processing_class(prompt[0])["input_ids"]])
     ids = torch.cat([prompt_ids, output["completion_ids"]], dim=1)
     return trainer.model, ids, torch.ones_like(ids), output["completion_ids"].size(1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_trainer, make_config, make_dataset, make_model
+from conftest import build_trainer, make_config, make_dataset, make_model, parity_reward
 from transformers import set_seed
 
 MULTIPLICATIVE = ["rlsd", "rlrt", "gear", "egrsd", "cl-egrsd"]
@@ -75,9 +75,9 @@ def test_teacher_skips_zero_advantage_rows_with_identical_advantages(tokenizer, 
         known = (reference == 0).all(1)
     else:
         student = torch.randn(full["completion_mask"].shape, generator=torch.Generator().manual_seed(0)) - 3.0
-        ours = trainer._token_advantages(skipped, student, "train")
+        ours = trainer.token_advantages(skipped, student, "train")
         logged_delta = trainer._metrics["train"]["rlsd/delta_mean"][-1]
-        reference = trainer._token_advantages(full, student, "train")
+        reference = trainer.token_advantages(full, student, "train")
         known = full["rlsd_seq_advantages"] == 0
         # the rule's metrics are over the scored rows only
         scored_tokens = full["completion_mask"].bool() & ~known.unsqueeze(1)
@@ -100,7 +100,7 @@ def test_teacher_runs_no_forward_when_every_advantage_is_zero(tokenizer, tmp_pat
     output = rollout(trainer, [0])
     assert rows == []
     student = torch.zeros(output["completion_mask"].shape)
-    assert torch.equal(trainer._token_advantages(output, student, "train"), torch.zeros_like(student))
+    assert torch.equal(trainer.token_advantages(output, student, "train"), torch.zeros_like(student))
 
 
 def test_teacher_rows_are_topped_up_to_the_largest_count_over_processes(tokenizer, tmp_path, monkeypatch):
@@ -114,14 +114,30 @@ def test_teacher_rows_are_topped_up_to_the_largest_count_over_processes(tokenize
     assert trainer._teacher_rows(advantages).tolist() == [1, 4]
 
 
-@pytest.mark.parametrize("config", [{"credit": "antisd"}, {"credit": "rlsd", "distill_loss": "jsd"}])
-def test_teacher_scores_every_row_for_additive_rules_and_distillation(tokenizer, tmp_path, config):
+def test_teacher_scores_every_row_for_additive_rules(tokenizer, tmp_path):
     trainer = build(tokenizer, tmp_path, reward=mixed_reward(0), teacher="synced", per_device_train_batch_size=8,
-                    **config)  # fmt: skip
+                    credit="antisd")  # fmt: skip
     rows = count_teacher_rows(trainer.teacher.model)
     output = rollout(trainer, [1, 0])
     assert "rlsd_scored" not in output
     assert sum(rows) == 8
+
+
+def test_with_a_distillation_loss_the_teacher_runs_once_and_scores_every_row(tokenizer, tmp_path):
+    # credit=rlsd and distill_loss=jsd both need the teacher: one loss-time pass serves both (no rollout pass)
+    trainer = build(tokenizer, tmp_path, reward=mixed_reward(0), teacher="synced", per_device_train_batch_size=8,
+                    credit="rlsd", distill_loss="jsd")  # fmt: skip
+    rows: list[int] = []
+    trainer.teacher.model.model.register_forward_hook(lambda module, args, out: rows.append(out[0].size(0)))
+    heads: list[int] = []
+    trainer.teacher.model.lm_head.register_forward_hook(lambda module, args, out: heads.append(out.size(0)))
+    output = rollout(trainer, [1, 0])
+    assert rows == [] and "rlsd_teacher_logps" not in output and "rlsd_seq_advantages" in output
+    trainer.current_gradient_accumulation_steps = 1  # set by HF's training loop
+    trainer._compute_loss(trainer.model, output)
+    assert rows == [8]  # one teacher backbone forward over every row, at loss time
+    assert heads == []  # and no head projection of all positions to discard
+    assert sorted(k for k in trainer._metrics["train"] if k.startswith("rlsd/delta"))  # the rule ran on its log-probs
 
 
 # ------------------------------------------------------------------------- defect 4: the EMA teacher in bf16 moves
@@ -200,9 +216,9 @@ def test_eval_rollouts_do_not_move_the_antisd_gate(tokenizer, tmp_path):
     trainer = build(tokenizer, tmp_path, credit="antisd", teacher="live", antisd_warmup_steps=2,
                     per_device_eval_batch_size=4)  # fmt: skip
     rollout(trainer, [1], mode="eval")
-    assert trainer.antisd_gate.history == [] and trainer.antisd_gate.on
+    assert trainer.rule_state.history == [] and trainer.rule_state.on
     rollout(trainer, [1], mode="train")
-    assert len(trainer.antisd_gate.history) == 1  # training rollouts do feed it
+    assert len(trainer.rule_state.history) == 1  # training rollouts do feed it
 
 
 @pytest.mark.parametrize(
@@ -231,8 +247,7 @@ def hand_batch(lengths: list[int], advantages: list[float], delta: float):
         "rlsd_has_context": torch.ones(len(lengths), dtype=torch.bool),
         "rlsd_teacher_logps": student + delta,
         "rlsd_seq_advantages": torch.tensor(advantages),
-        "rlsd_lambda": torch.tensor(0.5, dtype=torch.float64),
-        "rlsd_gate": torch.tensor(1.0, dtype=torch.float64),
+        "rlsd_lam": torch.tensor(0.5, dtype=torch.float64),
     }
     return batch, student
 
@@ -248,10 +263,10 @@ def test_rule_metrics_are_token_weighted_across_processes(tokenizer, tmp_path, m
         return tensor
 
     monkeypatch.setattr(trainer.accelerator, "gather", keep)
-    trainer._token_advantages(*hand_batch([1], [1.0], math.log(2.0)), "train")  # 1 token, Delta = log 2, w = 2
+    trainer.token_advantages(*hand_batch([1], [1.0], math.log(2.0)), "train")  # 1 token, Delta = log 2, w = 2
     trainer._metrics["train"].clear()
     monkeypatch.setattr(trainer.accelerator, "gather", lambda tensor: torch.cat([tensor, remote["sent"]]))
-    trainer._token_advantages(*hand_batch([3], [1.0], 0.0), "train")  # "process 0": 3 tokens, Delta = 0, w = 1
+    trainer.token_advantages(*hand_batch([3], [1.0], 0.0), "train")  # "process 0": 3 tokens, Delta = 0, w = 1
     metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
     assert metrics["rlsd/delta_mean"] == pytest.approx(math.log(2.0) / 4)  # not the mean of means, log(2) / 2
     assert metrics["rlsd/weight_mean"] == pytest.approx((2.0 + 3 * 1.0) / 4)
@@ -329,7 +344,7 @@ def test_span_think_reweights_only_tokens_inside_the_reasoning_span(tokenizer, t
     batch, student = hand_batch([ids.size(1)], [1.0], math.log(2.0))
     batch["completion_ids"] = ids
     batch["rlsd_teacher_entropy"] = torch.zeros(ids.shape)
-    adv = trainer._token_advantages(batch, student, "train")
+    adv = trainer.token_advantages(batch, student, "train")
     assert ids.size(1) == 5  # the tiny tokenizer's tags are single tokens
     inside = torch.tensor([False, True, True, False, False])  # "a" and "b"
     assert torch.equal(adv[0, ~inside], torch.ones(int((~inside).sum())))  # A_it = A_i outside the span
@@ -389,11 +404,11 @@ def test_copy_teacher_with_fp32_head_scores_exactly_like_the_policy(tokenizer, t
     dataset = make_dataset()
     rows = [dataset[i] for i in (0, 1, 2, 3)]
     output = rollout(trainer, [0])  # step 1: the teacher's weights are the policy's
-    output.update(trainer._teacher_context(rows, output, "train"))
+    prompt_ids, prompt_mask, _, _ = trainer._teacher_context(rows, output, "train", None)
     completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-    teacher_logps, _ = trainer._teacher_logps(output)
-    ids = torch.cat([output["rlsd_teacher_prompt_ids"], completion_ids], dim=1)
-    attention = torch.cat([output["rlsd_teacher_prompt_mask"], completion_mask], dim=1)
+    teacher_logps = trainer.teacher_scores(rows, output).logps
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
     with torch.no_grad():
         policy_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
                                                                         completion_ids.size(1))  # fmt: skip
@@ -432,3 +447,95 @@ def test_the_zero3_recipe_uses_a_teacher_without_a_copy():
     path = Path(__file__).parent.parent / "recipes" / "qwen3-1.7b-gsm8k-zero3-8gpu.yaml"
     recipe = yaml.safe_load(path.read_text())
     assert recipe["teacher"] == "live"
+
+
+# ------------------------------------------------------------------ defect 8: Uni-OPD groups on TRL's global layout
+def test_uni_opd_groups_straddling_processes_follow_the_global_layout(tokenizer, tmp_path, monkeypatch):
+    from rlsd.rules import RuleParams, Signals, get_rule
+
+    trainer = build(tokenizer, tmp_path, credit="uni-opd", teacher="live")  # groups of 4
+    width = 3
+    mask = torch.ones(4, width, dtype=torch.long)
+    student = torch.full((4, width), -1.0)
+    teacher = student + torch.tensor([0.3, -0.2, 0.1, 0.0]).unsqueeze(1)  # per-row Delta
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    # the whole batch is one group of 4; this is process 1 of 2 and holds rows 2 and 3
+    local = {"completion_mask": mask[2:], "completion_ids": torch.full((2, width), 10),
+             "rlsd_has_context": torch.ones(2, dtype=torch.bool), "rlsd_teacher_logps": teacher[2:],
+             "rlsd_seq_advantages": advantages[2:], "rlsd_lam": torch.tensor(0.5, dtype=torch.float64)}  # fmt: skip
+    remote = [advantages[:2], mask[:2], teacher[:2], student[:2], torch.zeros(2, width, dtype=torch.long)]
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.cat([remote.pop(0), t]) if remote else t)
+    monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 1))
+    ours = trainer.token_advantages(local, student[2:], "train")
+    signals = Signals(advantages, mask, teacher, student, group_ids=torch.zeros(4, dtype=torch.long))
+    expected, _ = get_rule("uni-opd").fn(signals, RuleParams(uniopd_margin=trainer.args.uniopd_margin))
+    torch.testing.assert_close(ours, expected[2:].to(ours.dtype))
+    # the local rows alone form a different group: the old, local grouping would not give this
+    alone, _ = get_rule("uni-opd").fn(
+        Signals(advantages[2:], mask[2:], teacher[2:], student[2:], group_ids=torch.zeros(2, dtype=torch.long)),
+        RuleParams(uniopd_margin=trainer.args.uniopd_margin),
+    )
+    assert not torch.allclose(alone.to(ours.dtype), ours)
+
+
+# ------------------------------------------------------- defect 10: teacher prompts from the prompts TRL actually used
+def test_environments_and_rollout_functions_are_refused_with_a_teacher(tokenizer, tmp_path):
+    from rlsd import RLSDTrainer
+
+    def rollout_func(prompts, trainer):
+        raise AssertionError("never called: the trainer is refused at construction")
+
+    def make(**config):
+        args = make_config(tmp_path, **config)
+        return RLSDTrainer(make_model(tokenizer), parity_reward, args=args, train_dataset=make_dataset(),
+                           processing_class=tokenizer, rollout_func=rollout_func)  # fmt: skip
+
+    with pytest.raises(NotImplementedError, match=r"rollout_func with credit='rlsd'.*rebuilt from the dataset row"):
+        make(credit="rlsd")
+    with pytest.raises(NotImplementedError, match=r"rollout_func with distill_loss='jsd'"):
+        make(credit="grpo", distill_loss="jsd")
+    assert make(credit="grpo").rollout_func is rollout_func  # without a teacher, TRL's option works as before
+
+
+# ------------------------------------------------------------------ cost: a live teacher computes no entropy
+@pytest.mark.parametrize(("credit", "outputs"), [("rlsd", ("log_probs",)), ("egrsd", ("log_probs", "entropy"))])
+def test_a_live_teacher_asks_the_fused_head_only_for_what_the_rule_reads(tokenizer, tmp_path, monkeypatch, credit,
+                                                                          outputs):  # fmt: skip
+    import trl.trainer.utils as trl_utils
+
+    trainer = build(tokenizer, tmp_path, teacher="live", credit=credit)
+    rows = [make_dataset()[0]] * trainer.num_generations
+    output = rollout(trainer, [0])
+    asked = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda *a: asked.append(a[-1]) or apply(*a))
+    scores = trainer.teacher_scores(rows, output)
+    assert asked == [outputs]  # TRL's head on the policy computes the entropy on every call
+    ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    with torch.no_grad():  # the policy's own forward is back after the teacher pass, entropy included
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, output["completion_ids"].size(1),
+                                                   compute_entropy=True)  # fmt: skip
+    assert asked[-1] == ("log_probs", "entropy")
+    assert scores.logps.shape == output["completion_ids"].shape
+
+
+# ------------------------------------------------------------- cost: the teacher prompt computed once per group
+def test_prefix_sharing_scores_like_the_plain_pass_and_runs_each_teacher_prompt_once(tokenizer, tmp_path):
+    from rlsd.trainer import _whole_groups
+
+    plain = build(tokenizer, tmp_path / "plain", teacher="live")
+    shared = build(tokenizer, tmp_path / "shared", teacher="live", teacher_prefix_sharing=True)
+    shared.model.load_state_dict(plain.model.state_dict())
+    output = rollout(plain, [0, 1])  # two groups of 4, different prompts
+    rows = [make_dataset()[i] for i in (0, 1) for _ in range(4)]
+    seen: list[int] = []
+    shared.model.model.register_forward_hook(lambda module, args, out: seen.append(out[0].shape[:2]))
+    expected = plain.teacher_scores(rows, output).logps
+    got = shared.teacher_scores(rows, output).logps
+    mask = output["completion_mask"].bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+    # a chunk of per_device_train_batch_size = 4 rows is one group: its prompt once, then its 4 completions on the cache
+    assert [rows for rows, _ in seen] == [1, 4, 1, 4]
+    assert all(length == output["completion_ids"].size(1) for _, length in seen[1::2])
+    assert _whole_groups(torch.tensor([4, 5, 6, 7]), 4) and not _whole_groups(torch.tensor([1, 2, 3, 4]), 4)

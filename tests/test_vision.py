@@ -8,22 +8,13 @@ import torch
 from conftest import config_kwargs, make_config
 from datasets import Dataset
 from PIL import Image
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import Qwen2VLForConditionalGeneration
 from trl import GRPOConfig, GRPOTrainer
 
 from rlsd import RLSDTrainer
-from rlsd.experiments.tiny import build_char_tokenizer
+from rlsd.experiments.tiny_vlm import ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
 from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, has_image_blocks, render_teacher_prompt
 
-VISION_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 COLOURS = [(220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 30)]
 
 
@@ -32,47 +23,16 @@ def alternating_reward(completions, **kwargs):
     return [float(index % 2) for index in range(len(completions))]
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without its video processor (which needs torchvision): images and text only."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def processor() -> ImageOnlyQwen2VLProcessor:
-    """A processor assembled from a character tokenizer (with Qwen-VL's special tokens) and a PIL image processor
-    that turns a 28x28 image into 4 patches, i.e. one image token after the 2x2 merge."""
-    tokenizer = build_char_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    tokenizer.chat_template = VL_CHAT_TEMPLATE
-    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2)
-    return ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=VL_CHAT_TEMPLATE)
+    """The tiny processor with a PIL image processor that turns a 28x28 image into 4 patches, i.e. one image token
+    after the 2x2 merge (at most 4 tokens per image)."""
+    return build_vl_processor(max_tokens_per_image=4)
 
 
 def make_vl_model(processor, seed: int = 0) -> Qwen2VLForConditionalGeneration:
     """A Qwen2-VL of about 170k parameters: text hidden 64 in 2 layers, a 1-layer vision tower of width 32."""
-    tokenizer = processor.tokenizer
-    token = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.eos_token_id,
-        ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
-        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return build_tiny_qwen2_vl(processor, seed=seed)
 
 
 def make_vision_dataset(n: int = 4) -> Dataset:
@@ -102,8 +62,7 @@ def rollout(trainer, rows):
 
 def teacher_pass(trainer, rows, output):
     """The trainer's teacher context and teacher pass on a rollout."""
-    output.update(trainer._teacher_context(rows, output, "train"))
-    return trainer._teacher_logps(output)[0]
+    return trainer.teacher_scores(rows, output).logps
 
 
 def direct_teacher_logps(model, processor, row, completion: list[int], temperature: float, with_image: bool = True):
@@ -237,7 +196,8 @@ def test_rows_with_several_images_share_a_batch(processor, tmp_path, placeholder
     output = rollout(trainer, rows)
     assert output["num_images"] == counts
     logps = teacher_pass(trainer, rows, output)
-    assert output["rlsd_teacher_mm_token_type_ids"].sum(1).tolist() == counts  # one token per 28x28 image
+    _, _, types, _ = trainer._teacher_context(rows, output, "train", None)
+    assert types["mm_token_type_ids"].sum(1).tolist() == counts  # one token per 28x28 image
     for index, completion in enumerate(completions_of(output)):
         expected = direct_teacher_logps(trainer.model, processor, rows[index], completion, temperature=1.0)
         torch.testing.assert_close(logps[index, : len(completion)].double(), expected, atol=1e-5, rtol=1e-5)
@@ -249,7 +209,7 @@ def test_delta_changes_when_the_image_is_removed_from_the_teachers_input(process
     rows = [dataset[i] for i in range(4)]
     output = rollout(trainer, rows)
     mask = output["completion_mask"].bool()
-    student = trainer._score_rollout(output)
+    student = trainer.score_rollout("student", output).logps
     with_image = teacher_pass(trainer, rows, dict(output))
     text_rows = [{k: v for k, v in row.items() if k != "image"} for row in rows]
     text_output = {k: v for k, v in output.items() if k not in ("pixel_values", "image_grid_thw", "num_images")}
@@ -286,8 +246,8 @@ def test_rescoring_passes_get_the_vision_inputs(processor, tmp_path):
     handle = visual.register_forward_hook(lambda *args: calls.append("student"))
     reference = trainer.reference.model.model.visual.register_forward_hook(lambda *args: calls.append("reference"))
     try:
-        trainer._score_rollout(output)
-        trainer._reference_logps(output)
+        trainer.score_rollout("student", output)
+        trainer.score_rollout("reference", output)
     finally:
         handle.remove()
         reference.remove()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = {
-    "demo": "GRPO, RLSD and OPSD on the embedded task, offline on a CPU (minutes).",
+    "demo": "GRPO, RLSD and OPSD on the embedded task (--task vision: in images), offline on a CPU (minutes).",
     "train": "Train a model with RLSDTrainer (TRL-style: --config recipe.yaml and flags).",
     "eval": "Evaluate a model on a dataset: pass@1, avg@n, pass@k, lengths.",
     "bench": "Benchmarks: `rlsd bench methods` and `rlsd bench cost`.",
@@ -30,10 +30,16 @@ def demo_parser() -> argparse.ArgumentParser:
         default=",".join(defaults.methods),
         help=f"comma-separated methods among {', '.join(name for name, o in CATALOGUE.items() if o is not None)}",
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per method")
+    parser.add_argument(
+        "--steps", type=int, default=defaults.steps, help="optimizer steps per method (--task vision: 80 unless given)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, sampling and warm start")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
-    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder")
+    parser.add_argument(
+        "--task", choices=("text", "vision"), default="text",
+        help="text: the arithmetic task as text; vision: the expression only in an image, a tiny Qwen2-VL",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="output folder (runs/demo, runs/vision-demo)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (CI): small model, few steps")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -52,15 +58,37 @@ def run_demo_command(argv: list[str]) -> int:
     hf_logging.disable_progress_bar()
 
     args = demo_parser().parse_args(argv)
-    base = quick_config(args.out, seed=args.seed) if args.quick else DemoConfig(out=args.out, seed=args.seed)
-    explicit = {a for a in argv if a.startswith("--")}
-    config = with_overrides(
-        base,
+    explicit = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    overrides = dict(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        steps=args.steps if "--steps" in explicit or not args.quick else None,
-        eval_every=args.eval_every if "--eval-every" in explicit or not args.quick else None,
+        steps=args.steps if "--steps" in explicit else None,
+        eval_every=args.eval_every if "--eval-every" in explicit else None,
     )
+    if args.task == "vision":
+        return run_vision_demo_command(args, overrides)
+    out = args.out or DemoConfig().out
+    base = quick_config(out, seed=args.seed) if args.quick else DemoConfig(out=out, seed=args.seed)
+    if not args.quick:
+        overrides.update(steps=args.steps, eval_every=args.eval_every)
+    config = with_overrides(base, **overrides)
     summary = run_demo(config, progress=not args.no_progress)
+    print_summary(summary, config.out)
+    return 0
+
+
+def run_vision_demo_command(args: argparse.Namespace, overrides: dict) -> int:
+    """`rlsd demo --task vision`: the same comparison on the image version of the task (its own step defaults)."""
+    from rlsd.experiments.vision_task import (
+        VisionDemoConfig,
+        run_vision_demo,
+        vision_quick_config,
+        with_vision_overrides,
+    )
+
+    out = args.out or VisionDemoConfig().out
+    base = vision_quick_config(out, seed=args.seed) if args.quick else VisionDemoConfig(out=out, seed=args.seed)
+    config = with_vision_overrides(base, **overrides)
+    summary = run_vision_demo(config, progress=not args.no_progress)
     print_summary(summary, config.out)
     return 0
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from trl import GRPOConfig
 
+from rlsd.privileged import SOURCES, get_source, validate_teacher_template
 from rlsd.rewards import DEFAULT_REWARD_TIMEOUT_S
-from rlsd.rules import RULES, check_rule_options
-from rlsd.teacher_prompt import DEFAULT_TEMPLATES, PRIVILEGED_SOURCES, validate_teacher_template
+from rlsd.rules import KNOBS, RULES, check_knobs, check_rule_options
 from rlsd.validate import ConfigError, check_finite_floats, check_positive
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
@@ -20,8 +20,18 @@ DISTILL_COEF_DEFAULTS = {"sdpg": 0.001}
 """`distill_coef` when left unset: SDPG's beta = 0.001; 1.0 for the OPSD losses."""
 
 
+RuleKnobs = make_dataclass(
+    "RuleKnobs",
+    [
+        (key, type(knob.default), field(default=knob.default, metadata={"help": knob.help}))
+        for key, knob in KNOBS.items()
+    ],
+)
+"""The credit rules' own knobs as config fields: each is declared once, with its rule (`rlsd.rules.credit_rule`)."""
+
+
 @dataclass
-class RLSDConfig(GRPOConfig):
+class RLSDConfig(GRPOConfig, RuleKnobs):
     r"""
     Configuration for [`RLSDTrainer`]. Every field of TRL's `GRPOConfig` applies unchanged; the fields below add the
     credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
@@ -50,13 +60,13 @@ class RLSDConfig(GRPOConfig):
             `"think"`, only the tokens inside the reasoning span, between `<think>` and `</think>` (from the start
             when the prompt opened the span; none when a completion has neither tag); the other tokens keep A_i.
             Honoured by `"rlsd"`, `"egrsd"` and `"cl-egrsd"`; the other rules refuse it.
-        opsd_beta (`float`, *optional*, defaults to `1.0`):
-            Weight of Delta_t in `credit="grpo+opsd"`.
         teacher (`str`, *optional*, defaults to `"synced"`):
             Which weights the self-teacher uses: `"synced"` (a frozen copy, re-synced every `teacher_sync_steps`),
-            `"live"` (the current weights, no copy), `"initial"` (never synced; with a PEFT model, the adapter
-            disabled) or `"ema"` (an exponential moving average of the policy). A copy gets the policy's fused head
-            as TRL installs it (`cast_lm_head_to_fp32` included). The copies are refused when ZeRO-3 has
+            `"live"` (the current weights, no copy), `"initial"` (never synced) or `"ema"` (an exponential
+            moving average of the policy). With a PEFT model no model is copied: `"synced"` / `"ema"` keep a second
+            adapter on the same base, and `"initial"` is a frozen copy of a pretrained starting adapter (TRL's `ref`
+            adapter when there is one; a fresh LoRA, B = 0, just disables the adapter). A copy gets the policy's
+            fused head as TRL installs it (`cast_lm_head_to_fp32` included). The copies are refused when ZeRO-3 has
             partitioned the policy (use `"live"`). With any teacher, `disable_dropout` is forced to True and
             attention dropout inside the attention function is refused, so that Delta carries no dropout noise.
         teacher_sync_steps (`int`, *optional*, defaults to `10`):
@@ -65,22 +75,12 @@ class RLSDConfig(GRPOConfig):
             With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step;
             bf16 / fp16 parameters are averaged in an fp32 shadow (one fp32 copy more, kept in checkpoints) so that
             steps below their precision are not rounded away.
-        antisd_warmup_steps (`int`, *optional*, defaults to `5`):
-            AntiSD: rollout batches whose mean teacher entropy sets the gate's reference level.
-        antisd_ratio (`float`, *optional*, defaults to `0.93`):
-            AntiSD: the gate is off while the teacher entropy is below this fraction of the reference level.
-        egrsd_min_gate (`float`, *optional*, defaults to `0.1`):
-            EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.
-        egrsd_window (`int`, *optional*, defaults to `8`):
-            CL-EGRSD: tokens ahead over which the minimum teacher entropy is taken.
-        sod_c (`float`, *optional*, defaults to `1.0`):
-            SOD: weight c of the step-weighted Delta term.
-        sod_delta (`float`, *optional*, defaults to `0.2`):
-            SOD: cap 1 + delta of the step weight.
-        uniopd_margin (`float`, *optional*, defaults to `0.4`):
-            Uni-OPD: the margin between correct and incorrect completions' mean Delta that calibration enforces.
-        gear_spike_std (`float`, *optional*, defaults to `2.0`):
-            GEAR: a token is a divergence spike when |Delta| exceeds its completion's mean + this many std.
+        teacher_prefix_sharing (`bool`, *optional*, defaults to `False`):
+            Compute each group's teacher prompt once and reuse its key/value cache for the group's completions
+            (`rlsd.scoring`), instead of one forward per completion on [teacher prompt ; completion]. Text models on
+            one device only (sharded, DeepSpeed and vision models score every row whole). The log-probs equal the
+            plain pass to float rounding (about 1e-6 in fp32), not bit for bit, and the completion logits are built
+            in full (B, T, V) per chunk rather than through TRL's fused head.
         distill_loss (`str`, *optional*, defaults to `"none"`):
             Distillation term added to TRL's loss, from the student's and the teacher's full next-token distributions
             at each completion token (gradient into the student only; logits are built `distill_chunk_tokens` at a
@@ -105,7 +105,8 @@ class RLSDConfig(GRPOConfig):
             Completion tokens projected to the vocabulary at once by the distillation term.
         sdpg_ref_coef (`float`, *optional*, defaults to `0.001`):
             SDPG's alpha: weight of 0.5 (log pi_theta - log pi_ref)^2 on sampled tokens, pi_ref the initial model
-            (with PEFT, the adapter disabled). Scored at rollout time, only with `distill_loss="sdpg"` and alpha > 0.
+            (with PEFT, the starting adapter, as for `teacher="initial"`). Scored at rollout time, only with
+            `distill_loss="sdpg"` and alpha > 0.
         policy_loss_coef (`float`, *optional*, defaults to `1.0`):
             Weight of TRL's loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains
             on the distillation term alone (full OPSD).
@@ -161,7 +162,6 @@ class RLSDConfig(GRPOConfig):
             "choices": list(SPANS),
         },
     )
-    opsd_beta: float = field(default=1.0, metadata={"help": "Weight of Delta_t in credit='grpo+opsd'."})
     teacher: str = field(
         default="synced",
         metadata={"help": "Self-teacher weights.", "choices": list(TEACHER_MODES)},
@@ -172,14 +172,9 @@ class RLSDConfig(GRPOConfig):
     teacher_ema_decay: float = field(
         default=0.95, metadata={"help": "With teacher='ema': teacher <- decay * teacher + (1 - decay) * policy."}
     )
-    antisd_warmup_steps: int = field(default=5, metadata={"help": "AntiSD: batches that set the gate level."})
-    antisd_ratio: float = field(default=0.93, metadata={"help": "AntiSD: gate off below this x reference."})
-    egrsd_min_gate: float = field(default=0.1, metadata={"help": "EGRSD: floor g_min of the entropy gate."})
-    egrsd_window: int = field(default=8, metadata={"help": "CL-EGRSD: look-ahead window of the entropy minimum."})
-    sod_c: float = field(default=1.0, metadata={"help": "SOD: weight c of the step-weighted Delta."})
-    sod_delta: float = field(default=0.2, metadata={"help": "SOD: cap 1 + delta of the step weight."})
-    uniopd_margin: float = field(default=0.4, metadata={"help": "Uni-OPD: enforced correct/incorrect margin."})
-    gear_spike_std: float = field(default=2.0, metadata={"help": "GEAR: spike threshold in standard deviations."})
+    teacher_prefix_sharing: bool = field(
+        default=False, metadata={"help": "Compute each group's teacher prompt once and reuse its KV cache."}
+    )
     distill_loss: str = field(
         default="none", metadata={"help": "Distillation term beside the policy loss.", "choices": list(DISTILL_LOSSES)}
     )
@@ -195,7 +190,7 @@ class RLSDConfig(GRPOConfig):
     policy_loss_coef: float = field(default=1.0, metadata={"help": "Weight of TRL's loss (0: distillation only)."})
     privileged_source: str = field(
         default="answer",
-        metadata={"help": "Teacher context: answer, sibling or both.", "choices": list(PRIVILEGED_SOURCES)},
+        metadata={"help": "Teacher context: answer, sibling or both.", "choices": list(SOURCES)},
     )
     sibling_reward_threshold: float = field(
         default=1.0, metadata={"help": "Reward at which a sibling completion counts as successful."}
@@ -230,6 +225,7 @@ class RLSDConfig(GRPOConfig):
         if self.rlsd_span not in SPANS:
             raise ValueError(f"rlsd_span={self.rlsd_span!r} is not one of {', '.join(SPANS)}")
         check_rule_options(self.credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
+        check_knobs(self)
         if self.teacher not in TEACHER_MODES:
             raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
         if not 0.0 <= self.rlsd_lambda <= 1.0:
@@ -253,5 +249,18 @@ class RLSDConfig(GRPOConfig):
         if min(self.distill_coef, self.sdpg_ref_coef, self.policy_loss_coef) < 0.0:
             raise ValueError("distill_coef, sdpg_ref_coef and policy_loss_coef must be >= 0")
         if self.teacher_template is None:
-            self.teacher_template = DEFAULT_TEMPLATES.get(self.privileged_source, DEFAULT_TEMPLATES["answer"])
+            self.teacher_template = get_source(self.privileged_source).default_template
         validate_teacher_template(self.teacher_template, self.privileged_source)
+
+
+def _knob_docs() -> str:
+    """The docstring entries of the rule knobs, in the style of the fields above."""
+    return "".join(
+        f"        {key} (`{type(knob.default).__name__}`, *optional*, defaults to `{knob.default}`):\n"
+        f"            {knob.help}\n"
+        for key, knob in KNOBS.items()
+    )
+
+
+RLSDConfig.__doc__ = (RLSDConfig.__doc__ or "").rstrip() + "\n\n    Rule knobs (declared in `rlsd.rules`):\n"
+RLSDConfig.__doc__ += _knob_docs()

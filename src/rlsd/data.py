@@ -12,6 +12,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 from rlsd.gsm_symbolic import gsm_symbolic_rows, is_gsm_symbolic
+from rlsd.image_data import IMAGE_FORMATS, detect_image_format, to_image_rows
 from rlsd.rewards import last_boxed
 from rlsd.validate import DatasetError, check_answer_length, check_dataset_file, looks_local, text_cell
 
@@ -147,11 +148,22 @@ def to_rlsd_rows(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     instruction: str = DEFAULT_INSTRUCTION,
     source: str | None = None,
+    base_dir: Path | None = None,
 ) -> Dataset:
     """Rows `{prompt: [system?, user], solution: answer}`; a row without an answer, a cell of the wrong type (a
-    null question, a list answer) or an overlong final answer fails naming its row, column and `source`."""
+    null question, a list answer) or an overlong final answer fails naming its row, column and `source`. An image
+    format (`mmfinereason`, `mathvista`; given or detected from an image column) also keeps the row's images
+    (`rlsd.image_data`; relative image paths are read from `base_dir`)."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
+    image_format = dataset_format if dataset_format in IMAGE_FORMATS else None
+    if dataset_format is None and not (prompt_column or answer_column):
+        image_format = detect_image_format(dataset.column_names)
+    if image_format is not None:
+        return to_image_rows(
+            dataset, image_format, system_prompt=system_prompt, instruction=instruction, source=source,
+            base_dir=base_dir,
+        )  # fmt: skip
     adapter = _choose_adapter(dataset.column_names, dataset_format, prompt_column, answer_column)
     missing = [c for c in adapter.required if c not in dataset.column_names]
     if missing:
@@ -198,7 +210,8 @@ def _choose_adapter(
         return generic_adapter(prompt_column, answer_column)
     if dataset_format is not None:
         if dataset_format not in ADAPTERS:
-            raise ValueError(f"unknown dataset format {dataset_format!r}; known: {', '.join([*ADAPTERS, 'generic'])}")
+            known = ", ".join([*ADAPTERS, "generic", *IMAGE_FORMATS])
+            raise ValueError(f"unknown dataset format {dataset_format!r}; known: {known}")
         return ADAPTERS[dataset_format]
     return ADAPTERS[detect_format(columns)]
 
@@ -228,4 +241,5 @@ def load_rlsd_dataset(
         system_prompt=system_prompt,
         instruction=instruction,
         source=name,
+        base_dir=Path(name).parent if Path(name).is_file() else None,
     )

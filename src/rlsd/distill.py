@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Partial
 from torch.utils.checkpoint import checkpoint
 
 
@@ -134,3 +136,88 @@ def chunked_token_loss(
         chunk = checkpoint(piece, chunk_s, chunk_t, use_reentrant=False) if recompute else piece(chunk_s, chunk_t)
         pieces.append(chunk)
     return torch.cat(pieces).view(batch, length)
+
+
+class _GatherSharded(torch.autograd.Function):
+    """All-gather of a DTensor parameter whose backward averages the full gradient over the mesh and scatters it
+    back to the parameter's placements, as FSDP2 reduces its own gradients (sum over ranks / data-parallel size)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, weight: DTensor) -> Tensor:  # type: ignore[override]
+        ctx.spec = (weight.device_mesh, weight.placements, weight.shape, weight.stride())  # type: ignore[attr-defined]
+        return weight.full_tensor()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> DTensor:  # type: ignore[override]
+        mesh, placements, shape, stride = ctx.spec  # type: ignore[attr-defined]
+        partial = [Partial("sum")] * mesh.ndim
+        local = grad.contiguous() / mesh.size()
+        return DTensor.from_local(local, mesh, partial, shape=shape, stride=stride).redistribute(mesh, placements)
+
+
+def gather_sharded(weight: Tensor) -> Tensor:
+    """The full tensor of an FSDP2-sharded (DTensor) parameter, gathered once (no gradient when grad is off or the
+    parameter is frozen); its gradient is reduce-scattered averaged over ranks like FSDP2's. Plain tensors pass."""
+    if not isinstance(weight, DTensor):
+        return weight
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        with torch.no_grad():
+            return weight.full_tensor()
+    return _GatherSharded.apply(weight)
+
+
+@dataclass(frozen=True)
+class HeadLogits:
+    """Hidden states -> float32 logits / temperature through an LM head whose weights were gathered once."""
+
+    weight: Tensor
+    bias: Tensor | None
+    temperature: float
+    sharded: bool
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float() / self.temperature
+
+    def zero(self) -> Tensor:
+        """A differentiable 0 through the gathered weights, so that a rank with no token to distill still runs the
+        gradient collectives of the others; a plain 0 (no gradient) when nothing was gathered."""
+        if not self.sharded:
+            return self.weight.new_zeros(())
+        parts = [self.weight] if self.bias is None else [self.weight, self.bias]
+        return sum((p.sum() * 0.0 for p in parts), self.weight.new_zeros(()))
+
+    def detached(self) -> HeadLogits:
+        """The same head without gradient (a live teacher shares the student's head: no second gather)."""
+        bias = None if self.bias is None else self.bias.detach()
+        return HeadLogits(self.weight.detach(), bias, self.temperature, self.sharded)
+
+
+def head_logits(head: nn.Module, temperature: float, *, grad: bool = True) -> HeadLogits:
+    """`head`'s logits function, with an FSDP2-sharded weight (and bias) gathered here once per micro-batch on every
+    rank, whatever its token count, and reused by all chunks and recomputes (per-chunk gathers desynchronize ranks)."""
+    weight, bias = head.weight, head.bias
+    sharded = isinstance(weight, DTensor) or isinstance(bias, DTensor)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        weight = gather_sharded(weight)
+        bias = gather_sharded(bias) if bias is not None else None
+    return HeadLogits(weight, bias, temperature, sharded)
+
+
+def selected_token_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    selected: Tensor,
+    heads: tuple[nn.Module, nn.Module],
+    temperature: float,
+    chunk_tokens: int = 1024,
+) -> Tensor:
+    """Per-token loss (N,) at the `selected` (B, T) positions of the (B, T, H) hidden states, through the (student,
+    teacher) LM heads. Under FSDP2 the heads are gathered once here on every rank whatever N; with N = 0 the empty
+    result still leads back to the hidden states and the gathered head, so all ranks run the same collectives."""
+    student = head_logits(heads[0], temperature)
+    teacher = student.detached() if heads[1] is heads[0] else head_logits(heads[1], temperature, grad=False)
+    if not selected.any():
+        return (student_hidden.sum() * 0.0 + student.zero()).expand(0)
+    flat_s, flat_t = student_hidden[selected].unsqueeze(0), teacher_hidden[selected].unsqueeze(0)
+    return chunked_token_loss(loss_fn, flat_s, flat_t, student, teacher, chunk_tokens=chunk_tokens).squeeze(0)

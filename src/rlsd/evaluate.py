@@ -89,11 +89,57 @@ def generate_hf_batches(
                 pad_token_id=tokenizer.pad_token_id,
             )
         for row in output[:, batch["input_ids"].size(1) :]:
-            ids = row.tolist()
-            ended = tokenizer.eos_token_id in ids
-            length = ids.index(tokenizer.eos_token_id) if ended else len(ids)
-            results.append((tokenizer.decode(ids[:length], skip_special_tokens=True), length, not ended))
+            results.append(_decoded(tokenizer, row.tolist()))
         yield results
+
+
+def generate_vision_batches(
+    model, processor, prompts: list[Any], images: list[list[Any]], args: argparse.Namespace
+) -> Iterator[list[tuple[str, int, bool]]]:
+    """The same for a vision-language model: each prompt with its images (placed as TRL 1.16 places them), rendered
+    by the processor's chat template and encoded with the images by the processor."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [(prompt, row_images) for prompt, row_images in zip(prompts, images, strict=True) for _ in range(args.n)]
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start : start + args.batch_size]
+        texts = [
+            processor.apply_chat_template(prepare_multimodal_messages(prompt, list(row_images)),
+                                          add_generation_prompt=True, tokenize=False)
+            for prompt, row_images in chunk
+        ]  # fmt: skip
+        flat = [image.convert("RGB") for _, row_images in chunk for image in row_images]
+        batch = processor(images=flat, text=texts, return_tensors="pt", padding=True, padding_side="left")
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            output = model.generate(
+                **batch,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else None,
+                top_p=args.top_p,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        yield [_decoded(tokenizer, row.tolist()) for row in output[:, batch["input_ids"].size(1) :]]
+
+
+def _decoded(tokenizer, ids: list[int]) -> tuple[str, int, bool]:
+    """(text up to the end-of-sequence token, its token count, whether it was cut off before one)."""
+    ended = tokenizer.eos_token_id in ids
+    length = ids.index(tokenizer.eos_token_id) if ended else len(ids)
+    return tokenizer.decode(ids[:length], skip_special_tokens=True), length, not ended
+
+
+def row_images(dataset) -> list[list[Any]] | None:
+    """The images of each row (`image` or `images` column), None for a text dataset."""
+    if "images" in dataset.column_names:
+        return [list(images or []) for images in dataset["images"]]
+    if "image" in dataset.column_names:
+        return [[image] for image in dataset["image"]]
+    return None
 
 
 def generate_vllm(model_path: str, tokenizer, prompts: list[Any], args: argparse.Namespace):
@@ -156,11 +202,24 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts, solutions = dataset["prompt"], dataset["solution"]
-    if args.backend == "vllm":
-        batches: Any = [generate_vllm(args.model, tokenizer, prompts, args)]
+    images = row_images(dataset)
+    if images is not None:
+        if args.backend == "vllm":
+            raise ConfigError("--backend vllm", "is text-only in rlsd eval", "use --backend hf for an image dataset")
+        from transformers import AutoModelForImageTextToText
+
+        from rlsd.image_data import load_processor
+
+        processor = load_processor(args.model)
+        model = AutoModelForImageTextToText.from_pretrained(args.model)
+        model.eval()
+        torch.manual_seed(args.seed)
+        batches: Any = generate_vision_batches(model, processor, prompts, images, args)
+    elif args.backend == "vllm":
+        batches = [generate_vllm(args.model, AutoTokenizer.from_pretrained(args.model), prompts, args)]
     else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
         model.eval()
         torch.manual_seed(args.seed)
@@ -199,7 +258,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help="hub dataset name or local .jsonl/.json/.parquet/.csv")
     parser.add_argument("--dataset_config", default=None, help="hub dataset configuration")
     parser.add_argument("--split", default="test", help="split to evaluate (local files have one)")
-    parser.add_argument("--dataset_format", default=None, help="gsm8k, math, dapo_math, deepmath, generic")
+    parser.add_argument(
+        "--dataset_format", default=None,
+        help="gsm8k, math, dapo_math, deepmath, generic; with images mmfinereason, mathvista (default: detected)",
+    )  # fmt: skip
     parser.add_argument("--prompt_column", default=None, help="question column of the generic format")
     parser.add_argument("--answer_column", default=None, help="answer column of the generic format")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="system turn ('' for none)")

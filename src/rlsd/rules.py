@@ -1,15 +1,18 @@
 """The 2026 token-credit rules built on RLSD (specification section 4, class A): pure torch, no TRL.
 
 Each rule maps the signals it needs to (B, T) token advantages and metrics. Arithmetic is float64; masked
-positions are exactly 0. `RULES` is the registry that `RLSDConfig.credit` selects from, together with the four
-base rules of `rlsd.credit`.
+positions are exactly 0. A rule is registered with `@credit_rule`, which declares the signals it needs and its own
+knobs (`Knob`: default, help, check); each knob becomes an `RLSDConfig` field of the same name and reaches the rule
+as an attribute of `params`. Adding a rule with a new knob is one decorated function in this file. A rule with
+state across batches (AntiSD's gate) declares a `RuleState` class, which the trainer drives generically.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +45,59 @@ class Signals:
     span_mask: Tensor | None = None  # (B, T) tokens a rule with the "span" option may reweight (None: all)
 
 
-@dataclass
-class RuleParams:
-    """Knobs of every rule, with the papers' defaults (mirrored by `RLSDConfig` fields)."""
+@dataclass(frozen=True)
+class Knob:
+    """A rule's own setting: its default, the help line of its `RLSDConfig` field, and a check returning an error
+    message for a bad value (None when fine)."""
 
-    lam: float = 0.5
-    clip: float = 0.2
-    negative_only: bool = False
-    opsd_beta: float = 1.0
-    antisd_gate: float = 1.0  # g: 1 (on) or 0 (off), decided by `AntiSDGate`
-    egrsd_min_gate: float = 0.1  # g_min
-    egrsd_window: int = 8  # W of CL-EGRSD
-    sod_c: float = 1.0
-    sod_delta: float = 0.2
-    sod_eps: float = 1e-6
-    uniopd_margin: float = 0.4
-    gear_spike_std: float = 2.0
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+
+
+class RuleParams:
+    """What a rule is told: RLSD's lam (this step's), clip and negative_only, shared by the rules, plus every
+    registered knob (its default unless given) and the values a `RuleState` hands over for the batch."""
+
+    def __init__(self, lam: float = 0.5, clip: float = 0.2, negative_only: bool = False, **values: Any) -> None:
+        provided = {key: value for rule in RULES.values() if rule.state for key, value in rule.state.provides.items()}
+        unknown = sorted(set(values) - set(KNOBS) - set(provided))
+        if unknown:
+            raise TypeError(f"unknown rule parameter(s) {unknown}; known: {', '.join(sorted({*KNOBS, *provided}))}")
+        self.lam, self.clip, self.negative_only = lam, clip, negative_only
+        for key, knob in KNOBS.items():
+            setattr(self, key, knob.default)
+        for key, value in {**provided, **values}.items():
+            setattr(self, key, value)
+
+
+class RuleState:
+    """State a rule keeps across training batches. Each training batch, `observe` gets the global token means of
+    the (B, T) signals named in `reads` and returns this batch's values of the parameters in `provides` (name:
+    value when no state is involved); an eval batch gets `current()` and moves nothing. Built from the rule's
+    parameters by `from_params`; saved in checkpoints."""
+
+    reads: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[dict[str, float]] = {}
+
+    @classmethod
+    def from_params(cls, params: RuleParams) -> RuleState:
+        raise NotImplementedError
+
+    def observe(self, means: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def current(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+RuleFn = Callable[[Signals, RuleParams], tuple[Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -65,16 +105,107 @@ class CreditRule:
     """A registered rule: its function, the signals it needs, and where it comes from."""
 
     name: str
-    fn: Callable[[Signals, RuleParams], tuple[Tensor, dict[str, float]]]
+    fn: RuleFn
     needs: frozenset[str]
     source: str
     exact: bool
-    multiplicative: bool = field(default=True)  # A_i = 0 gives 0 when True
-    grpo_when_lambda_zero: bool = field(default=False)  # lam = 0 or eps_w = 0 make it exactly GRPO
-    options: frozenset[str] = field(default=frozenset())  # honours "negative_only" and / or "span" (RLSD's options)
+    multiplicative: bool = True  # A_i = 0 gives 0 when True
+    grpo_when_lambda_zero: bool = False  # lam = 0 or eps_w = 0 make it exactly GRPO
+    options: frozenset[str] = frozenset()  # honours "negative_only" and / or "span" (RLSD's options)
+    knobs: tuple[str, ...] = ()  # its own `RLSDConfig` fields
+    state: type[RuleState] | None = None
+
+
+RULES: dict[str, CreditRule] = {}
+"""Every registered rule by name: what `RLSDConfig.credit` selects from."""
+KNOBS: dict[str, Knob] = {}
+"""Every rule knob by its `RLSDConfig` field name."""
+TEACHER = frozenset({"teacher_logps", "student_logps"})
+RLSD_OPTIONS = frozenset({"negative_only", "span"})
+
+
+def credit_rule(
+    name: str,
+    *,
+    source: str,
+    exact: bool,
+    needs: frozenset[str] = TEACHER,
+    multiplicative: bool = True,
+    grpo_when_lambda_zero: bool = False,
+    options: frozenset[str] = frozenset(),
+    knobs: dict[str, Knob] | None = None,
+    state: type[RuleState] | None = None,
+) -> Callable[[RuleFn], RuleFn]:
+    """Register a rule under `name` with its needs and knobs (a knob name may be shared only with the same
+    declaration)."""
+
+    def register(fn: RuleFn) -> RuleFn:
+        if name in RULES:
+            raise ValueError(f"credit rule {name!r} is registered twice")
+        for key, knob in (knobs or {}).items():
+            if KNOBS.get(key, knob) != knob:
+                raise ValueError(f"knob {key!r} of rule {name!r} differs from its earlier declaration")
+            KNOBS[key] = knob
+        RULES[name] = CreditRule(name, fn, frozenset(needs), source, exact, multiplicative, grpo_when_lambda_zero,
+                                 frozenset(options), tuple(knobs or {}), state)  # fmt: skip
+        return fn
+
+    return register
+
+
+def _in_unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else f"must lie in [0, 1], got {value}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be >= 0, got {value}"
 
 
 # ------------------------------------------------------------------------------------------------ the rules
+@credit_rule("grpo", source="GRPO (DeepSeekMath)", exact=True, needs=frozenset())
+def grpo(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
+    """GRPO: every token of a completion gets A_i (`rlsd.credit.grpo_advantages`)."""
+    return grpo_advantages(signals.seq_advantages, signals.mask)
+
+
+@credit_rule("rlsd", source="RLSD, arXiv 2604.03128", exact=True, grpo_when_lambda_zero=True, options=RLSD_OPTIONS)
+def rlsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
+    """RLSD: A_it = A_i * ((1 - lam) + lam * clip(exp(sign(A_i) * Delta_t), 1 - eps_w, 1 + eps_w))
+    (`rlsd.credit.rlsd_advantages`)."""
+    adv, metrics = rlsd_advantages(
+        signals.seq_advantages, signals.teacher_logps, signals.student_logps, signals.mask, lam=params.lam,
+        clip=params.clip, negative_only=params.negative_only, span_mask=signals.span_mask,
+    )  # fmt: skip
+    metrics.pop("lambda")
+    return adv, metrics
+
+
+@credit_rule("opsd", source="OPSD (sampled token)", exact=True, multiplicative=False)
+def opsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
+    """OPSD with the sampled-token signal: A_it = Delta_t, no reward (`rlsd.credit.opsd_advantages`)."""
+    adv, metrics = opsd_advantages(signals.teacher_logps, signals.student_logps, signals.mask)
+    return adv.to(signals.seq_advantages.dtype), metrics
+
+
+@credit_rule(
+    "grpo+opsd",
+    source="GRPO + OPSD",
+    exact=True,
+    multiplicative=False,
+    knobs={"opsd_beta": Knob(1.0, "Weight of Delta_t in credit='grpo+opsd' (A_it = A_i + opsd_beta * Delta_t).")},
+)
+def grpo_opsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
+    """GRPO + OPSD: A_it = A_i + opsd_beta * Delta_t (`rlsd.credit.grpo_opsd_advantages`)."""
+    return grpo_opsd_advantages(
+        signals.seq_advantages, signals.teacher_logps, signals.student_logps, signals.mask, beta=params.opsd_beta
+    )
+
+
+@credit_rule("rlrt", source="RLRT, reverse teacher signals", exact=True, grpo_when_lambda_zero=True)
 def rlrt(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """RLRT, reverse teacher signals (exact per a third-party re-implementation).
 
@@ -99,6 +230,62 @@ def rlrt(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]
     return token_adv.to(signals.seq_advantages.dtype), metrics
 
 
+class AntiSDGate(RuleState):
+    """AntiSD's on/off gate on the teacher's mean entropy: the level of the first `warmup` updates is the
+    reference; the gate turns off when the entropy falls below `ratio` x that level and on again once it is back."""
+
+    reads: ClassVar[tuple[str, ...]] = ("teacher_entropy",)
+    provides: ClassVar[dict[str, float]] = {"antisd_gate": 1.0}
+
+    def __init__(self, warmup: int = 5, ratio: float = 0.93) -> None:
+        self.warmup, self.ratio = warmup, ratio
+        self.history: list[float] = []
+        self.on = True
+
+    @classmethod
+    def from_params(cls, params: RuleParams) -> AntiSDGate:
+        return cls(params.antisd_warmup_steps, params.antisd_ratio)
+
+    def update(self, mean_entropy: float) -> float:
+        """Feed one batch's mean teacher entropy; returns g (1.0 or 0.0) for this batch."""
+        if len(self.history) < self.warmup:
+            self.history.append(mean_entropy)
+            return 1.0
+        reference = sum(self.history) / len(self.history)
+        self.on = mean_entropy >= self.ratio * reference
+        return 1.0 if self.on else 0.0
+
+    def observe(self, means: dict[str, float]) -> dict[str, float]:
+        return {"antisd_gate": self.update(means["teacher_entropy"])}
+
+    def current(self) -> dict[str, float]:
+        return {"antisd_gate": 1.0 if self.on else 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "on": self.on}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history, self.on = list(state["history"]), bool(state["on"])
+
+
+@credit_rule(
+    "antisd",
+    source="AntiSD, pointwise MI",
+    exact=True,
+    needs=TEACHER | {"teacher_entropy"},
+    multiplicative=False,
+    knobs={
+        "antisd_warmup_steps": Knob(
+            5, "AntiSD: rollout batches whose mean teacher entropy sets the gate's reference level.", _non_negative
+        ),
+        "antisd_ratio": Knob(
+            0.93,
+            "AntiSD: the gate is off while the teacher entropy is below this fraction of the reference level.",
+            _positive,
+        ),
+    },
+    state=AntiSDGate,
+)
 def antisd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """AntiSD, pointwise mutual information (exact per two notes): A_it = A_i - lam * g * phi(Delta_t),
     phi(u) = 0.5 * (softplus(u) - log 2). Additive: it trains even when A_i = 0. g is the entropy gate."""
@@ -116,6 +303,18 @@ def antisd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, floa
     return token_adv.to(signals.seq_advantages.dtype), metrics
 
 
+@credit_rule(
+    "egrsd",
+    source="EGRSD",
+    exact=False,
+    needs=TEACHER | {"teacher_entropy"},
+    options=RLSD_OPTIONS,
+    knobs={
+        "egrsd_min_gate": Knob(
+            0.1, "EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.", _in_unit_interval
+        )
+    },
+)
 def egrsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """EGRSD (reconstructed): A_it = A_i * m_t * g_t, m_t the RLSD multiplier and
     g_t = max(g_min, 1 - H_teacher_t / log|V|): confident teacher tokens keep their credit."""
@@ -123,6 +322,19 @@ def egrsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float
     return _gated_rlsd(signals, params, gate)
 
 
+@credit_rule(
+    "cl-egrsd",
+    source="CL-EGRSD",
+    exact=False,
+    needs=TEACHER | {"teacher_entropy"},
+    options=RLSD_OPTIONS,
+    knobs={
+        "egrsd_min_gate": Knob(
+            0.1, "EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.", _in_unit_interval
+        ),
+        "egrsd_window": Knob(8, "CL-EGRSD: tokens ahead over which the minimum teacher entropy is taken.", _positive),
+    },
+)
 def cl_egrsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """CL-EGRSD (reconstructed): EGRSD with H_t replaced by the minimum teacher entropy over tokens t..t+W-1 of
     the completion, so that a transient low-entropy pivot token lifts the tokens that lead to it."""
@@ -134,6 +346,18 @@ def cl_egrsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, fl
     return _gated_rlsd(signals, params, _entropy_gate(lookahead, signals, params))
 
 
+@credit_rule(
+    "sod",
+    source="SOD",
+    exact=True,
+    needs=TEACHER | {"step_ids"},
+    multiplicative=False,
+    knobs={
+        "sod_c": Knob(1.0, "SOD: weight c of the step-weighted Delta term."),
+        "sod_delta": Knob(0.2, "SOD: cap 1 + delta of the step weight.", _non_negative),
+        "sod_eps": Knob(1e-6, "SOD: eps in the step weight (d_1 + eps) / (d_k + eps).", _non_negative),
+    },
+)
 def sod(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """SOD (exact): A_it = A_i + c * w_k(t) * Delta_t with w_k = min((d_1 + eps) / (d_k + eps), 1 + delta) and
     d_k the mean |Delta| over step k of the completion (a step = one assistant segment between tool outputs).
@@ -156,6 +380,18 @@ def sod(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]
     return token_adv.to(signals.seq_advantages.dtype), metrics
 
 
+@credit_rule(
+    "uni-opd",
+    source="Uni-OPD margin calibration",
+    exact=True,
+    needs=TEACHER | {"group_ids"},
+    multiplicative=False,
+    knobs={
+        "uniopd_margin": Knob(
+            0.4, "Uni-OPD: the margin between correct and incorrect completions' mean Delta that calibration enforces."
+        )
+    },
+)
 def uni_opd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """Uni-OPD margin calibration (exact): a_it = Delta_t; per group, with m = mean over correct completions
     (A_i > 0) of their token-mean a minus the same over incorrect ones (A_i < 0), if m < delta, correct
@@ -183,6 +419,19 @@ def uni_opd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, flo
     return token_adv.to(signals.seq_advantages.dtype), metrics
 
 
+@credit_rule(
+    "gear",
+    source="GEAR",
+    exact=False,
+    grpo_when_lambda_zero=True,
+    knobs={
+        "gear_spike_std": Knob(
+            2.0,
+            "GEAR: a token is a divergence spike when |Delta| exceeds its completion's mean + this many std.",
+            _non_negative,
+        )
+    },
+)
 def gear(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """GEAR (reconstructed): a token whose |Delta| exceeds its completion's mean + k * std is a spike; the spike
     and every token after it up to the next spike form a segment that shares the spike's clipped RLSD weight.
@@ -237,84 +486,7 @@ def _gated_rlsd(signals: Signals, params: RuleParams, gate: Tensor) -> tuple[Ten
     return token_adv.to(signals.seq_advantages.dtype), metrics
 
 
-class AntiSDGate:
-    """AntiSD's on/off gate on the teacher's mean entropy: the level of the first `warmup` updates is the
-    reference; the gate turns off when the entropy falls below `ratio` x that level and on again once it is back."""
-
-    def __init__(self, warmup: int = 5, ratio: float = 0.93) -> None:
-        self.warmup, self.ratio = warmup, ratio
-        self.history: list[float] = []
-        self.on = True
-
-    def update(self, mean_entropy: float) -> float:
-        """Feed one batch's mean teacher entropy; returns g (1.0 or 0.0) for this batch."""
-        if len(self.history) < self.warmup:
-            self.history.append(mean_entropy)
-            return 1.0
-        reference = sum(self.history) / len(self.history)
-        self.on = mean_entropy >= self.ratio * reference
-        return 1.0 if self.on else 0.0
-
-    def state_dict(self) -> dict:
-        return {"history": self.history, "on": self.on}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history, self.on = list(state["history"]), bool(state["on"])
-
-
-# ----------------------------------------------------------------------------------------------- registry
-def _base(fn_name: str) -> Callable[[Signals, RuleParams], tuple[Tensor, dict[str, float]]]:
-    """Adapters of the four base rules of `rlsd.credit` to the registry's signature."""
-
-    def grpo(s: Signals, p: RuleParams):
-        return grpo_advantages(s.seq_advantages, s.mask)
-
-    def rlsd(s: Signals, p: RuleParams):
-        adv, metrics = rlsd_advantages(
-            s.seq_advantages, s.teacher_logps, s.student_logps, s.mask, lam=p.lam, clip=p.clip,
-            negative_only=p.negative_only, span_mask=s.span_mask,
-        )  # fmt: skip
-        metrics.pop("lambda")
-        return adv, metrics
-
-    def opsd(s: Signals, p: RuleParams):
-        adv, metrics = opsd_advantages(s.teacher_logps, s.student_logps, s.mask)
-        return adv.to(s.seq_advantages.dtype), metrics
-
-    def grpo_opsd(s: Signals, p: RuleParams):
-        return grpo_opsd_advantages(s.seq_advantages, s.teacher_logps, s.student_logps, s.mask, beta=p.opsd_beta)
-
-    return {"grpo": grpo, "rlsd": rlsd, "opsd": opsd, "grpo+opsd": grpo_opsd}[fn_name]
-
-
-TEACHER = frozenset({"teacher_logps", "student_logps"})
-RLSD_OPTIONS = frozenset({"negative_only", "span"})
-RULES: dict[str, CreditRule] = {
-    rule.name: rule
-    for rule in (
-        CreditRule("grpo", _base("grpo"), frozenset(), "GRPO (DeepSeekMath)", True),
-        CreditRule(
-            "rlsd",
-            _base("rlsd"),
-            TEACHER,
-            "RLSD, arXiv 2604.03128",
-            True,
-            grpo_when_lambda_zero=True,
-            options=RLSD_OPTIONS,
-        ),
-        CreditRule("opsd", _base("opsd"), TEACHER, "OPSD (sampled token)", True, multiplicative=False),
-        CreditRule("grpo+opsd", _base("grpo+opsd"), TEACHER, "GRPO + OPSD", True, multiplicative=False),
-        CreditRule("rlrt", rlrt, TEACHER, "RLRT, reverse teacher signals", True, grpo_when_lambda_zero=True),
-        CreditRule("antisd", antisd, TEACHER | {"teacher_entropy"}, "AntiSD, pointwise MI", True, False),
-        CreditRule("egrsd", egrsd, TEACHER | {"teacher_entropy"}, "EGRSD", False, options=RLSD_OPTIONS),
-        CreditRule("cl-egrsd", cl_egrsd, TEACHER | {"teacher_entropy"}, "CL-EGRSD", False, options=RLSD_OPTIONS),
-        CreditRule("sod", sod, TEACHER | {"step_ids"}, "SOD", True, multiplicative=False),
-        CreditRule("uni-opd", uni_opd, TEACHER | {"group_ids"}, "Uni-OPD margin calibration", True, False),
-        CreditRule("gear", gear, TEACHER, "GEAR", False, grpo_when_lambda_zero=True),
-    )
-}
-
-
+# ----------------------------------------------------------------------------------------------- queries
 def check_rule_options(name: str, *, negative_only: bool, span: bool) -> None:
     """Refuse RLSD's options (`rlsd_negative_only`, `rlsd_span`) for a rule that would silently ignore them."""
     for option, used in (("negative_only", negative_only), ("span", span)):
@@ -328,3 +500,18 @@ def get_rule(name: str) -> CreditRule:
     if name not in RULES:
         raise ValueError(f"unknown credit rule {name!r}; known rules: {', '.join(RULES)}")
     return RULES[name]
+
+
+def check_knobs(values: Any) -> None:
+    """Refuse a knob value its declaration rejects, naming the flag (`values` has every knob as an attribute)."""
+    for key, knob in KNOBS.items():
+        problem = knob.check(getattr(values, key)) if knob.check else None
+        if problem:
+            raise ValueError(f"{key} {problem}")
+
+
+def rule_params(values: Any, **batch_values: Any) -> RuleParams:
+    """The parameters of a rule from a config (RLSD's shared fields and every knob) and this batch's values (lam,
+    a state's outputs)."""
+    knobs = {key: getattr(values, key) for key in KNOBS}
+    return RuleParams(clip=values.rlsd_clip, negative_only=values.rlsd_negative_only, **{**knobs, **batch_values})

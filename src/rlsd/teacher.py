@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import TrainerCallback
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import add_fused_lm_head, use_adapter
@@ -20,6 +21,9 @@ TEACHER_WEIGHTS_FILE = "rlsd_teacher.pt"
 TEACHER_STATE_FILE = "rlsd_teacher.json"
 TEACHER_SHADOW_FILE = "rlsd_teacher_ema_shadow.pt"
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+TEACHER_ADAPTER = "rlsd_teacher"  # the synced / EMA teacher of a PEFT policy: a second adapter on the same base
+INITIAL_ADAPTER = "rlsd_initial"  # a frozen snapshot of a PEFT policy's pretrained starting adapter
+TRL_REF_ADAPTER = "ref"  # TRL's frozen copy of a pretrained starting adapter (GRPOTrainer, beta != 0)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -33,8 +37,17 @@ class SelfTeacher:
     `synced`: a frozen copy, hard-copied from the policy after every `sync_steps` optimizer steps.
     `ema`: a copy updated after each optimizer step as decay * teacher + (1 - decay) * policy; bf16 / fp16
         parameters are averaged in an fp32 shadow (saved in checkpoints), so that small steps are not rounded away.
-    `initial`: a copy that never changes; with a PEFT policy, no copy: the policy with its adapter disabled.
+    `initial`: a copy that never changes.
     `live`: no copy: the current policy weights.
+
+    With a PEFT policy no model is copied (`model` stays None): `synced` / `ema` keep the teacher as a second adapter
+    (`rlsd_teacher`) on the policy's base, a copy of the policy's adapter that follows it as above. `initial` uses
+    TRL's `ref` adapter when the model has one, else a frozen snapshot adapter (`rlsd_initial`) of a pretrained
+    starting adapter; a fresh LoRA (every B = 0, no DoRA) is the base model, so `initial` then just disables the
+    adapter (`uses_disabled_adapter`: equal log-probs, no extra weights).
+
+    Under FSDP2 the teacher's parameters (and the EMA shadow) are DTensor shards: `save` gathers full tensors (a
+    collective, so every process calls it) and `load` gives each process its own shard back.
     """
 
     def __init__(
@@ -55,16 +68,76 @@ class SelfTeacher:
         self.ema_decay = ema_decay
         self.last_sync_step = 0
         self.shadow: list[torch.Tensor | None] | None = None  # fp32 EMA of the low-precision teacher parameters
-        self.uses_disabled_adapter = mode == "initial" and _is_peft_model(policy)
         self.model: nn.Module | None = None
-        if mode in ("synced", "ema") or (mode == "initial" and not self.uses_disabled_adapter):
-            if is_zero3_partitioned(policy):
-                raise ValueError(
-                    f"teacher={mode!r} keeps a copy of the policy, but the policy's parameters are ZeRO-3 partitioned "
-                    "(a copy would hold empty shards); use teacher='live' (no copy), a PEFT policy with "
-                    "teacher='initial' (the adapter disabled, no copy), or ZeRO-2 / FSDP2"
-                )
-            self.model = self._frozen_copy(policy, temperature, with_entropy, cast_lm_head_to_fp32)
+        self.uses_disabled_adapter = False
+        self.adapter_name: str | None = None  # the teacher's adapter on a PEFT policy
+        self.policy_adapter: str | None = None  # the policy's own (trained) adapter
+        self._peft_policy: nn.Module | None = None  # the PEFT policy that carries `adapter_name`
+        self._policy_base: nn.Module | None = None  # the policy's base model, whose forward the teacher borrows
+        self._scoring_forward: Callable[..., object] | None = None  # its fused forward with the teacher's outputs
+        if mode == "live":
+            self._borrow_policy_head(policy, temperature, with_entropy, cast_lm_head_to_fp32)
+            return
+        if _is_peft_model(policy):
+            self._init_adapter_teacher(policy)
+            self._borrow_policy_head(policy, temperature, with_entropy, cast_lm_head_to_fp32)
+            return
+        _refuse_zero3_copy(mode, policy)
+        self.model = self._frozen_copy(policy, temperature, with_entropy, cast_lm_head_to_fp32)
+
+    def _init_adapter_teacher(self, policy: nn.Module) -> None:
+        """Pick (or create) the adapter that is the teacher of a PEFT policy: see the class docstring."""
+        self.policy_adapter = _single_active_adapter(policy)
+        if self.mode == "initial" and _is_identity_lora(policy, self.policy_adapter):
+            self.uses_disabled_adapter = True
+            return
+        self._peft_policy = policy
+        if self.mode == "initial" and TRL_REF_ADAPTER in policy.peft_config:
+            self.adapter_name = TRL_REF_ADAPTER
+            return
+        self.adapter_name = INITIAL_ADAPTER if self.mode == "initial" else TEACHER_ADAPTER
+        if self.adapter_name in policy.peft_config:
+            if self.mode == "initial":  # another `initial` SelfTeacher of this run (SDPG's reference) made it
+                return
+            raise ValueError(f"the PEFT policy already has an adapter named {self.adapter_name!r}")
+        _refuse_zero3_copy(self.mode, policy)
+        _add_frozen_adapter_copy(policy, self.policy_adapter, self.adapter_name)
+
+    def _borrow_policy_head(
+        self, policy: nn.Module, temperature: float, with_entropy: bool, cast_lm_head_to_fp32: bool
+    ) -> None:
+        """A teacher that runs on the policy (live, an adapter) scores through a fused head of its own: TRL's head on
+        the policy also computes the entropy over the vocabulary for every call, which the teacher rarely needs. The
+        policy's forward is kept and swapped in only around teacher forwards (`forward_context`)."""
+        base = policy.get_base_model() if _is_peft_model(policy) else policy
+        policy_forward = base.__dict__.pop("forward", None)  # TRL's fused forward, if installed
+        add_fused_lm_head(
+            base,
+            temperature=temperature,
+            cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+            outputs=("log_probs", "entropy") if with_entropy else ("log_probs",),
+        )
+        self._scoring_forward = base.__dict__.pop("forward")
+        if policy_forward is not None:
+            base.forward = policy_forward
+        self._policy_base = base
+
+    @contextlib.contextmanager
+    def _teacher_head(self) -> Iterator[None]:
+        """Within the context, the policy's base scores with the teacher's fused head (no-op for a copy)."""
+        if self._scoring_forward is None:
+            yield
+            return
+        base = self._policy_base
+        policy_forward = base.__dict__.get("forward")
+        base.forward = self._scoring_forward
+        try:
+            yield
+        finally:
+            if policy_forward is None:
+                base.__dict__.pop("forward", None)
+            else:
+                base.forward = policy_forward
 
     @staticmethod
     def _frozen_copy(
@@ -89,21 +162,41 @@ class SelfTeacher:
         teacher.requires_grad_(False)
         return teacher
 
+    @property
+    def has_weights(self) -> bool:
+        """True when the teacher has weights of its own (a copy or an adapter), which checkpoints carry."""
+        return self.model is not None or self.adapter_name is not None
+
+    def adapter_pairs(self, policy: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(teacher, policy) parameter pairs of the two adapters of a PEFT policy, in parameter order."""
+        return _adapter_pairs(policy, self.policy_adapter, self.adapter_name)
+
+    def _pairs(self, policy: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(teacher, policy) pairs of the parameters the teacher keeps: the whole copy, or the adapter."""
+        if self.model is not None:
+            return list(zip(self.model.parameters(), policy.parameters(), strict=True))
+        return self.adapter_pairs(policy)
+
     @contextlib.contextmanager
     def forward_context(self, policy: nn.Module, unwrapped_policy: nn.Module) -> Iterator[nn.Module]:
-        """Yield the module that scores teacher sequences: the copy, or the policy (live / adapter disabled)."""
+        """Yield the module that scores teacher sequences: the copy, or the policy (live, with the teacher's adapter
+        active, or with its adapter disabled); the policy's adapter and trainable flags are restored after."""
         if self.model is not None:
             yield self.model
+        elif self.adapter_name is not None:
+            with _adapter_active(unwrapped_policy, self.adapter_name), self._teacher_head():
+                yield policy
         elif self.uses_disabled_adapter:
-            with use_adapter(unwrapped_policy, adapter_name=None):
+            with use_adapter(unwrapped_policy, adapter_name=None), self._teacher_head():
                 yield policy
         else:
-            yield policy
+            with self._teacher_head():
+                yield policy
 
     def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
         """Follow the policy after optimizer step `global_step`; True when the teacher's weights changed."""
         if self.mode == "synced" and global_step - self.last_sync_step >= self.sync_steps:
-            SyncRefModelCallback.sync_target_model(policy, self.model, alpha=1.0)
+            self._hard_copy(policy)
             self.last_sync_step = global_step
             return True
         if self.mode == "ema":
@@ -112,39 +205,77 @@ class SelfTeacher:
             return True
         return False
 
+    def follow(self, policy: nn.Module) -> None:
+        """Restart the teacher from `policy` (a resume whose checkpoint lacks the teacher): a hard copy of the
+        weights it keeps; TRL's `ref` adapter is TRL's own and is left alone."""
+        if self.adapter_name == TRL_REF_ADAPTER or not self.has_weights:
+            return
+        self._hard_copy(policy)
+        self.shadow = None
+
+    @torch.no_grad()
+    def _hard_copy(self, policy: nn.Module) -> None:
+        """teacher <- policy (the whole copy through TRL's sync, or the adapter weights only)."""
+        if self.model is not None:
+            SyncRefModelCallback.sync_target_model(policy, self.model, alpha=1.0)
+            return
+        for target, source in self.adapter_pairs(policy):
+            target.data.copy_(source.data)
+
     @torch.no_grad()
     def _ema_step(self, policy: nn.Module) -> None:
         """teacher <- decay * teacher + (1 - decay) * policy; a bf16 / fp16 parameter is averaged in its fp32 shadow
         and rounded into the teacher (in its own precision, updates below one ulp would round away)."""
         alpha = 1.0 - self.ema_decay
+        pairs = self._pairs(policy)
         if self.shadow is None:  # none under ZeRO-3, where TRL's update gathers the partitioned parameters
-            partitioned = is_zero3_partitioned(self.model)
+            partitioned = self.model is not None and is_zero3_partitioned(self.model)
             self.shadow = [
-                p.detach().float().clone() if p.dtype in LOW_PRECISION and not partitioned else None
-                for p in self.model.parameters()
+                target.detach().float().clone() if target.dtype in LOW_PRECISION and not partitioned else None
+                for target, _ in pairs
             ]
-        if all(shadow is None for shadow in self.shadow):  # full precision: TRL's update, unchanged
+        if self.model is not None and all(shadow is None for shadow in self.shadow):  # TRL's update, unchanged
             SyncRefModelCallback.sync_target_model(policy, self.model, alpha=alpha)
             return
-        for target, source, shadow in zip(self.model.parameters(), policy.parameters(), self.shadow, strict=True):
+        for (target, source), shadow in zip(pairs, self.shadow, strict=True):
             if shadow is None:
                 target.data.mul_(1.0 - alpha).add_(source.data, alpha=alpha)
             else:
                 shadow.mul_(1.0 - alpha).add_(source.data.float(), alpha=alpha)
                 target.data.copy_(shadow)
 
-    def save(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Write the teacher's weights (when it has its own) and its sync state into a checkpoint folder."""
+    def save(self, directory: str, unwrap: Callable[[nn.Module], nn.Module], *, write: bool = True) -> None:
+        """Write the teacher's weights (when it has its own: full tensors, or only its adapter), the EMA shadow and
+        the sync state into a checkpoint folder. Every process must call it (gathering FSDP2 shards is a
+        collective); only those with `write` (the one that saves) write files."""
+        weights = self._weights_to_save(unwrap)
+        shadow = None if self.shadow is None else [None if s is None else _full_tensor(s) for s in self.shadow]
+        if not write:
+            return
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, TEACHER_STATE_FILE), "w") as f:
             json.dump({"mode": self.mode, "last_sync_step": self.last_sync_step}, f)
+        if weights is not None:
+            torch.save(weights, os.path.join(directory, TEACHER_WEIGHTS_FILE))
+        if shadow is not None:
+            torch.save(shadow, os.path.join(directory, TEACHER_SHADOW_FILE))
+
+    def _weights_to_save(self, unwrap: Callable[[nn.Module], nn.Module]) -> dict[str, torch.Tensor] | None:
+        """The teacher's full (unsharded) state dict, or its adapter's parameters by name; None without weights."""
         if self.model is not None:
-            torch.save(unwrap(self.model).state_dict(), os.path.join(directory, TEACHER_WEIGHTS_FILE))
-        if self.shadow is not None:
-            torch.save(self.shadow, os.path.join(directory, TEACHER_SHADOW_FILE))
+            return _full_state_dict(unwrap(self.model))
+        if self.adapter_name is not None:
+            return {name: _full_tensor(p.detach()) for name, p in self._adapter_parameters(unwrap)}
+        return None
+
+    def _adapter_parameters(self, unwrap: Callable[[nn.Module], nn.Module]) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the teacher's adapter on the PEFT policy."""
+        marker = f".{self.adapter_name}."
+        return [(name, p) for name, p in unwrap(self._peft_policy).named_parameters() if marker in name]
 
     def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Restore what `save` wrote; a checkpoint from another teacher mode is refused."""
+        """Restore what `save` wrote (every process calls it; each gets its own shard back); a checkpoint from another
+        teacher mode is refused."""
         state_path = os.path.join(directory, TEACHER_STATE_FILE)
         if not os.path.exists(state_path):
             raise FileNotFoundError(f"checkpoint {directory} has no {TEACHER_STATE_FILE}: it was not written by RLSD")
@@ -153,15 +284,155 @@ class SelfTeacher:
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from teacher={self.mode!r}")
         self.last_sync_step = int(state["last_sync_step"])
+        weights_path = os.path.join(directory, TEACHER_WEIGHTS_FILE)
         if self.model is not None:
-            weights = torch.load(os.path.join(directory, TEACHER_WEIGHTS_FILE), map_location="cpu", weights_only=True)
-            unwrap(self.model).load_state_dict(weights)
+            _load_full_state_dict(unwrap(self.model), weights_path)
+        elif self.adapter_name is not None:
+            self._load_adapter(unwrap, weights_path)
         shadow_path = os.path.join(directory, TEACHER_SHADOW_FILE)
         self.shadow = None  # without a saved shadow, the next EMA step starts one from the restored weights
         if os.path.exists(shadow_path):
             shadow = torch.load(shadow_path, map_location="cpu", weights_only=True)
-            params = list(self.model.parameters())
-            self.shadow = [None if s is None else s.to(p.device) for s, p in zip(shadow, params, strict=True)]
+            targets = self._teacher_parameters(unwrap)
+            self.shadow = [None if s is None else _like(p, s) for s, p in zip(shadow, targets, strict=True)]
+
+    def _teacher_parameters(self, unwrap: Callable[[nn.Module], nn.Module]) -> list[nn.Parameter]:
+        """The parameters the teacher keeps (the shadow's order): the copy's, or its adapter's."""
+        if self.model is not None:
+            return list(self.model.parameters())
+        return [teacher for teacher, _ in self.adapter_pairs(unwrap(self._peft_policy))]
+
+    @torch.no_grad()
+    def _load_adapter(self, unwrap: Callable[[nn.Module], nn.Module], path: str) -> None:
+        """Copy the saved adapter weights into the teacher's adapter (each process keeps its shard)."""
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(self._adapter_parameters(unwrap))
+        if set(weights) != set(params):
+            raise ValueError(f"{path} holds other adapter weights than the teacher adapter {self.adapter_name!r}")
+        for name, p in params.items():
+            p.data.copy_(_like(p, weights[name]))
+
+
+def _single_active_adapter(policy: nn.Module) -> str:
+    """The name of the PEFT policy's one active adapter (the one training updates)."""
+    active = policy.active_adapter
+    if not isinstance(active, str):
+        raise ValueError(f"a self-teacher needs a PEFT policy with one active adapter, not {active!r}")
+    return active
+
+
+def _is_identity_lora(policy: nn.Module, adapter: str) -> bool:
+    """True when `adapter` is a LoRA (without DoRA) whose B matrices are all zero: the policy is its base model."""
+    config = policy.peft_config[adapter]
+    if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False):
+        return False
+    if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+        return False  # those are full copies of modules, not a zero-init delta
+    b_weights = [
+        p.detach().to_local() if isinstance(p, DTensor) else p.detach()
+        for name, p in policy.named_parameters()
+        if f".{adapter}." in name and ("lora_B" in name or "lora_embedding_B" in name)
+    ]
+    nonzero = torch.tensor(float(sum(int(b.count_nonzero()) for b in b_weights)))
+    if _is_sharded(policy):  # each process sees its own shards
+        torch.distributed.all_reduce(nonzero)
+    return bool(b_weights) and nonzero.item() == 0
+
+
+def _add_frozen_adapter_copy(policy: nn.Module, source: str, target: str) -> None:
+    """Add adapter `target` to the PEFT policy as a frozen copy (config and weights, same dtypes) of `source`,
+    leaving the active adapter and every existing parameter's trainable flag as they were."""
+    trainable = {name: p.requires_grad for name, p in policy.named_parameters()}
+    config = copy.deepcopy(policy.peft_config[source])
+    config.inference_mode = True
+    policy.add_adapter(target, config)
+    if policy.active_adapter != source:
+        policy.set_adapter(source)
+    for name, p in policy.named_parameters():
+        p.requires_grad_(trainable.get(name, False))
+    with torch.no_grad():
+        for teacher, student in _adapter_pairs(policy, source, target):
+            teacher.data = student.data.detach().clone()
+
+
+def _adapter_pairs(policy: nn.Module, source: str, target: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(target, source) parameter pairs of two adapters of a PEFT model, matched by name."""
+    params = dict(policy.named_parameters())
+    source_marker, target_marker = f".{source}.", f".{target}."
+    pairs = []
+    for name, p in params.items():
+        if source_marker in name:
+            twin = name.replace(source_marker, target_marker)
+            if twin not in params:
+                raise ValueError(f"adapter {target!r} has no parameter matching {name}")
+            pairs.append((params[twin], p))
+    return pairs
+
+
+@contextlib.contextmanager
+def _adapter_active(model: nn.Module, adapter: str) -> Iterator[None]:
+    """Activate `adapter` (frozen) for a forward; restore the previous adapter and every trainable flag after
+    (PEFT's `set_adapter` marks the activated adapter trainable and the others frozen)."""
+    previous = model.active_adapter
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(adapter, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+
+
+def _refuse_zero3_copy(mode: str, policy: nn.Module) -> None:
+    """A copy (of the model or of an adapter) made from ZeRO-3 partitioned parameters would hold empty shards."""
+    if is_zero3_partitioned(policy):
+        raise ValueError(
+            f"teacher={mode!r} keeps a copy of the policy, but the policy's parameters are ZeRO-3 partitioned "
+            "(a copy would hold empty shards); use teacher='live' (no copy), a fresh LoRA policy with "
+            "teacher='initial' (the adapter disabled, no copy), or ZeRO-2 / FSDP2"
+        )
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 has sharded the model (its parameters are DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every process calls it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (a saved whole tensor) laid out like `param`: this process's shard of it when `param` is a DTensor
+    (every process holds `full`, so no communication), else on `param`'s device, keeping `full`'s dtype."""
+    if isinstance(param, DTensor):
+        full = full.to(param.to_local().device)
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with whole tensors: FSDP2 shards are gathered (a collective, the result on CPU and on
+    rank 0 only); an unsharded model's own `state_dict()`."""
+    if not _is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_full_state_dict(model: nn.Module, path: str) -> None:
+    """Load a whole-tensor state dict: into an FSDP2 model, rank 0 reads it and every rank keeps its own shard."""
+    if not _is_sharded(model):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    first = torch.distributed.get_rank() == 0
+    weights = torch.load(path, map_location="cpu", weights_only=True) if first else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def is_zero3_partitioned(model: nn.Module) -> bool:

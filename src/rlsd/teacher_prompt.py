@@ -4,7 +4,7 @@ a successful sibling completion of the same group (SDPO, section 3.3), or both."
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 PAPER_TEACHER_TEMPLATE = (
@@ -38,17 +38,7 @@ NO_SIBLING_TEXT = "(no other attempt was correct)"
 """What `{sibling}` shows with `privileged_source="both"` when no sibling succeeded (the answer still teaches)."""
 
 TEMPLATE_FIELDS = ("prompt", "answer", "sibling")
-PRIVILEGED_SOURCES: dict[str, tuple[str, ...]] = {
-    "answer": ("answer",),
-    "sibling": ("sibling",),
-    "both": ("answer", "sibling"),
-}
-"""The template fields each privileged source fills besides `{prompt}`."""
-DEFAULT_TEMPLATES = {
-    "answer": PAPER_TEACHER_TEMPLATE,
-    "sibling": SIBLING_TEACHER_TEMPLATE,
-    "both": BOTH_TEACHER_TEMPLATE,
-}
+"""Every field a teacher template may use (`rlsd.privileged` says which fields each source fills)."""
 
 Prompt = str | list[dict[str, Any]]
 
@@ -62,11 +52,9 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in parsed if name is not None}
 
 
-def validate_teacher_template(template: str, source: str = "answer") -> None:
-    """Reject a template with an unknown field, a field the privileged source does not fill, or without `{prompt}`
-    and every field the source fills."""
-    if source not in PRIVILEGED_SOURCES:
-        raise ValueError(f"privileged_source={source!r} is not one of {', '.join(PRIVILEGED_SOURCES)}")
+def check_template_fields(template: str, source: str, filled: tuple[str, ...]) -> None:
+    """Reject a template with an unknown field, a field the privileged `source` does not fill, or without every
+    field in `filled`."""
     fields = template_fields(template)
     unknown = sorted(fields - set(TEMPLATE_FIELDS))
     if unknown:
@@ -74,7 +62,6 @@ def validate_teacher_template(template: str, source: str = "answer") -> None:
             f"teacher_template has unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
             f"the known fields are {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}"
         )
-    filled = ("prompt", *PRIVILEGED_SOURCES[source])
     unfilled = sorted(fields - set(filled))
     if unfilled:
         raise ValueError(
@@ -127,17 +114,16 @@ def has_image_blocks(prompt: Any) -> bool:
 
 
 def render_teacher_prompts(
-    prompts: Sequence[Prompt],
-    template: str,
-    answers: Sequence[Any] | None = None,
-    siblings: Sequence[str] | None = None,
+    prompts: Sequence[Prompt], template: str, columns: Mapping[str, Sequence[Any]]
 ) -> list[Prompt]:
-    """`render_teacher_prompt` over a batch; an empty answer fails naming its position and prompt."""
-    columns = {"answer": answers, "sibling": siblings}
-    fields = {name: values for name, values in columns.items() if name in template_fields(template)}
+    """`render_teacher_prompt` over a batch, `columns[field][row]` filling each template field; an empty answer
+    fails naming its position and prompt."""
+    used = template_fields(template) - {"prompt"}
+    missing = sorted(used - set(columns))
+    if missing:
+        raise ValueError(f"teacher_template uses {{{missing[0]}}} but no values for it were given")
+    fields = {name: columns[name] for name in used}
     for name, values in fields.items():
-        if values is None:
-            raise ValueError(f"teacher_template uses {{{name}}} but no {name}s were given")
         if len(values) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(values)} {name}s")
     for index, answer in enumerate(fields.get("answer") or []):

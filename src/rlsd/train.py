@@ -29,7 +29,8 @@ class TrainScriptArguments:
         dataset_name (`str`): Hub dataset name, or a local .jsonl / .json / .parquet / .csv file.
         dataset_config (`str`, *optional*): Hub dataset configuration (e.g. `main` for GSM8K).
         dataset_train_split (`str`, defaults to `"train"`): Split to train on.
-        dataset_format (`str`, *optional*): gsm8k, math, dapo_math, deepmath or generic; detected when not given.
+        dataset_format (`str`, *optional*): gsm8k, math, dapo_math, deepmath or generic, or with images
+            mmfinereason or mathvista; detected when not given.
         prompt_column / answer_column (`str`, *optional*): Columns of the generic format.
         system_prompt (`str`): System turn of every prompt ("" for none).
         instruction (`str`): Answer-format instruction appended to every question.
@@ -43,7 +44,10 @@ class TrainScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_format: str | None = field(
-        default=None, metadata={"help": "gsm8k, math, dapo_math, deepmath or generic (default: detected)."}
+        default=None,
+        metadata={
+            "help": "gsm8k, math, dapo_math, deepmath, generic; images: mmfinereason, mathvista (default: detected)."
+        },
     )
     prompt_column: str | None = field(default=None, metadata={"help": "Question column of the generic format."})
     answer_column: str | None = field(default=None, metadata={"help": "Answer column of the generic format."})
@@ -92,6 +96,7 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
     )
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    processor = image_processor_for(model_args.model_name_or_path, dataset)
     if previous and resume is None and training_args.should_save:
         remove_previous_run(Path(training_args.output_dir), previous)
     model_init_kwargs = dict(training_args.model_init_kwargs or {})
@@ -106,11 +111,22 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
+        processing_class=processor,
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return training_args.output_dir
+
+
+def image_processor_for(model: str, dataset) -> object | None:
+    """The model's processor (`AutoProcessor`) when the dataset carries images, checked before training starts so
+    that a folder without one fails with its name; None for text (TRL then loads the tokenizer)."""
+    if not {"image", "images"} & set(dataset.column_names):
+        return None
+    from rlsd.image_data import load_processor
+
+    return load_processor(model)
 
 
 def resume_value(value: str | bool | None) -> str | bool | None:

@@ -1,17 +1,74 @@
 """`RLSDTrainer`: TRL's `GRPOTrainer` with token-level credit from a privileged self-teacher.
 
 The trainer only gathers log-probs and hands (B, T) token advantages to TRL's own loss:
-1. after TRL's rollout and scoring, one no-grad teacher forward on [teacher prompt ; completion], the teacher
-   prompt showing the reference answer, a successful sibling completion, or both;
+1. after TRL's rollout and scoring, the privileged source (`rlsd.privileged`) fills the teacher template of each
+   row and one no-grad teacher pass (`_score`, the one scorer) scores [teacher prompt ; completion];
 2. the student's sampled-token log-probs are TRL's old log-probs when TRL computes them, else the detached
    log-probs of the loss's own forward (no extra pass);
 3. a credit rule (`rlsd.rules`) turns (A_i, teacher, student, mask, ...) into A_it.
-With a distillation loss (`distill_loss`), the student's last hidden states are captured from the loss's own
-forward (a hook on the backbone) and the teacher's are recomputed without gradient at loss time; `rlsd.distill`
-projects both to the vocabulary a chunk of tokens at a time.
-With a vision-language model (a processor and an `image`/`images` column), the teacher prompt keeps the image
-blocks and every teacher or re-scoring forward gets the rollout's vision tensors, the teacher with its own
-token-type ids.
+With a distillation loss (`distill_loss`), the teacher runs once, at loss time: its last hidden states feed the
+distillation term (`rlsd.distill`, a chunk of tokens at a time) and, when the rule needs nothing else from the
+rollout, the rule's teacher log-probs; the student's hidden states are captured from the loss's own forward.
+Vision-language models: the teacher prompt keeps the image blocks and every forward gets the rollout's vision
+tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEntries`.
+
+Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
+reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
+reviewing this table (`tests/test_layout.py` checks it against the code).
+
+- `_generate_and_score_completions` (override): returns the rollout dict (`prompt_ids`, `prompt_mask`,
+  `completion_ids`, `completion_mask`, `advantages` (B,), optional `old_per_token_logps`, `tool_mask`, vision keys)
+  that TRL buffers, shuffles and splits by rows (0-dim tensors copied). Guarded by `test_parity_with_trl_grpo_trainer`,
+  `test_student_logps_come_from_trl_old_logps_when_available`.
+- `_calculate_rewards` (override): returns (B_global, n_funcs) rewards gathered over processes, NaN where a function
+  abstains; called once per rollout before the teacher context. Guarded by
+  `test_two_processes_share_sibling_contexts_and_the_distillation_term`.
+- `_compute_loss` (override): computes the loss of one micro-batch from `inputs["advantages"]` ((B,) or (B, T)),
+  calling `_get_per_token_logps_and_entropies` once for the policy first. Guarded by
+  `test_deferred_credit_without_the_scoring_hook_raises`, `test_a_training_step_runs_under_every_loss_type`.
+- `_get_per_token_logps_and_entropies` (override, called): `(model, input_ids, attention_mask, logits_to_keep,
+  batch_size, compute_entropy, **vision)` -> (logps, entropies, aux); uses the fused head installed by
+  `add_fused_lm_head`. Guarded by `test_teacher_logps_align_with_a_direct_forward`,
+  `test_rlsd_adds_exactly_one_forward_pass_per_step`.
+- `_tokenize_prompts` (called): renders and tokenizes prompts as the rollout does (chat template, processor with
+  images) -> (ids, _, fields with token-type ids). Guarded by `test_teacher_logps_align_with_a_direct_forward`,
+  `test_teacher_logps_equal_a_direct_forward_with_the_image`.
+- `_tokenizer`, `_is_vlm`, `_image_pad_token_id` (read): the text tokenizer of the processing class, whether it is a
+  processor, the image-pad token id. Guarded by `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`.
+- `num_generations`, `num_generations_eval` (read): group sizes; groups are consecutive rows of the gathered batch,
+  process-major. Guarded by `test_uni_opd_groups_straddling_processes_follow_the_global_layout`.
+- `temperature` (read): sampling temperature that divides the logits in every scoring forward. Guarded by
+  `test_teacher_logps_align_with_a_direct_forward`.
+- `reward_weights` (read): weights of the reward functions in the total. Guarded by
+  `test_sibling_context_shows_a_successful_sibling_and_rows_without_one_get_no_signal`.
+- `tools`, `environment_factories`, `rollout_func` (read): None / empty when unused. Guarded by
+  `test_image_column_with_a_rollout_function_is_refused_with_a_teacher`,
+  `test_environments_and_rollout_functions_are_refused_with_a_teacher`.
+- `_metrics` (read): `_metrics[mode][key]` lists, averaged and logged by TRL. Guarded by
+  `test_rule_metrics_are_token_weighted_across_processes`.
+- `current_gradient_accumulation_steps` (read): set by HF's loop; the distillation term divides by it like TRL's loss.
+  Guarded by `test_jsd_term_and_its_gradient_equal_a_full_vocabulary_reference`.
+- `is_fsdp_enabled`, `is_deepspeed_enabled` (read): how the policy is sharded; TRL's `prepare_fsdp` /
+  `prepare_deepspeed` place frozen models. Guarded by `test_copy_teachers_of_a_zero3_partitioned_policy_are_refused`.
+- `compute_loss` (override): HF's entry to the loss, before the backward pass. Guarded by
+  `test_nan_knob_bypassing_the_config_stops_at_step_one_before_any_save`.
+- `_get_grad_norm` (override): HF computes the norm before the optimizer step. Guarded by
+  `test_nan_gradient_stops_before_the_optimizer_step_naming_the_parameter`.
+- `_save_checkpoint`, `_get_output_dir` (override, replaced): HF writes a checkpoint (and rotates) under
+  `_get_output_dir(trial)`. Guarded by
+  `test_kill_while_writing_a_checkpoint_then_resume_exactly_from_the_previous_one`.
+- `_load_optimizer_and_scheduler` (override): called once when resuming, after the weights are loaded. Guarded by
+  `test_resume_restores_the_synced_teacher_and_continues_exactly`.
+- `train` (override): HF's public loop; the checkpoint is verified first. Guarded by
+  `test_damaged_checkpoint_is_refused_naming_the_file`.
+- `add_fused_lm_head`, `use_adapter`, `SyncRefModelCallback`, `prepare_deepspeed`, `prepare_fsdp`,
+  `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad` (TRL helpers called, the first three by
+  `rlsd.teacher`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA of the
+  reference model, frozen-model placement, image blocks placed as the rollout places them, left padding. Guarded by
+  `test_copy_teacher_with_fp32_head_scores_exactly_like_the_policy`,
+  `test_a_live_teacher_asks_the_fused_head_only_for_what_the_rule_reads`,
+  `test_peft_synced_teacher_scores_like_the_policy_after_a_sync`, `test_ema_teacher_follows_the_policy_by_its_decay`,
+  `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`.
 """
 
 from __future__ import annotations
@@ -28,10 +85,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
-from datasets import Dataset, IterableDatasetDict
-from torch.distributed.tensor import DTensor
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
@@ -41,34 +95,21 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import pad
 
 from rlsd import checkpoint as checkpoint_files
+from rlsd import vision
+from rlsd.batch import RLSDEntries, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
-from rlsd.distill import chunked_token_loss, sdpg_ref_penalty, token_loss_fn
+from rlsd.distill import head_logits, sdpg_ref_penalty, selected_token_loss, token_loss_fn
+from rlsd.privileged import RolloutView, get_source, validate_teacher_template
 from rlsd.rewards import guard_reward
-from rlsd.rules import AntiSDGate, RuleParams, Signals, get_rule
+from rlsd.rules import RuleParams, Signals, get_rule, rule_params
+from rlsd.scoring import ScoreResult, score_tokens
 from rlsd.teacher import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, SelfTeacher, TeacherSyncCallback, _is_peft_model
-from rlsd.teacher_prompt import (
-    NO_SIBLING_TEXT,
-    PRIVILEGED_SOURCES,
-    has_image_blocks,
-    is_empty_answer,
-    pick_siblings,
-    render_teacher_prompts,
-    validate_teacher_template,
-)
+from rlsd.teacher_prompt import has_image_blocks, render_teacher_prompts
 from rlsd.validate import CheckpointError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 RULE_STATE_FILE = "rlsd_rule_state.json"
-IMAGE_COLUMNS = ("image", "images")
-IMAGE_KEYS = (
-    "pixel_values", "image_grid_thw", "num_images", "num_tiles", "pixel_attention_mask", "spatial_shapes",
-    "image_sizes", "image_position_ids",
-)  # fmt: skip
-"""The per-image inputs TRL 1.16 hands to every scoring forward of a vision-language model (the same for the teacher:
-it sees the same images)."""
-TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
-"""Per-token inputs of a vision-language model, recomputed for the teacher's sequence."""
 
 
 class RLSDTrainer(GRPOTrainer):
@@ -101,29 +142,33 @@ class RLSDTrainer(GRPOTrainer):
         # a multiplicative rule gives A_it = 0 on rows with A_i = 0 whatever the teacher says: unless a distillation
         # term needs the teacher there too, those rows are neither rendered nor scored by the teacher
         self.skips_known_credit = self.rule.multiplicative and self.distill_fn is None
-        self.shows_answer = "answer" in PRIVILEGED_SOURCES[args.privileged_source]
-        if self.uses_teacher and self.shows_answer:
-            if args.remove_unused_columns:
-                raise ValueError(
-                    f"remove_unused_columns=True would drop the privileged column {args.privileged_column!r}; "
-                    "set it to False"
-                )
+        # with a distillation loss the teacher runs at loss time; a rule that needs nothing else from the rollout
+        # (no group statistics, entropy or state) takes its teacher log-probs from that same pass
+        self.teacher_at_loss = (
+            self.distill_fn is not None
+            and self.rule_uses_teacher
+            and not {"group_ids", "teacher_entropy"} & self.rule.needs
+            and self.rule.state is None
+        )
+        self.source = get_source(args.privileged_source)(args)
+        if self.uses_teacher:
             for split_name in ("train_dataset", "eval_dataset"):
-                _check_privileged_column(kwargs.get(split_name), args.privileged_column, split_name)
+                self.source.check_dataset(kwargs.get(split_name), split_name)
         if self.uses_teacher and not args.disable_dropout:
             # the teacher scores in eval mode; dropout in the student's train-mode forward would enter Delta
             logger.info("a self-teacher is used: setting disable_dropout=True (TRL then zeroes every nn.Dropout)")
             args.disable_dropout = True
         super().__init__(model, _guard_rewards(reward_funcs, args.reward_timeout), args=args, **kwargs)
-        self.vision = _image_dataset(kwargs.get("train_dataset")) or _image_dataset(kwargs.get("eval_dataset"))
+        self.has_images = any(vision.image_dataset(kwargs.get(split)) for split in ("train_dataset", "eval_dataset"))
         if self.uses_teacher:
             self._check_vision_supported(kwargs)
+            self._check_rollout_supported()
         if self._is_vlm:  # the row-subset teacher pass would have to slice the vision tensors: every row is scored
             self.skips_known_credit = False
 
-        self._loss_state: dict[str, Any] | None = None
-        self._last_rewards: torch.Tensor | None = None
-        self.antisd_gate = AntiSDGate(args.antisd_warmup_steps, args.antisd_ratio) if args.credit == "antisd" else None
+        self._loss_state: LossState | None = None  # set by `_compute_loss` for the next scoring forward
+        self._last_rewards: torch.Tensor | None = None  # set by `_calculate_rewards` for `_rollout_view`
+        self.rule_state = self.rule.state.from_params(rule_params(args)) if self.rule.state else None
         self.teacher: SelfTeacher | None = None
         if self.uses_teacher:
             policy = self.accelerator.unwrap_model(self.model)
@@ -166,13 +211,13 @@ class RLSDTrainer(GRPOTrainer):
         TRL's own scoring, would not see the images)."""
         for split_name in ("train_dataset", "eval_dataset"):
             split = kwargs.get(split_name)
-            if _prompts_hold_images(split) and not _image_dataset(split):
-                raise ValueError(_IMAGE_BLOCKS_ERROR.format(where=split_name))
-        if not self.vision:
+            if vision.prompts_hold_images(split) and not vision.image_dataset(split):
+                raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where=split_name))
+        if not self.has_images:
             return
-        what = _teacher_use(self.args)
+        what = vision.teacher_use(self.args)
         if not self._is_vlm:
-            raise ValueError(_TOKENIZER_WITH_IMAGES_ERROR.format(what=what))
+            raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=what))
         used = {
             "tools": bool(self.tools),
             "environment_factory": self.environment_factories is not None,
@@ -184,6 +229,18 @@ class RLSDTrainer(GRPOTrainer):
                 f"images with {' and '.join(unsupported)} and {what}: the teacher's prompt is rebuilt from the "
                 "dataset row and would miss the images or observations added during the rollout; use credit='grpo' "
                 "and distill_loss='none' for this run, or drop the image column"
+            )
+
+    def _check_rollout_supported(self) -> None:
+        """The teacher prompt is rebuilt from the dataset row: environments and rollout functions, whose student
+        prompts differ from it, are refused."""
+        used = [name for name, on in (("environment_factory", self.environment_factories is not None),
+                                      ("rollout_func", self.rollout_func is not None)) if on]  # fmt: skip
+        if used:
+            raise NotImplementedError(
+                f"{' and '.join(used)} with {vision.teacher_use(self.args)}: the teacher's prompt is rebuilt from the "
+                "dataset row and would miss what the rollout added to the student's prompt (environment observations, "
+                "a custom format); use credit='grpo' and distill_loss='none' with these options"
             )
 
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -211,8 +268,8 @@ class RLSDTrainer(GRPOTrainer):
         )
 
     def _teacher_pass_needed(self, lam: float) -> bool:
-        """The teacher is skipped when the rule ignores it, or when its multiplier is identically 1 (lam = 0 or
-        eps_w = 0 for the rules that reduce to GRPO there)."""
+        """The rule's teacher pass is skipped when the rule ignores the teacher, or when its multiplier is
+        identically 1 (lam = 0 or eps_w = 0 for the rules that reduce to GRPO there)."""
         if not self.rule_uses_teacher:
             return False
         if self.rule.grpo_when_lambda_zero:
@@ -220,64 +277,56 @@ class RLSDTrainer(GRPOTrainer):
         return True
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's rollout and scoring, then the teacher's context, the teacher pass and (B, T) token advantages."""
+        """TRL's rollout and scoring, then the privileged context, the teacher pass and (B, T) token advantages
+        (or, when they wait for the loss's forward, the `RLSDEntries` that let the loss compute them)."""
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         mask = _loss_mask(output)
         lam = self._current_lambda() if self.rule_uses_teacher else 0.0
         if self.rule_uses_teacher:
             self._metrics[mode]["rlsd/lambda"].append(lam)
-        teacher_rows = self._teacher_rows(output["advantages"]) if self.skips_known_credit else None
-        if self.uses_teacher:
-            output.update(self._teacher_context(inputs, output, mode, rows=teacher_rows))
-        if self.distill_fn is not None:
-            weight = output["rlsd_has_context"].float()
-            if self.args.distill_positive_only:
-                weight = weight * (output["advantages"] > 0).float()
-            output["rlsd_distill_weight"] = weight
+        rule_pass = self._teacher_pass_needed(lam)
+        entries = RLSDEntries()
+        rows = self._teacher_rows(output["advantages"]) if self.skips_known_credit and rule_pass else None
+        if rule_pass or self.distill_fn is not None:
+            prompt_ids, prompt_mask, types, entries.has_context = self._teacher_context(inputs, output, mode, rows)
+            if self.distill_fn is not None:  # the loss-time teacher pass needs the teacher's prompt
+                entries.teacher_prompt_ids, entries.teacher_prompt_mask = prompt_ids, prompt_mask
+                entries.teacher_types = types
+                weight = entries.has_context.float()
+                if self.args.distill_positive_only:
+                    weight = weight * (output["advantages"] > 0).float()
+                entries.distill_weight = weight
         if self.reference is not None:
-            output["rlsd_ref_logps"] = self._reference_logps(output)
-        if not self._teacher_pass_needed(lam):
+            entries.ref_logps = self.score_rollout("reference", output).logps
+        if not rule_pass:
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
             if self.rule_uses_teacher:
                 self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
-            return self._without_unused_context(output)
+            return {**output, **entries.to_batch()}
 
-        start = time.perf_counter()
-        teacher_logps, teacher_entropy = self._teacher_logps(output)
-        self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
-        gate = self._antisd_gate_value(teacher_entropy, mask, mode) if self.antisd_gate is not None else 1.0
-        pending = {
-            "rlsd_seq_advantages": output["advantages"],
-            "rlsd_teacher_logps": teacher_logps,
-            "rlsd_lambda": torch.tensor(lam, dtype=torch.float64),
-            "rlsd_gate": torch.tensor(gate, dtype=torch.float64),
-        }
-        if teacher_entropy is not None:
-            pending["rlsd_teacher_entropy"] = teacher_entropy
-        if teacher_rows is not None:  # the rule scores only these rows; the others keep A_it = 0
-            pending["rlsd_scored"] = output["advantages"] != 0
+        entries.seq_advantages = output["advantages"]
+        entries.lam = scalar(lam)
+        if not self.teacher_at_loss:  # else the loss-time teacher pass gives the rule its log-probs too
+            start = time.perf_counter()
+            scores = self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
+            self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
+            entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
+            if rows is not None:  # the rule scores only the rows with A_i != 0; the others keep A_it = 0
+                entries.scored = output["advantages"] != 0
+            entries.state_values = {key: scalar(v) for key, v in self._rule_state_values(entries, mask, mode).items()}
         student_logps = output.get("old_per_token_logps")
-        if student_logps is None and "group_ids" in self.rule.needs:
-            student_logps = self._score_rollout(output)  # group statistics need every completion of a group now
-        if student_logps is not None:  # the credit is final at rollout time
-            output["advantages"] = self._token_advantages({**output, **pending}, student_logps, mode)
-            return self._without_unused_context(output)
-        output.update(pending)
-        return self._without_unused_context(output)
-
-    def _without_unused_context(self, output: dict[str, Any]) -> dict[str, Any]:
-        """The teacher's prompt ids travel to the loss only when a distillation loss re-runs the teacher there."""
-        output.pop("rlsd_teacher_rows", None)  # only with the skip, which has no distillation term
-        if self.distill_fn is None:
-            output.pop("rlsd_teacher_prompt_ids", None)
-            output.pop("rlsd_teacher_prompt_mask", None)
-            for key in TOKEN_TYPE_KEYS:
-                output.pop(f"rlsd_teacher_{key}", None)
-        return output
+        if student_logps is None and "group_ids" in self.rule.needs:  # group statistics need the whole group now
+            student_logps = self.score_rollout("student", output).logps
+        if student_logps is not None and not self.teacher_at_loss:  # the credit is final at rollout time
+            output["advantages"] = self._token_advantages(entries, output, student_logps, mode)
+            entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
+            entries.lam, entries.state_values = None, {}
+        return {**output, **entries.to_batch()}
 
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """TRL's rewards (gathered over processes); the weighted total is kept for choosing successful siblings."""
+        """TRL's rewards (gathered over processes); the weighted total is kept for the sources that pick
+        successful siblings (`self._last_rewards`, read once by `_teacher_context` of the same rollout)."""
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)
         weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
         totals = (rewards_per_func * weights).nansum(dim=1)
@@ -285,25 +334,19 @@ class RLSDTrainer(GRPOTrainer):
         self._last_rewards = totals
         return rewards_per_func
 
-    def _antisd_gate_value(self, teacher_entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> float:
-        """Feed the batch's mean teacher entropy (over all processes) to AntiSD's gate; an eval batch reads the gate
-        as training left it and does not move it."""
+    def _rule_state_values(self, entries: RLSDEntries, mask: torch.Tensor, mode: str) -> dict[str, float]:
+        """A stateful rule's values for this batch: a training batch feeds the global token means of the signals
+        the state reads (e.g. AntiSD's teacher entropy) and moves it; an eval batch reads it as training left it."""
+        if self.rule_state is None:
+            return {}
         if mode != "train":
-            return 1.0 if self.antisd_gate.on else 0.0
-        totals = torch.stack([(teacher_entropy * mask).sum(), mask.sum()]).double()
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        return self.antisd_gate.update((totals[0] / totals[1].clamp(min=1)).item())
-
-    @torch.no_grad()
-    def _score_rollout(self, output: dict[str, Any]) -> torch.Tensor:
-        """The student's log-probs of the rollout with the current weights (only for group-level rules)."""
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        logps, _, _ = self._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, output["completion_ids"].size(1),
-            batch_size=self._scoring_batch_size(), **_student_vision_kwargs(output),
-        )  # fmt: skip
-        return logps
+            return self.rule_state.current()
+        means = {}
+        for name in self.rule_state.reads:
+            values = getattr(entries, name)
+            totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).double(), "sum")
+            means[name] = (totals[0] / totals[1].clamp(min=1)).item()
+        return self.rule_state.observe(means)
 
     def _teacher_rows(self, seq_advantages: torch.Tensor) -> torch.Tensor:
         """Indices of the rows the teacher scores under a multiplicative rule: those with A_i != 0 in batch order,
@@ -316,64 +359,83 @@ class RLSDTrainer(GRPOTrainer):
         return order[:target]
 
     def _teacher_context(
-        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rows: torch.Tensor | None = None
-    ) -> dict[str, Any]:
-        """The teacher's prompt ids (left-padded) of `rows` (all rows when None; else they travel along as
-        `rlsd_teacher_rows`) and which rows have a privileged context at all (a row whose source is only a sibling
-        has none when no sibling succeeded); rows without one are counted. Rows outside `rows` are neither rendered
-        nor tokenized."""
+        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The teacher prompts of `rows` (all rows when None) from the privileged source, tokenized and left-padded
+        (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
+        `rows` are neither rendered nor tokenized."""
         selected = list(range(len(inputs))) if rows is None else rows.tolist()
-        answers = self._privileged_answers([inputs[i] for i in selected]) if self.shows_answer else None
-        siblings = None
-        has_context = torch.ones(len(inputs), dtype=torch.bool, device=self.accelerator.device)
-        if "sibling" in PRIVILEGED_SOURCES[self.args.privileged_source]:
-            siblings, found = self._sibling_completions(output, mode)
-            if not self.shows_answer:
-                has_context = found
-            no_context = TokenMean(1.0 - has_context.float().mean().item(), has_context.numel())
-            missing = float((~found).sum())
-            self._log_across_processes(mode, {"no_sibling_count": missing, "no_context_frac": no_context})
-            siblings = [siblings[i] for i in selected]
-        images = _batch_images(inputs)
+        context = self.source.context(self._rollout_view(inputs, output, mode), selected)
+        self._log_across_processes(mode, context.metrics)
+        device = self.accelerator.device
+        has_context = torch.ones(len(inputs), dtype=torch.bool, device=device)
+        has_context[selected] = torch.tensor(context.has_context, dtype=torch.bool, device=device)
+        images = vision.batch_images(inputs)
         prompts = [inputs[i]["prompt"] for i in selected]
         if images is None and any(has_image_blocks(prompt) for prompt in prompts):
-            raise ValueError(_IMAGE_BLOCKS_ERROR.format(where="a rollout batch"))
+            raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where="a rollout batch"))
         if images is not None and not self._is_vlm:
-            raise ValueError(_TOKENIZER_WITH_IMAGES_ERROR.format(what=_teacher_use(self.args)))
+            raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=vision.teacher_use(self.args)))
         if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
             prompts = [prepare_multimodal_messages(inputs[i]["prompt"], images=images[i]) for i in selected]
-        teacher_prompts = render_teacher_prompts(
-            prompts, self.args.teacher_template, answers=answers, siblings=siblings
-        )
-        device = self.accelerator.device
+        teacher_prompts = render_teacher_prompts(prompts, self.args.teacher_template, context.fields)
         if not teacher_prompts:  # no row needs the teacher
             empty = torch.zeros(0, 0, dtype=torch.long, device=device)
-            return {
-                "rlsd_teacher_prompt_ids": empty,
-                "rlsd_teacher_prompt_mask": empty,
-                "rlsd_has_context": has_context,
-                "rlsd_teacher_rows": rows,
-            }
+            return empty, empty, {}, has_context
         prompt_ids_list, _, fields = self._tokenize_prompts(teacher_prompts)
-        prompt_ids = pad(
-            [torch.tensor(ids) for ids in prompt_ids_list],
-            padding_value=self._tokenizer.pad_token_id,
-            padding_side="left",
-        ).to(device)
-        prompt_mask = pad(
-            [torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0, padding_side="left"
-        ).to(device)
-        context = {"rlsd_teacher_prompt_ids": prompt_ids, "rlsd_teacher_prompt_mask": prompt_mask,
-                   "rlsd_has_context": has_context}  # fmt: skip
-        if images is not None:
-            context.update(self._teacher_token_types(fields, prompt_ids, output))
-        return context if rows is None else {**context, "rlsd_teacher_rows": rows}
+        pad_id = self._tokenizer.pad_token_id
+        prompt_ids = pad([torch.tensor(ids) for ids in prompt_ids_list], padding_value=pad_id, padding_side="left")
+        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0,
+                          padding_side="left")  # fmt: skip
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        types = self._teacher_token_types(fields, prompt_ids, output) if images is not None else {}
+        return prompt_ids, prompt_mask, types, has_context
+
+    def teacher_scores(
+        self,
+        inputs: list[dict[str, Any]],
+        output: dict[str, Any],
+        mode: str = "train",
+        rows: torch.Tensor | None = None,
+    ) -> ScoreResult:
+        """The teacher's log-probs (and entropy, when the rule reads it) of a rollout's completions: the privileged
+        context of `inputs`, the teacher prompts and one scoring pass, as the rollout computes them (public for
+        diagnostics such as the credit viewer, and for tests)."""
+        prompt_ids, prompt_mask, types, _ = self._teacher_context(inputs, output, mode, rows)
+        return self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
+
+    def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
+        """The log-probs of a rollout's completions after the student's own prompts under `which` ("student" or
+        "reference"), with the rollout's vision inputs: the re-scoring passes (public for diagnostics and tests)."""
+        return self._score(which, output["prompt_ids"], output["prompt_mask"], output,
+                           vision.student_vision_kwargs(output))  # fmt: skip
+
+    def token_advantages(
+        self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str = "train"
+    ) -> torch.Tensor:
+        """The (B, T) token advantages of a batch that carries deferred credit (`rlsd_*` entries), given the
+        student's log-probs (public for diagnostics and tests; the loss calls the same code)."""
+        return self._token_advantages(RLSDEntries.from_batch(batch), batch, student_logps, mode)
+
+    def _rollout_view(self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str) -> RolloutView:
+        """What the privileged source may read; completion texts and rewards are gathered over processes only for
+        a source that reads them (a collective: every process builds the view for the same batches)."""
+        group_size = self._group_size()
+        if not self.source.needs_completions:
+            return RolloutView(inputs, group_size)
+        ids, keep = output["completion_ids"], output["completion_mask"]
+        texts = self._tokenizer.batch_decode(
+            [row[mask.bool()] for row, mask in zip(ids, keep, strict=True)], skip_special_tokens=True
+        )
+        offset = self.accelerator.process_index * len(texts)
+        rewards, self._last_rewards = self._last_rewards.tolist(), None
+        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards)
 
     def _teacher_token_types(
         self, fields: dict[str, Any], prompt_ids: torch.Tensor, output: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """The processor's token-type ids of the teacher prompts (left-padded like the ids, as
-        `rlsd_teacher_<key>`), after checking that each teacher prompt holds as many image tokens as the student's."""
+        """The processor's token-type ids of the teacher prompts (left-padded like the ids), after checking that
+        each teacher prompt holds as many image tokens as the student's."""
         pad_id = self._image_pad_token_id
         if pad_id is not None:
             teacher_count = (prompt_ids == pad_id).sum(1)
@@ -383,96 +445,104 @@ class RLSDTrainer(GRPOTrainer):
                     f"the teacher prompts hold {teacher_count.tolist()} image tokens per row but the student's hold "
                     f"{student_count.tolist()}: the teacher would not see the same images; check the chat template"
                 )
-        context = {}
-        for key in TOKEN_TYPE_KEYS:
+        types = {}
+        for key in vision.TOKEN_TYPE_KEYS:
             if key in fields:
                 rows = [torch.as_tensor(row, dtype=torch.long) for row in fields[key]]
-                padded = pad(rows, padding_value=0, padding_side="left").to(prompt_ids.device)
-                context[f"rlsd_teacher_{key}"] = padded
-        return context
+                types[key] = pad(rows, padding_value=0, padding_side="left").to(prompt_ids.device)
+        return types
 
-    def _privileged_answers(self, inputs: list[dict[str, Any]]) -> list[Any]:
-        """The reference answers of a rollout batch; a row without the privileged column is named."""
-        column = self.args.privileged_column
-        missing = [i for i, row in enumerate(inputs) if column not in row]
-        if missing:
-            raise KeyError(
-                f"rollout row {missing[0]} has no privileged column {column!r}; it has {sorted(inputs[missing[0]])}"
-            )
-        return [row[column] for row in inputs]
-
-    def _sibling_completions(self, output: dict[str, Any], mode: str) -> tuple[list[str], torch.Tensor]:
-        """For each local completion, the text of the first other completion of its group whose total reward reaches
-        `sibling_reward_threshold` (groups may span processes: texts and rewards are gathered), and whether one
-        exists; rows without one show `NO_SIBLING_TEXT`."""
-        ids, mask = output["completion_ids"], output["completion_mask"]
-        texts = self._tokenizer.batch_decode(
-            [row[keep.bool()] for row, keep in zip(ids, mask, strict=True)], skip_special_tokens=True
-        )
-        all_texts = gather_object(texts)
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        picks = pick_siblings(self._last_rewards.tolist(), group_size, self.args.sibling_reward_threshold)
-        start = self.accelerator.process_index * len(texts)
-        local = picks[start : start + len(texts)]
-        found = torch.tensor([j is not None for j in local], dtype=torch.bool, device=ids.device)
-        return [NO_SIBLING_TEXT if j is None else all_texts[j] for j in local], found
-
+    # --------------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
-    def _teacher_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tau_t (and the teacher's entropy when the rule needs it): one no-grad forward on
-        [teacher prompt ; completion ids], chunked by the per-device batch. With `rlsd_teacher_rows` (the rows
-        whose teacher prompts were built), only those rows are scored and the others are 0."""
-        rows = output.get("rlsd_teacher_rows")
-        if rows is None:
-            return self._teacher_forward(output, output["completion_ids"], output["completion_mask"])
-        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-        entropy = torch.zeros_like(logps) if "teacher_entropy" in self.rule.needs else None
-        if rows.numel() == 0:
-            return logps, entropy
-        row_logps, row_entropy = self._teacher_forward(output, completion_ids[rows], completion_mask[rows])
-        logps = logps.to(row_logps.dtype).index_copy(0, rows, row_logps)
-        if entropy is not None:
-            entropy = entropy.to(row_entropy.dtype).index_copy(0, rows, row_entropy)
-        return logps, entropy
-
-    def _teacher_forward(
-        self, output: dict[str, Any], completion_ids: torch.Tensor, completion_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's log-probs (and entropy) of `completion_ids` after the teacher prompts of `output`."""
-        input_ids = torch.cat([output["rlsd_teacher_prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([output["rlsd_teacher_prompt_mask"], completion_mask], dim=1)
-        policy = self.accelerator.unwrap_model(self.model)
-        with (
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self.teacher.forward_context(self.model, policy) as teacher_model,
-        ):
-            logps, entropy, _ = self._get_per_token_logps_and_entropies(
-                teacher_model,
-                input_ids,
-                attention_mask,
-                completion_ids.size(1),
-                batch_size=self._scoring_batch_size(),
-                compute_entropy="teacher_entropy" in self.rule.needs,
-                **_teacher_vision_kwargs(output, completion_ids.size(1)),
-            )
-        return logps, entropy
-
-    @torch.no_grad()
-    def _reference_logps(self, output: dict[str, Any]) -> torch.Tensor:
-        """log pi_ref of the sampled tokens under the student's own prompt (SDPG's anchor)."""
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        policy = self.accelerator.unwrap_model(self.model)
-        with (
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self.reference.forward_context(self.model, policy) as reference_model,
-        ):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                reference_model, input_ids, attention_mask, output["completion_ids"].size(1),
-                batch_size=self._scoring_batch_size(), **_student_vision_kwargs(output),
+    def _score(
+        self,
+        which: str,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        batch: dict[str, Any],
+        model_kwargs: dict[str, Any],
+        *,
+        entropy: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> ScoreResult:
+        """The one no-grad scoring forward: log-probs (and entropy) of the completion tokens of `batch` (its rows
+        `rows`, when given) after `prompt_ids`, under the teacher, SDPG's reference or the student (`which`), chunked
+        by TRL's per-device batch. Text rows sharing a teacher prompt within a group compute it once
+        (`rlsd.scoring.score_tokens`, when `teacher_prefix_sharing`)."""
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+        if rows is not None:
+            completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
+        with self._scoring_model(which) as model:
+            if which == "teacher" and self._shares_prefixes(model_kwargs, rows):
+                return score_tokens(
+                    self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, completion_ids, completion_mask,
+                    temperature=self.temperature, batch_size=self._scoring_batch_size(), with_entropy=entropy,
+                    group_size=self._group_size(),
+                )  # fmt: skip
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                self, model, input_ids, attention_mask, completion_ids.size(1),
+                batch_size=self._scoring_batch_size(), compute_entropy=entropy, **model_kwargs,
             )  # fmt: skip
-        return logps
+        return ScoreResult(logps, entropies if entropy else None)
+
+    @contextlib.contextmanager
+    def _scoring_model(self, which: str) -> Iterator[torch.nn.Module]:
+        """The module that scores for `which`: the teacher's or the reference's weights (a copy, an adapter, or the
+        policy itself) with gradient checkpointing off, or the student."""
+        if which == "student":
+            yield self.model
+            return
+        owner = self.teacher if which == "teacher" else self.reference
+        policy = self.accelerator.unwrap_model(self.model)
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            owner.forward_context(self.model, policy) as model,
+        ):
+            yield model
+
+    def _shares_prefixes(self, model_kwargs: dict[str, Any], rows: torch.Tensor | None) -> bool:
+        """Prefix sharing applies to text rows that form whole groups in TRL's order (all rows, or a subset of whole
+        groups), on a plain (not sharded) model, with a source whose context is the same for a whole group, when
+        the config allows it."""
+        return (
+            self.args.teacher_prefix_sharing
+            and not model_kwargs
+            and (rows is None or _whole_groups(rows, self._group_size()))
+            and not self.source.needs_completions  # a sibling differs per row: no shared prompt
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and self._group_size() > 1
+        )
+
+    def _score_teacher_rows(
+        self,
+        output: dict[str, Any],
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        types: dict[str, torch.Tensor],
+        rows: torch.Tensor | None,
+    ) -> ScoreResult:
+        """The teacher's log-probs (and entropy, when the rule reads it) of every row; with `rows`, only those rows
+        are scored (their prompts were the only ones built) and the others are 0."""
+        entropy = "teacher_entropy" in self.rule.needs
+        kwargs = vision.teacher_vision_kwargs(output, types, output["completion_ids"].size(1))
+        if rows is None:
+            return self._score("teacher", prompt_ids, prompt_mask, output, kwargs, entropy=entropy)
+        shape = output["completion_ids"].shape
+        logps = torch.zeros(shape, dtype=torch.float32, device=output["completion_ids"].device)
+        entropies = torch.zeros_like(logps) if entropy else None
+        if rows.numel() == 0:
+            return ScoreResult(logps, entropies)
+        scored = self._score("teacher", prompt_ids, prompt_mask, output, kwargs, entropy=entropy, rows=rows)
+        logps = logps.to(scored.logps.dtype).index_copy(0, rows, scored.logps)
+        if entropies is not None:
+            entropies = entropies.to(scored.entropy.dtype).index_copy(0, rows, scored.entropy)
+        return ScoreResult(logps, entropies)
+
+    def _group_size(self) -> int:
+        """Completions per prompt in the current mode."""
+        return self.num_generations if self.model.training else self.num_generations_eval
 
     def _scoring_batch_size(self) -> int:
         """Rows per no-grad scoring forward: TRL's per-device batch of the current mode."""
@@ -480,49 +550,56 @@ class RLSDTrainer(GRPOTrainer):
         return self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
 
     # ------------------------------------------------------------------------------------------------ credit
-    def _token_advantages(self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str) -> torch.Tensor:
-        """Apply the configured rule to a batch carrying the `rlsd_*` entries; log its metrics under `rlsd/`."""
-        args = self.args
+    def _token_advantages(
+        self, entries: RLSDEntries, batch: dict[str, Any], student_logps: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """Apply the configured rule to a batch's deferred credit; log its metrics under `rlsd/`."""
         mask = _loss_mask(batch)
         # a row without privileged context gets Delta = 0: its teacher is the student itself
-        has_context = batch["rlsd_has_context"].unsqueeze(1)
-        teacher_logps = torch.where(has_context, batch["rlsd_teacher_logps"], student_logps)
+        teacher_logps = torch.where(entries.has_context.unsqueeze(1), entries.teacher_logps, student_logps)
         signals = Signals(
-            seq_advantages=batch["rlsd_seq_advantages"],
+            seq_advantages=entries.seq_advantages,
             mask=mask,
             teacher_logps=teacher_logps,
             student_logps=student_logps,
-            teacher_entropy=batch.get("rlsd_teacher_entropy"),
-            # rows are still in group order only at rollout time, which is where group-level rules are applied
-            group_ids=(
-                torch.arange(mask.size(0), device=mask.device) // self.num_generations
-                if "group_ids" in self.rule.needs
-                else None
-            ),
+            teacher_entropy=entries.teacher_entropy,
             step_ids=_step_ids(batch),
             vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
-            span_mask=self._think_span(batch) if args.rlsd_span == "think" else None,
+            span_mask=self._think_span(batch) if self.args.rlsd_span == "think" else None,
         )
-        params = RuleParams(
-            lam=float(batch["rlsd_lambda"]),
-            clip=args.rlsd_clip,
-            negative_only=args.rlsd_negative_only,
-            opsd_beta=args.opsd_beta,
-            antisd_gate=float(batch["rlsd_gate"]),
-            egrsd_min_gate=args.egrsd_min_gate,
-            egrsd_window=args.egrsd_window,
-            sod_c=args.sod_c,
-            sod_delta=args.sod_delta,
-            uniopd_margin=args.uniopd_margin,
-            gear_spike_std=args.gear_spike_std,
-        )
-        scored = batch.get("rlsd_scored")
-        if scored is None:
-            token_adv, metrics = self.rule.fn(signals, params)
+        values = {key: float(value) for key, value in entries.state_values.items()}
+        params = rule_params(self.args, lam=float(entries.lam), **values)
+        if "group_ids" in self.rule.needs:
+            token_adv, metrics = self._rule_on_global_groups(signals, params, mode)
+        elif entries.scored is not None:
+            token_adv, metrics = _rule_on_rows(self.rule.fn, signals, params, entries.scored)
         else:
-            token_adv, metrics = _rule_on_rows(self.rule.fn, signals, params, scored)
+            token_adv, metrics = self.rule.fn(signals, params)
         self._log_across_processes(mode, metrics)
-        return token_adv.to(batch["rlsd_seq_advantages"].dtype)
+        return token_adv.to(entries.seq_advantages.dtype)
+
+    def _rule_on_global_groups(
+        self, signals: Signals, params: RuleParams, mode: str
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """A rule with group statistics on TRL's global group layout: the signals of every process are gathered
+        (padded to the longest completion), groups are consecutive blocks of the mode's group size over the
+        gathered rows (they may straddle processes), and each process keeps its own rows. Counts are reported by
+        the main process only, since every process computed the same ones."""
+        local_rows, local_length = signals.mask.shape
+        gathered = {}
+        for item in dataclasses.fields(signals):
+            value = getattr(signals, item.name)
+            if isinstance(value, torch.Tensor):
+                padded = self.accelerator.pad_across_processes(value, dim=1) if value.dim() > 1 else value
+                gathered[item.name] = self.accelerator.gather(padded)
+        total = gathered["mask"].size(0)
+        group_ids = torch.arange(total, device=signals.mask.device) // self._group_size()
+        everyone = dataclasses.replace(signals, **gathered, group_ids=group_ids)
+        token_adv, metrics = self.rule.fn(everyone, params)
+        start = self.accelerator.process_index * local_rows
+        if not self.accelerator.is_main_process:
+            metrics = {key: (0.0 if key.endswith("_count") else value) for key, value in metrics.items()}
+        return token_adv[start : start + local_rows, :local_length], metrics
 
     def _think_span(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, T) completion tokens inside the reasoning span (`rlsd_span="think"`), from each token's text."""
@@ -534,6 +611,8 @@ class RLSDTrainer(GRPOTrainer):
         """Combine each metric over processes and append it to TRL's metrics under `rlsd/`: a `TokenMean` by the
         count-weighted mean (token-weighted, as TRL's global masked mean), `*_count` metrics by their sum, any other
         value by the mean over processes (NaN-aware)."""
+        if not metrics:  # the same keys on every process: none to gather anywhere
+            return
         keys = sorted(metrics)
         values = [metrics[k] for k in keys]
         counts = [getattr(v, "count", math.nan) for v in values]
@@ -551,15 +630,24 @@ class RLSDTrainer(GRPOTrainer):
             if not math.isnan(value.item()):
                 self._metrics[mode][f"rlsd/{key}"].append(value.item())
 
+    # -------------------------------------------------------------------------------------------------- loss
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's loss; when the credit waits for the student log-probs, they come from this forward, detached; with
-        a distillation loss, the distillation term (and SDPG's anchor) from the same forward is added."""
-        deferred = "rlsd_teacher_logps" in inputs
-        if not deferred and self.distill_fn is None:
+        a distillation loss, the teacher runs once here (its hidden states also give the deferred credit its
+        log-probs when `teacher_at_loss`) and the distillation term (and SDPG's anchor) from the same forward is
+        added."""
+        entries = RLSDEntries.from_batch(inputs)
+        if not entries.deferred and self.distill_fn is None:
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
-        teacher = self._teacher_hidden(inputs) if self.distill_fn is not None else None
-        state: dict[str, Any] = {"pending": inputs if deferred else None}
+        teacher = self._teacher_hidden(inputs, entries) if self.distill_fn is not None else None
+        if entries.deferred and entries.teacher_logps is None:  # the rule's teacher log-probs, from the same pass
+            hidden, head = teacher
+            logits_fn = head_logits(head, self.temperature, grad=False)
+            entries.teacher_logps = _sampled_logps(
+                hidden, logits_fn, inputs["completion_ids"], self.args.distill_chunk_tokens
+            )
+        state = LossState(entries if entries.deferred else None, inputs)
         backbone, head = _backbone_and_head(self.accelerator.unwrap_model(model))
         self._loss_state = state
         try:
@@ -567,7 +655,7 @@ class RLSDTrainer(GRPOTrainer):
                 loss = super()._compute_loss(model, inputs)
         finally:
             self._loss_state = None
-        if "logps" not in state:
+        if state.logps is None:
             raise RuntimeError(
                 "TRL's loss never called _get_per_token_logps_and_entropies, so the token credit that waits for its "
                 "log-probs was not computed and the step would silently train with sequence advantages; this "
@@ -577,7 +665,7 @@ class RLSDTrainer(GRPOTrainer):
             return loss
         completion_length = inputs["completion_ids"].size(1)
         student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
-        extra = self._distillation_term(inputs, (student, head), teacher, state["logps"])
+        extra = self._distillation_term(inputs, (student, head), teacher, state.logps)
         return self.args.policy_loss_coef * loss + extra
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -588,31 +676,35 @@ class RLSDTrainer(GRPOTrainer):
         )
         state, self._loss_state = self._loss_state, None
         if state is not None:
-            state["logps"] = logps
-            if state["pending"] is not None:
+            state.logps = logps
+            if state.pending is not None:
                 mode = "train" if self.model.training else "eval"
-                state["pending"]["advantages"] = self._token_advantages(state["pending"], logps.detach(), mode)
+                student = state.batch.get("old_per_token_logps")
+                student = logps.detach() if student is None else student
+                state.batch["advantages"] = self._token_advantages(state.pending, state.batch, student, mode)
         return logps, entropies, aux_loss
 
     @torch.no_grad()
-    def _teacher_hidden(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.nn.Module]:
-        """The teacher's last hidden states at the completion positions, (B, T, H), and its LM head: a no-grad
-        forward on [teacher prompt ; completion] with the teacher's current weights."""
+    def _teacher_hidden(self, inputs: dict[str, Any], entries: RLSDEntries) -> tuple[torch.Tensor, torch.nn.Module]:
+        """The teacher's last hidden states at the completion positions, (B, T, H), and its LM head: one no-grad
+        forward on [teacher prompt ; completion] with the teacher's current weights. A plain text model runs its
+        backbone only (no head projection to discard); a sharded or vision model runs whole, as TRL scores it."""
         completion_ids = inputs["completion_ids"]
-        input_ids = torch.cat([inputs["rlsd_teacher_prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["rlsd_teacher_prompt_mask"], inputs["completion_mask"]], dim=1)
-        policy = self.accelerator.unwrap_model(self.model)
-        with (
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self.teacher.forward_context(self.model, policy) as teacher_model,
-        ):
+        input_ids = torch.cat([entries.teacher_prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([entries.teacher_prompt_mask, inputs["completion_mask"]], dim=1)
+        kwargs = vision.teacher_vision_kwargs(inputs, entries.teacher_types, completion_ids.size(1))
+        with self._scoring_model("teacher") as teacher_model:
             backbone, head = _backbone_and_head(self.accelerator.unwrap_model(teacher_model))
-            with _captured_output(backbone) as hidden:
-                GRPOTrainer._get_per_token_logps_and_entropies(
-                    self, teacher_model, input_ids, attention_mask, completion_ids.size(1),
-                    **_teacher_vision_kwargs(inputs, completion_ids.size(1)),
-                )  # fmt: skip
-        return torch.cat(hidden)[:, -completion_ids.size(1) - 1 : -1], head
+            if kwargs or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                with _captured_output(backbone) as hidden:
+                    GRPOTrainer._get_per_token_logps_and_entropies(
+                        self, teacher_model, input_ids, attention_mask, completion_ids.size(1), **kwargs
+                    )
+                states = torch.cat(hidden)
+            else:
+                output = backbone(input_ids=input_ids, attention_mask=attention_mask)
+                states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        return states[:, -completion_ids.size(1) - 1 : -1], head
 
     def _distillation_term(
         self,
@@ -636,22 +728,17 @@ class RLSDTrainer(GRPOTrainer):
             "distill_token_frac": TokenMean((selected.sum() / tokens).item(), loss_mask.sum().item()),
             "distill_loss": TokenMean(math.nan, 0),
         }
-        if selected.any():
-            per_token = chunked_token_loss(
-                self.distill_fn,
-                student_hidden[selected].unsqueeze(0),
-                teacher_hidden[selected].unsqueeze(0),
-                _logits_fn(student_head, self.temperature),
-                _logits_fn(teacher_head, self.temperature),
-                chunk_tokens=args.distill_chunk_tokens,
-            ).squeeze(0)
-            distill = (per_token * weights[selected]).sum() / tokens
+        # every process gathers FSDP2-sharded heads and runs the backward, also with no selected token (then 0)
+        per_token = selected_token_loss(
+            self.distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
+            self.temperature, chunk_tokens=args.distill_chunk_tokens,
+        )  # fmt: skip
+        distill = (per_token * weights[selected]).sum() / tokens
+        if per_token.numel():
             mass = weights[selected].sum()
             metrics["distill_loss"] = TokenMean(
                 ((per_token.detach() * weights[selected]).sum() / mass).item(), mass.item()
             )
-        else:  # a differentiable zero keeps every process's backward identical
-            distill = student_hidden.sum() * 0.0
         term = args.distill_coef * distill
         if "rlsd_ref_logps" in inputs:
             penalty = (sdpg_ref_penalty(student_logps, inputs["rlsd_ref_logps"]) * loss_mask).sum() / tokens
@@ -739,9 +826,9 @@ class RLSDTrainer(GRPOTrainer):
         files = []
         if self.teacher is not None:
             files.append(TEACHER_STATE_FILE)
-            if self.teacher.model is not None:
+            if self.teacher.has_weights:
                 files.append(TEACHER_WEIGHTS_FILE)
-        if self.antisd_gate is not None:
+        if self.rule_state is not None:
             files.append(RULE_STATE_FILE)
         return files
 
@@ -786,15 +873,15 @@ class RLSDTrainer(GRPOTrainer):
     def _write_checkpoint(self, model, trial):
         """TRL's checkpoint plus the teacher's weights and sync state."""
         super()._save_checkpoint(model, trial)
-        if self.teacher is not None and self.args.should_save:
+        if self.teacher is not None:  # on every process: gathering a sharded (FSDP2) teacher is a collective
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            self.teacher.save(folder, self.accelerator.unwrap_model)
-        if self.antisd_gate is not None and self.args.should_save:
+            self.teacher.save(folder, self.accelerator.unwrap_model, write=self.args.should_save)
+        if self.rule_state is not None and self.args.should_save:
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             with open(os.path.join(folder, RULE_STATE_FILE), "w") as f:
-                json.dump(self.antisd_gate.state_dict(), f)
+                json.dump(self.rule_state.state_dict(), f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming restores the teacher and the rule state together with the optimizer (verified before: see
@@ -803,87 +890,16 @@ class RLSDTrainer(GRPOTrainer):
         fresh = set(getattr(self, "_fresh_on_resume", []))
         if self.teacher is not None and checkpoint is not None:
             if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
+                policy = self.accelerator.unwrap_model(self.model)
                 if self.teacher.model is not None:
-                    policy = self.accelerator.unwrap_model(self.model)
                     SyncRefModelCallback.sync_target_model(policy, self.teacher.model, alpha=1.0)
+                else:  # a PEFT policy's teacher adapter, if any
+                    self.teacher.follow(policy)
             else:
                 self.teacher.load(checkpoint, self.accelerator.unwrap_model)
-        if self.antisd_gate is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
+        if self.rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
             with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
-                self.antisd_gate.load_state_dict(json.load(f))
-
-
-_IMAGE_BLOCKS_ERROR = (
-    "{where} has image blocks inside its prompts and no `image`/`images` column: TRL 1.16 passes pixel values to "
-    "its scoring forwards only for images from such a column, so neither the loss nor the self-teacher would see "
-    "these images; put the images in an `images` column (the prompts may keep empty {{'type': 'image'}} "
-    "placeholders) or use credit='grpo' with distill_loss='none'"
-)
-
-_TOKENIZER_WITH_IMAGES_ERROR = (
-    "the dataset has an image column and {what} uses the self-teacher, but processing_class is a tokenizer: the "
-    "teacher would score the completions without the images; pass the model's processor (AutoProcessor) as "
-    "processing_class"
-)
-
-
-def _teacher_use(args: RLSDConfig) -> str:
-    """What in the config uses the self-teacher, for error messages."""
-    parts = [f"credit={args.credit!r}"] if args.credit != "grpo" else []
-    if args.distill_loss != "none":
-        parts.append(f"distill_loss={args.distill_loss!r}")
-    return " with ".join(parts) or "the config"
-
-
-def _image_dataset(dataset: Any) -> bool:
-    """True when a dataset (or any split of a dict of them) has an `image` or `images` column."""
-    if dataset is None:
-        return False
-    parts = dataset.values() if isinstance(dataset, dict | IterableDatasetDict) else [dataset]
-    return any(set(IMAGE_COLUMNS) & set(getattr(part, "column_names", None) or []) for part in parts)
-
-
-def _prompts_hold_images(dataset: Any, rows: int = 16) -> bool:
-    """True when one of the first `rows` prompts of a map-style dataset (or any split) holds an image block."""
-    if dataset is None:
-        return False
-    parts = dataset.values() if isinstance(dataset, dict | IterableDatasetDict) else [dataset]
-    for part in parts:
-        if not isinstance(part, Dataset) or "prompt" not in part.column_names:
-            continue
-        if any(has_image_blocks(prompt) for prompt in part.select(range(min(rows, len(part))))["prompt"]):
-            return True
-    return False
-
-
-def _batch_images(inputs: list[dict[str, Any]]) -> list[list[Any] | None] | None:
-    """The images of each rollout row exactly as TRL 1.16 collects them (`images` list or single `image` column);
-    None when the batch carries none."""
-    if "images" in inputs[0]:
-        images = [row.get("images") for row in inputs]
-    elif "image" in inputs[0]:
-        images = [[row.get("image")] if row.get("image") is not None else None for row in inputs]
-    else:
-        return None
-    return None if all(not image_list for image_list in images) else images
-
-
-def _student_vision_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The vision inputs TRL stored with the rollout (images and the student's token types), for a forward on
-    [student prompt ; completion]; empty for text."""
-    return {key: batch[key] for key in (*IMAGE_KEYS, *TOKEN_TYPE_KEYS) if batch.get(key) is not None}
-
-
-def _teacher_vision_kwargs(batch: dict[str, Any], completion_length: int) -> dict[str, Any]:
-    """The same images as the student's, with the teacher prompt's token types extended by zeros over the
-    completion, for a forward on [teacher prompt ; completion]; empty for text."""
-    kwargs = {key: batch[key] for key in IMAGE_KEYS if batch.get(key) is not None}
-    for key in TOKEN_TYPE_KEYS:
-        prompt_types = batch.get(f"rlsd_teacher_{key}")
-        if prompt_types is not None:
-            zeros = prompt_types.new_zeros(prompt_types.size(0), completion_length)
-            kwargs[key] = torch.cat([prompt_types, zeros], dim=1)
-    return kwargs
+                self.rule_state.load_state_dict(json.load(f))
 
 
 def _guard_rewards(reward_funcs: Any, timeout_s: float) -> Any:
@@ -968,20 +984,6 @@ def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.n
     return base.base_model, base.get_output_embeddings()
 
 
-def _logits_fn(head: torch.nn.Module, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Hidden states -> float32 logits / temperature through `head`, as TRL's fused head scores them (FSDP2's
-    sharded head is gathered as TRL does)."""
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-        return F.linear(hidden.to(weight.dtype), weight, bias).float() / temperature
-
-    return logits
-
-
 def _check_no_attention_dropout(model: torch.nn.Module) -> None:
     """Attention dropout applied inside the attention function (not an `nn.Dropout`, which TRL's disable_dropout
     zeroes) would make the student's train-mode log-probs noisy against the teacher's: refused."""
@@ -1024,27 +1026,37 @@ def _step_ids(batch: dict[str, Any]) -> torch.Tensor:
     return torch.cat([torch.zeros_like(mask[:, :1]), resumes.long().cumsum(1)], dim=1)
 
 
-def _check_privileged_column(dataset: Any, column: str, split_name: str) -> None:
-    """Fail at construction when the privileged column is missing or holds empty answers."""
-    if dataset is None:
-        return
-    datasets = dataset.values() if isinstance(dataset, dict | IterableDatasetDict) else [dataset]
-    for part in datasets:
-        names = getattr(part, "column_names", None)
-        if names is None:
-            continue
-        if column not in names:
-            raise ValueError(
-                f"{split_name} has no privileged column {column!r} (set privileged_column); "
-                f"its columns are {sorted(names)}"
-            )
-        if isinstance(part, Dataset):
-            if len(part) == 0:
-                raise ValueError(f"{split_name} is empty")
-            empty = [i for i, answer in enumerate(part[column]) if is_empty_answer(answer)]
-            if empty:
-                shown = ", ".join(str(i) for i in empty[:10])
-                raise ValueError(
-                    f"{split_name} column {column!r} is empty in {len(empty)} row(s): {shown}"
-                    + (" ..." if len(empty) > 10 else "")
-                )
+@dataclasses.dataclass
+class LossState:
+    """What `_compute_loss` hands to the next scoring forward TRL's loss runs (`self._loss_state`): the deferred
+    credit and the micro-batch whose advantages it replaces; the forward stores its log-probs back."""
+
+    pending: RLSDEntries | None
+    batch: dict[str, Any]
+    logps: torch.Tensor | None = None
+
+
+def _whole_groups(rows: torch.Tensor, group_size: int) -> bool:
+    """True when `rows` lists whole groups of consecutive rows, each in order (the teacher's rows after the skip of
+    A_i = 0 usually are: a group's completions all have A_i = 0, or, with binary rewards, none has)."""
+    if rows.numel() == 0 or rows.numel() % group_size:
+        return False
+    blocks = rows.view(-1, group_size)
+    starts = blocks[:, :1]
+    offsets = torch.arange(group_size, device=rows.device)
+    return bool((starts % group_size == 0).all() and (blocks == starts + offsets).all())
+
+
+def _sampled_logps(
+    hidden: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """log p(ids) from (B, T, H) hidden states through `logits_fn`, `chunk_tokens` positions at a time (no (B, T, V)
+    tensor is held)."""
+    flat_hidden, flat_ids = hidden.reshape(-1, hidden.size(-1)), ids.reshape(-1)
+    pieces = [
+        torch.log_softmax(logits_fn(flat_hidden[i : i + chunk_tokens]), dim=-1)
+        .gather(-1, flat_ids[i : i + chunk_tokens].unsqueeze(-1))
+        .squeeze(-1)
+        for i in range(0, flat_ids.numel(), chunk_tokens)
+    ]
+    return torch.cat(pieces).reshape(ids.shape) if pieces else hidden.new_zeros(ids.shape, dtype=torch.float32)

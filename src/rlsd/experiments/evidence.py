@@ -303,6 +303,25 @@ def render_demo(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_vision_demo(root: Path) -> str:
+    """The README's vision demo table from the committed summary of one `rlsd demo --task vision` run."""
+    summary = json.loads((root / "benchmarks" / "vision-demo" / "summary.json").read_text())
+    lines = [
+        "| method | warm start | final pass@1 | peak (step) | final leakage | s / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, s in summary["methods"].items():
+        lines.append(f"| {method} | {_pct(s['initial_pass_at_1'])} | {_pct(s['final_pass_at_1'])} | "
+                     f"{_pct(s['peak_pass_at_1'])} ({s['peak_step']}) | {_pct(s['final_leakage_rate'])} | "
+                     f"{s['seconds_per_step']:.2f} |")  # fmt: skip
+    lines.append("")
+    lines.append(
+        f"`rlsd demo --task vision` took {summary['total_seconds']:.0f} s, {summary['warm_start_seconds']:.0f} s of "
+        f"it the warm start (cold cache), {summary['config']['eval_size']} held-out problems."
+    )
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "pilot": render_pilot,
     "methods": render_methods,
@@ -316,6 +335,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "family-cost": lambda root: render_cost(root, "family-cost"),
     "cost-before-skip": lambda root: render_cost(root, "cost-before-skip"),
     "demo": render_demo,
+    "vision-demo": render_vision_demo,
 }
 """Every rendered table by name, as named in the documents' `<!-- table:NAME -->` markers."""
 

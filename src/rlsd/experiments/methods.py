@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlsd.experiments.task import SIBLING_TEMPLATE
+from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE
 
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
 _SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
@@ -48,6 +49,15 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     "rlsd-const": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda_decay_steps": 0},
     "rlsd-lam1": {"credit": "rlsd", "teacher": "synced", "rlsd_lambda": 1.0, "rlsd_lambda_decay_steps": 0},
     "rlsd-neg": {"credit": "rlsd", "teacher": "synced", "rlsd_negative_only": True},
+    # the teacher's cost with the paper's (long) teacher template, with and without teacher-prompt prefix sharing
+    "rlsd-live-prefix": {"credit": "rlsd", "teacher": "live", "teacher_prefix_sharing": True},
+    "rlsd-live-paper": {"credit": "rlsd", "teacher": "live", "teacher_template": PAPER_TEACHER_TEMPLATE},
+    "rlsd-live-paper-prefix": {
+        "credit": "rlsd",
+        "teacher": "live",
+        "teacher_template": PAPER_TEACHER_TEMPLATE,
+        "teacher_prefix_sharing": True,
+    },
 }
 """Every named method. An entry may hold `lr_multiplier`, which scales the shared learning rate."""
 

@@ -1,0 +1,78 @@
+"""The `rlsd_*` entries RLSD adds to TRL's rollout batch, owned by one typed dataclass.
+
+TRL 1.16 buffers the dict that `_generate_and_score_completions` returns, shuffles and splits it by rows into
+micro-batches (`split_tensor_dict`, `shuffle_sequence_dict`), and hands each to `_compute_loss`. Whatever RLSD needs at
+loss time must therefore travel in that dict as tensors whose first dimension is the row (or 0-dim scalars, which
+TRL copies to every micro-batch). `RLSDEntries.to_batch` writes them under the `rlsd_` prefix and
+`RLSDEntries.from_batch` reads them back; nothing else in the trainer names an `rlsd_*` key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PREFIX = "rlsd_"
+TEACHER_TYPES_PREFIX = "teacher_types_"
+
+
+@dataclass
+class RLSDEntries:
+    """Per-row tensors (B, ...) and per-batch scalars RLSD carries from rollout to loss.
+
+    Teacher inputs (only when a distillation loss re-runs the teacher at loss time): the left-padded teacher prompt
+    ids and mask, and its token-type ids for vision models (`teacher_types[key]`). Context: which rows have any
+    privileged context. Distillation: each row's weight in the distillation term; SDPG's reference log-probs.
+    Deferred credit (only when the student's log-probs come from the loss's own forward): the sequence advantages,
+    the teacher's log-probs (and entropy), which rows the rule scores, lam and the rule state's values.
+    """
+
+    has_context: Tensor | None = None  # (B,) bool
+    teacher_prompt_ids: Tensor | None = None  # (B, P)
+    teacher_prompt_mask: Tensor | None = None  # (B, P)
+    teacher_types: dict[str, Tensor] = field(default_factory=dict)  # (B, P) token types by processor key
+    distill_weight: Tensor | None = None  # (B,)
+    ref_logps: Tensor | None = None  # (B, T)
+    seq_advantages: Tensor | None = None  # (B,)
+    teacher_logps: Tensor | None = None  # (B, T)
+    teacher_entropy: Tensor | None = None  # (B, T)
+    scored: Tensor | None = None  # (B,) bool: the rows a multiplicative rule scores (A_i != 0)
+    lam: Tensor | None = None  # 0-dim float64
+    state_values: dict[str, Tensor] = field(default_factory=dict)  # 0-dim float64 by parameter name
+
+    @property
+    def deferred(self) -> bool:
+        """True when the credit waits for the loss: for the student's log-probs of its forward (and, with a
+        distillation loss, for the teacher's of its teacher pass)."""
+        return self.seq_advantages is not None
+
+    def to_batch(self) -> dict[str, Tensor]:
+        """The `rlsd_*` entries to put into TRL's rollout dict (None fields are left out)."""
+        entries: dict[str, Tensor] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "teacher_types":
+                entries.update({f"{PREFIX}{TEACHER_TYPES_PREFIX}{key}": v for key, v in value.items()})
+            elif item.name == "state_values":
+                entries.update({f"{PREFIX}state_{key}": v for key, v in value.items()})
+            elif value is not None:
+                entries[PREFIX + item.name] = value
+        return entries
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, Any]) -> RLSDEntries:
+        """Read the entries back from a (micro-)batch."""
+        plain = {item.name for item in fields(cls)} - {"teacher_types", "state_values"}
+        values: dict[str, Any] = {name: batch.get(PREFIX + name) for name in plain}
+        types_prefix, state_prefix = PREFIX + TEACHER_TYPES_PREFIX, PREFIX + "state_"
+        values["teacher_types"] = {k[len(types_prefix) :]: v for k, v in batch.items() if k.startswith(types_prefix)}
+        values["state_values"] = {k[len(state_prefix) :]: v for k, v in batch.items() if k.startswith(state_prefix)}
+        return cls(**values)
+
+
+def scalar(value: float) -> Tensor:
+    """A per-batch scalar as TRL copies it to every micro-batch."""
+    return torch.tensor(value, dtype=torch.float64)

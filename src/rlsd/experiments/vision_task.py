@@ -1,0 +1,529 @@
+"""`rlsd demo --task vision`: the embedded arithmetic task with the expression only in an image, a tiny Qwen2-VL warm
+start cached by its configuration, and GRPO, RLSD and OPSD compared on it.
+
+A problem `Q: 3+4*5=` becomes an image of `3+4*5` (one character per 28x28 cell, drawn from a 3x5 bitmap font, so
+that each image token of the tiny vision tower sees exactly one character) and the text `Q:`; the completion is the
+text task's (`<think>4*5=20;3+20=23</think><answer>23</answer>`). The self-teacher sees the same image and
+`[ref 23] Q:`. Nothing is downloaded and no font file is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from rlsd.experiments.demo import DemoConfig, _Bar, _EvalAndTiming, jsonable, trainer_args
+from rlsd.experiments.task import (
+    TEACHER_TEMPLATE,
+    Problem,
+    TaskConfig,
+    accuracy_reward,
+    evaluation_problems,
+    leakage_rate,
+    sample_problems,
+)
+from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
+from rlsd.experiments.warmstart import _lr_factor, default_cache_dir
+
+VISION_WARMSTART_FORMAT_VERSION = 1
+"""Bump when the vision warm-start recipe changes in a way its configuration does not capture."""
+QUESTION = "Q:"
+"""The text next to the image: the problem itself is only in the image."""
+IMAGE_PAD = "<|image_pad|>"
+
+_FONT = {
+    "0": ("###", "#.#", "#.#", "#.#", "###"),
+    "1": (".#.", "##.", ".#.", ".#.", "###"),
+    "2": ("###", "..#", "###", "#..", "###"),
+    "3": ("###", "..#", "###", "..#", "###"),
+    "4": ("#.#", "#.#", "###", "..#", "..#"),
+    "5": ("###", "#..", "###", "..#", "###"),
+    "6": ("###", "#..", "###", "#.#", "###"),
+    "7": ("###", "..#", ".#.", ".#.", ".#."),
+    "8": ("###", "#.#", "###", "#.#", "###"),
+    "9": ("###", "#.#", "###", "..#", "###"),
+    "+": ("...", ".#.", "###", ".#.", "..."),
+    "-": ("...", "...", "###", "...", "..."),
+    "*": ("#.#", ".#.", "#.#", "...", "..."),
+}
+"""A 3x5 bitmap font for the characters of an expression ('#' ink, '.' paper)."""
+_SCALE = 4
+"""Each font pixel is drawn as a 4x4 square: a 12x20 glyph centred in its 28x28 cell."""
+
+
+# ------------------------------------------------------------------------------------------------------- the task
+def expression(problem: Problem) -> str:
+    """The expression the image shows: the prompt without `Q: ` and `=` (e.g. `3+4*5`)."""
+    return problem.prompt.removeprefix("Q: ").removesuffix("=")
+
+
+def render_expression(text: str) -> Image.Image:
+    """A black-on-white RGB image of `text`, one 28x28 cell per character (so one image token per character)."""
+    unknown = sorted(set(text) - set(_FONT))
+    if not text or unknown:
+        raise ValueError(f"cannot render {text!r}: the font has only {''.join(_FONT)}")
+    image = Image.new("RGB", (CELL * len(text), CELL), (255, 255, 255))
+    pixels = image.load()
+    left, top = (CELL - 3 * _SCALE) // 2, (CELL - 5 * _SCALE) // 2
+    for index, char in enumerate(text):
+        for row, line in enumerate(_FONT[char]):
+            for col, ink in enumerate(line):
+                if ink != "#":
+                    continue
+                for dy in range(_SCALE):
+                    for dx in range(_SCALE):
+                        x, y = index * CELL + left + col * _SCALE + dx, top + row * _SCALE + dy
+                        pixels[x, y] = (0, 0, 0)
+    return image
+
+
+def problem_image(problem: Problem) -> Image.Image:
+    """The image of a problem's expression."""
+    return render_expression(expression(problem))
+
+
+def make_vision_rl_dataset(config: TaskConfig, count: int, seed: int, split: str = "train") -> Dataset:
+    """Rows for `RLSDTrainer` with a processor: a conversational `prompt` holding only `Q:`, the `image` of the
+    expression (TRL puts its image block before the text) and the reference answer in `solution`."""
+    problems = sample_problems(config, count, seed, split)
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": QUESTION}], "image": problem_image(p), "solution": str(p.answer)}
+            for p in problems
+        ]
+    )
+
+
+def messages(text: str) -> list[dict[str, Any]]:
+    """A user turn with the image block first and `text` after it, as TRL 1.16 builds it from an `image` column."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def teacher_text(problem: Problem) -> str:
+    """The teacher's text block: the reference answer before the question (the image is the same)."""
+    return TEACHER_TEMPLATE.format(prompt=QUESTION, answer=problem.answer)
+
+
+# ------------------------------------------------------------------------------------------------- the warm start
+@dataclass(frozen=True)
+class VisionWarmStartConfig:
+    """Everything that determines the warm-started tiny Qwen2-VL; its hash names the cache entry."""
+
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(num_operands=3))
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    vision_width: int = 64
+    vision_depth: int = 1
+    steps: int = 400
+    batch_size: int = 48
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # after `warmup_steps` linear warm-up: "constant", or "cosine" (decay to 10%)
+    warmup_steps: int = 20
+    teacher_share: float = 0.3  # share of examples in the teacher format
+    hint_share: float = 0.2  # share of teacher-format solutions that cite the hint
+    train_pool: int = 4000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+
+    def key(self) -> str:
+        payload = json.dumps({"version": VISION_WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def vision_warm_start(config: VisionWarmStartConfig, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Path of the warm-started model and processor for `config`, training and caching them on first use."""
+    target = (cache_dir or default_cache_dir()) / "vision-warmstart" / config.key()
+    if (target / "warmstart.json").exists():
+        return target
+    model, processor, seconds = train_vision_warm_start(config, progress=progress)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "warmstart.json").write_text(json.dumps({"config": asdict(config), "seconds": seconds}, indent=2))
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def load_vision_warm_start(path: Path) -> tuple[PreTrainedModel, ImageOnlyQwen2VLProcessor]:
+    """The cached model (`from_pretrained`) and its image-only processor."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from rlsd.experiments.tiny_vlm import load_vl_processor
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(path), load_vl_processor(path)
+
+
+def train_vision_warm_start(
+    config: VisionWarmStartConfig, progress: bool = True
+) -> tuple[PreTrainedModel, ImageOnlyQwen2VLProcessor, float]:
+    """Next-token cross-entropy on the completion tokens of [image, question] -> solution examples (student format,
+    or teacher format with an optional hint citation); returns the seconds it took."""
+    start = time.perf_counter()
+    task = config.task
+    processor = build_vl_processor(max_tokens_per_image=task.num_operands * (task.operand_digits + 1) - 1)
+    model = build_tiny_qwen2_vl(
+        processor, hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, vision_width=config.vision_width,
+        vision_depth=config.vision_depth, seed=config.seed,
+    )  # fmt: skip
+    pool = sample_problems(config.task, config.train_pool, config.seed, "train")
+    images = {p.prompt: problem_image(p) for p in pool}
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    model.train()
+    bar = tqdm(range(config.steps), desc="vision warm start", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * _lr_factor(step, config)  # type: ignore[arg-type]
+        examples = []
+        for _ in range(config.batch_size):
+            problem = rng.choice(pool)
+            teacher = rng.random() < config.teacher_share
+            text = teacher_text(problem) if teacher else QUESTION
+            solution = problem.solution(cite_hint=teacher and rng.random() < config.hint_share)
+            examples.append((images[problem.prompt], text, solution))
+        loss = model(**collate_supervised(examples, processor)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model, processor, time.perf_counter() - start
+
+
+def prompt_ids(processor: ImageOnlyQwen2VLProcessor, text: str, image_tokens: int) -> list[int]:
+    """The token ids of the chat-rendered [image, text] user turn with its image placeholder expanded to
+    `image_tokens` tokens, exactly as the processor expands it."""
+    rendered = processor.apply_chat_template(messages(text), add_generation_prompt=True)
+    return processor.tokenizer(rendered.replace(IMAGE_PAD, IMAGE_PAD * image_tokens))["input_ids"]
+
+
+def collate_supervised(
+    examples: list[tuple[Image.Image, str, str]], processor: ImageOnlyQwen2VLProcessor
+) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs (ids, mask, token types, pixel values, grids) and labels that score only the
+    completion and its end-of-sequence token."""
+    tokenizer = processor.tokenizer
+    vision = processor.image_processor(images=[image for image, _, _ in examples], return_tensors="pt")
+    merge = processor.image_processor.merge_size**2
+    rows = []
+    for (_, text, completion), grid in zip(examples, vision["image_grid_thw"], strict=True):
+        prompt = prompt_ids(processor, text, int(grid.prod()) // merge)
+        completion_ids = [*tokenizer(completion)["input_ids"], tokenizer.eos_token_id]
+        rows.append((prompt + completion_ids, [-100] * len(prompt) + completion_ids))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (ids, target) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.tensor(target)
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == image_token).long(),
+        "pixel_values": vision["pixel_values"],
+        "image_grid_thw": vision["image_grid_thw"],
+        "labels": labels,
+    }
+
+
+@torch.no_grad()
+def generate_vision(
+    model: PreTrainedModel,
+    processor: ImageOnlyQwen2VLProcessor,
+    images: list[Image.Image],
+    texts: list[str],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    batch_size: int = 64,
+) -> list[str]:
+    """Completions of [image, text] prompts, left-padded in batches (greedy unless `do_sample`, then T = 1)."""
+    was_training = model.training
+    model.eval()
+    tokenizer = processor.tokenizer
+    completions: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        rendered = [processor.apply_chat_template(messages(text), add_generation_prompt=True) for text in chunk]
+        batch = processor(
+            images=images[start : start + batch_size], text=rendered, return_tensors="pt", padding=True,
+            padding_side="left",
+        )  # fmt: skip
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=1.0 if do_sample else None,
+            top_k=0 if do_sample else None,
+            top_p=1.0 if do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=False)
+    model.train(was_training)
+    return [c.replace(tokenizer.pad_token, "").replace(tokenizer.eos_token, "") for c in completions]
+
+
+def evaluate_vision(
+    model: PreTrainedModel, processor: ImageOnlyQwen2VLProcessor, problems: list[Problem], max_new_tokens: int
+) -> dict[str, Any]:
+    """Greedy pass@1 on held-out image problems, the share of completions citing an unseen reference, mean length
+    and the per-problem outcomes as a 0/1 string."""
+    images = [problem_image(p) for p in problems]
+    completions = generate_vision(model, processor, images, [QUESTION] * len(problems), max_new_tokens=max_new_tokens)
+    rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
+    return {
+        "pass_at_1": sum(rewards) / len(rewards),
+        "leakage_rate": leakage_rate(completions),
+        "mean_length": statistics.mean(len(processor.tokenizer(c)["input_ids"]) for c in completions),
+        "correct": "".join(str(int(r)) for r in rewards),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- the demo
+@dataclass
+class VisionDemoConfig:
+    """One vision comparison: the same warm start, budget and seed for every method (sized for 2 CPU cores)."""
+
+    methods: tuple[str, ...] = ("grpo", "rlsd", "opsd")
+    steps: int = 80
+    seed: int = 0
+    eval_every: int = 10
+    eval_size: int = 200  # the first `eval_size` problems of the fixed held-out set
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    learning_rate: float = 5e-5
+    lambda_decay_steps: int = 50  # RLSD's lam decays from 0.5 to 0 over this many steps (the paper's 50)
+    max_completion_length: int = 32
+    train_size: int = 1000
+    out: Path = Path("runs/vision-demo")
+    warm: VisionWarmStartConfig = field(default_factory=VisionWarmStartConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 1 or self.eval_size < 1:
+            raise ValueError("steps, eval_every and eval_size must be >= 1")
+
+    def budget(self) -> DemoConfig:
+        """The text demo's config carrying this budget, for the shared `trainer_args`."""
+        return DemoConfig(
+            methods=self.methods, steps=self.steps, seed=self.seed, eval_every=self.eval_every,
+            eval_size=self.eval_size, prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
+            learning_rate=self.learning_rate, lambda_decay_steps=self.lambda_decay_steps,
+            max_completion_length=self.max_completion_length, train_size=self.train_size, out=self.out,
+        )  # fmt: skip
+
+
+def vision_quick_config(out: Path, seed: int = 0) -> VisionDemoConfig:
+    """A smoke run for tests: a very small warm start and two steps per method, every file still written."""
+    warm = VisionWarmStartConfig(
+        task=TaskConfig(num_operands=3), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+        vision_width=16, steps=10, batch_size=8, train_pool=200,
+    )  # fmt: skip
+    return VisionDemoConfig(
+        steps=2, eval_every=1, eval_size=8, prompts_per_step=2, num_generations=4, lambda_decay_steps=2,
+        max_completion_length=16, train_size=16, out=out, warm=warm, seed=seed,
+    )  # fmt: skip
+
+
+def with_vision_overrides(config: VisionDemoConfig, **changes: Any) -> VisionDemoConfig:
+    """A copy of `config` with fields replaced (None values ignored)."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def run_vision_demo(config: VisionDemoConfig, progress: bool = True) -> dict[str, Any]:
+    """Train every method from the same vision warm start; write metrics.jsonl, summary.json, curves.png and
+    report.html (curves, table and the token-credit viewer with each completion's image)."""
+    from rlsd.experiments.report import write_report
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    metrics_path = config.out / "metrics.jsonl"
+    metrics_path.write_text("")
+    start = time.perf_counter()
+    warm_path = vision_warm_start(config.warm, progress=progress)
+    warm_seconds = time.perf_counter() - start
+    problems = evaluation_problems(config.warm.task, config.eval_size)
+
+    def record(row: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    summary: dict[str, Any] = {
+        "task": "vision",
+        "config": jsonable(asdict(config)),
+        "warm_start_seconds": warm_seconds,
+        "methods": {},
+    }
+    viewer: dict[str, Any] = {}
+    for method in config.methods:
+        trainer, summary["methods"][method] = train_vision_method(
+            method, config, warm_path, problems, record, progress
+        )
+        if method == "rlsd" or (not viewer and method == config.methods[-1]):
+            viewer = vision_credit_examples(trainer, trainer.processing_class, problems, config)
+    summary["total_seconds"] = time.perf_counter() - start
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    write_report(config.out, rows, summary, viewer)
+    add_images_to_report(config.out / "report.html", viewer)
+    return summary
+
+
+def train_vision_method(
+    method: str,
+    config: VisionDemoConfig,
+    warm_path: Path,
+    problems: list[Problem],
+    record: Callable[[dict[str, Any]], None],
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Train one method from the vision warm start, evaluating held-out pass@1 and leakage as it goes; returns the
+    trainer and its summary."""
+    from rlsd.trainer import RLSDTrainer
+
+    torch.manual_seed(config.seed)
+    model, processor = load_vision_warm_start(warm_path)
+    dataset = make_vision_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
+
+    def evaluate(policy):
+        return evaluate_vision(policy, processor, problems, config.max_completion_length)
+
+    evals = [{"step": 0, **evaluate(model)}]
+    record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
+
+    def on_record(row: dict[str, Any]) -> None:
+        if row["kind"] == "eval":
+            evals.append(row)
+        record({"method": method, "seed": config.seed, **row})
+
+    callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
+    trainer = RLSDTrainer(
+        model, accuracy_reward, args=trainer_args(config.budget(), method), train_dataset=dataset,
+        processing_class=processor, callbacks=[callback],
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    began = time.perf_counter()
+    with tqdm(total=config.steps, desc=f"{method} (vision, seed {config.seed})", disable=not progress) as bar:
+        trainer.add_callback(_Bar(bar))
+        trainer.train()
+    peak = max(evals, key=lambda row: row["pass_at_1"])
+    return trainer, {
+        "initial_pass_at_1": evals[0]["pass_at_1"],
+        "final_pass_at_1": evals[-1]["pass_at_1"],
+        "peak_pass_at_1": peak["pass_at_1"],
+        "peak_step": peak["step"],
+        "final_leakage_rate": evals[-1]["leakage_rate"],
+        "final_mean_length": evals[-1]["mean_length"],
+        "seconds_per_step": statistics.median(callback.step_seconds),
+        "wall_seconds": time.perf_counter() - began,
+    }
+
+
+# ------------------------------------------------------------------------------------------- the token-credit viewer
+def sequence_logps(model, processor, image: Image.Image, text: str, completion_ids: list[int], temperature: float):
+    """(1, T) log-probs of the completion tokens after the [image, text] prompt, temperature-scaled as in sampling."""
+    vision = processor.image_processor(images=[image], return_tensors="pt")
+    prompt = prompt_ids(
+        processor, text, int(vision["image_grid_thw"][0].prod()) // processor.image_processor.merge_size**2
+    )
+    ids = torch.tensor([prompt + completion_ids])
+    types = (ids == processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)).long()
+    logits = model(
+        input_ids=ids, mm_token_type_ids=types, pixel_values=vision["pixel_values"],
+        image_grid_thw=vision["image_grid_thw"],
+    ).logits[0, len(prompt) - 1 : -1]  # fmt: skip
+    logps = torch.log_softmax(logits.double() / temperature, -1)
+    return logps.gather(1, torch.tensor(completion_ids).unsqueeze(1)).T
+
+
+@torch.no_grad()
+def vision_credit_examples(trainer, processor, problems: list[Problem], config: VisionDemoConfig) -> dict[str, Any]:
+    """A correct and a wrong sampled completion of the trained policy, each token with its Delta (the teacher sees
+    the same image and the answer) and RLSD weight, and the image as a PNG data URI, for the viewer."""
+    from rlsd.credit import rlsd_advantages
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    teacher = getattr(trainer.teacher, "model", None) or model
+    images = [problem_image(p) for p in problems]
+    with torch.random.fork_rng():
+        torch.manual_seed(3_000 + config.seed)
+        completions = generate_vision(
+            model, processor, images, [QUESTION] * len(problems), max_new_tokens=config.max_completion_length,
+            do_sample=True,
+        )  # fmt: skip
+    rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
+    examples: dict[str, Any] = {}
+    for label, wanted in (("correct", 1.0), ("wrong", 0.0)):
+        index = next((i for i, r in enumerate(rewards) if r == wanted), None)
+        ids = processor.tokenizer(completions[index])["input_ids"] if index is not None else []
+        if not ids:
+            continue
+        sign, problem, temperature = (1.0 if wanted else -1.0), problems[index], trainer.args.temperature
+        student = sequence_logps(model, processor, images[index], QUESTION, ids, temperature)
+        tutor = sequence_logps(teacher, processor, images[index], teacher_text(problem), ids, temperature)
+        advantages, _ = rlsd_advantages(
+            torch.tensor([sign], dtype=torch.float64), tutor, student, torch.ones_like(student), lam=1.0,
+            clip=trainer.args.rlsd_clip,
+        )  # fmt: skip
+        delta = (tutor - student)[0]
+        examples[label] = {
+            "prompt": f"[image: {expression(problem)}] {QUESTION}",
+            "answer": problem.answer,
+            "advantage_sign": sign,
+            "tokens": [processor.tokenizer.decode([t]) for t in ids],
+            "delta": delta.tolist(),
+            "weight": torch.exp(sign * delta).tolist(),
+            "clipped_weight": (advantages[0] / sign).tolist(),
+            "image": _data_uri(images[index]),
+        }
+    return examples
+
+
+def _data_uri(image: Image.Image) -> str:
+    """A PNG data URI of an image, for a self-contained report."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def add_images_to_report(path: Path, viewer: dict[str, Any]) -> None:
+    """Put each viewer example's image (scaled up 3x, pixelated) before its prompt line in report.html."""
+    import html as html_lib
+
+    page = path.read_text()
+    for example in viewer.values():
+        line = f'<p class="prompt">{html_lib.escape(example["prompt"])}'
+        image = (
+            f'<img alt="problem image" src="{example["image"]}" '
+            f'style="height:84px;image-rendering:pixelated;border:1px solid #ccc">'
+        )
+        page = page.replace(line, image + line, 1)
+    path.write_text(page)
