@@ -209,3 +209,25 @@ def test_model_kwargs_take_the_plain_path(tokenizer, scored_model):
         result = score(scored_model, batch, group_size=GROUP, model_kwargs=positions)
     assert sum(counts) == ROWS * width
     assert_close_on_mask(result.logps, score(scored_model, batch).logps, batch["completion_mask"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 8, 12])
+def test_prefix_path_through_trls_fused_head_matches_the_plain_path(tokenizer, scored_model, batch_size):
+    """With `fused_head`, the shared prefix scores through TRL's fused head (no logits tensor) and still equals the
+    plain path: log-probs, entropy and hidden states."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    batch = make_batch(tokenizer)
+    plain = score(scored_model, batch, batch_size=batch_size)
+    patched = copy.deepcopy(scored_model)
+    add_fused_lm_head(patched, temperature=TEMPERATURE, outputs=("log_probs", "entropy"))
+    logits_built = []
+    patched.lm_head.register_forward_hook(lambda module, args, out: logits_built.append(out.shape))
+    fused = score(patched, batch, batch_size=batch_size, group_size=GROUP, fused_head=True)
+    mask = batch["completion_mask"]
+    assert_close_on_mask(fused.logps, plain.logps, mask)
+    assert_close_on_mask(fused.entropy, plain.entropy, mask)
+    assert_close_on_mask(fused.hidden, plain.hidden, mask)
+    assert all(shape[1] == 1 for shape in logits_built)  # only the prefix's last position, never (rows, T, V)

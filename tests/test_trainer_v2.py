@@ -537,5 +537,6 @@ def test_prefix_sharing_scores_like_the_plain_pass_and_runs_each_teacher_prompt_
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
     # a chunk of per_device_train_batch_size = 4 rows is one group: its prompt once, then its 4 completions
     assert [rows for rows, _ in seen] == [1, 4, 1, 4]
-    assert all(length == output["completion_ids"].size(1) for _, length in seen[1::2])
+    # through TRL's fused head: the prompt but its last token, then that token and the completion per row
+    assert all(length == output["completion_ids"].size(1) + 1 for _, length in seen[1::2])
     assert _whole_groups(torch.tensor([4, 5, 6, 7]), 4) and not _whole_groups(torch.tensor([1, 2, 3, 4]), 4)

@@ -57,17 +57,27 @@ def score_tokens(
     with_hidden: bool = False,
     group_size: int = 1,
     model_kwargs: dict[str, Any] | None = None,
+    fused_head: bool = False,
 ) -> ScoreResult:
     """Score `completion_ids` after `prompt_ids` (left-padded prompts, right-padded completions), `batch_size` rows
     per forward. With `group_size=G > 1`, rows g*G .. g*G+G-1 must share one prompt (else ValueError) and the prompt
-    runs once per group, unless `prefix_reuse_blocker` names a reason to score row by row.
+    runs once per group, unless `prefix_reuse_blocker` names a reason to score row by row. With `fused_head` (the
+    model carries TRL's `add_fused_lm_head` patch, with the entropy among its outputs when `with_entropy`), the
+    shared-prefix path scores through that head and never builds (rows, T, V) logits.
 
     Wrap the call in the caller's autocast context if the model is scored under mixed precision."""
     _check_shapes(prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size, group_size)
     model_kwargs = dict(model_kwargs or {})
     if group_size > 1:
         _check_groups(prompt_ids, prompt_mask, group_size)
-        if prefix_reuse_blocker(model, model_kwargs) is None:
+        if prefix_reuse_blocker(model, model_kwargs) is None and fused_head and prompt_ids.size(1) > 1:
+            result = _score_prefix_fused(
+                model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                batch_size=batch_size, with_entropy=with_entropy, with_hidden=with_hidden, group_size=group_size,
+            )  # fmt: skip
+            if result is not None:
+                return result
+        elif prefix_reuse_blocker(model, model_kwargs) is None:
             result = _score_prefix(
                 model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                 temperature=temperature, batch_size=batch_size, with_entropy=with_entropy,
@@ -234,6 +244,61 @@ def _score_prefix(
             first_hidden = hidden[-1][:, -1:].repeat_interleave(group_size, dim=0)
             part = (*part[:2], torch.cat([first_hidden, completion_hidden[-1][:, :-1]], dim=1))
         parts.append(part)
+        del cache, prefix, out
+    return _assemble(parts, completion_mask)
+
+
+def _score_prefix_fused(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    batch_size: int,
+    with_entropy: bool,
+    with_hidden: bool,
+    group_size: int,
+) -> ScoreResult | None:
+    """`_score_prefix` through TRL's fused log-prob head: the prompt but its last token runs once per group; the
+    last prompt token and the completion then run per row on the repeated cache, with the completion as labels, so
+    that the head scores exactly the T completion tokens in tiles (no logits tensor). None when the cache cannot be
+    shared."""
+    rows, length = completion_ids.shape
+    prompt_length = prompt_ids.size(1)
+    groups_per_chunk = max(1, batch_size // group_size)
+    cache_kwarg = _cache_kwarg(model)
+    device = prompt_ids.device
+    parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    for first in range(0, rows // group_size, groups_per_chunk):
+        start = first * group_size
+        end = min(start + groups_per_chunk * group_size, rows)
+        unique = slice(start, end, group_size)
+        prefix_positions = torch.arange(prompt_length - 1, device=device).expand(
+            len(range(start, end, group_size)), -1
+        )
+        prefix = model(
+            input_ids=prompt_ids[unique, :-1], attention_mask=prompt_mask[unique, :-1], position_ids=prefix_positions,
+            use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        cache = _output_cache(prefix)
+        if not _is_plain_dynamic_cache(cache):
+            return None
+        cache.batch_repeat_interleave(group_size)
+        input_ids = torch.cat([prompt_ids[start:end, -1:], completion_ids[start:end]], dim=1)
+        labels = input_ids.masked_fill(
+            torch.cat([prompt_mask[start:end, -1:], completion_mask[start:end]], 1) == 0, -100
+        )
+        positions = prompt_length - 1 + torch.arange(length + 1, device=device).expand(end - start, -1)
+        with _captured_hidden(model if with_hidden else None) as hidden:
+            out = model(
+                input_ids=input_ids, attention_mask=torch.cat([prompt_mask[start:end], completion_mask[start:end]], 1),
+                position_ids=positions, labels=labels, fused_lm_head=True, **{cache_kwarg: cache},
+            )  # fmt: skip
+        if with_entropy and out.entropy is None:
+            raise ValueError("with_entropy needs a fused head installed with the entropy among its outputs")
+        entropy = out.entropy.float() if with_entropy else None
+        parts.append((out.log_probs.float(), entropy, hidden[-1][:, :-1] if with_hidden else None))
         del cache, prefix, out
     return _assemble(parts, completion_mask)
 

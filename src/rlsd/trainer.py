@@ -473,11 +473,11 @@ class RLSDTrainer(GRPOTrainer):
         if rows is not None:
             completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
         with self._scoring_model(which) as model:
-            if which == "teacher" and self._shares_prefixes(model_kwargs, rows):
+            if which == "teacher" and self._shares_prefixes(model_kwargs, rows, batch["completion_ids"].size(0)):
                 return score_tokens(
                     self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, completion_ids, completion_mask,
                     temperature=self.temperature, batch_size=self._scoring_batch_size(), with_entropy=entropy,
-                    group_size=self._group_size(),
+                    group_size=self._group_size(), fused_head=True,
                 )  # fmt: skip
             input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
             attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
@@ -502,12 +502,15 @@ class RLSDTrainer(GRPOTrainer):
         ):
             yield model
 
-    def _shares_prefixes(self, model_kwargs: dict[str, Any], rows: torch.Tensor | None) -> bool:
+    def _shares_prefixes(self, model_kwargs: dict[str, Any], rows: torch.Tensor | None, local_rows: int) -> bool:
         """Prefix sharing applies to text rows that form whole groups in TRL's order (all rows, or a subset of whole
-        groups), on a plain (not sharded) model, with a source whose context is the same for a whole group, when
-        the config allows it."""
+        groups; this process's rows must not start or end inside a group), on a plain (not sharded) model, with a
+        source whose context is the same for a whole group, when the config allows it."""
+        group = self._group_size()
         return (
             self.args.teacher_prefix_sharing
+            and local_rows % group == 0
+            and (self.accelerator.process_index * local_rows) % group == 0
             and not model_kwargs
             and (rows is None or _whole_groups(rows, self._group_size()))
             and not self.source.needs_completions  # a sibling differs per row: no shared prompt

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl.trainer.utils import pad
 
 from rlsd.config import RLSDConfig
 from rlsd.credit import rlsd_advantages
@@ -32,6 +33,7 @@ from rlsd.experiments.task import (
     teacher_prompt,
 )
 from rlsd.experiments.warmstart import WarmStartConfig, generate, load_warm_start, warm_start
+from rlsd.scoring import score_tokens
 from rlsd.trainer import RLSDTrainer
 
 
@@ -134,7 +136,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         trainer, summary["methods"][method] = train_method(
             method, config, warm_path, eval_problems, record, progress=progress
         )
-        if method == "rlsd" or (viewer is None and method == config.methods[-1]):
+        if trainer.teacher is not None and (method == "rlsd" or viewer is None):  # the viewer shows a teacher
             viewer = credit_examples(trainer, trainer.processing_class, eval_problems, config)
     summary["total_seconds"] = time.perf_counter() - start
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -363,49 +365,65 @@ def _mean(values: list[float]) -> float | None:
 
 @torch.no_grad()
 def credit_examples(trainer: RLSDTrainer, tokenizer, problems, config: DemoConfig) -> dict[str, Any]:
-    """A correct and a wrong sampled completion with each token's Delta and RLSD weight, for the viewer."""
+    """A correct and a wrong sampled completion with each token's Delta and RLSD weight, for the viewer, scored by
+    the trainer's own teacher and student passes (`teacher_scores`, `score_rollout`)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    teacher = trainer.teacher.model if trainer.teacher is not None and trainer.teacher.model is not None else model
-    prompts = [p.prompt for p in problems]
-    completions = generate(model, tokenizer, prompts, max_new_tokens=config.max_completion_length, do_sample=True)
+    completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=config.max_completion_length,
+                           do_sample=True)  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
+    picked = {label: next((i for i, r in enumerate(rewards) if r == wanted), None)
+              for label, wanted in (("correct", 1.0), ("wrong", 0.0))}  # fmt: skip
+    picked = {label: index for label, index in picked.items() if index is not None}
+    if not picked:
+        return {}
+    chosen = [problems[i] for i in picked.values()]
+    rows = [{"prompt": p.prompt, trainer.args.privileged_column: str(p.answer)} for p in chosen]
+    output = _rollout_of(tokenizer, rows, [completions[i] for i in picked.values()], config.max_completion_length)
+    tutor = trainer.teacher_scores(rows, output).logps.double()
+    student = trainer.score_rollout("student", output).logps.double()
     examples = {}
-    for label, wanted in (("correct", 1.0), ("wrong", 0.0)):
-        index = next((i for i, r in enumerate(rewards) if r == wanted), None)
-        if index is None:
-            continue
-        examples[label] = _token_credit(
-            model, teacher, tokenizer, problems[index], completions[index], 1.0 if wanted else -1.0, trainer.args
-        )
+    for row, (label, problem) in enumerate(zip(picked, chosen, strict=True)):
+        sign = 1.0 if label == "correct" else -1.0
+        keep = output["completion_mask"][row].bool()
+        ids, delta = output["completion_ids"][row][keep], (tutor[row] - student[row])[keep]
+        multiplier, _ = rlsd_advantages(torch.tensor([sign], dtype=torch.float64), tutor[row : row + 1, : len(ids)],
+                                        student[row : row + 1, : len(ids)], torch.ones(1, len(ids)), lam=1.0,
+                                        clip=trainer.args.rlsd_clip)  # fmt: skip
+        examples[label] = {
+            "prompt": problem.prompt,
+            "answer": problem.answer,
+            "advantage_sign": sign,
+            "tokens": [tokenizer.decode([t]) for t in ids.tolist()],
+            "delta": delta.tolist(),
+            "weight": torch.exp(sign * delta).tolist(),
+            "clipped_weight": (multiplier[0] / sign).tolist(),
+        }
     return examples
 
 
-def _token_credit(model, teacher, tokenizer, problem, completion: str, sign: float, args) -> dict[str, Any]:
-    """Per-token Delta, raw weight and RLSD multiplier of one completion, with A = sign."""
-    completion_ids = tokenizer(completion)["input_ids"]
-    student = _sequence_logps(model, tokenizer(problem.prompt)["input_ids"], completion_ids, args.temperature)
-    tutor = _sequence_logps(teacher, tokenizer(teacher_prompt(problem))["input_ids"], completion_ids, args.temperature)
-    mask = torch.ones_like(student)
-    advantages, _ = rlsd_advantages(
-        torch.tensor([sign], dtype=torch.float64), tutor, student, mask, lam=1.0, clip=args.rlsd_clip
-    )
-    delta = (tutor - student)[0]
+def _rollout_of(tokenizer, rows: list[dict[str, Any]], completions: list[str], max_length: int) -> dict[str, Any]:
+    """A rollout dict (left-padded prompt ids, right-padded completion ids, masks) as TRL's rollout builds it."""
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    answers = [tokenizer(text)["input_ids"][:max_length] or [tokenizer.eos_token_id] for text in completions]
     return {
-        "prompt": problem.prompt,
-        "answer": problem.answer,
-        "advantage_sign": sign,
-        "tokens": [tokenizer.decode([t]) for t in completion_ids],
-        "delta": delta.tolist(),
-        "weight": torch.exp(sign * delta).tolist(),
-        "clipped_weight": (advantages[0] / sign).tolist(),
+        "prompt_ids": pad(
+            [torch.tensor(p) for p in prompts], padding_value=tokenizer.pad_token_id, padding_side="left"
+        ),
+        "prompt_mask": pad(
+            [torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0, padding_side="left"
+        ),
+        "completion_ids": pad([torch.tensor(a) for a in answers], padding_value=tokenizer.pad_token_id),
+        "completion_mask": pad([torch.ones(len(a), dtype=torch.long) for a in answers], padding_value=0),
     }
 
 
 def _sequence_logps(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> torch.Tensor:
-    """(1, T) log-probs of the completion tokens after the prompt, temperature-scaled as in sampling."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion_ids).unsqueeze(1)).T
+    """(1, T) log-probs of the completion tokens after the prompt, temperature-scaled as in sampling, by the
+    library's scorer (`rlsd.scoring.score_tokens`)."""
+    scores = score_tokens(model, torch.tensor([prompt_ids]), torch.ones(1, len(prompt_ids), dtype=torch.long),
+                          torch.tensor([completion_ids]), torch.ones(1, len(completion_ids), dtype=torch.long),
+                          temperature=temperature, batch_size=1)  # fmt: skip
+    return scores.logps.double()
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
