@@ -9,6 +9,8 @@ import pytest
 from rlsd.experiments.bench import main as bench_main
 from rlsd.experiments.bench import methods_table, render_methods_table
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):

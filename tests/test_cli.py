@@ -57,6 +57,7 @@ def test_every_recipe_parses_and_names_only_existing_options():
         ("qwen3-0.6b-gsm8k-fsdp2-8gpu.yaml", ".json", MATH, None),
     ],
 )
+@pytest.mark.slow
 def test_train_two_steps_from_a_recipe_then_eval(tmp_path, tiny_model_dir, recipe, suffix, rows, dataset_format):
     data = write_fixture(tmp_path, suffix, rows)
     out = tmp_path / "out"
@@ -99,6 +100,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "--quick" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir):
     data = write_fixture(tmp_path, ".jsonl", GSM8K)
     out = tmp_path / "ddp"
@@ -118,6 +120,7 @@ def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir
     assert reports[0]["teacher_checksum"] == reports[1]["teacher_checksum"] == reports[0]["policy_checksum"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_sibling_contexts_and_the_distillation_term(tmp_path, tiny_model_dir):
     """One group spans both ranks; only rank 0's first completion succeeds, so every other row's sibling is that
     completion, also on rank 1; the JSD term trains and both ranks end with the same policy."""

@@ -14,6 +14,8 @@ from rlsd.cli import main as cli_main
 from rlsd.experiments.task import TaskConfig, sample_problems
 from rlsd.experiments.warmstart import WarmStartConfig, generate, warm_start
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ import torch
 
 from rlsd.distill import generalized_jsd, head_logits, selected_token_loss
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -29,6 +29,7 @@ def free_port() -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ FSDP2
+@pytest.mark.slow
 def test_fsdp2_teacher_checkpoint_gives_every_rank_its_own_shards(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

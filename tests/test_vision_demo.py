@@ -22,6 +22,8 @@ from rlsd.experiments.vision_task import (
     vision_warm_start,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
