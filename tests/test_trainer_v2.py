@@ -404,7 +404,7 @@ def test_copy_teacher_with_fp32_head_scores_exactly_like_the_policy(tokenizer, t
     dataset = make_dataset()
     rows = [dataset[i] for i in (0, 1, 2, 3)]
     output = rollout(trainer, [0])  # step 1: the teacher's weights are the policy's
-    prompt_ids, prompt_mask, _, _ = trainer._teacher_context(rows, output, "train", None)
+    prompt_ids, prompt_mask, _, _ = trainer.teacher_inputs(rows, output)
     completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
     teacher_logps = trainer.teacher_scores(rows, output).logps
     ids = torch.cat([prompt_ids, completion_ids], dim=1)

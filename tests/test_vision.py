@@ -196,7 +196,7 @@ def test_rows_with_several_images_share_a_batch(processor, tmp_path, placeholder
     output = rollout(trainer, rows)
     assert output["num_images"] == counts
     logps = teacher_pass(trainer, rows, output)
-    _, _, types, _ = trainer._teacher_context(rows, output, "train", None)
+    _, _, types, _ = trainer.teacher_inputs(rows, output)
     assert types["mm_token_type_ids"].sum(1).tolist() == counts  # one token per 28x28 image
     for index, completion in enumerate(completions_of(output)):
         expected = direct_teacher_logps(trainer.model, processor, rows[index], completion, temperature=1.0)

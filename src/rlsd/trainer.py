@@ -61,14 +61,17 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_resume_restores_the_synced_teacher_and_continues_exactly`.
 - `train` (override): HF's public loop; the checkpoint is verified first. Guarded by
   `test_damaged_checkpoint_is_refused_naming_the_file`.
-- `add_fused_lm_head`, `use_adapter`, `SyncRefModelCallback`, `prepare_deepspeed`, `prepare_fsdp`,
-  `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad` (TRL helpers called, the first three by
-  `rlsd.teacher`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA of the
-  reference model, frozen-model placement, image blocks placed as the rollout places them, left padding. Guarded by
+- `add_fused_lm_head`, `use_adapter`, `SyncRefModelCallback`, `create_model_from_path`, `prepare_deepspeed`,
+  `prepare_fsdp`, `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad` (TRL helpers called, the
+  first four by `rlsd.teacher`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA
+  of the reference model, loading a model by name or path as TRL loads its reference model (the external teacher,
+  `dtype` strings and device_map included), frozen-model placement, image blocks placed as the rollout places them,
+  left padding. Guarded by
   `test_copy_teacher_with_fp32_head_scores_exactly_like_the_policy`,
   `test_a_live_teacher_asks_the_fused_head_only_for_what_the_rule_reads`,
   `test_peft_synced_teacher_scores_like_the_policy_after_a_sync`, `test_ema_teacher_follows_the_policy_by_its_decay`,
-  `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`.
+  `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`,
+  `test_external_teacher_logps_equal_a_direct_forward_of_the_external_model`.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from accelerate.utils import gather_object
@@ -104,7 +107,16 @@ from rlsd.privileged import RolloutView, get_source, validate_teacher_template
 from rlsd.rewards import guard_reward
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
 from rlsd.scoring import ScoreResult, score_tokens
-from rlsd.teacher import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, SelfTeacher, TeacherSyncCallback, _is_peft_model
+from rlsd.teacher import (
+    TEACHER_STATE_FILE,
+    TEACHER_WEIGHTS_FILE,
+    ExternalTeacher,
+    SelfTeacher,
+    TeacherSyncCallback,
+    _is_peft_model,
+    load_external_teacher,
+    sample_texts,
+)
 from rlsd.teacher_prompt import has_image_blocks, render_teacher_prompts
 from rlsd.validate import CheckpointError, NonFiniteError
 
@@ -169,19 +181,25 @@ class RLSDTrainer(GRPOTrainer):
         self._loss_state: LossState | None = None  # set by `_compute_loss` for the next scoring forward
         self._last_rewards: torch.Tensor | None = None  # set by `_calculate_rewards` for `_rollout_view`
         self.rule_state = self.rule.state.from_params(rule_params(args)) if self.rule.state else None
-        self.teacher: SelfTeacher | None = None
+        self.teacher: SelfTeacher | ExternalTeacher | None = None
+        if args.teacher_model is not None and not self.uses_teacher:
+            logger.warning("teacher_model is set but credit=%r and distill_loss='none' use no teacher: not loaded",
+                           args.credit)  # fmt: skip
         if self.uses_teacher:
             policy = self.accelerator.unwrap_model(self.model)
             _check_no_attention_dropout(policy)
-            self.teacher = SelfTeacher(
-                args.teacher,
-                policy,
-                sync_steps=args.teacher_sync_steps,
-                ema_decay=args.teacher_ema_decay,
-                temperature=self.temperature,
-                with_entropy="teacher_entropy" in self.rule.needs,
-                cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
-            )
+            if args.teacher_model is not None:
+                self.teacher = self._external_teacher(policy, kwargs.get("train_dataset"))
+            else:
+                self.teacher = SelfTeacher(
+                    args.teacher,
+                    policy,
+                    sync_steps=args.teacher_sync_steps,
+                    ema_decay=args.teacher_ema_decay,
+                    temperature=self.temperature,
+                    with_entropy="teacher_entropy" in self.rule.needs,
+                    cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+                )
             if self.teacher.model is not None:
                 self.teacher.model = self._prepare_frozen_model(self.teacher.model)
             if args.teacher in ("synced", "ema"):
@@ -243,6 +261,26 @@ class RLSDTrainer(GRPOTrainer):
                 "a custom format); use credit='grpo' and distill_loss='none' with these options"
             )
 
+    def _external_teacher(self, policy: torch.nn.Module, dataset: Any) -> ExternalTeacher:
+        """`args.teacher_model`, loaded as TRL loads its reference model (`create_model_from_path`; device_map None
+        when distributed), after its vocabulary and tokenizer are checked against the student's on the first
+        training prompts (and privileged answers); placed by the caller (`_prepare_frozen_model`)."""
+        args = self.args
+        init_kwargs = dict(args.teacher_model_init_kwargs or {})
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
+            init_kwargs["device_map"] = None  # "auto" fails under distributed training
+        columns = ("prompt", *((args.privileged_column,) if "answer" in self.source.fills else ()))
+        model = load_external_teacher(
+            args.teacher_model, init_kwargs, policy, self._tokenizer, sample_texts(dataset, columns),
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
+        if self.distill_fn is not None:
+            _check_plain_lm_head(model)
+        return ExternalTeacher(
+            model, args.teacher_model, temperature=self.temperature,
+            with_entropy="teacher_entropy" in self.rule.needs, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+        )  # fmt: skip
+
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device)."""
         if self.is_deepspeed_enabled:
@@ -289,7 +327,7 @@ class RLSDTrainer(GRPOTrainer):
         entries = RLSDEntries()
         rows = self._teacher_rows(output["advantages"]) if self.skips_known_credit and rule_pass else None
         if rule_pass or self.distill_fn is not None:
-            prompt_ids, prompt_mask, types, entries.has_context = self._teacher_context(inputs, output, mode, rows)
+            prompt_ids, prompt_mask, types, entries.has_context = self.teacher_inputs(inputs, output, mode, rows)
             if self.distill_fn is not None:  # the loss-time teacher pass needs the teacher's prompt
                 entries.teacher_prompt_ids, entries.teacher_prompt_mask = prompt_ids, prompt_mask
                 entries.teacher_types = types
@@ -326,8 +364,10 @@ class RLSDTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """TRL's rewards (gathered over processes); the weighted total is kept for the sources that pick
-        successful siblings (`self._last_rewards`, read once by `_teacher_context` of the same rollout)."""
+        successful siblings (`self._last_rewards`, read once by `_rollout_view` of the same rollout)."""
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        if not self.source.needs_completions:
+            return rewards_per_func
         weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
         totals = (rewards_per_func * weights).nansum(dim=1)
         totals[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
@@ -358,12 +398,16 @@ class RLSDTrainer(GRPOTrainer):
         order = torch.cat([scored.nonzero().flatten(), (~scored).nonzero().flatten()])
         return order[:target]
 
-    def _teacher_context(
-        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rows: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def teacher_inputs(
+        self,
+        inputs: list[dict[str, Any]],
+        output: dict[str, Any],
+        mode: str = "train",
+        rows: torch.Tensor | None = None,
+    ) -> TeacherInputs:
         """The teacher prompts of `rows` (all rows when None) from the privileged source, tokenized and left-padded
         (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
-        `rows` are neither rendered nor tokenized."""
+        `rows` are neither rendered nor tokenized (public for diagnostics and tests)."""
         selected = list(range(len(inputs))) if rows is None else rows.tolist()
         context = self.source.context(self._rollout_view(inputs, output, mode), selected)
         self._log_across_processes(mode, context.metrics)
@@ -381,7 +425,7 @@ class RLSDTrainer(GRPOTrainer):
         teacher_prompts = render_teacher_prompts(prompts, self.args.teacher_template, context.fields)
         if not teacher_prompts:  # no row needs the teacher
             empty = torch.zeros(0, 0, dtype=torch.long, device=device)
-            return empty, empty, {}, has_context
+            return TeacherInputs(empty, empty, {}, has_context)
         prompt_ids_list, _, fields = self._tokenize_prompts(teacher_prompts)
         pad_id = self._tokenizer.pad_token_id
         prompt_ids = pad([torch.tensor(ids) for ids in prompt_ids_list], padding_value=pad_id, padding_side="left")
@@ -389,7 +433,7 @@ class RLSDTrainer(GRPOTrainer):
                           padding_side="left")  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         types = self._teacher_token_types(fields, prompt_ids, output) if images is not None else {}
-        return prompt_ids, prompt_mask, types, has_context
+        return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
 
     def teacher_scores(
         self,
@@ -401,7 +445,7 @@ class RLSDTrainer(GRPOTrainer):
         """The teacher's log-probs (and entropy, when the rule reads it) of a rollout's completions: the privileged
         context of `inputs`, the teacher prompts and one scoring pass, as the rollout computes them (public for
         diagnostics such as the credit viewer, and for tests)."""
-        prompt_ids, prompt_mask, types, _ = self._teacher_context(inputs, output, mode, rows)
+        prompt_ids, prompt_mask, types, _ = self.teacher_inputs(inputs, output, mode, rows)
         return self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
 
     def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
@@ -894,9 +938,9 @@ class RLSDTrainer(GRPOTrainer):
         if self.teacher is not None and checkpoint is not None:
             if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
                 policy = self.accelerator.unwrap_model(self.model)
-                if self.teacher.model is not None:
+                if self.teacher.model is not None and self.teacher.has_weights:
                     SyncRefModelCallback.sync_target_model(policy, self.teacher.model, alpha=1.0)
-                else:  # a PEFT policy's teacher adapter, if any
+                else:  # a PEFT policy's teacher adapter, if any (an external teacher: nothing)
                     self.teacher.follow(policy)
             else:
                 self.teacher.load(checkpoint, self.accelerator.unwrap_model)
@@ -1027,6 +1071,16 @@ def _step_ids(batch: dict[str, Any]) -> torch.Tensor:
         return torch.zeros_like(mask, dtype=torch.long)
     resumes = (tool_mask[:, 1:] == 1) & (tool_mask[:, :-1] == 0)
     return torch.cat([torch.zeros_like(mask[:, :1]), resumes.long().cumsum(1)], dim=1)
+
+
+class TeacherInputs(NamedTuple):
+    """The teacher prompts of a rollout's scored rows, left-padded (ids, mask, token types by processor key), and
+    which of all its rows have privileged context."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    token_types: dict[str, torch.Tensor]
+    has_context: torch.Tensor
 
 
 @dataclasses.dataclass

@@ -293,7 +293,7 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     trainer.remove_callback(PrinterCallback)
     # the teacher's share of a step: its prompt (rendering, tokenization), the rollout-time pass of the credit rules
     # and the loss-time pass of the distillation losses
-    teacher_parts = ("_teacher_context", "_score_teacher_rows", "_teacher_hidden")
+    teacher_parts = ("teacher_inputs", "_score_teacher_rows", "_teacher_hidden")
     timers: dict[str, list[float]] = {"generation": [], **{part: [] for part in teacher_parts}}
     _time_method(trainer, "_generate", timers["generation"])
     if hasattr(trainer, "_score_teacher_rows"):
