@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
+from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
@@ -12,6 +13,9 @@ from rlsd.rules import KNOBS, RULES, check_knobs, check_rule_options
 from rlsd.validate import ConfigError, check_finite_floats, check_positive
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
+"""The self-teacher modes: which weights of the policy itself score the teacher's side."""
+EXTERNAL_TEACHER = "external"
+"""`teacher` of a run with `teacher_model`: a separate frozen model (`rlsd.teacher.ExternalTeacher`)."""
 SPANS = ("all", "think")
 DISTILL_LOSSES = ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg")
 POSITIVE_FIELDS = ("max_completion_length", "num_generations", "per_device_train_batch_size")
@@ -69,6 +73,25 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             fused head as TRL installs it (`cast_lm_head_to_fp32` included). The copies are refused when ZeRO-3 has
             partitioned the policy (use `"live"`). With any teacher, `disable_dropout` is forced to True and
             attention dropout inside the attention function is refused, so that Delta carries no dropout noise.
+            `"external"` is set by `teacher_model` (a separate frozen model; see there). Memory: `"synced"`,
+            `"initial"` and `"ema"` hold one more copy of the policy's weights (`"ema"` with bf16 / fp16 weights also
+            an fp32 shadow) and `"synced"` / `"ema"` pay a weight copy at every sync; `"live"` holds nothing more;
+            `"external"` holds one more full frozen model, the teacher's size (no optimizer state, no sync cost).
+        teacher_model (`str` or `None`, *optional*, defaults to `None`):
+            A frozen external teacher (the name or local path of a causal LM, loaded with TRL's
+            `create_model_from_path`, i.e. `from_pretrained`, with `teacher_model_init_kwargs`) in place of the
+            self-teacher, for every credit rule and distillation loss (OPD: `credit="opsd"` or
+            `distill_loss="jsd"`, `policy_loss_coef=0`). It gets a fused log-prob head like the policy's, runs in
+            eval mode without gradients and is placed as TRL places its reference model (plain device, DeepSpeed
+            ZeRO including stage 3, FSDP2). It must share the student's tokenizer: a different `vocab_size` or a
+            tokenizer (when one is saved with the teacher) that encodes the first training prompts differently is
+            refused. Setting it sets `teacher="external"`; a self-teacher mode other than the default is refused.
+            Checkpoints hold only the teacher's state file (its weights are never trained). The teacher prompt is
+            still `teacher_template` filled by `privileged_source`; `privileged_source="none"` shows the teacher the
+            plain prompt (OPD).
+        teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of the teacher's `from_pretrained` (a JSON string on the command line). `dtype`
+            defaults to the policy's dtype and `attn_implementation` to the policy's, as for TRL's reference model.
         teacher_sync_steps (`int`, *optional*, defaults to `10`):
             With `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher.
         teacher_ema_decay (`float`, *optional*, defaults to `0.95`):
@@ -103,6 +126,10 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             Distill only completions with A_i > 0 (SDPG's optional gating).
         distill_chunk_tokens (`int`, *optional*, defaults to `1024`):
             Completion tokens projected to the vocabulary at once by the distillation term.
+        distill_overlap_k (`int`, *optional*, defaults to `16`):
+            With a distillation loss, log `rlsd/topk_overlap`, Rethinking-OPD's diagnostic: |TopK(p_S) & TopK(p_T)|
+            / k per distilled completion token, token-mean, from the logits the term builds anyway (no extra
+            projection, no (B, T, V) tensor). 0 turns it off.
         sdpg_ref_coef (`float`, *optional*, defaults to `0.001`):
             SDPG's alpha: weight of 0.5 (log pi_theta - log pi_ref)^2 on sampled tokens, pi_ref the initial model
             (with PEFT, the starting adapter, as for `teacher="initial"`). Scored at rollout time, only with
@@ -114,8 +141,10 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             What the teacher is shown: `"answer"` (the reference answer from `privileged_column`), `"sibling"` (a
             completion of the same group whose reward reaches `sibling_reward_threshold`, SDPO's teacher;
             completions without one get no teacher signal: their Delta is 0 and they are left out of the
-            distillation term, and they are counted in `rlsd/no_context_frac`) or `"both"` (a completion without a
-            successful sibling still sees the answer).
+            distillation term, and they are counted in `rlsd/no_context_frac`), `"both"` (a completion without a
+            successful sibling still sees the answer) or `"none"` (nothing: the teacher prompt is the student's
+            prompt under the template `"{prompt}"`; meant for an external teacher, `teacher_model`: a self-teacher
+            shown nothing differs from the student only by its weights, so `"live"` gives Delta = 0).
         sibling_reward_threshold (`float`, *optional*, defaults to `1.0`):
             Total (weighted) reward at which a sibling counts as successful.
         privileged_column (`str`, *optional*, defaults to `"solution"`):
@@ -135,6 +164,9 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
 
     Every float knob must be finite: NaN and inf are refused at construction, naming the flag.
     """
+
+    # the fields whose JSON strings (command line) become dicts
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*GRPOConfig._VALID_DICT_FIELDS, "teacher_model_init_kwargs"]
 
     credit: str = field(
         default="rlsd",
@@ -164,7 +196,15 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
     )
     teacher: str = field(
         default="synced",
-        metadata={"help": "Self-teacher weights.", "choices": list(TEACHER_MODES)},
+        metadata={"help": "Self-teacher weights.", "choices": [*TEACHER_MODES, EXTERNAL_TEACHER]},
+    )
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "Name or path of a frozen external teacher (same tokenizer) in place of the self-teacher."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of the external teacher's from_pretrained (JSON on the command line)."},
     )
     teacher_sync_steps: int = field(
         default=10, metadata={"help": "With teacher='synced': optimizer steps between hard copies."}
@@ -186,11 +226,14 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
     distill_tail: bool = field(default=True, metadata={"help": "topk_jsd: keep the rest of the mass as a bucket."})
     distill_positive_only: bool = field(default=False, metadata={"help": "Distill only completions with A > 0."})
     distill_chunk_tokens: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at once."})
+    distill_overlap_k: int = field(
+        default=16, metadata={"help": "k of the logged rlsd/topk_overlap of the distilled tokens (0: off)."}
+    )
     sdpg_ref_coef: float = field(default=0.001, metadata={"help": "SDPG alpha: 0.5 (log pi/pi_ref)^2 weight."})
     policy_loss_coef: float = field(default=1.0, metadata={"help": "Weight of TRL's loss (0: distillation only)."})
     privileged_source: str = field(
         default="answer",
-        metadata={"help": "Teacher context: answer, sibling or both.", "choices": list(SOURCES)},
+        metadata={"help": "Teacher context: answer, sibling, both or none.", "choices": list(SOURCES)},
     )
     sibling_reward_threshold: float = field(
         default=1.0, metadata={"help": "Reward at which a sibling completion counts as successful."}
@@ -226,8 +269,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             raise ValueError(f"rlsd_span={self.rlsd_span!r} is not one of {', '.join(SPANS)}")
         check_rule_options(self.credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
         check_knobs(self)
-        if self.teacher not in TEACHER_MODES:
-            raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
+        self._check_teacher_model()
         if not 0.0 <= self.rlsd_lambda <= 1.0:
             raise ValueError(f"rlsd_lambda must lie in [0, 1], got {self.rlsd_lambda}")
         if not 0.0 <= self.rlsd_clip < 1.0:
@@ -246,11 +288,31 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             raise ValueError(f"distill_jsd_beta must lie in [0, 1], got {self.distill_jsd_beta}")
         if self.distill_topk < 1 or self.distill_chunk_tokens < 1:
             raise ValueError("distill_topk and distill_chunk_tokens must be >= 1")
+        if self.distill_overlap_k < 0:
+            raise ValueError(f"distill_overlap_k must be >= 0, got {self.distill_overlap_k}")
         if min(self.distill_coef, self.sdpg_ref_coef, self.policy_loss_coef) < 0.0:
             raise ValueError("distill_coef, sdpg_ref_coef and policy_loss_coef must be >= 0")
         if self.teacher_template is None:
             self.teacher_template = get_source(self.privileged_source).default_template
         validate_teacher_template(self.teacher_template, self.privileged_source)
+
+    def _check_teacher_model(self) -> None:
+        """`teacher_model` sets `teacher="external"`; an explicit self-teacher mode beside it, or `"external"`
+        without it, is refused."""
+        if self.teacher_model is not None:
+            if self.teacher not in ("synced", EXTERNAL_TEACHER):  # "synced" is the default, not a choice
+                raise ConfigError(
+                    "--teacher",
+                    f"is {self.teacher!r}, a self-teacher mode, but teacher_model={self.teacher_model!r} is set",
+                    "drop one: teacher_model replaces the self-teacher",
+                )
+            self.teacher = EXTERNAL_TEACHER
+        elif self.teacher == EXTERNAL_TEACHER:
+            raise ConfigError("--teacher", "is 'external' but teacher_model is not set", "set teacher_model")
+        elif self.teacher not in TEACHER_MODES:
+            raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
+        if self.teacher_model_init_kwargs is not None and self.teacher_model is None:
+            raise ConfigError("--teacher_model_init_kwargs", "is set but teacher_model is not", "set teacher_model")
 
 
 def _knob_docs() -> str:

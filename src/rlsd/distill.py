@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,35 @@ def sdpg_ref_penalty(student_logps: Tensor, ref_logps: Tensor) -> Tensor:
     return 0.5 * (student_logps - ref_logps.detach()) ** 2
 
 
+def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int) -> Tensor:
+    """Rethinking-OPD's diagnostic per token: |TopK(p_S) & TopK(p_T)| / k, the share of the teacher's k most likely
+    next tokens that are also among the student's k most likely (softmax keeps the order: the logits' top-k sets;
+    k is capped at the vocabulary size). No gradient."""
+    k = min(k, student_logits.size(-1))
+    top_s = student_logits.detach().topk(k, dim=-1).indices
+    top_t = teacher_logits.detach().topk(k, dim=-1).indices
+    shared = (top_s.unsqueeze(-1) == top_t.unsqueeze(-2)).any(-1).sum(-1)
+    return shared.float() / k
+
+
+@dataclass
+class OverlapProbe:
+    """Collects `topk_overlap` of each chunk while `chunked_token_loss` projects it, from the logits it builds anyway
+    (no second projection); a checkpointed chunk recomputed in the backward pass is not counted twice."""
+
+    k: int
+    chunks: dict[int, Tensor] = field(default_factory=dict)
+
+    def record(self, index: int, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        if index not in self.chunks:
+            with torch.no_grad():
+                self.chunks[index] = topk_overlap(student_logits, teacher_logits, self.k)
+
+    def values(self) -> Tensor:
+        """The per-token overlaps of every chunk, in token order (N,)."""
+        return torch.cat([self.chunks[i] for i in sorted(self.chunks)])
+
+
 def token_loss_fn(
     name: str, *, beta: float = 0.5, topk: int = 100, tail: bool = True
 ) -> Callable[[Tensor, Tensor], Tensor]:
@@ -115,25 +144,33 @@ def chunked_token_loss(
     student_head: Callable[[Tensor], Tensor],
     teacher_head: Callable[[Tensor], Tensor],
     chunk_tokens: int = 1024,
+    overlap: OverlapProbe | None = None,
 ) -> Tensor:
     """Per-token loss from hidden states (B, T, H), projecting to logits `chunk_tokens` positions at a time.
 
     Each chunk is checkpointed: its logits are freed after the forward and recomputed in the backward pass, so
-    that only (chunk, V) logits exist at any time, in the backward pass too."""
+    that only (chunk, V) logits exist at any time, in the backward pass too. An `overlap` probe records the top-k
+    overlap of each chunk's two distributions (flattened token order)."""
     batch, length = student_hidden.shape[:2]
     flat_s = student_hidden.reshape(batch * length, -1)
     flat_t = teacher_hidden.reshape(batch * length, -1)
 
-    def piece(hidden_s: Tensor, hidden_t: Tensor) -> Tensor:
+    def piece(hidden_s: Tensor, hidden_t: Tensor, index: int) -> Tensor:
         with torch.no_grad():
             teacher_logits = teacher_head(hidden_t)
-        return loss_fn(student_head(hidden_s), teacher_logits)
+        student_logits = student_head(hidden_s)
+        if overlap is not None:
+            overlap.record(index, student_logits, teacher_logits)
+        return loss_fn(student_logits, teacher_logits)
 
     recompute = torch.is_grad_enabled() and flat_s.requires_grad
     pieces = []
-    for start in range(0, flat_s.size(0), chunk_tokens):
+    for index, start in enumerate(range(0, flat_s.size(0), chunk_tokens)):
         chunk_s, chunk_t = flat_s[start : start + chunk_tokens], flat_t[start : start + chunk_tokens]
-        chunk = checkpoint(piece, chunk_s, chunk_t, use_reentrant=False) if recompute else piece(chunk_s, chunk_t)
+        if recompute:
+            chunk = checkpoint(piece, chunk_s, chunk_t, index, use_reentrant=False)
+        else:
+            chunk = piece(chunk_s, chunk_t, index)
         pieces.append(chunk)
     return torch.cat(pieces).view(batch, length)
 
@@ -211,13 +248,17 @@ def selected_token_loss(
     heads: tuple[nn.Module, nn.Module],
     temperature: float,
     chunk_tokens: int = 1024,
+    overlap: OverlapProbe | None = None,
 ) -> Tensor:
     """Per-token loss (N,) at the `selected` (B, T) positions of the (B, T, H) hidden states, through the (student,
     teacher) LM heads. Under FSDP2 the heads are gathered once here on every rank whatever N; with N = 0 the empty
-    result still leads back to the hidden states and the gathered head, so all ranks run the same collectives."""
+    result still leads back to the hidden states and the gathered head, so all ranks run the same collectives.
+    `overlap` (optional) collects the per-token top-k overlap of the same N tokens."""
     student = head_logits(heads[0], temperature)
     teacher = student.detached() if heads[1] is heads[0] else head_logits(heads[1], temperature, grad=False)
     if not selected.any():
         return (student_hidden.sum() * 0.0 + student.zero()).expand(0)
     flat_s, flat_t = student_hidden[selected].unsqueeze(0), teacher_hidden[selected].unsqueeze(0)
-    return chunked_token_loss(loss_fn, flat_s, flat_t, student, teacher, chunk_tokens=chunk_tokens).squeeze(0)
+    return chunked_token_loss(
+        loss_fn, flat_s, flat_t, student, teacher, chunk_tokens=chunk_tokens, overlap=overlap
+    ).squeeze(0)

@@ -151,6 +151,20 @@ class AnswerAndSiblingSource(SiblingSource):
         return Context(fields, [True] * len(rows), self._metrics(found, everyone))
 
 
+@privileged_source
+class NoContextSource(PrivilegedSource):
+    """No privileged context: the teacher prompt is the student's prompt (template `"{prompt}"`), every row counts as
+    having context. For an external teacher (`teacher_model`, OPD); a self-teacher shown nothing differs from the
+    student only by its weights (a live one gives Delta = 0)."""
+
+    name = "none"
+    fills = ()
+    default_template = "{prompt}"
+
+    def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
+        return Context({}, [True] * len(rows))
+
+
 def get_source(name: str) -> type[PrivilegedSource]:
     """The registered source `name`; an unknown name is refused with the known ones listed."""
     if name not in SOURCES:

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import TrainerCallback
+from transformers import AutoConfig, AutoTokenizer, TrainerCallback
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import add_fused_lm_head, use_adapter
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, use_adapter
 
-from rlsd.config import TEACHER_MODES
+from rlsd.config import EXTERNAL_TEACHER, TEACHER_MODES
+
+logger = logging.getLogger(__name__)
 
 TEACHER_WEIGHTS_FILE = "rlsd_teacher.pt"
 TEACHER_STATE_FILE = "rlsd_teacher.json"
@@ -311,6 +316,169 @@ class SelfTeacher:
             raise ValueError(f"{path} holds other adapter weights than the teacher adapter {self.adapter_name!r}")
         for name, p in params.items():
             p.data.copy_(_like(p, weights[name]))
+
+
+class ExternalTeacher:
+    """A separate frozen teacher model (`RLSDConfig.teacher_model`), with `SelfTeacher`'s interface: it scores
+    through a fused log-prob head of its own, never follows the policy and keeps no weights in checkpoints (only
+    its state file, which names the model). The caller loads it (`load_external_teacher`) and places it."""
+
+    mode = EXTERNAL_TEACHER
+    uses_disabled_adapter = False
+    adapter_name = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        *,
+        temperature: float,
+        with_entropy: bool = False,
+        cast_lm_head_to_fp32: bool = False,
+    ) -> None:
+        model.__dict__.pop("forward", None)
+        add_fused_lm_head(
+            model,
+            temperature=temperature,
+            cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+            outputs=("log_probs", "entropy") if with_entropy else ("log_probs",),
+        )
+        model.eval()
+        model.requires_grad_(False)
+        self.model: nn.Module | None = model
+        self.name = name
+        self.last_sync_step = 0
+        self.shadow = None
+
+    @property
+    def has_weights(self) -> bool:
+        """False: the teacher's weights are never trained, so checkpoints do not carry them."""
+        return False
+
+    @contextlib.contextmanager
+    def forward_context(self, policy: nn.Module, unwrapped_policy: nn.Module) -> Iterator[nn.Module]:
+        """Yield the external model (the policy is left alone)."""
+        yield self.model
+
+    def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
+        """An external teacher never follows the policy."""
+        return False
+
+    def follow(self, policy: nn.Module) -> None:
+        """Nothing to restart: the teacher does not depend on the policy."""
+
+    def save(self, directory: str, unwrap: Callable[[nn.Module], nn.Module], *, write: bool = True) -> None:
+        """Write the state file only (mode and model name)."""
+        if not write:
+            return
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, TEACHER_STATE_FILE), "w") as f:
+            json.dump({"mode": self.mode, "last_sync_step": 0, "teacher_model": self.name}, f)
+
+    def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Check the state file: a checkpoint of a self-teacher run is refused; another model name is a warning
+        (the same model may have moved)."""
+        state_path = os.path.join(directory, TEACHER_STATE_FILE)
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"checkpoint {directory} has no {TEACHER_STATE_FILE}: it was not written by RLSD")
+        with open(state_path) as f:
+            state = json.load(f)
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from teacher={self.mode!r}")
+        if state.get("teacher_model") != self.name:
+            logger.warning("checkpoint %s was trained with teacher_model=%r, resumed with %r", directory,
+                           state.get("teacher_model"), self.name)  # fmt: skip
+
+
+def load_external_teacher(
+    name: str,
+    init_kwargs: dict[str, Any],
+    policy: nn.Module,
+    student_tokenizer: Any,
+    sample_texts: list[str],
+    *,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The teacher model `name`, loaded with TRL's `create_model_from_path(name, **init_kwargs)` after its
+    vocabulary and tokenizer are checked against the student's (`check_same_vocabulary`, `check_same_tokenizer`;
+    both before the weights are loaded). `dtype` and `attn_implementation` default to the policy's."""
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    check_same_vocabulary(policy.config, config, name)
+    check_same_tokenizer(student_tokenizer, _teacher_tokenizer(name, trust_remote_code), sample_texts, name)
+    kwargs = dict(init_kwargs)
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    kwargs.setdefault("dtype", policy.dtype)
+    kwargs.setdefault("attn_implementation", policy.config._attn_implementation)
+    return create_model_from_path(name, **kwargs)
+
+
+def check_same_vocabulary(student_config: Any, teacher_config: Any, name: str) -> None:
+    """Refuse a teacher whose text vocabulary size differs from the student's (log-probs and distributions are
+    compared token id by token id), naming both sizes."""
+    student = student_config.get_text_config().vocab_size
+    teacher = teacher_config.get_text_config().vocab_size
+    if student != teacher:
+        raise ValueError(
+            f"teacher_model {name!r} has vocab_size {teacher} but the student has vocab_size {student}: the teacher "
+            "must share the student's tokenizer and vocabulary (the same family, with the same padded embedding size)"
+        )
+
+
+def check_same_tokenizer(student: Any, teacher: Any | None, texts: list[str], name: str) -> None:
+    """Refuse a teacher tokenizer (None: the teacher has none saved, nothing to compare) of another length, or that
+    encodes one of `texts` (a sample of the training prompts) differently from the student's."""
+    if teacher is None:
+        logger.info("teacher_model %r has no tokenizer of its own: the vocabulary size alone was checked", name)
+        return
+    if len(teacher) != len(student):
+        raise ValueError(
+            f"teacher_model {name!r} has a tokenizer of {len(teacher)} tokens but the student's has {len(student)}: "
+            "the teacher must share the student's tokenizer"
+        )
+    for index, text in enumerate(texts):
+        ours = student(text, add_special_tokens=False)["input_ids"]
+        theirs = teacher(text, add_special_tokens=False)["input_ids"]
+        if ours != theirs:
+            raise ValueError(
+                f"teacher_model {name!r} tokenizes training text {index} ({text[:60]!r}) differently from the student "
+                f"(first ids {theirs[:8]} vs {ours[:8]}): the teacher must share the student's tokenizer"
+            )
+
+
+def _teacher_tokenizer(name: str, trust_remote_code: bool) -> Any | None:
+    """The tokenizer saved with the teacher, or None when there is none to load."""
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def sample_texts(dataset: Any, columns: tuple[str, ...], rows: int = 8) -> list[str]:
+    """The text of the first `rows` rows of `dataset` in `columns` (plain strings, or the text of every message of a
+    conversation), for the tokenizer check; an unreadable dataset gives none."""
+    if dataset is None or isinstance(dataset, dict):
+        return []
+    texts: list[str] = []
+    for row in itertools.islice(iter(dataset), rows):
+        for column in columns:
+            texts.extend(_texts(row.get(column)) if isinstance(row, dict) else [])
+    return [text for text in texts if text]
+
+
+def _texts(value: Any) -> list[str]:
+    """The strings of a prompt: itself, or each message's text content (text blocks included)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        return []
+    texts = []
+    for message in value:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str))
+    return texts
 
 
 def _single_active_adapter(policy: nn.Module) -> str:

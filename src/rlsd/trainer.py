@@ -102,7 +102,7 @@ from rlsd import vision
 from rlsd.batch import RLSDEntries, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
-from rlsd.distill import head_logits, sdpg_ref_penalty, selected_token_loss, token_loss_fn
+from rlsd.distill import OverlapProbe, head_logits, sdpg_ref_penalty, selected_token_loss, token_loss_fn
 from rlsd.privileged import RolloutView, get_source, validate_teacher_template
 from rlsd.rewards import guard_reward
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
@@ -775,11 +775,16 @@ class RLSDTrainer(GRPOTrainer):
             "distill_token_frac": TokenMean((selected.sum() / tokens).item(), loss_mask.sum().item()),
             "distill_loss": TokenMean(math.nan, 0),
         }
+        probe = OverlapProbe(args.distill_overlap_k) if args.distill_overlap_k > 0 else None
+        if probe is not None:
+            metrics["topk_overlap"] = TokenMean(math.nan, 0)
         # every process gathers FSDP2-sharded heads and runs the backward, also with no selected token (then 0)
         per_token = selected_token_loss(
             self.distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
-            self.temperature, chunk_tokens=args.distill_chunk_tokens,
+            self.temperature, chunk_tokens=args.distill_chunk_tokens, overlap=probe,
         )  # fmt: skip
+        if probe is not None and per_token.numel():
+            metrics["topk_overlap"] = TokenMean(probe.values().mean().item(), per_token.numel())
         distill = (per_token * weights[selected]).sum() / tokens
         if per_token.numel():
             mass = weights[selected].sum()

@@ -10,6 +10,7 @@ from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE
 
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
 _SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
+_OPD = {"teacher": "external", "privileged_source": "none", "teacher_template": "{prompt}"}
 
 CATALOGUE: dict[str, dict[str, Any] | None] = {
     # the demo's methods; OPSD's teacher is frozen at the warm start (section 3.1)
@@ -41,6 +42,12 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     "sdpg": {"credit": "grpo", "distill_loss": "sdpg", "teacher": "live"},
     "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
     "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
+    # OPD (the paper's baseline): a separate, stronger frozen teacher shown the plain prompt; the sampled-token Delta
+    # as the advantage, or the full-vocabulary JSD alone. `teacher="external"` needs `teacher_model` (the path of a
+    # model with the student's tokenizer) from `method_overrides`, and is refused without one: the embedded task has
+    # no larger teacher yet (issue 14, item 5), so no default subset of the demo or the bench runs these.
+    "opd": {**_OPD, "credit": "opsd"},
+    "opd-jsd": {**_OPD, "credit": "grpo", "distill_loss": "jsd", "policy_loss_coef": 0.0},
     # teacher modes and lam schedules (cost and study); `rlsd-decayed` is RLSD after lam has reached 0
     "rlsd-live": {"credit": "rlsd", "teacher": "live"},
     "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},
