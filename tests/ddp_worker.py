@@ -1,9 +1,12 @@
 """Run by `torchrun --nproc_per_node 2` in test_cli (accelerate's multi-CPU equivalent: it reads torchrun's
 environment and uses gloo): two RLSD steps, one JSON report per rank. Mode `family`: one group of four completions
-spans both ranks, the teacher sees the answer and a successful sibling, and a JSD distillation term is trained."""
+spans both ranks, the teacher sees the answer and a successful sibling, and a JSD distillation term is trained.
+Mode `uniopd`: Uni-OPD with groups of four completions straddling the two ranks (two rows each); the rule's gathered
+inputs and each rank's share of its output are recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import zlib
@@ -35,6 +38,8 @@ def checksum(module) -> float:
 def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
     family = mode == "family"
     extra = dict(privileged_source="both", distill_loss="jsd", per_device_train_batch_size=2) if family else {}
+    if mode == "uniopd":
+        extra = dict(credit="uni-opd", per_device_train_batch_size=2)
     args = RLSDConfig(**{
         **dict(output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                learning_rate=1e-2, teacher="synced", teacher_sync_steps=2, rlsd_lambda_decay_steps=2, use_cpu=True,
@@ -61,6 +66,24 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
             return texts, found
 
         trainer.source.siblings = recorded
+    groups: list[dict] = []
+    if mode == "uniopd":  # record the rule's global inputs and what this rank keeps of its output
+        rule_fn, on_global = trainer.rule.fn, trainer._rule_on_global_groups
+
+        def recording_rule(signals, params):
+            token_adv, metrics = rule_fn(signals, params)
+            groups.append({"group_ids": signals.group_ids.tolist(), "seq": signals.seq_advantages.tolist(),
+                           "rule_output": token_adv.tolist()})  # fmt: skip
+            return token_adv, metrics
+
+        def recording_global(signals, params, mode):
+            local, metrics = on_global(signals, params, mode)
+            groups[-1]["local_output"] = local.tolist()
+            groups[-1]["local_seq"] = signals.seq_advantages.tolist()
+            return local, metrics
+
+        trainer.rule = dataclasses.replace(trainer.rule, fn=recording_rule)
+        trainer._rule_on_global_groups = recording_global
     trainer.train()
     history = trainer.state.log_history
     report = {
@@ -72,6 +95,7 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
         "policy_checksum": checksum(trainer.model),
         "contexts": contexts,
         "distill_loss": [e["rlsd/distill_loss"] for e in history if "rlsd/distill_loss" in e],
+        "groups": groups,
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     rank = trainer.accelerator.process_index

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ TINY_OVERRIDES = [
     "--gradient_checkpointing", "false", "--dtype", "float32", "--use_vllm", "false", "--save_strategy", "no",
     "--logging_steps", "1", "--disable_tqdm", "true",
 ]  # fmt: skip
+
+
+def free_port() -> str:
+    """A free local TCP port for torchrun's rendezvous (a fixed one can still be held by an earlier run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def write_fixture(folder: Path, suffix: str, rows: list[dict]) -> Path:
@@ -105,7 +113,7 @@ def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir
     data = write_fixture(tmp_path, ".jsonl", GSM8K)
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
         str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
@@ -121,13 +129,35 @@ def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
+def test_two_processes_uni_opd_groups_span_both_ranks(tmp_path, tiny_model_dir):
+    data = write_fixture(tmp_path, ".jsonl", GSM8K)
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), "uniopd",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, report in enumerate(reports):
+        assert report["groups"], "the rule never ran"
+        for call, other in zip(report["groups"], reports[1 - rank]["groups"], strict=True):
+            # one group of four rows, two on each rank, seen whole by both ranks
+            assert call["group_ids"] == [0, 0, 0, 0] and call["seq"] == other["seq"]
+            assert call["local_seq"] == call["seq"][2 * rank : 2 * rank + 2]
+            width = len(call["local_output"][0])
+            assert [row[:width] for row in call["rule_output"][2 * rank : 2 * rank + 2]] == call["local_output"]
+
+
+@pytest.mark.slow
 def test_two_processes_share_sibling_contexts_and_the_distillation_term(tmp_path, tiny_model_dir):
     """One group spans both ranks; only rank 0's first completion succeeds, so every other row's sibling is that
     completion, also on rank 1; the JSD term trains and both ranks end with the same policy."""
     data = write_fixture(tmp_path, ".jsonl", GSM8K)
     out = tmp_path / "ddp-family"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
         str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), "family",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
