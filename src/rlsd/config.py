@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
+from rlsd.distill import MAD_CONFIDENCES
 from rlsd.privileged import SOURCES, get_source, validate_teacher_template
 from rlsd.rewards import DEFAULT_REWARD_TIMEOUT_S
 from rlsd.rules import KNOBS, RULES, check_knobs, check_rule_options
+from rlsd.stages import check_stages, parse_stages, reachable
 from rlsd.validate import ConfigError, check_finite_floats, check_positive
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
@@ -92,6 +95,22 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
             Keyword arguments of the teacher's `from_pretrained` (a JSON string on the command line). `dtype`
             defaults to the policy's dtype and `attn_implementation` to the policy's, as for TRL's reference model.
+        mad_opd_teachers (`list[str]`, `str` or `None`, *optional*, defaults to `None`):
+            MAD-OPD (several teachers; the specification only names it, so the weighting is the project's
+            reconstruction, `rlsd.distill.mad_opd_token_loss`): further frozen external teachers beside
+            `teacher_model` (a JSON list or comma-separated names on the command line), each loaded, checked and
+            placed like it (same `teacher_model_init_kwargs`, same tokenizer). The distillation term becomes
+            L_t = sum_m a_m,t * D(p_m,t, p_S,t) over the M = 1 + len(mad_opd_teachers) teachers, with the stop-gradient
+            per-token weights a_m,t = softmax over teachers of c_m,t / `mad_opd_temperature`. Needs a distillation
+            loss and a credit rule that does not read the teacher (e.g. `credit="grpo"`); `stages` are refused with it.
+            Memory: one more full frozen model per teacher, and one more no-grad teacher forward per micro-batch each.
+            Logs `rlsd/mad_weight_<m>`, the token mean of teacher m's weight.
+        mad_opd_confidence (`str`, *optional*, defaults to `"sampled_logp"`):
+            MAD-OPD's confidence c_m,t: `"sampled_logp"`, teacher m's log-prob of the sampled token (at temperature 1,
+            a_m,t = p_m(y_t) / sum_n p_n(y_t)), or `"neg_entropy"`, minus the entropy of its next-token distribution.
+        mad_opd_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature of MAD-OPD's softmax over teachers: large tends to the plain average, near 0 to the most
+            confident teacher at each token. Must be > 0.
         teacher_sync_steps (`int`, *optional*, defaults to `10`):
             With `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher.
         teacher_ema_decay (`float`, *optional*, defaults to `0.95`):
@@ -137,6 +156,21 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         policy_loss_coef (`float`, *optional*, defaults to `1.0`):
             Weight of TRL's loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains
             on the distillation term alone (full OPSD).
+        stages (`list[dict]`, `str` or `None`, *optional*, defaults to `None`):
+            Sparse-to-Dense's stage schedule (`rlsd.stages`): a list (a JSON string on the command line) of dicts
+            `{"until_step": N, <field>: <value>, ...}` whose fields (`credit`, `distill_loss`, `distill_coef`,
+            `distill_jsd_beta`, `distill_topk`, `distill_tail`, `distill_positive_only`, `policy_loss_coef`) replace
+            the config's values from the previous stage's `until_step` + 1 to its own `until_step` (optimizer steps,
+            counted from 1). Only the last stage may omit `until_step` (it runs to the end); after the last
+            `until_step` the config's own values apply. A stage that sets `distill_loss` alone gets that loss's
+            default `distill_coef`. E.g. a forward-KL warm-up, then OPD, then GRPO: `[{"until_step": 20, "credit":
+            "grpo", "distill_loss": "jsd", "distill_jsd_beta": 0.0, "policy_loss_coef": 0.0}, {"until_step": 60,
+            "credit": "opsd"}, {"credit": "grpo"}]`. The stage is chosen at each training rollout for the step it
+            trains first (with `steps_per_generation` or `num_iterations` > 1, a switch waits for the next rollout)
+            and logged as `rlsd/stage` (its index; len(stages) for the config's own values); it depends on the step
+            alone, so every process switches together. The teacher (and SDPG's reference) is built when any stage
+            that can run uses it. Stateful rules (`"antisd"`) are refused in a staged run. Unknown fields, rules or
+            losses, and `until_step`s that do not increase, are refused naming the stage index and the field.
         privileged_source (`str`, *optional*, defaults to `"answer"`):
             What the teacher is shown: `"answer"` (the reference answer from `privileged_column`), `"sibling"` (a
             completion of the same group whose reward reaches `sibling_reward_threshold`, SDPO's teacher;
@@ -206,6 +240,20 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         default=None,
         metadata={"help": "Keyword arguments of the external teacher's from_pretrained (JSON on the command line)."},
     )
+    mad_opd_teachers: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "MAD-OPD: further frozen external teachers beside teacher_model (a JSON list or comma-separated "
+            "names); the distillation term becomes their confidence-weighted sum."
+        },
+    )
+    mad_opd_confidence: str = field(
+        default="sampled_logp",
+        metadata={"help": "MAD-OPD teacher confidence per token.", "choices": list(MAD_CONFIDENCES)},
+    )
+    mad_opd_temperature: float = field(
+        default=1.0, metadata={"help": "MAD-OPD: temperature of the softmax over teachers of their confidence."}
+    )
     teacher_sync_steps: int = field(
         default=10, metadata={"help": "With teacher='synced': optimizer steps between hard copies."}
     )
@@ -231,6 +279,13 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
     )
     sdpg_ref_coef: float = field(default=0.001, metadata={"help": "SDPG alpha: 0.5 (log pi/pi_ref)^2 weight."})
     policy_loss_coef: float = field(default=1.0, metadata={"help": "Weight of TRL's loss (0: distillation only)."})
+    stages: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Sparse-to-Dense stage schedule: a JSON list of {until_step, credit, distill_loss, ...} overrides "
+            "by optimizer step (the last may omit until_step)."
+        },
+    )
     privileged_source: str = field(
         default="answer",
         metadata={"help": "Teacher context: answer, sibling, both or none.", "choices": list(SOURCES)},
@@ -295,6 +350,60 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         if self.teacher_template is None:
             self.teacher_template = get_source(self.privileged_source).default_template
         validate_teacher_template(self.teacher_template, self.privileged_source)
+        self._check_stages()
+        self._check_mad_opd()
+
+    def _check_mad_opd(self) -> None:
+        """`mad_opd_teachers` decoded (a JSON list or comma-separated names) and its requirements checked."""
+        teachers = self.mad_opd_teachers
+        if isinstance(teachers, str):
+            try:
+                teachers = json.loads(teachers) if teachers.lstrip().startswith("[") else teachers.split(",")
+            except json.JSONDecodeError as err:
+                fix = 'pass a JSON list such as ["org/a", "org/b"] or comma-separated names'
+                raise ConfigError("--mad_opd_teachers", f"is not valid JSON ({err})", fix) from err
+        if teachers is not None and (
+            not isinstance(teachers, list | tuple) or not all(isinstance(name, str) for name in teachers)
+        ):
+            raise ConfigError("--mad_opd_teachers", f"must be a list of model names, got {teachers!r}",
+                              'pass e.g. ["org/a", "org/b"]')  # fmt: skip
+        if teachers is not None:
+            teachers = [name.strip() for name in teachers if name.strip()] or None
+        self.mad_opd_teachers = teachers
+        if self.mad_opd_confidence not in MAD_CONFIDENCES:
+            raise ConfigError("--mad_opd_confidence", f"is {self.mad_opd_confidence!r}",
+                              f"use one of {', '.join(MAD_CONFIDENCES)}")  # fmt: skip
+        if not self.mad_opd_temperature > 0:
+            raise ConfigError("--mad_opd_temperature", f"must be > 0, got {self.mad_opd_temperature}", "pass e.g. 1.0")
+        if teachers is None:
+            return
+        fix = "MAD-OPD distils from teacher_model and mad_opd_teachers through a distillation loss"
+        if self.teacher_model is None:
+            raise ConfigError("--mad_opd_teachers", "is set but teacher_model is not", fix)
+        if self.distill_loss == "none":
+            raise ConfigError("--mad_opd_teachers", "is set but distill_loss is 'none'", fix)
+        if "teacher_logps" in RULES[self.credit].needs:
+            what = f"is set with credit={self.credit!r}, a rule that reads one teacher's log-probs"
+            raise ConfigError("--mad_opd_teachers", what, "use credit='grpo' (or another rule without a teacher)")
+        if self.stages is not None:
+            raise ConfigError("--mad_opd_teachers", "is set with stages", "use one of them")
+
+    def _check_stages(self) -> None:
+        """`stages` decoded (a JSON string) and checked (`rlsd.stages.check_stages`); a stateful rule is refused."""
+        self.stages = parse_stages(self.stages)
+        if self.stages is None:
+            return
+
+        def check_rule(credit: str) -> None:
+            if RULES[credit].state is not None:
+                raise ValueError(f"credit {credit!r} keeps state across steps, which stages do not carry over")
+            check_rule_options(credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
+
+        check_stages(self.stages, rules=RULES, losses=DISTILL_LOSSES, coef_defaults=DISTILL_COEF_DEFAULTS,
+                     check_rule=check_rule)  # fmt: skip
+        if RULES[self.credit].state is not None and len(self.stages) in reachable(self.stages):
+            raise ConfigError("--credit", f"is {self.credit!r}, a rule that keeps state across steps, and runs after "
+                              "the stages", "stages do not carry a rule's state: use another rule")  # fmt: skip
 
     def _check_teacher_model(self) -> None:
         """`teacher_model` sets `teacher="external"`; an explicit self-teacher mode beside it, or `"external"`

@@ -262,3 +262,101 @@ def selected_token_loss(
     return chunked_token_loss(
         loss_fn, flat_s, flat_t, student, teacher, chunk_tokens=chunk_tokens, overlap=overlap
     ).squeeze(0)
+
+
+# ------------------------------------------------------------------------------------- MAD-OPD (several teachers)
+MAD_CONFIDENCES = ("sampled_logp", "neg_entropy")
+"""How a teacher's confidence at a token is measured for MAD-OPD's weights (`teacher_confidence`)."""
+
+
+def teacher_confidence(teacher_logits: Tensor, sampled_ids: Tensor, kind: str = "sampled_logp") -> Tensor:
+    """MAD-OPD's confidence c_m,t of each of M teachers at each of N tokens, (M, N), from their logits (M, N, V):
+
+        "sampled_logp":  c_m,t = log p_m(y_t | ...), the teacher's log-prob of the student's sampled token y_t
+                         (`sampled_ids`, (N,));
+        "neg_entropy":   c_m,t = -H(p_m,t) = sum_v p_m,t(v) log p_m,t(v), how peaked the teacher is, whatever y_t.
+
+    No gradient (teachers are frozen)."""
+    log_p = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    if kind == "sampled_logp":
+        index = sampled_ids.reshape(1, -1, 1).expand(log_p.size(0), -1, 1)
+        return log_p.gather(-1, index).squeeze(-1)
+    if kind == "neg_entropy":
+        return (log_p.exp() * log_p).sum(-1)
+    raise ValueError(f"unknown MAD-OPD confidence {kind!r}; the known ones are {', '.join(MAD_CONFIDENCES)}")
+
+
+def mad_opd_weights(confidence: Tensor, temperature: float = 1.0) -> Tensor:
+    """MAD-OPD's per-token teacher weights, (M, N): a_m,t = softmax over the M teachers of c_m,t / temperature.
+
+    Reconstruction (the specification names MAD-OPD, "debating teachers", only; no formula is published with it):
+    the debate is read as per-token arbitration by confidence. With c = log p_m(y_t) and temperature 1,
+    a_m,t = p_m(y_t) / sum_n p_n(y_t): each teacher weighs by the probability it gives the sampled token. A large
+    temperature tends to the uniform average 1 / M; a temperature near 0 to the single most confident teacher."""
+    if not temperature > 0.0 or not math.isfinite(temperature):
+        raise ValueError(f"the MAD-OPD temperature must be a finite number > 0, got {temperature}")
+    return torch.softmax(confidence.detach().float() / temperature, dim=0)
+
+
+def mad_opd_token_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    sampled_ids: Tensor,
+    *,
+    confidence: str = "sampled_logp",
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """MAD-OPD's distillation term per token, reconstructed (see `mad_opd_weights`):
+
+        L_t = sum_m a_m,t * D(p_m,t, p_S,t),   a_m,t = softmax_m(c_m,t / temperature)   (stop-gradient on a)
+
+    with D any per-token loss of this module (`loss_fn`, e.g. `generalized_jsd`), the student's logits (N, V) (with
+    gradient), the M teachers' logits (M, N, V) and the sampled tokens (N,). Returns (L (N,), a (M, N))."""
+    weights = mad_opd_weights(teacher_confidence(teacher_logits, sampled_ids, confidence), temperature)
+    per_teacher = torch.stack([loss_fn(student_logits, logits) for logits in teacher_logits])
+    return (weights * per_teacher).sum(0), weights
+
+
+def selected_mad_opd_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    student_hidden: Tensor,
+    teacher_hiddens: list[Tensor],
+    selected: Tensor,
+    heads: tuple[nn.Module, list[nn.Module]],
+    temperature: float,
+    sampled_ids: Tensor,
+    *,
+    confidence: str = "sampled_logp",
+    mad_temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """`mad_opd_token_loss` at the `selected` (B, T) positions of the student's (B, T, H) hidden states and each of
+    the M teachers' (`teacher_hiddens`), through the (student head, teacher heads) `heads`, with the sampled tokens
+    `sampled_ids` (B, T): the per-token loss (N,) and the teachers' weights (M, N). As `selected_token_loss`: heads
+    gathered once, `chunk_tokens` positions projected at a time, each chunk recomputed in the backward pass."""
+    student = head_logits(heads[0], temperature)
+    teachers = [head_logits(head, temperature, grad=False) for head in heads[1]]
+    if not selected.any():
+        empty = student_hidden.new_zeros(len(teachers), 0, dtype=torch.float32)
+        return (student_hidden.sum() * 0.0 + student.zero()).expand(0), empty
+    flat_s, ids = student_hidden[selected], sampled_ids[selected]
+    flat_t = [hidden[selected] for hidden in teacher_hiddens]
+    weights: dict[int, Tensor] = {}
+
+    def piece(hidden_s: Tensor, chunk_ids: Tensor, index: int, *hidden_t: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_logits = torch.stack([head(h) for head, h in zip(teachers, hidden_t, strict=True)])
+        loss, chunk_weights = mad_opd_token_loss(
+            loss_fn, student(hidden_s), teacher_logits, chunk_ids, confidence=confidence, temperature=mad_temperature
+        )
+        weights.setdefault(index, chunk_weights)
+        return loss
+
+    recompute = torch.is_grad_enabled() and flat_s.requires_grad
+    pieces = []
+    for index, start in enumerate(range(0, flat_s.size(0), chunk_tokens)):
+        end = start + chunk_tokens
+        args = (flat_s[start:end], ids[start:end], index, *[hidden[start:end] for hidden in flat_t])
+        pieces.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
+    return torch.cat(pieces), torch.cat([weights[i] for i in sorted(weights)], dim=1)

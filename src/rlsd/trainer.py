@@ -10,7 +10,9 @@ With a distillation loss (`distill_loss`), the teacher runs once, at loss time: 
 distillation term (`rlsd.distill`, a chunk of tokens at a time) and, when the rule needs nothing else from the
 rollout, the rule's teacher log-probs; the student's hidden states are captured from the loss's own forward.
 Vision-language models: the teacher prompt keeps the image blocks and every forward gets the rollout's vision
-tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEntries`.
+tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEntries`. With `stages` (Sparse-to-Dense,
+`rlsd.stages`) each training rollout first enters the stage of its step (rule and loss rebuilt); with
+`mad_opd_teachers` (MAD-OPD) every teacher runs the loss-time pass and the term is their confidence-weighted sum.
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
@@ -36,7 +38,8 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 - `_tokenizer`, `_is_vlm`, `_image_pad_token_id` (read): the text tokenizer of the processing class, whether it is a
   processor, the image-pad token id. Guarded by `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`.
 - `num_generations`, `num_generations_eval` (read): group sizes; groups are consecutive rows of the gathered batch,
-  process-major. Guarded by `test_uni_opd_groups_straddling_processes_follow_the_global_layout`.
+  process-major. Guarded by `test_uni_opd_groups_straddling_processes_follow_the_global_layout`,
+  `test_two_processes_uni_opd_groups_span_both_ranks`.
 - `temperature` (read): sampling temperature that divides the logits in every scoring forward. Guarded by
   `test_teacher_logps_align_with_a_direct_forward`.
 - `reward_weights` (read): weights of the reward functions in the total. Guarded by
@@ -102,11 +105,19 @@ from rlsd import vision
 from rlsd.batch import RLSDEntries, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
-from rlsd.distill import OverlapProbe, head_logits, sdpg_ref_penalty, selected_token_loss, token_loss_fn
+from rlsd.distill import (
+    OverlapProbe,
+    head_logits,
+    sdpg_ref_penalty,
+    selected_mad_opd_loss,
+    selected_token_loss,
+    token_loss_fn,
+)
 from rlsd.privileged import RolloutView, get_source, validate_teacher_template
 from rlsd.rewards import guard_reward
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
 from rlsd.scoring import ScoreResult, score_tokens
+from rlsd.stages import STAGE_FIELDS, reachable, stage_index, stage_values
 from rlsd.teacher import (
     TEACHER_STATE_FILE,
     TEACHER_WEIGHTS_FILE,
@@ -141,27 +152,21 @@ class RLSDTrainer(GRPOTrainer):
         if not isinstance(args, RLSDConfig):
             raise TypeError(f"RLSDTrainer needs an RLSDConfig, got {type(args).__name__}")
         validate_teacher_template(args.teacher_template, args.privileged_source)
-        self.rule = get_rule(args.credit)
-        self.rule_uses_teacher = "teacher_logps" in self.rule.needs
-        self.distill_fn = (
-            None
-            if args.distill_loss == "none"
-            else token_loss_fn(
-                args.distill_loss, beta=args.distill_jsd_beta, topk=args.distill_topk, tail=args.distill_tail
-            )
-        )
-        self.uses_teacher = self.rule_uses_teacher or self.distill_fn is not None
-        # a multiplicative rule gives A_it = 0 on rows with A_i = 0 whatever the teacher says: unless a distillation
-        # term needs the teacher there too, those rows are neither rendered nor scored by the teacher
-        self.skips_known_credit = self.rule.multiplicative and self.distill_fn is None
-        # with a distillation loss the teacher runs at loss time; a rule that needs nothing else from the rollout
-        # (no group statistics, entropy or state) takes its teacher log-probs from that same pass
-        self.teacher_at_loss = (
-            self.distill_fn is not None
-            and self.rule_uses_teacher
-            and not {"group_ids", "teacher_entropy"} & self.rule.needs
-            and self.rule.state is None
-        )
+        # Sparse-to-Dense stages (`rlsd.stages`): the fields of the active stage are set on `args`; what is built once
+        # (the teacher, SDPG's reference, the checks) is built when any stage that can run needs it
+        self._stage_base = {name: getattr(args, name) for name in STAGE_FIELDS}
+        self.stage: int | None = None
+        runs = [self._stage_base]
+        if args.stages:
+            runs = [stage_values(args.stages, index, self._stage_base) for index in reachable(args.stages)]
+            self.stage = stage_index(args.stages, 1)
+            _set_fields(args, stage_values(args.stages, self.stage, self._stage_base))
+        self._set_credit_and_loss(args)
+        run_rules = [get_rule(values["credit"]) for values in runs]
+        self.any_distill = any(values["distill_loss"] != "none" for values in runs)
+        self.uses_teacher = self.any_distill or any("teacher_logps" in rule.needs for rule in run_rules)
+        self.teacher_entropy = any("teacher_entropy" in rule.needs for rule in run_rules)
+        self.any_sdpg_reference = args.sdpg_ref_coef > 0 and any(values["distill_loss"] == "sdpg" for values in runs)
         self.source = get_source(args.privileged_source)(args)
         if self.uses_teacher:
             for split_name in ("train_dataset", "eval_dataset"):
@@ -182,6 +187,7 @@ class RLSDTrainer(GRPOTrainer):
         self._last_rewards: torch.Tensor | None = None  # set by `_calculate_rewards` for `_rollout_view`
         self.rule_state = self.rule.state.from_params(rule_params(args)) if self.rule.state else None
         self.teacher: SelfTeacher | ExternalTeacher | None = None
+        self.mad_teachers: list[ExternalTeacher] = []
         if args.teacher_model is not None and not self.uses_teacher:
             logger.warning("teacher_model is set but credit=%r and distill_loss='none' use no teacher: not loaded",
                            args.credit)  # fmt: skip
@@ -197,22 +203,26 @@ class RLSDTrainer(GRPOTrainer):
                     sync_steps=args.teacher_sync_steps,
                     ema_decay=args.teacher_ema_decay,
                     temperature=self.temperature,
-                    with_entropy="teacher_entropy" in self.rule.needs,
+                    with_entropy=self.teacher_entropy,
                     cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
                 )
             if self.teacher.model is not None:
                 self.teacher.model = self._prepare_frozen_model(self.teacher.model)
+            for name in args.mad_opd_teachers or []:  # MAD-OPD's further teachers, loaded and placed alike
+                teacher = self._external_teacher(policy, kwargs.get("train_dataset"), name)
+                teacher.model = self._prepare_frozen_model(teacher.model)
+                self.mad_teachers.append(teacher)
             if args.teacher in ("synced", "ema"):
                 self.add_callback(TeacherSyncCallback(self))
         self.reference: SelfTeacher | None = None
-        if self.distill_fn is not None:
+        if self.any_distill:
             _check_plain_lm_head(self.accelerator.unwrap_model(self.model))
             if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 raise NotImplementedError(
                     "distill_loss projects the captured hidden states through the LM head after the forward, which "
                     "ZeRO-3 has re-partitioned; use FSDP2 or ZeRO-2, or a token-advantage rule (credit=...)"
                 )
-            if args.distill_loss == "sdpg" and args.sdpg_ref_coef > 0:  # SDPG's anchor to the initial model
+            if self.any_sdpg_reference:  # SDPG's anchor to the initial model
                 policy = self.accelerator.unwrap_model(self.model)
                 self.reference = SelfTeacher(
                     "initial", policy, sync_steps=1, ema_decay=0.0, temperature=self.temperature,
@@ -222,6 +232,47 @@ class RLSDTrainer(GRPOTrainer):
                     self.reference.model = self._prepare_frozen_model(self.reference.model)
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _set_credit_and_loss(self, args: RLSDConfig) -> None:
+        """The credit rule and distillation loss of `args` (of the active stage), and how the rollout serves them."""
+        self.rule = get_rule(args.credit)
+        self.rule_uses_teacher = "teacher_logps" in self.rule.needs
+        self.distill_fn = (
+            None
+            if args.distill_loss == "none"
+            else token_loss_fn(
+                args.distill_loss, beta=args.distill_jsd_beta, topk=args.distill_topk, tail=args.distill_tail
+            )
+        )
+        # a multiplicative rule gives A_it = 0 on rows with A_i = 0 whatever the teacher says: unless a distillation
+        # term needs the teacher there too, those rows are neither rendered nor scored by the teacher
+        self.skips_known_credit = self.rule.multiplicative and self.distill_fn is None
+        # with a distillation loss the teacher runs at loss time; a rule that needs nothing else from the rollout
+        # (no group statistics, entropy or state) takes its teacher log-probs from that same pass
+        self.teacher_at_loss = (
+            self.distill_fn is not None
+            and self.rule_uses_teacher
+            and not {"group_ids", "teacher_entropy"} & self.rule.needs
+            and self.rule.state is None
+        )
+
+    def _enter_stage(self, step: int) -> None:
+        """Sparse-to-Dense: make the stage of optimizer step `step` (1-based) active, its fields set on `self.args`
+        and the rule and the distillation loss rebuilt, and log its index as `rlsd/stage`; it depends on the step
+        alone, so every process switches at the same rollout. Nothing happens without `stages`."""
+        stages = self.args.stages
+        if not stages:
+            return
+        index = stage_index(stages, step)
+        if index != self.stage:
+            self.stage = index
+            _set_fields(self.args, stage_values(stages, index, self._stage_base))
+            self._set_credit_and_loss(self.args)
+            if self._is_vlm:
+                self.skips_known_credit = False
+            logger.info("step %d: stage %d (credit=%r, distill_loss=%r)", step, index, self.args.credit,
+                        self.args.distill_loss)  # fmt: skip
+        self._metrics["train"]["rlsd/stage"].append(float(index))
+
     def _check_vision_supported(self, kwargs: dict[str, Any]) -> None:
         """With a teacher, images are supported from an `image`/`images` column (the prompts may hold TRL's empty
         image placeholders) with a processor and single-turn rollouts; image blocks in the prompts of a dataset without
@@ -261,24 +312,26 @@ class RLSDTrainer(GRPOTrainer):
                 "a custom format); use credit='grpo' and distill_loss='none' with these options"
             )
 
-    def _external_teacher(self, policy: torch.nn.Module, dataset: Any) -> ExternalTeacher:
-        """`args.teacher_model`, loaded as TRL loads its reference model (`create_model_from_path`; device_map None
-        when distributed), after its vocabulary and tokenizer are checked against the student's on the first
-        training prompts (and privileged answers); placed by the caller (`_prepare_frozen_model`)."""
+    def _external_teacher(self, policy: torch.nn.Module, dataset: Any, name: str | None = None) -> ExternalTeacher:
+        """`args.teacher_model` (or `name`, one of MAD-OPD's teachers), loaded as TRL loads its reference model
+        (`create_model_from_path`; device_map None when distributed), after its vocabulary and tokenizer are checked
+        against the student's on the first training prompts (and privileged answers); placed by the caller
+        (`_prepare_frozen_model`)."""
         args = self.args
         init_kwargs = dict(args.teacher_model_init_kwargs or {})
         if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
             init_kwargs["device_map"] = None  # "auto" fails under distributed training
         columns = ("prompt", *((args.privileged_column,) if "answer" in self.source.fills else ()))
+        name = name or args.teacher_model
         model = load_external_teacher(
-            args.teacher_model, init_kwargs, policy, self._tokenizer, sample_texts(dataset, columns),
+            name, init_kwargs, policy, self._tokenizer, sample_texts(dataset, columns),
             trust_remote_code=args.trust_remote_code,
         )  # fmt: skip
-        if self.distill_fn is not None:
+        if self.any_distill:
             _check_plain_lm_head(model)
         return ExternalTeacher(
-            model, args.teacher_model, temperature=self.temperature,
-            with_entropy="teacher_entropy" in self.rule.needs, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+            model, name, temperature=self.temperature,
+            with_entropy=self.teacher_entropy, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
         )  # fmt: skip
 
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -316,7 +369,10 @@ class RLSDTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollout and scoring, then the privileged context, the teacher pass and (B, T) token advantages
-        (or, when they wait for the loss's forward, the `RLSDEntries` that let the loss compute them)."""
+        (or, when they wait for the loss's forward, the `RLSDEntries` that let the loss compute them). A training
+        rollout first enters the stage of the step it trains (`stages`)."""
+        if self.model.training:
+            self._enter_stage(self.state.global_step + 1)
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         mask = _loss_mask(output)
@@ -335,7 +391,7 @@ class RLSDTrainer(GRPOTrainer):
                 if self.args.distill_positive_only:
                     weight = weight * (output["advantages"] > 0).float()
                 entries.distill_weight = weight
-        if self.reference is not None:
+        if self.reference is not None and self.args.distill_loss == "sdpg":
             entries.ref_logps = self.score_rollout("reference", output).logps
         if not rule_pass:
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
@@ -532,13 +588,14 @@ class RLSDTrainer(GRPOTrainer):
         return ScoreResult(logps, entropies if entropy else None)
 
     @contextlib.contextmanager
-    def _scoring_model(self, which: str) -> Iterator[torch.nn.Module]:
-        """The module that scores for `which`: the teacher's or the reference's weights (a copy, an adapter, or the
-        policy itself) with gradient checkpointing off, or the student."""
+    def _scoring_model(self, which: str, owner: Any = None) -> Iterator[torch.nn.Module]:
+        """The module that scores for `which`: the teacher's (or `owner`'s, one of MAD-OPD's teachers) or the
+        reference's weights (a copy, an adapter, or the policy itself) with gradient checkpointing off, or the
+        student."""
         if which == "student":
             yield self.model
             return
-        owner = self.teacher if which == "teacher" else self.reference
+        owner = owner or (self.teacher if which == "teacher" else self.reference)
         policy = self.accelerator.unwrap_model(self.model)
         with (
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -688,6 +745,7 @@ class RLSDTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
         teacher = self._teacher_hidden(inputs, entries) if self.distill_fn is not None else None
+        others = [self._teacher_hidden(inputs, entries, owner) for owner in self.mad_teachers if teacher is not None]
         if entries.deferred and entries.teacher_logps is None:  # the rule's teacher log-probs, from the same pass
             hidden, head = teacher
             logits_fn = head_logits(head, self.temperature, grad=False)
@@ -712,7 +770,7 @@ class RLSDTrainer(GRPOTrainer):
             return loss
         completion_length = inputs["completion_ids"].size(1)
         student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
-        extra = self._distillation_term(inputs, (student, head), teacher, state.logps)
+        extra = self._distillation_term(inputs, (student, head), teacher, state.logps, others)
         return self.args.policy_loss_coef * loss + extra
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -732,15 +790,18 @@ class RLSDTrainer(GRPOTrainer):
         return logps, entropies, aux_loss
 
     @torch.no_grad()
-    def _teacher_hidden(self, inputs: dict[str, Any], entries: RLSDEntries) -> tuple[torch.Tensor, torch.nn.Module]:
-        """The teacher's last hidden states at the completion positions, (B, T, H), and its LM head: one no-grad
-        forward on [teacher prompt ; completion] with the teacher's current weights. A plain text model runs its
-        backbone only (no head projection to discard); a sharded or vision model runs whole, as TRL scores it."""
+    def _teacher_hidden(
+        self, inputs: dict[str, Any], entries: RLSDEntries, owner: ExternalTeacher | None = None
+    ) -> tuple[torch.Tensor, torch.nn.Module]:
+        """The teacher's (or `owner`'s, one of MAD-OPD's teachers) last hidden states at the completion positions,
+        (B, T, H), and its LM head: one no-grad forward on [teacher prompt ; completion] with the teacher's current
+        weights. A plain text model runs its backbone only (no head projection to discard); a sharded or vision model
+        runs whole, as TRL scores it."""
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([entries.teacher_prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([entries.teacher_prompt_mask, inputs["completion_mask"]], dim=1)
         kwargs = vision.teacher_vision_kwargs(inputs, entries.teacher_types, completion_ids.size(1))
-        with self._scoring_model("teacher") as teacher_model:
+        with self._scoring_model("teacher", owner) as teacher_model:
             backbone, head = _backbone_and_head(self.accelerator.unwrap_model(teacher_model))
             if kwargs or self.is_fsdp_enabled or self.is_deepspeed_enabled:
                 with _captured_output(backbone) as hidden:
@@ -759,9 +820,12 @@ class RLSDTrainer(GRPOTrainer):
         student: tuple[torch.Tensor, torch.nn.Module],
         teacher: tuple[torch.Tensor, torch.nn.Module],
         student_logps: torch.Tensor,
+        others: list[tuple[torch.Tensor, torch.nn.Module]] | None = None,
     ) -> torch.Tensor:
         """distill_coef * token mean of the distillation loss (+ SDPG's anchor), over the micro-batch's completion
-        tokens and scaled for gradient accumulation; rows without context (or gated out) contribute zero."""
+        tokens and scaled for gradient accumulation; rows without context (or gated out) contribute zero. With
+        MAD-OPD's further teachers (`others`), the loss is their confidence-weighted sum with `teacher`'s
+        (`rlsd.distill.selected_mad_opd_loss`)."""
         args = self.args
         mode = "train" if self.model.training else "eval"
         loss_mask = _loss_mask(inputs).float()
@@ -775,14 +839,25 @@ class RLSDTrainer(GRPOTrainer):
             "distill_token_frac": TokenMean((selected.sum() / tokens).item(), loss_mask.sum().item()),
             "distill_loss": TokenMean(math.nan, 0),
         }
-        probe = OverlapProbe(args.distill_overlap_k) if args.distill_overlap_k > 0 else None
+        probe = OverlapProbe(args.distill_overlap_k) if args.distill_overlap_k > 0 and not others else None
         if probe is not None:
             metrics["topk_overlap"] = TokenMean(math.nan, 0)
         # every process gathers FSDP2-sharded heads and runs the backward, also with no selected token (then 0)
-        per_token = selected_token_loss(
-            self.distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
-            self.temperature, chunk_tokens=args.distill_chunk_tokens, overlap=probe,
-        )  # fmt: skip
+        if others:
+            per_token, mad_weights = selected_mad_opd_loss(
+                self.distill_fn, student_hidden, [teacher_hidden, *(hidden for hidden, _ in others)], selected,
+                (student_head, [teacher_head, *(head for _, head in others)]), self.temperature,
+                inputs["completion_ids"], confidence=args.mad_opd_confidence, mad_temperature=args.mad_opd_temperature,
+                chunk_tokens=args.distill_chunk_tokens,
+            )  # fmt: skip
+            for index, row in enumerate(mad_weights):
+                mean = row.mean().item() if row.numel() else math.nan
+                metrics[f"mad_weight_{index}"] = TokenMean(mean, row.numel())
+        else:
+            per_token = selected_token_loss(
+                self.distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
+                self.temperature, chunk_tokens=args.distill_chunk_tokens, overlap=probe,
+            )  # fmt: skip
         if probe is not None and per_token.numel():
             metrics["topk_overlap"] = TokenMean(probe.values().mean().item(), per_token.numel())
         distill = (per_token * weights[selected]).sum() / tokens
@@ -952,6 +1027,12 @@ class RLSDTrainer(GRPOTrainer):
         if self.rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
             with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
                 self.rule_state.load_state_dict(json.load(f))
+
+
+def _set_fields(args: RLSDConfig, values: dict[str, Any]) -> None:
+    """Set a stage's field values on the config."""
+    for name, value in values.items():
+        setattr(args, name, value)
 
 
 def _guard_rewards(reward_funcs: Any, timeout_s: float) -> Any:
