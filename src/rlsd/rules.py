@@ -303,17 +303,17 @@ def antisd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, floa
     return token_adv.to(signals.seq_advantages.dtype), metrics
 
 
+EGRSD_MIN_GATE = Knob(0.1, "EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.", _in_unit_interval)
+"""The entropy gate's floor, shared by EGRSD and CL-EGRSD."""
+
+
 @credit_rule(
     "egrsd",
     source="EGRSD",
     exact=False,
     needs=TEACHER | {"teacher_entropy"},
     options=RLSD_OPTIONS,
-    knobs={
-        "egrsd_min_gate": Knob(
-            0.1, "EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.", _in_unit_interval
-        )
-    },
+    knobs={"egrsd_min_gate": EGRSD_MIN_GATE},
 )
 def egrsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]]:
     """EGRSD (reconstructed): A_it = A_i * m_t * g_t, m_t the RLSD multiplier and
@@ -329,9 +329,7 @@ def egrsd(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float
     needs=TEACHER | {"teacher_entropy"},
     options=RLSD_OPTIONS,
     knobs={
-        "egrsd_min_gate": Knob(
-            0.1, "EGRSD: g_min, the floor of the entropy gate 1 - H_teacher / log|V|.", _in_unit_interval
-        ),
+        "egrsd_min_gate": EGRSD_MIN_GATE,
         "egrsd_window": Knob(8, "CL-EGRSD: tokens ahead over which the minimum teacher entropy is taken.", _positive),
     },
 )
