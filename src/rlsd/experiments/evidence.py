@@ -322,6 +322,96 @@ def render_vision_demo(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------ the real model
+_REAL_LEAK = re.compile(r"\breference\b|given answer|\bthe answer is given\b", re.IGNORECASE)
+"""An OPSD-style leak on the real model: a completion that mentions a reference or a given answer."""
+
+
+def _real(root: Path) -> Path:
+    return root / "benchmarks" / "real"
+
+
+def render_real_diagnostics(root: Path) -> str:
+    """SmolLM2-135M's self-teacher before training, per teacher template (`benchmarks/real/diagnostics.json`):
+    AUC of the per-sequence mean Delta (correct above wrong) with its bootstrap interval, mean Delta, the share of
+    tokens (of rows with A != 0) whose clipped RLSD weight differs from 1, and Delta by token position."""
+    d = json.loads((_real(root) / "diagnostics.json").read_text())
+    templates = d["templates"]
+    lines = [
+        "| teacher template | AUC [95% CI] | mean Delta correct / wrong | mean abs Delta per token |"
+        " weight != 1 | weight at a clip bound |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def num(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    for name, t in templates.items():
+        low, high = t["auc_ci95"]
+        lines.append(
+            f"| {name} | {num(t['auc'], '.3f')} [{num(low, '.3f')}, {num(high, '.3f')}] | "
+            f"{num(t['delta_mean_correct'], '+.3f')} / {num(t['delta_mean_incorrect'], '+.3f')} | "
+            f"{t['delta_token_abs_mean']:.3f} | {_pct(t['weight_differs_frac'])} | {_pct(t['weight_clipped_frac'])} |"
+        )
+    lines += ["", "| token positions | " + " | ".join(f"{n}: correct / wrong" for n in templates) + " |",
+              "|---" * (1 + len(templates)) + "|"]  # fmt: skip
+    for i, cell in enumerate(next(iter(templates.values()))["delta_by_position"]):
+        row = [f"{num(t['delta_by_position'][i]['correct'], '+.3f')} / "
+               f"{num(t['delta_by_position'][i]['incorrect'], '+.3f')}" for t in templates.values()]  # fmt: skip
+        lines.append(f"| {cell['positions']} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"{d['problems']} training problems x G = {d['generations']} completions (T = 1, at most "
+        f"{d['max_new_tokens']} tokens): {d['n_correct']} of {d['sequences']} correct "
+        f"({_pct(d['accuracy'])}%), {d['groups_with_signal']} of {d['groups']} groups with reward variance; "
+        f"generation {d['generate_s']:.0f} s, student + teacher scoring {d['score_s']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _real_eval(root: Path, name: str) -> tuple[dict[str, Any] | None, float | None]:
+    """An eval summary of the real-model run and the leakage share of its completions (None when absent)."""
+    path = _real(root) / f"eval-{name}.json"
+    if not path.exists():
+        return None, None
+    completions_path = _real(root) / f"eval-{name}.completions.json"
+    leak = None
+    if completions_path.exists():
+        completions = json.loads(completions_path.read_text())
+        leak = sum(bool(_REAL_LEAK.search(c)) for c in completions) / max(1, len(completions))
+    return json.loads(path.read_text()), leak
+
+
+def render_real_runs(root: Path) -> str:
+    """GRPO / RLSD / OPSD on SmolLM2-135M (`benchmarks/real/`): held-out pass@1 before and after, training
+    reward, groups without signal, step time and the teacher pass's time, step by step, leakage. Held-out pass@1 is the
+    mean over all n samples per problem (`avg@n`; `rlsd eval`'s `pass@1` counts the first sample only)."""
+    base, base_leak = _real_eval(root, "base")
+    lines = [
+        "| method | steps | held-out pass@1 (avg@4) before -> after | train reward per step |"
+        " frac_reward_zero_std per step | s per step | teacher s per step | leakage before -> after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in ("grpo", "rlsd", "opsd"):
+        path = _real(root) / "runs" / method / "log_history.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        steps = [h for h in history if "reward" in h]
+        after, leak = _real_eval(root, method)
+        if not steps:
+            lines.append(f"| {method} | 0 | (did not run) | | | | | |")
+            continue
+        reward = " / ".join(_pct(h["reward"]) for h in steps)
+        step_time = " / ".join(f"{h['step_time']:.0f}" for h in steps)
+        teacher = " / ".join(f"{h['rlsd/teacher_time_s']:.2f}" for h in steps if "rlsd/teacher_time_s" in h) or "-"
+        before = _pct(base["avg@n"]) if base else "n/a"
+        lines.append(
+            f"| {method} | {len(steps)} | {before} -> {_pct(after['avg@n']) if after else 'n/a'} | {reward} | "
+            f"{' / '.join(_pct(h['frac_reward_zero_std'], 0) for h in steps)} | {step_time} | {teacher} | "
+            f"{_pct(base_leak)} -> {_pct(leak)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "pilot": render_pilot,
     "methods": render_methods,
@@ -334,8 +424,11 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "family": lambda root: render_methods(root, "family"),
     "family-cost": lambda root: render_cost(root, "family-cost"),
     "cost-before-skip": lambda root: render_cost(root, "cost-before-skip"),
+    "cost-trainer-v2": lambda root: render_cost(root, "cost-trainer-v2"),
     "demo": render_demo,
     "vision-demo": render_vision_demo,
+    "real-diagnostics": render_real_diagnostics,
+    "real-runs": render_real_runs,
 }
 """Every rendered table by name, as named in the documents' `<!-- table:NAME -->` markers."""
 
