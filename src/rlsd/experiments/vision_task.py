@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import statistics
 import time
@@ -38,7 +37,7 @@ from rlsd.experiments.task import (
     sample_problems,
 )
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.experiments.warmstart import _lr_factor, default_cache_dir
+from rlsd.experiments.warmstart import _lr_factor, cached_warm_start
 
 VISION_WARMSTART_FORMAT_VERSION = 1
 """Bump when the vision warm-start recipe changes in a way its configuration does not capture."""
@@ -152,16 +151,9 @@ class VisionWarmStartConfig:
 
 def vision_warm_start(config: VisionWarmStartConfig, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """Path of the warm-started model and processor for `config`, training and caching them on first use."""
-    target = (cache_dir or default_cache_dir()) / "vision-warmstart" / config.key()
-    if (target / "warmstart.json").exists():
-        return target
-    model, processor, seconds = train_vision_warm_start(config, progress=progress)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "warmstart.json").write_text(json.dumps({"config": asdict(config), "seconds": seconds}, indent=2))
-    tmp.rename(target) if not target.exists() else None
-    return target
+    return cached_warm_start(
+        "vision-warmstart", config, lambda: train_vision_warm_start(config, progress=progress), cache_dir
+    )
 
 
 def load_vision_warm_start(path: Path) -> tuple[PreTrainedModel, ImageOnlyQwen2VLProcessor]:

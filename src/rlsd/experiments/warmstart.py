@@ -13,8 +13,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -62,13 +64,21 @@ def default_cache_dir() -> Path:
 
 def warm_start(config: WarmStartConfig, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """Path of the warm-started model for `config`, training and caching it on first use."""
-    target = (cache_dir or default_cache_dir()) / "warmstart" / config.key()
+    return cached_warm_start("warmstart", config, lambda: train_warm_start(config, progress=progress), cache_dir)
+
+
+def cached_warm_start(
+    kind: str, config: Any, train: Callable[[], tuple[Any, Any, float]], cache_dir: Path | None = None
+) -> Path:
+    """`<cache>/<kind>/<config.key()>`: trained with `train()` (model, tokenizer or processor, seconds) and saved
+    on first use, under a temporary name renamed into place, so that a killed run leaves no half-written cache."""
+    target = (cache_dir or default_cache_dir()) / kind / config.key()
     if (target / "warmstart.json").exists():
         return target
-    model, tokenizer, seconds = train_warm_start(config, progress=progress)
+    model, processing, seconds = train()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    processing.save_pretrained(tmp)
     (tmp / "warmstart.json").write_text(json.dumps({"config": asdict(config), "seconds": seconds}, indent=2))
     tmp.rename(target) if not target.exists() else None
     return target
