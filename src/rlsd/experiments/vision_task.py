@@ -37,7 +37,7 @@ from rlsd.experiments.task import (
     sample_problems,
 )
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.experiments.warmstart import _lr_factor, cached_warm_start
+from rlsd.experiments.warmstart import _lr_factor, cached_warm_start, generate_batch
 
 VISION_WARMSTART_FORMAT_VERSION = 1
 """Bump when the vision warm-start recipe changes in a way its configuration does not capture."""
@@ -266,17 +266,7 @@ def generate_vision(
             images=images[start : start + batch_size], text=rendered, return_tensors="pt", padding=True,
             padding_side="left",
         )  # fmt: skip
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=1.0 if do_sample else None,
-            top_k=0 if do_sample else None,
-            top_p=1.0 if do_sample else None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=False)
+        completions += generate_batch(model, tokenizer, batch, max_new_tokens, do_sample)
     model.train(was_training)
     return [c.replace(tokenizer.pad_token, "").replace(tokenizer.eos_token, "") for c in completions]
 

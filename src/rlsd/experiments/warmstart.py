@@ -178,19 +178,32 @@ def generate(
     tokenizer.padding_side = "left"
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_k=0 if do_sample else None,
-            top_p=1.0 if do_sample else None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=False)
+        completions += generate_batch(model, tokenizer, batch, max_new_tokens, do_sample, temperature)
     model.train(was_training)
     return [c.replace(tokenizer.pad_token, "").replace(tokenizer.eos_token, "") for c in completions]
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+) -> list[str]:
+    """The decoded new tokens of one tokenized (or processed) batch: greedy, or sampled from the full distribution
+    at `temperature` (no top-k / top-p truncation), special tokens kept for the caller to strip."""
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=1.0 if do_sample else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=False)
 
 
 def pass_at_1(
