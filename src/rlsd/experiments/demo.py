@@ -203,16 +203,21 @@ def train_method(
         diagnostics.append(teacher_diagnostics(policy, tokenizer, eval_problems, config, step=config.steps))
         for row in diagnostics:
             record({"kind": "diagnostics", "method": method, "seed": config.seed, **row})
+    return trainer, run_summary(evals, callback.step_seconds, time.perf_counter() - began)
+
+
+def run_summary(evals: list[dict[str, Any]], step_seconds: list[float], wall_seconds: float) -> dict[str, Any]:
+    """One method's summary: held-out pass@1 at the start, end and peak, final leakage and length, step time."""
     peak = max(evals, key=lambda row: row["pass_at_1"])
-    return trainer, {
+    return {
         "initial_pass_at_1": evals[0]["pass_at_1"],
         "final_pass_at_1": evals[-1]["pass_at_1"],
         "peak_pass_at_1": peak["pass_at_1"],
         "peak_step": peak["step"],
         "final_leakage_rate": evals[-1]["leakage_rate"],
         "final_mean_length": evals[-1]["mean_length"],
-        "seconds_per_step": statistics.median(callback.step_seconds),
-        "wall_seconds": time.perf_counter() - began,
+        "seconds_per_step": statistics.median(step_seconds),
+        "wall_seconds": wall_seconds,
     }
 
 

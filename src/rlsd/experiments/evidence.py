@@ -282,9 +282,8 @@ def render_study(root: Path) -> str:
     return render_study_table(json.loads((root / "benchmarks" / "study" / "results.json").read_text())["study"])
 
 
-def render_demo(root: Path) -> str:
-    """The README's demo table from the committed summary of one `make demo` run."""
-    summary = json.loads((root / "benchmarks" / "demo" / "summary.json").read_text())
+def _demo_rows(summary: dict[str, Any]) -> list[str]:
+    """The per-method table of a demo summary (text or vision)."""
     lines = [
         "| method | warm start | final pass@1 | peak (step) | final leakage | s / step |",
         "|---|---|---|---|---|---|",
@@ -293,7 +292,13 @@ def render_demo(root: Path) -> str:
         lines.append(f"| {method} | {_pct(s['initial_pass_at_1'])} | {_pct(s['final_pass_at_1'])} | "
                      f"{_pct(s['peak_pass_at_1'])} ({s['peak_step']}) | {_pct(s['final_leakage_rate'])} | "
                      f"{s['seconds_per_step']:.2f} |")  # fmt: skip
-    lines.append("")
+    return lines
+
+
+def render_demo(root: Path) -> str:
+    """The README's demo table from the committed summary of one `make demo` run."""
+    summary = json.loads((root / "benchmarks" / "demo" / "summary.json").read_text())
+    lines = [*_demo_rows(summary), ""]
     timing = json.loads((root / "benchmarks" / "demo" / "timing.json").read_text())
     lines.append(
         f"`rlsd demo` took {summary['total_seconds']:.0f} s, {summary['warm_start_seconds']:.0f} s of it the warm "
@@ -306,15 +311,7 @@ def render_demo(root: Path) -> str:
 def render_vision_demo(root: Path) -> str:
     """The README's vision demo table from the committed summary of one `rlsd demo --task vision` run."""
     summary = json.loads((root / "benchmarks" / "vision-demo" / "summary.json").read_text())
-    lines = [
-        "| method | warm start | final pass@1 | peak (step) | final leakage | s / step |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method, s in summary["methods"].items():
-        lines.append(f"| {method} | {_pct(s['initial_pass_at_1'])} | {_pct(s['final_pass_at_1'])} | "
-                     f"{_pct(s['peak_pass_at_1'])} ({s['peak_step']}) | {_pct(s['final_leakage_rate'])} | "
-                     f"{s['seconds_per_step']:.2f} |")  # fmt: skip
-    lines.append("")
+    lines = [*_demo_rows(summary), ""]
     lines.append(
         f"`rlsd demo --task vision` took {summary['total_seconds']:.0f} s, {summary['warm_start_seconds']:.0f} s of "
         f"it the warm start (cold cache), {summary['config']['eval_size']} held-out problems."

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from rlsd.experiments.demo import DemoConfig, _Bar, _EvalAndTiming, jsonable, trainer_args
+from rlsd.experiments.demo import DemoConfig, _Bar, _EvalAndTiming, jsonable, run_summary, trainer_args
 from rlsd.experiments.task import (
     TEACHER_TEMPLATE,
     Problem,
@@ -413,17 +413,7 @@ def train_vision_method(
     with tqdm(total=config.steps, desc=f"{method} (vision, seed {config.seed})", disable=not progress) as bar:
         trainer.add_callback(_Bar(bar))
         trainer.train()
-    peak = max(evals, key=lambda row: row["pass_at_1"])
-    return trainer, {
-        "initial_pass_at_1": evals[0]["pass_at_1"],
-        "final_pass_at_1": evals[-1]["pass_at_1"],
-        "peak_pass_at_1": peak["pass_at_1"],
-        "peak_step": peak["step"],
-        "final_leakage_rate": evals[-1]["leakage_rate"],
-        "final_mean_length": evals[-1]["mean_length"],
-        "seconds_per_step": statistics.median(callback.step_seconds),
-        "wall_seconds": time.perf_counter() - began,
-    }
+    return trainer, run_summary(evals, callback.step_seconds, time.perf_counter() - began)
 
 
 # ------------------------------------------------------------------------------------------- the token-credit viewer
