@@ -116,12 +116,7 @@ class SelfTeacher:
         policy's forward is kept and swapped in only around teacher forwards (`forward_context`)."""
         base = policy.get_base_model() if _is_peft_model(policy) else policy
         policy_forward = base.__dict__.pop("forward", None)  # TRL's fused forward, if installed
-        add_fused_lm_head(
-            base,
-            temperature=temperature,
-            cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-            outputs=("log_probs", "entropy") if with_entropy else ("log_probs",),
-        )
+        _install_teacher_head(base, temperature, with_entropy, cast_lm_head_to_fp32)
         self._scoring_forward = base.__dict__.pop("forward")
         if policy_forward is not None:
             base.forward = policy_forward
@@ -157,12 +152,7 @@ class SelfTeacher:
         head = base.get_output_embeddings()
         if "forward" in head.__dict__:  # TRL's fp32 head patch, whose closure points at the policy's head
             head.forward = _fp32_linear(head)
-        add_fused_lm_head(
-            base,
-            temperature=temperature,
-            cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-            outputs=("log_probs", "entropy") if with_entropy else ("log_probs",),
-        )
+        _install_teacher_head(base, temperature, with_entropy, cast_lm_head_to_fp32)
         teacher.eval()
         teacher.requires_grad_(False)
         return teacher
@@ -337,12 +327,7 @@ class ExternalTeacher:
         cast_lm_head_to_fp32: bool = False,
     ) -> None:
         model.__dict__.pop("forward", None)
-        add_fused_lm_head(
-            model,
-            temperature=temperature,
-            cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-            outputs=("log_probs", "entropy") if with_entropy else ("log_probs",),
-        )
+        _install_teacher_head(model, temperature, with_entropy, cast_lm_head_to_fp32)
         model.eval()
         model.requires_grad_(False)
         self.model: nn.Module | None = model
@@ -601,6 +586,18 @@ def _load_full_state_dict(model: nn.Module, path: str) -> None:
     first = torch.distributed.get_rank() == 0
     weights = torch.load(path, map_location="cpu", weights_only=True) if first else {}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _install_teacher_head(
+    model: nn.Module, temperature: float, with_entropy: bool, cast_lm_head_to_fp32: bool
+) -> None:
+    """TRL's fused log-prob head on `model`, computing the entropy only when the rule reads it."""
+    add_fused_lm_head(
+        model,
+        temperature=temperature,
+        cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+        outputs=("log_probs", "entropy") if with_entropy else ("log_probs",),
+    )
 
 
 def is_zero3_partitioned(model: nn.Module) -> bool:
