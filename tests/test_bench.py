@@ -104,3 +104,34 @@ def test_bench_family_members_run_in_methods_and_cost(cache, tmp_path):
     assert bench_main(argv) == 0
     cost = json.loads((tmp_path / "cost.json").read_text())["results"]
     assert cost["opsd-jsd"]["step_ratio_to_grpo"] > 0
+
+
+def test_bench_external_teacher_methods_and_trl_distillation_anchor(cache, tmp_path):
+    """OPD's entries train from the demo's larger external teacher (warm-started and cached on first use), TRL's
+    DistillationTrainer runs on opd-jsd's configuration with that teacher, and the teacher's own score is recorded."""
+    from dataclasses import replace
+
+    from rlsd.experiments.bench import distillation_builder
+    from rlsd.experiments.demo import quick_config, trainer_args
+    from rlsd.experiments.task import make_rl_dataset
+    from rlsd.experiments.warmstart import load_warm_start, warm_start
+
+    out = tmp_path / "teachers"
+    argv = ["methods", "--quick", "--seeds", "1", "--methods", "opd-jsd,trl-distill", "--out", str(out),
+            "--no-progress", "--greedy-only"]  # fmt: skip
+    assert bench_main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows].count("teacher_eval") == 1
+    for method in ("opd-jsd", "trl-distill"):
+        losses = [r["loss"] for r in rows if r.get("method") == method and r["kind"] == "train"]
+        assert losses and all(loss > 0 for loss in losses)
+    config = replace(quick_config(out), steps=1)
+    teacher_path = str(warm_start(config.external_teacher(), progress=False))
+    assert teacher_path != str(warm_start(config.warm, progress=False))
+    assert trainer_args(config, "opd").teacher_model == teacher_path
+    assert trainer_args(config, "grpo").teacher_model is None
+    model, tokenizer = load_warm_start(warm_start(config.warm, progress=False))
+    dataset = make_rl_dataset(config.warm.task, 8, seed=0, split="train")
+    peer = distillation_builder(config)(model, tokenizer, dataset, [])
+    assert peer.teacher_model.config.hidden_size == config.external_teacher().hidden_size != model.config.hidden_size
+    assert peer.args.beta == trainer_args(config, "opd-jsd").distill_jsd_beta

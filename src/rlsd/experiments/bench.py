@@ -22,10 +22,18 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from rlsd.experiments.demo import DemoConfig, budget_kwargs, jsonable, quick_config, train_method
+from rlsd.experiments.demo import (
+    DemoConfig,
+    budget_kwargs,
+    evaluate_heldout,
+    jsonable,
+    quick_config,
+    train_method,
+    trainer_args,
+)
 from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
 from rlsd.experiments.task import accuracy_reward, evaluation_problems
-from rlsd.experiments.warmstart import warm_start
+from rlsd.experiments.warmstart import load_warm_start, warm_start
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 """Two-sided 95% Student-t quantiles by degrees of freedom."""
@@ -50,6 +58,42 @@ def sdpo_builder(config: DemoConfig):
     return build
 
 
+def distillation_builder(config: DemoConfig):
+    """A factory for TRL's stable DistillationTrainer on `opd-jsd`'s configuration (on-policy generalized JSD with
+    beta 0.5 from the same external teacher, the same completions per step, length, steps and learning rate)."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    opd = trainer_args(config, "opd-jsd")
+    fields = set(DistillationConfig.__dataclass_fields__)
+    budget = {k: v for k, v in budget_kwargs(config, "trl-distill").items() if k in fields}
+
+    def build(model, tokenizer, train_dataset, callbacks):
+        args = DistillationConfig(**budget, beta=opd.distill_jsd_beta, disable_dropout=True)
+        return DistillationTrainer(
+            model,
+            teacher_model=opd.teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+    return build
+
+
+def uses_external_teacher(config: DemoConfig, methods: tuple[str, ...]) -> bool:
+    """Whether any of `methods` distils from the demo's external teacher (its own held-out score is then recorded)."""
+    return "trl-distill" in methods or any(
+        {**(CATALOGUE.get(m) or {}), **config.method_overrides.get(m, {})}.get("teacher") == "external"
+        and "teacher_model" not in config.method_overrides.get(m, {})
+        for m in methods
+    )
+
+
+PEERS = {"sdpo": sdpo_builder, "trl-distill": distillation_builder}
+"""The methods another library trains: a factory of the peer's trainer from the demo config."""
+
+
 def run_methods(
     config: DemoConfig, methods: tuple[str, ...], seeds: list[int], progress: bool, resume: bool = False
 ) -> dict[str, Any]:
@@ -72,12 +116,20 @@ def run_methods(
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    if uses_external_teacher(config, methods) and not any(r.get("kind") == "teacher_eval" for r in kept):
+        teacher, tokenizer = load_warm_start(warm_start(config.external_teacher(), progress=progress))
+        record(
+            {
+                "kind": "teacher_eval",
+                **evaluate_heldout(teacher, tokenizer, eval_problems, config.max_completion_length),
+            }
+        )
     for seed in seeds:
         for method in methods:
             if f"{method}/{seed}" in runs:
                 continue
             seeded = replace(config, seed=seed)
-            builder = sdpo_builder(seeded) if method == "sdpo" else None
+            builder = PEERS[method](seeded) if method in PEERS else None
             _, summary = train_method(
                 method, seeded, warm_path, eval_problems, record, progress=progress, build_trainer=builder
             )

@@ -32,7 +32,13 @@ from rlsd.experiments.task import (
     make_rl_dataset,
     teacher_prompt,
 )
-from rlsd.experiments.warmstart import WarmStartConfig, generate, load_warm_start, warm_start
+from rlsd.experiments.warmstart import (
+    WarmStartConfig,
+    external_teacher_config,
+    generate,
+    load_warm_start,
+    warm_start,
+)
 from rlsd.scoring import score_tokens
 from rlsd.trainer import RLSDTrainer
 
@@ -59,11 +65,16 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     warm: WarmStartConfig = field(default_factory=WarmStartConfig)
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra or variant methods
+    teacher_warm: WarmStartConfig | None = None  # the external teacher's warm start (None: external_teacher_config)
 
     def __post_init__(self) -> None:
         check_known([m for m in self.methods if m not in self.method_overrides])
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
+
+    def external_teacher(self) -> WarmStartConfig:
+        """The warm start of the larger frozen teacher that methods with `teacher="external"` distil from."""
+        return self.teacher_warm or external_teacher_config(self.warm)
 
 
 def quick_config(out: Path, seed: int = 0) -> DemoConfig:
@@ -89,6 +100,7 @@ def quick_config(out: Path, seed: int = 0) -> DemoConfig:
         warmup_steps=0,
         out=out,
         warm=warm,
+        teacher_warm=replace(warm, hidden_size=48, steps=40),
         seed=seed,
     )
 
@@ -238,6 +250,8 @@ class _Bar(TrainerCallback):
 def trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
     """The shared budget plus the method's own overrides (`lr_multiplier` scales the shared learning rate)."""
     overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
+    if overrides.get("teacher") == "external" and "teacher_model" not in overrides:
+        overrides["teacher_model"] = str(warm_start(config.external_teacher(), progress=False))
     budget = budget_kwargs(config, method)
     budget["learning_rate"] *= overrides.pop("lr_multiplier", 1.0)
     return RLSDConfig(

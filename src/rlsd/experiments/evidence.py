@@ -319,6 +319,27 @@ def render_vision_demo(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_teachers(root: Path) -> str:
+    """The external-teacher comparison (`benchmarks/teachers/`): the methods table, the frozen teacher's own greedy
+    pass@1 on the same held-out problems, and each method's median seconds per step with its ratio to GRPO's."""
+    rows, results = _methods_rows(root, "teachers")
+    lines = [render_methods(root, "teachers").rstrip("\n"), ""]
+    teacher = [r for r in rows if r.get("kind") == "teacher_eval"]
+    if teacher:
+        lines += [f"The external teacher alone (greedy, same {results['config']['eval_size']} held-out problems): "
+                  f"pass@1 {_pct(teacher[-1]['pass_at_1'])}.", ""]  # fmt: skip
+    per_step: dict[str, list[float]] = {}
+    for key, run in results["runs"].items():
+        per_step.setdefault(key.rsplit("/", 1)[0], []).append(run["seconds_per_step"])
+    grpo = statistics.median(per_step["grpo"]) if "grpo" in per_step else None
+    lines += ["| method | median s / step | ratio to GRPO |", "|---|---|---|"]
+    for method, values in per_step.items():
+        median = statistics.median(values)
+        ratio = f"{median / grpo:.2f}x" if grpo else "n/a"
+        lines.append(f"| {method} | {median:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ the real model
 _REAL_LEAK = re.compile(r"\breference\b|given answer|\bthe answer is given\b", re.IGNORECASE)
 """An OPSD-style leak on the real model: a completion that mentions a reference or a given answer."""
@@ -424,6 +445,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "cost-trainer-v2": lambda root: render_cost(root, "cost-trainer-v2"),
     "demo": render_demo,
     "vision-demo": render_vision_demo,
+    "teachers": render_teachers,
     "real-diagnostics": render_real_diagnostics,
     "real-runs": render_real_runs,
 }

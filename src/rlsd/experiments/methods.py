@@ -43,11 +43,27 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
     "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
     # OPD (the paper's baseline): a separate, stronger frozen teacher shown the plain prompt; the sampled-token Delta
-    # as the advantage, or the full-vocabulary JSD alone. `teacher="external"` needs `teacher_model` (the path of a
-    # model with the student's tokenizer) from `method_overrides`, and is refused without one: the embedded task has
-    # no larger teacher yet (issue 14, item 5), so no default subset of the demo or the bench runs these.
+    # as the advantage, or the full-vocabulary JSD alone. `teacher="external"` takes `teacher_model` from
+    # `method_overrides`, else the demo config's external teacher (a larger warm start, `external_teacher_config`).
     "opd": {**_OPD, "credit": "opsd"},
     "opd-jsd": {**_OPD, "credit": "grpo", "distill_loss": "jsd", "policy_loss_coef": 0.0},
+    # TRL's stable DistillationTrainer on opd-jsd's configuration (on-policy JSD, beta 0.5, same external teacher):
+    # the peer for OPD (built by the bench, not from an RLSDConfig)
+    "trl-distill": None,
+    # RLSD with the external teacher in place of the self-teacher (shown the answer, as RLSD's teacher is), and SOD
+    # with the external teacher shown the plain prompt (its paper's setting: GRPO + the teacher's Delta)
+    "rlsd-external": {"credit": "rlsd", "teacher": "external", "privileged_source": "answer"},
+    "sod-external": {**_OPD, "credit": "sod"},
+    # teacher rollouts from the external teacher: BRTS (best of 4 teacher samples, top-k distillation on it, lambda
+    # 0.05, beside GRPO) and PBSD (teacher samples preferred over the student's, DPO-style, beside GRPO)
+    "brts": {**_OPD, "credit": "grpo", "teacher_rollout_loss": "brts", "teacher_rollouts": 4, "distill_overlap_k": 16},
+    "pbsd": {
+        "credit": "grpo",
+        "teacher": "external",
+        "privileged_source": "answer",
+        "teacher_rollout_loss": "pbsd",
+        "teacher_rollouts": 1,
+    },
     # teacher modes and lam schedules (cost and study); `rlsd-decayed` is RLSD after lam has reached 0
     "rlsd-live": {"credit": "rlsd", "teacher": "live"},
     "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},
@@ -74,6 +90,8 @@ FAMILY_METHODS = (
     "rlrt", "antisd", "egrsd", "cl-egrsd", "sod", "uni-opd", "gear", "opsd-jsd", "opsd-topk", "opsd-teacher-top1",
     "opsd-student-top1", "sdpg", "rlsd-sibling", "sdpo-jsd",
 )  # fmt: skip
+TEACHER_METHODS = ("grpo", "rlsd", "opd", "opd-jsd", "trl-distill", "rlsd-external", "sod-external", "brts", "pbsd")
+"""The external-teacher comparison (BENCHMARKS.md): self-teacher methods beside those of a larger frozen teacher."""
 COST_CONFIGS = ("grpo", "rlsd-live", "rlsd-synced", "rlsd-initial", "rlsd-decayed", "sdpo", *FAMILY_METHODS)
 STUDY_CONFIGS = ("grpo", "rlsd", "rlsd-const", "rlsd-lam1", "rlsd-neg", "rlsd-live")
 """The study's knobs, each paired with GRPO on the same seeds: `rlsd` decays lam from 0.5 to 0 over the demo's

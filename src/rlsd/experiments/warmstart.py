@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,12 @@ class WarmStartConfig:
     def key(self) -> str:
         payload = json.dumps({"version": WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def external_teacher_config(student: WarmStartConfig) -> WarmStartConfig:
+    """The embedded task's external teacher (OPD and the teacher-rollout methods): the student's recipe and data on a
+    model about 3x larger (hidden 192, 6 layers; 3.2M parameters against 1.1M), trained 2.2x longer."""
+    return replace(student, hidden_size=192, num_layers=6, num_heads=6, intermediate_size=768, steps=1000)
 
 
 def default_cache_dir() -> Path:
