@@ -73,3 +73,34 @@ def test_method_colors_never_repeat():
     methods = [*COLORS, *(f"method-{i}" for i in range(30))]
     colors = method_colors(methods)
     assert len(set(colors.values())) == len(methods) and colors["grpo"] == COLORS["grpo"]
+
+
+def test_paired_bootstrap_by_hand():
+    """Equal differences collapse the interval onto them; otherwise it brackets the mean within the data's range."""
+    from rlsd.experiments.evidence import paired_bootstrap
+
+    assert paired_bootstrap([0.25] * 10, resamples=200) == (0.25, 0.25, 0.25)
+    mean, low, high = paired_bootstrap([0.0, 0.0, 0.0, 1.0], resamples=2000)
+    assert mean == 0.25 and 0.0 <= low < mean < high <= 1.0
+    assert paired_bootstrap([0.0, 1.0], resamples=500, seed=3) == paired_bootstrap([0.0, 1.0], resamples=500, seed=3)
+
+
+def test_real_round_renders_intervals_from_samples(tmp_path):
+    """A later real-model round: avg@n by problem, the paired change, halves of the reward, the teacher's share."""
+    import json
+
+    from rlsd.experiments.evidence import render_real_round
+
+    folder = tmp_path / "benchmarks" / "real" / "round2"
+    (folder / "runs" / "grpo").mkdir(parents=True)
+    base = [{"problem": p, "reward": float(p == 0 and s == 0), "completion": "x"} for p in range(2) for s in range(2)]
+    after = [{"problem": p, "reward": 1.0, "completion": "a reference"} for p in range(2) for s in range(2)]
+    (folder / "eval-base.samples.json").write_text(json.dumps(base))
+    (folder / "eval-grpo.samples.json").write_text(json.dumps(after))
+    history = [{"reward": r, "frac_reward_zero_std": 0.5, "step_time": 10.0} for r in (0.0, 0.5, 0.25, 0.75)]
+    (folder / "runs" / "grpo" / "log_history.json").write_text(json.dumps(history))
+    table = render_real_round(tmp_path)
+    # before: problem 0 avg 0.5, problem 1 avg 0 -> 25.0; after 100.0; reward halves 25.0 / 50.0; leakage 0 -> 100
+    expected = "| grpo | 4 | 25.0 -> 100.0 | +75.0 [+50.0, +100.0] | 25.0 / 50.0 | 50.0 | 10.0 | - | 0.0 -> 100.0 |"
+    assert expected in table
+    assert "| rlsd | 0 | (did not finish)" in table

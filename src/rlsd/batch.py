@@ -28,6 +28,8 @@ class RLSDEntries:
     privileged context. Distillation: each row's weight in the distillation term; SDPG's reference log-probs.
     Deferred credit (only when the student's log-probs come from the loss's own forward): the sequence advantages,
     the teacher's log-probs (and entropy), which rows the rule scores, lam and the rule state's values.
+    Teacher rollouts (`teacher_rollout_loss`): each row's teacher trajectory (BRTS: its prompt's kept one; PBSD: its
+    paired sample), and BRTS's teacher top-K on it or PBSD's teacher sequence log-probs.
     """
 
     has_context: Tensor | None = None  # (B,) bool
@@ -42,6 +44,12 @@ class RLSDEntries:
     scored: Tensor | None = None  # (B,) bool: the rows a multiplicative rule scores (A_i != 0)
     lam: Tensor | None = None  # 0-dim float64
     state_values: dict[str, Tensor] = field(default_factory=dict)  # 0-dim float64 by parameter name
+    rollout_ids: Tensor | None = None  # (B, L) the teacher trajectory a row learns from (BRTS, PBSD)
+    rollout_mask: Tensor | None = None  # (B, L)
+    rollout_topk_logps: Tensor | None = None  # (B, L, K) BRTS: the teacher's top-K log-probs on its trajectory
+    rollout_topk_ids: Tensor | None = None  # (B, L, K) BRTS: their token ids
+    rollout_ref_logps: Tensor | None = None  # (B,) PBSD: log pi_T(y+ | x_T), the teacher on its own sample
+    rollout_neg_ref_logps: Tensor | None = None  # (B,) PBSD: log pi_T(y- | x_T), the teacher on the completion
 
     @property
     def deferred(self) -> bool:

@@ -12,7 +12,7 @@ from rlsd.distill import MAD_CONFIDENCES
 from rlsd.privileged import SOURCES, get_source, validate_teacher_template
 from rlsd.rewards import DEFAULT_REWARD_TIMEOUT_S
 from rlsd.rules import KNOBS, RULES, check_knobs, check_rule_options
-from rlsd.stages import check_stages, parse_stages, reachable
+from rlsd.stages import STAGE_FIELDS, check_stages, parse_stages, reachable, stage_values
 from rlsd.validate import ConfigError, check_finite_floats, check_positive
 
 TEACHER_MODES = ("synced", "live", "initial", "ema")
@@ -25,6 +25,10 @@ POSITIVE_FIELDS = ("max_completion_length", "num_generations", "per_device_train
 """Counts that must be >= 1 (checked up front: 0 fails deep inside TRL or generation otherwise)."""
 DISTILL_COEF_DEFAULTS = {"sdpg": 0.001}
 """`distill_coef` when left unset: SDPG's beta = 0.001; 1.0 for the OPSD losses."""
+ROLLOUT_LOSSES = ("none", "brts", "pbsd")
+"""`teacher_rollout_loss`: the terms learned from teacher rollouts (`rlsd.teacher_rollouts`)."""
+ROLLOUT_COEF_DEFAULTS = {"brts": 0.05, "pbsd": 1.0}
+"""`teacher_rollout_coef` when left unset: BRTS's lambda = 0.05; DPO's unscaled loss for PBSD."""
 
 
 RuleKnobs = make_dataclass(
@@ -149,6 +153,19 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             With a distillation loss, log `rlsd/topk_overlap`, Rethinking-OPD's diagnostic: |TopK(p_S) & TopK(p_T)|
             / k per distilled completion token, token-mean, from the logits the term builds anyway (no extra
             projection, no (B, T, V) tensor). 0 turns it off.
+        teacher_aligned_prompts (`float`, *optional*, defaults to `0.0`):
+            Rethinking-OPD's teacher-aligned prompt selection, reconstructed without the teacher's training data
+            (`rlsd.prompt_selection`): 0 is off; a value in (0, 1] keeps that fraction of the training prompts
+            (ceil(fraction * N), at least 1, in dataset order), the ones whose teacher and student agree most: a
+            prompt's score is the mean over the tokens of the student's greedy continuation (at most
+            `max_completion_length` new tokens) of |TopK(p_S) & TopK(p_T)| / k with k = `distill_overlap_k` (16
+            when that is 0), the teacher conditioned on the teacher prompt it sees in training (`teacher_model`
+            with `privileged_source="none"`: the plain prompt; `"both"`: the answer without a sibling). Applied once
+            at construction to the train dataset (a `datasets.Dataset` of text prompts; its columns are kept),
+            which costs one greedy generation and two forwards (student, teacher) per training prompt; the scores
+            are kept on the trainer as `prompt_alignment`. Needs a teacher (a credit rule that reads it or a
+            distillation loss); refused with `privileged_source="sibling"` (no sibling exists before training) and
+            with a self-teacher shown the plain prompt (it equals the student at construction: every score is 1).
         sdpg_ref_coef (`float`, *optional*, defaults to `0.001`):
             SDPG's alpha: weight of 0.5 (log pi_theta - log pi_ref)^2 on sampled tokens, pi_ref the initial model
             (with PEFT, the starting adapter, as for `teacher="initial"`). Scored at rollout time, only with
@@ -156,6 +173,43 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         policy_loss_coef (`float`, *optional*, defaults to `1.0`):
             Weight of TRL's loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains
             on the distillation term alone (full OPSD).
+        teacher_rollout_loss (`str`, *optional*, defaults to `"none"`):
+            A term learned from teacher *rollouts* (`rlsd.teacher_rollouts`; both methods are the project's
+            reconstructions from their descriptions): at each training rollout the teacher (the self-teacher in any
+            mode, or `teacher_model`) generates `teacher_rollouts` completions per prompt from its teacher prompt,
+            with the student's generation settings (transformers `generate`, `temperature` / `top_p` / `top_k`,
+            `max_completion_length`), and `teacher_rollout_coef` times the term is added to the policy loss.
+            `"brts"` (best-of-N rollout teacher selection): the N are scored with the run's reward functions and one
+            is kept per prompt: the best weighted total reward first (with 0/1 rewards: a correct one, reward > 0),
+            then the most student-aligned (mean |TopK(p_S) & TopK(p_T)| / K over its tokens, K =
+            `distill_overlap_k`, the student on the plain prompt); when none of the N has reward > 0 the teacher
+            retries N more with the reference answer shown (the `"answer"` source's template) and the same choice is
+            made among them; if still none is correct, the most aligned of all 2N is kept (logged, never dropped).
+            The term is the token mean of KL(p_T^K || p_S^K) over the teacher's top K tokens (both renormalized over
+            those K) at each token of the kept trajectory, the student teacher-forced on it after the plain prompt.
+            `"pbsd"` (preference-based self-distillation): student completion j of a group is paired with teacher
+            sample j mod N, and the term is the mean over completions of DPO's -log sigmoid(`pbsd_beta` *
+            [(log pi(y+|x) - log pi_T(y+|x_T)) - (log pi(y-|x) - log pi_T(y-|x_T))]) with y+ the teacher sample,
+            y- the student's completion, pi the student on the plain prompt x (sequence log-probs, with gradient)
+            and pi_T the teacher on its teacher prompt x_T (no gradient). Cost per step: one teacher generation of
+            N per prompt (BRTS: 2N when the retry runs, which then runs on every process), two no-grad forwards per
+            candidate (BRTS: teacher and student; PBSD: the teacher on its samples and on the completions) and one
+            more student forward with gradient per micro-batch on the teacher trajectories. Needs
+            `privileged_source` `"answer"` or `"none"` (a sibling is chosen per completion, not per prompt); refused
+            with `use_vllm` (teacher generation uses transformers; the vLLM path is not implemented, as it cannot
+            be tested here), `stages`, `mad_opd_teachers`, tools, environments, rollout functions, images, FSDP
+            and DeepSpeed. Logs `rlsd/teacher_rollout_loss`, `rlsd/teacher_rollout_time_s`, and for BRTS
+            `rlsd/teacher_rollout_correct` (share of kept trajectories that are correct),
+            `rlsd/teacher_rollout_retry` (share of prompts that needed the retry) and
+            `rlsd/teacher_rollout_alignment`, for PBSD `rlsd/pbsd_margin` (mean of the beta-scaled margin m).
+        teacher_rollouts (`int`, *optional*, defaults to `4`):
+            N, the teacher completions generated per prompt (BRTS's candidates, PBSD's positives). Must be >= 1.
+        teacher_rollout_coef (`float` or `None`, *optional*, defaults to `None`):
+            Weight of the teacher-rollout term; `None` means 0.05 for `"brts"` (the paper's lambda) and 1.0 for
+            `"pbsd"` (DPO's loss unscaled, as DPO uses it: its gradient on each sequence log-prob is already at
+            most `pbsd_beta`). 0 computes the term but leaves the loss and its gradient unchanged.
+        pbsd_beta (`float`, *optional*, defaults to `0.1`):
+            PBSD's beta, the inverse temperature of its DPO margin. Must be > 0.
         stages (`list[dict]`, `str` or `None`, *optional*, defaults to `None`):
             Sparse-to-Dense's stage schedule (`rlsd.stages`): a list (a JSON string on the command line) of dicts
             `{"until_step": N, <field>: <value>, ...}` whose fields (`credit`, `distill_loss`, `distill_coef`,
@@ -277,8 +331,24 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
     distill_overlap_k: int = field(
         default=16, metadata={"help": "k of the logged rlsd/topk_overlap of the distilled tokens (0: off)."}
     )
+    teacher_aligned_prompts: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep only this fraction of the training prompts, those with the highest teacher-student top-k "
+            "overlap on the student's greedy continuation (0: off; costs a generation per prompt at start)."
+        },
+    )
     sdpg_ref_coef: float = field(default=0.001, metadata={"help": "SDPG alpha: 0.5 (log pi/pi_ref)^2 weight."})
     policy_loss_coef: float = field(default=1.0, metadata={"help": "Weight of TRL's loss (0: distillation only)."})
+    teacher_rollout_loss: str = field(
+        default="none",
+        metadata={"help": "Term learned from teacher rollouts: none, brts or pbsd.", "choices": list(ROLLOUT_LOSSES)},
+    )
+    teacher_rollouts: int = field(default=4, metadata={"help": "N: teacher completions generated per prompt."})
+    teacher_rollout_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the teacher-rollout term (None: 0.05 for brts, 1.0 for pbsd)."}
+    )
+    pbsd_beta: float = field(default=0.1, metadata={"help": "PBSD: beta of the DPO margin."})
     stages: list[dict[str, Any]] | str | None = field(
         default=None,
         metadata={
@@ -352,6 +422,65 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         validate_teacher_template(self.teacher_template, self.privileged_source)
         self._check_stages()
         self._check_mad_opd()
+        self._check_teacher_aligned_prompts()
+        self._check_teacher_rollouts()
+
+    def _check_teacher_rollouts(self) -> None:
+        """`teacher_rollout_loss` and its knobs checked, its coefficient defaulted, and the combinations it cannot
+        run with refused."""
+        flag = "--teacher_rollout_loss"
+        if self.teacher_rollout_loss not in ROLLOUT_LOSSES:
+            raise ConfigError(flag, f"is {self.teacher_rollout_loss!r}", f"use one of {', '.join(ROLLOUT_LOSSES)}")
+        if self.teacher_rollouts < 1:
+            raise ConfigError("--teacher_rollouts", f"must be >= 1, got {self.teacher_rollouts}", "pass e.g. 4")
+        if not self.pbsd_beta > 0.0:
+            raise ConfigError("--pbsd_beta", f"must be > 0, got {self.pbsd_beta}", "pass e.g. 0.1")
+        if self.teacher_rollout_coef is None and self.teacher_rollout_loss != "none":
+            self.teacher_rollout_coef = ROLLOUT_COEF_DEFAULTS[self.teacher_rollout_loss]
+        if self.teacher_rollout_coef is not None and self.teacher_rollout_coef < 0.0:
+            raise ConfigError("--teacher_rollout_coef", f"must be >= 0, got {self.teacher_rollout_coef}",
+                              "pass e.g. 0.05")  # fmt: skip
+        if self.teacher_rollout_loss == "none":
+            return
+        refused = {
+            "use_vllm": "the teacher generates with transformers; a vLLM path is not implemented (it cannot be tested "
+            "here): set use_vllm=False",
+            "stages": "a stage schedule would switch the term on and off: use one of them",
+            "mad_opd_teachers": "the rollouts come from one teacher: use one of them",
+        }
+        for name, fix in refused.items():
+            if getattr(self, name):
+                raise ConfigError(flag, f"is {self.teacher_rollout_loss!r} with {name} set", fix)
+        if self.privileged_source not in ("answer", "none"):
+            raise ConfigError(flag, f"is {self.teacher_rollout_loss!r} with privileged_source="
+                              f"{self.privileged_source!r}", "a sibling is chosen per student completion, but the "
+                              "teacher rolls out once per prompt: use 'answer' or 'none'")  # fmt: skip
+        if self.teacher_rollout_loss == "brts" and self.distill_overlap_k < 1:
+            raise ConfigError("--distill_overlap_k", "is 0 with teacher_rollout_loss='brts'",
+                              "BRTS's K (alignment and top-K loss) is distill_overlap_k: pass e.g. 16")  # fmt: skip
+
+    def _check_teacher_aligned_prompts(self) -> None:
+        """`teacher_aligned_prompts` is 0 or a fraction in (0, 1], and needs a teacher whose prompt exists before
+        training and differs from the student (`rlsd.prompt_selection`)."""
+        fraction = self.teacher_aligned_prompts
+        if fraction == 0.0:
+            return
+        flag = "--teacher_aligned_prompts"
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(flag, f"must be 0 (off) or lie in (0, 1], got {fraction}", "pass e.g. 0.5")
+        base = {name: getattr(self, name) for name in STAGE_FIELDS}
+        runs = [stage_values(self.stages, i, base) for i in reachable(self.stages)] if self.stages else [base]
+        if not any(v["distill_loss"] != "none" or "teacher_logps" in RULES[v["credit"]].needs for v in runs):
+            raise ConfigError(flag, f"is set but credit={self.credit!r} and distill_loss={self.distill_loss!r} use "
+                              "no teacher", "it ranks prompts by teacher-student agreement: use a credit rule that "
+                              "reads the teacher or a distillation loss, with teacher_model for OPD")  # fmt: skip
+        if self.privileged_source == "sibling":
+            fix = "a sibling's teacher prompt needs a rollout, which does not exist before training: use 'answer'"
+            raise ConfigError(flag, "is set with privileged_source='sibling'", fix + ", 'both' or 'none'")
+        if self.teacher_model is None and self.privileged_source == "none":
+            raise ConfigError(flag, "is set with a self-teacher shown the plain prompt (privileged_source='none')",
+                              "at construction that teacher is the student itself and every prompt scores 1: set "
+                              "teacher_model, or a privileged source")  # fmt: skip
 
     def _check_mad_opd(self) -> None:
         """`mad_opd_teachers` decoded (a JSON list or comma-separated names) and its requirements checked."""

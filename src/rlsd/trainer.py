@@ -13,6 +13,8 @@ Vision-language models: the teacher prompt keeps the image blocks and every forw
 tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEntries`. With `stages` (Sparse-to-Dense,
 `rlsd.stages`) each training rollout first enters the stage of its step (rule and loss rebuilt); with
 `mad_opd_teachers` (MAD-OPD) every teacher runs the loss-time pass and the term is their confidence-weighted sum.
+With `teacher_rollout_loss` (BRTS, PBSD) the teacher also generates completions after TRL's rollout, and the loss adds
+a term on those trajectories (`rlsd.teacher_rollouts`).
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
@@ -22,9 +24,11 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `completion_ids`, `completion_mask`, `advantages` (B,), optional `old_per_token_logps`, `tool_mask`, vision keys)
   that TRL buffers, shuffles and splits by rows (0-dim tensors copied). Guarded by `test_parity_with_trl_grpo_trainer`,
   `test_student_logps_come_from_trl_old_logps_when_available`.
-- `_calculate_rewards` (override): returns (B_global, n_funcs) rewards gathered over processes, NaN where a function
-  abstains; called once per rollout before the teacher context. Guarded by
-  `test_two_processes_share_sibling_contexts_and_the_distillation_term`.
+- `_calculate_rewards` (override, and TRL's called): `(inputs, prompts, completions, completion_ids)` returns
+  (B_global, n_funcs) rewards gathered over processes (a collective), NaN where a function abstains; called once per
+  rollout before the teacher context, and by BRTS on the teacher's trajectories. Guarded by
+  `test_two_processes_share_sibling_contexts_and_the_distillation_term`,
+  `test_brts_scores_the_teacher_trajectories_with_the_reward_functions`.
 - `_compute_loss` (override): computes the loss of one micro-batch from `inputs["advantages"]` ((B,) or (B, T)),
   calling `_get_per_token_logps_and_entropies` once for the policy first. Guarded by
   `test_deferred_credit_without_the_scoring_hook_raises`, `test_a_training_step_runs_under_every_loss_type`.
@@ -40,6 +44,12 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 - `num_generations`, `num_generations_eval` (read): group sizes; groups are consecutive rows of the gathered batch,
   process-major. Guarded by `test_uni_opd_groups_straddling_processes_follow_the_global_layout`,
   `test_two_processes_uni_opd_groups_span_both_ranks`.
+- `eos_token_ids` (read): the ids that end a rollout's completion (the tokenizer's end-of-sequence id, then the
+  generation config's); the greedy continuations of `teacher_aligned_prompts` stop at them too. Guarded by
+  `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
+- `generation_config` (read): TRL's `GenerationConfig` of transformers generation (max_completion_length,
+  temperature, top_p, top_k, ...); the teacher's rollouts (`teacher_rollout_loss`) sample with it. Guarded by
+  `test_teacher_generation_follows_the_run_generation_config`.
 - `temperature` (read): sampling temperature that divides the logits in every scoring forward. Guarded by
   `test_teacher_logps_align_with_a_direct_forward`.
 - `reward_weights` (read): weights of the reward functions in the total. Guarded by
@@ -91,7 +101,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
+from datasets import Dataset
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
@@ -113,7 +124,8 @@ from rlsd.distill import (
     selected_token_loss,
     token_loss_fn,
 )
-from rlsd.privileged import RolloutView, get_source, validate_teacher_template
+from rlsd.privileged import AnswerSource, RolloutView, get_source, validate_teacher_template
+from rlsd.prompt_selection import DEFAULT_OVERLAP_K, alignment_scores, select_aligned
 from rlsd.rewards import guard_reward
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
 from rlsd.scoring import ScoreResult, score_tokens
@@ -129,6 +141,18 @@ from rlsd.teacher import (
     sample_texts,
 )
 from rlsd.teacher_prompt import has_image_blocks, render_teacher_prompts
+from rlsd.teacher_rollouts import (
+    Candidates,
+    chunked_sampled_logps,
+    chunked_topk_kl,
+    completion_mask,
+    pair_index,
+    pbsd_loss,
+    select_brts,
+    select_rollout,
+    teacher_topk,
+    trajectory_alignment,
+)
 from rlsd.validate import CheckpointError, NonFiniteError
 
 logger = logging.getLogger(__name__)
@@ -165,6 +189,7 @@ class RLSDTrainer(GRPOTrainer):
         run_rules = [get_rule(values["credit"]) for values in runs]
         self.any_distill = any(values["distill_loss"] != "none" for values in runs)
         self.uses_teacher = self.any_distill or any("teacher_logps" in rule.needs for rule in run_rules)
+        self.uses_teacher = self.uses_teacher or args.teacher_rollout_loss != "none"  # the teacher generates
         self.teacher_entropy = any("teacher_entropy" in rule.needs for rule in run_rules)
         self.any_sdpg_reference = args.sdpg_ref_coef > 0 and any(values["distill_loss"] == "sdpg" for values in runs)
         self.source = get_source(args.privileged_source)(args)
@@ -180,6 +205,8 @@ class RLSDTrainer(GRPOTrainer):
         if self.uses_teacher:
             self._check_vision_supported(kwargs)
             self._check_rollout_supported()
+        if args.teacher_rollout_loss != "none":
+            self._check_teacher_rollouts_supported(kwargs)
         if self._is_vlm:  # the row-subset teacher pass would have to slice the vision tensors: every row is scored
             self.skips_known_credit = False
 
@@ -230,6 +257,12 @@ class RLSDTrainer(GRPOTrainer):
                 )  # fmt: skip
                 if self.reference.model is not None:
                     self.reference.model = self._prepare_frozen_model(self.reference.model)
+        # teacher-aligned prompt selection (`teacher_aligned_prompts`): the per-prompt scores of the original training
+        # dataset (None when off) and the indices of its rows kept as `train_dataset`
+        self.prompt_alignment: torch.Tensor | None = None
+        self.aligned_prompt_indices: list[int] | None = None
+        if args.teacher_aligned_prompts > 0:
+            self._select_aligned_prompts()
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _set_credit_and_loss(self, args: RLSDConfig) -> None:
@@ -312,6 +345,21 @@ class RLSDTrainer(GRPOTrainer):
                 "a custom format); use credit='grpo' and distill_loss='none' with these options"
             )
 
+    def _check_teacher_rollouts_supported(self, kwargs: dict[str, Any]) -> None:
+        """Teacher rollouts generate with transformers from the unwrapped teacher on each process's own prompts, from
+        text prompts, in one turn: images, tools, FSDP and DeepSpeed are refused; BRTS's retry needs the answers."""
+        flags = {"images": self.has_images, "tools": bool(self.tools), "FSDP": self.is_fsdp_enabled,
+                 "DeepSpeed": self.is_deepspeed_enabled}  # fmt: skip
+        used = [name for name, on in flags.items() if on]
+        if used:
+            raise NotImplementedError(
+                f"teacher_rollout_loss={self.args.teacher_rollout_loss!r} with {' and '.join(used)}: the teacher's "
+                "generation is implemented for text prompts, one turn, on plain or DDP processes only"
+            )
+        if self.args.teacher_rollout_loss == "brts":  # the retry shows the reference answer
+            for split_name in ("train_dataset", "eval_dataset"):
+                AnswerSource(self.args).check_dataset(kwargs.get(split_name), split_name)
+
     def _external_teacher(self, policy: torch.nn.Module, dataset: Any, name: str | None = None) -> ExternalTeacher:
         """`args.teacher_model` (or `name`, one of MAD-OPD's teachers), loaded as TRL loads its reference model
         (`create_model_from_path`; device_map None when distributed), after its vocabulary and tokenizer are checked
@@ -341,6 +389,59 @@ class RLSDTrainer(GRPOTrainer):
         if self.is_fsdp_enabled:
             return prepare_fsdp(model, self.accelerator)
         return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _select_aligned_prompts(self) -> None:
+        """Rethinking-OPD's teacher-aligned prompt selection, reconstructed (`rlsd.prompt_selection`): score every
+        training prompt by the mean student-teacher top-k overlap over the student's greedy continuation, the teacher
+        shown its training-time prompt, and keep the `teacher_aligned_prompts` fraction with the highest scores as
+        `train_dataset` (dataset order, columns unchanged). Every process scores every prompt (a sharded model runs its
+        collectives in step) and all use the main process's scores. Set once, at construction."""
+        args, dataset = self.args, self.train_dataset
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"teacher_aligned_prompts needs a datasets.Dataset to select rows from, got "
+                            f"{type(dataset).__name__} (a streaming dataset cannot be ranked up front)")  # fmt: skip
+        if self.has_images:
+            raise NotImplementedError("teacher_aligned_prompts scores text prompts only; drop the image column or the "
+                                      "option")  # fmt: skip
+        columns = [name for name in ("prompt", args.privileged_column) if name in dataset.column_names]
+        rows = dataset.select_columns(columns).to_list()
+        count = len(rows)
+        view = RolloutView(rows, 1, 0, [""] * count, [math.nan] * count)  # before training: no sibling succeeded
+        context = self.source.context(view, list(range(count)))
+        prompts = [row["prompt"] for row in rows]
+        teacher_prompts = render_teacher_prompts(prompts, args.teacher_template, context.fields)
+        student_ids, _, _ = self._tokenize_prompts(prompts)
+        teacher_ids, _, _ = self._tokenize_prompts(teacher_prompts)
+        policy = self.accelerator.unwrap_model(self.model)
+
+        @contextlib.contextmanager
+        def student() -> Iterator[torch.nn.Module]:
+            with disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
+                yield policy
+
+        sharded = self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        k = args.distill_overlap_k or DEFAULT_OVERLAP_K
+        training = policy.training
+        policy.eval()
+        try:
+            scores = alignment_scores(
+                student, lambda: self._scoring_model("teacher"), student_ids, teacher_ids, k=k,
+                max_new_tokens=args.max_completion_length, pad_token_id=self._tokenizer.pad_token_id,
+                eos_token_id=self.eos_token_ids, batch_size=args.per_device_train_batch_size, synced_gpus=sharded,
+            )  # fmt: skip
+        finally:
+            policy.train(training)
+        scores = broadcast_object_list([scores.tolist()])[0]
+        keep = select_aligned(scores, args.teacher_aligned_prompts)
+        self.prompt_alignment = torch.tensor(scores, dtype=torch.float32)
+        self.aligned_prompt_indices = keep
+        self.train_dataset = dataset.select(keep)
+        kept = torch.zeros(count, dtype=torch.bool)
+        kept[keep] = True
+        dropped = self.prompt_alignment[~kept].mean().item() if (~kept).any() else math.nan
+        logger.info("teacher_aligned_prompts=%g: kept %d of %d training prompts; mean top-%d overlap %.4f kept, %.4f "
+                    "dropped", args.teacher_aligned_prompts, len(keep), count, k,
+                    self.prompt_alignment[kept].mean().item(), dropped)  # fmt: skip
 
     def _on_teacher_step(self, global_step: int) -> None:
         """End of optimizer step `global_step`: let the teacher follow the policy and log whether it did."""
@@ -397,18 +498,22 @@ class RLSDTrainer(GRPOTrainer):
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
             if self.rule_uses_teacher:
                 self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
+            self._add_teacher_rollouts(inputs, output, entries, mode)
             return {**output, **entries.to_batch()}
 
         entries.seq_advantages = output["advantages"]
         entries.lam = scalar(lam)
+        pass_logps = None
         if not self.teacher_at_loss:  # else the loss-time teacher pass gives the rule its log-probs too
             start = time.perf_counter()
             scores = self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
             self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
             entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
+            pass_logps = scores.logps if rows is None else None  # PBSD's log pi_T(y- | x_T), when every row has it
             if rows is not None:  # the rule scores only the rows with A_i != 0; the others keep A_it = 0
                 entries.scored = output["advantages"] != 0
             entries.state_values = {key: scalar(v) for key, v in self._rule_state_values(entries, mask, mode).items()}
+        self._add_teacher_rollouts(inputs, output, entries, mode, pass_logps)
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in self.rule.needs:  # group statistics need the whole group now
             student_logps = self.score_rollout("student", output).logps
@@ -741,7 +846,7 @@ class RLSDTrainer(GRPOTrainer):
         log-probs when `teacher_at_loss`) and the distillation term (and SDPG's anchor) from the same forward is
         added."""
         entries = RLSDEntries.from_batch(inputs)
-        if not entries.deferred and self.distill_fn is None:
+        if not entries.deferred and self.distill_fn is None and entries.rollout_ids is None:
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
         teacher = self._teacher_hidden(inputs, entries) if self.distill_fn is not None else None
@@ -767,11 +872,12 @@ class RLSDTrainer(GRPOTrainer):
                 "trainer relies on TRL 1.16's loss (check the TRL version and loss options such as liger)"
             )
         if teacher is None:
-            return loss
+            return loss + self._teacher_rollout_term(model, inputs, entries, state.logps)
         completion_length = inputs["completion_ids"].size(1)
         student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
         extra = self._distillation_term(inputs, (student, head), teacher, state.logps, others)
-        return self.args.policy_loss_coef * loss + extra
+        rollout = self._teacher_rollout_term(model, inputs, entries, state.logps)
+        return self.args.policy_loss_coef * loss + extra + rollout
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         """TRL's scoring forward; the first one inside the loss also hands its log-probs to the loss state and turns
@@ -873,6 +979,202 @@ class RLSDTrainer(GRPOTrainer):
             term = term + args.sdpg_ref_coef * penalty
         self._log_across_processes(mode, metrics)
         return term / accumulation
+
+    # ------------------------------------------------------------------------------------------ teacher rollouts
+    def _add_teacher_rollouts(
+        self,
+        inputs: list[dict[str, Any]],
+        output: dict[str, Any],
+        entries: RLSDEntries,
+        mode: str,
+        pass_logps: torch.Tensor | None = None,
+    ) -> None:
+        """BRTS / PBSD (`teacher_rollout_loss`, training rollouts only): the teacher generates N completions for each
+        of this process's prompts (a group's first local row) from its teacher prompt, and each row gets the teacher
+        trajectory it learns from in `entries` (`rlsd.teacher_rollouts`). `pass_logps`: the rule pass's teacher
+        log-probs of every row's completion, reused as PBSD's log pi_T(y- | x_T). Every process generates and
+        scores the same number of prompts (topped up with its last one), so that reward gathering stays in step."""
+        args = self.args
+        if args.teacher_rollout_loss == "none" or mode != "train":
+            return
+        start = time.perf_counter()
+        group_size, local_rows = self._group_size(), len(inputs)
+        positions = torch.arange(local_rows) + self.accelerator.process_index * local_rows
+        groups = (positions // group_size).tolist()
+        firsts = [i for i in range(local_rows) if i == 0 or groups[i] != groups[i - 1]]
+        row_prompt = torch.tensor([len([f for f in firsts if f <= i]) - 1 for i in range(local_rows)])
+        count = int(self.accelerator.gather(torch.tensor([len(firsts)], device=self.accelerator.device)).max())
+        prompt_rows = torch.tensor(firsts + [firsts[-1]] * (count - len(firsts)))
+        teacher_ids, teacher_mask, _, _ = self.teacher_inputs(inputs, output, mode, prompt_rows)
+        device, n = teacher_ids.device, args.teacher_rollouts
+        ids, mask = self._teacher_generate(teacher_ids, teacher_mask, n)
+        plain = (output["prompt_ids"][prompt_rows], output["prompt_mask"][prompt_rows])
+        if args.teacher_rollout_loss == "pbsd":
+            per_sample = (teacher_ids.repeat_interleave(n, dim=0), teacher_mask.repeat_interleave(n, dim=0))
+            teacher_logps = self._trajectory_pass("teacher", *per_sample, ids, mask, None)[0]
+            pick = row_prompt.to(device) * n + pair_index(positions.to(device) % group_size, n)
+            entries.rollout_ids, entries.rollout_mask = ids[pick], mask[pick]
+            entries.rollout_ref_logps = (teacher_logps * mask).sum(-1)[pick]
+            if pass_logps is None:
+                by_row = (teacher_ids[row_prompt], teacher_mask[row_prompt])
+                pass_logps = self._score("teacher", *by_row, output, {}).logps
+            entries.rollout_neg_ref_logps = (pass_logps * _loss_mask(output)).sum(-1)
+            metrics: dict[str, float] = {}
+        else:
+            first = self._brts_candidates(inputs, prompt_rows, plain, teacher_ids, teacher_mask, ids, mask)
+            correct = select_rollout(first.rewards, first.alignment)[1][: len(firsts)]
+            target = int(self.accelerator.gather((~correct).sum().reshape(1)).max())
+            retry = None
+            if target > 0:  # on every process once any prompt anywhere needs it: gathering rewards is collective
+                order = torch.cat([(~correct).nonzero().flatten(), torch.arange(count, device=device)])[:target]
+                retry_ids, retry_mask = self._answer_prompts(inputs, prompt_rows[order.cpu()])
+                again = self._teacher_generate(retry_ids, retry_mask, n)
+                retry = self._brts_candidates(inputs, prompt_rows[order.cpu()], (plain[0][order], plain[1][order]),
+                                              retry_ids, retry_mask, *again).spread(order, count)  # fmt: skip
+            choice = select_brts(first.rewards, first.alignment, *((retry.rewards, retry.alignment) if retry else ()))
+            pool = first.join(retry) if retry else first
+            pick = torch.arange(count, device=device) * pool.rewards.size(1) + choice.index
+            kept = [value.flatten(0, 1)[pick][row_prompt.to(device)] for value in (pool.ids, pool.mask, *pool.topk)]
+            entries.rollout_ids, entries.rollout_mask, entries.rollout_topk_logps, entries.rollout_topk_ids = kept
+            real = len(firsts)
+            metrics = {
+                "teacher_rollout_correct": TokenMean(choice.correct[:real].float().mean().item(), real),
+                "teacher_rollout_retry": TokenMean(choice.retried[:real].float().mean().item(), real),
+                "teacher_rollout_alignment": TokenMean(pool.alignment.flatten()[pick][:real].mean().item(), real),
+            }
+        metrics["teacher_rollout_time_s"] = time.perf_counter() - start
+        self._log_across_processes(mode, metrics)
+
+    def _answer_prompts(self, inputs: list[dict[str, Any]], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BRTS's retry prompts of `rows`: the `"answer"` source's template (the run's own with that source) with the
+        reference answer shown, tokenized and left-padded."""
+        template = self.args.teacher_template if self.args.privileged_source == "answer" else None
+        fields = AnswerSource(self.args).context(RolloutView(inputs, self._group_size()), rows.tolist()).fields
+        prompts = [inputs[i]["prompt"] for i in rows.tolist()]
+        ids_list, _, _ = self._tokenize_prompts(
+            render_teacher_prompts(prompts, template or AnswerSource.default_template, fields)
+        )
+        device = self.accelerator.device
+        ids = pad([torch.tensor(x) for x in ids_list], padding_value=self._tokenizer.pad_token_id, padding_side="left")
+        mask = pad([torch.ones(len(x), dtype=torch.long) for x in ids_list], padding_value=0, padding_side="left")
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def _teacher_generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """N sampled completions per left-padded prompt from the teacher (transformers `generate` with TRL's
+        generation config: the run's temperature, top_p, top_k, max_completion_length), (P * N, L) ids (pad after
+        the first EOS) and mask, prompt-major."""
+        ids, mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
+        with self._scoring_model("teacher") as teacher:
+            sequences = self.accelerator.unwrap_model(teacher).generate(
+                input_ids=ids, attention_mask=mask, generation_config=self.generation_config
+            )
+        completion = sequences[:, ids.size(1) :]
+        keep = completion_mask(completion, self.eos_token_ids)
+        return completion.masked_fill(keep == 0, self._tokenizer.pad_token_id), keep
+
+    @torch.no_grad()
+    def _trajectory_pass(
+        self,
+        which: str,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        k: int | None,
+    ) -> list[torch.Tensor]:
+        """One no-grad forward of `which` ("teacher" or "student") on [prompt ; trajectory], chunked by the
+        per-device batch: the sampled tokens' log-probs (R, L), and with `k` the top-k log-probs and ids (R, L, k)."""
+        pieces = []
+        batch = self._scoring_batch_size()
+        with self._scoring_model(which) as scoring:
+            model = self.accelerator.unwrap_model(scoring)
+            for start in range(0, ids.size(0), batch):
+                rows = slice(start, start + batch)
+                out = model(
+                    input_ids=torch.cat([prompt_ids[rows], ids[rows]], dim=1),
+                    attention_mask=torch.cat([prompt_mask[rows], mask[rows]], dim=1),
+                    logits_to_keep=ids.size(1) + 1,
+                )
+                logits = out.logits[:, :-1].float() / self.temperature
+                sampled = torch.log_softmax(logits, dim=-1).gather(-1, ids[rows].unsqueeze(-1)).squeeze(-1)
+                pieces.append((sampled, *(teacher_topk(logits, k) if k else ())))
+        return [torch.cat(parts) for parts in zip(*pieces, strict=True)]
+
+    def _brts_candidates(
+        self,
+        inputs: list[dict[str, Any]],
+        prompt_rows: torch.Tensor,
+        plain: tuple[torch.Tensor, torch.Tensor],
+        teacher_ids: torch.Tensor,
+        teacher_mask: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> Candidates:
+        """BRTS's view of N teacher trajectories per prompt (`ids`, prompt-major): the teacher's top-K on them, the
+        student's alignment with it (the student on the plain prompt) and their weighted total rewards from the run's
+        reward functions (TRL's `_calculate_rewards`, gathered over processes; NaN when every function abstains)."""
+        k, n = self.args.distill_overlap_k, self.args.teacher_rollouts
+        index = torch.arange(ids.size(0), device=ids.device) // n  # each trajectory's prompt
+        _, top_logps, top_ids = self._trajectory_pass("teacher", teacher_ids[index], teacher_mask[index], ids, mask, k)
+        student_ids = self._trajectory_pass("student", plain[0][index], plain[1][index], ids, mask, k)[2]
+        alignment = trajectory_alignment(student_ids, top_ids, mask)
+        rows = [inputs[i] for i in prompt_rows.repeat_interleave(n).tolist()]
+        texts = self._tokenizer.batch_decode([row[m.bool()] for row, m in zip(ids, mask, strict=True)],
+                                             skip_special_tokens=True)  # fmt: skip
+        prompts = [row["prompt"] for row in rows]
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
+        token_lists = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        per_func = GRPOTrainer._calculate_rewards(self, rows, prompts, completions, token_lists)
+        start = self.accelerator.process_index * len(rows)
+        per_func = per_func[start : start + len(rows)]
+        totals = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        totals[torch.isnan(per_func).all(dim=1)] = torch.nan
+        shape = (-1, n)
+        return Candidates(ids.view(*shape, ids.size(1)), mask.view(*shape, ids.size(1)), totals.view(shape),
+                          alignment.view(shape), (top_logps.view(*shape, *top_logps.shape[1:]),
+                                                  top_ids.view(*shape, *top_ids.shape[1:])))  # fmt: skip
+
+    def _teacher_rollout_term(
+        self, model: torch.nn.Module, inputs: dict[str, Any], entries: RLSDEntries, student_logps: torch.Tensor
+    ) -> torch.Tensor | float:
+        """`teacher_rollout_coef` * the micro-batch's BRTS or PBSD term, scaled for gradient accumulation (0 without
+        teacher rollouts): one more forward of the student's backbone on [plain prompt ; teacher trajectory], with
+        gradient, its hidden states projected `distill_chunk_tokens` at a time. BRTS: the token mean of
+        KL(p_T^K || p_S^K) over the trajectory tokens; PBSD: the row mean of the DPO loss, with log pi(y- | x) the
+        sum of TRL's own log-probs (`student_logps`) of the completion."""
+        if entries.rollout_ids is None:
+            return 0.0
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        ids, mask = entries.rollout_ids, entries.rollout_mask
+        backbone, head = _backbone_and_head(self.accelerator.unwrap_model(model))
+        output = backbone(input_ids=torch.cat([inputs["prompt_ids"], ids], dim=1),
+                          attention_mask=torch.cat([inputs["prompt_mask"], mask], dim=1))  # fmt: skip
+        states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        states = states[:, -ids.size(1) - 1 : -1]
+        logits_fn = head_logits(head, self.temperature)
+        selected = mask.bool()
+        if entries.rollout_topk_ids is not None:  # BRTS
+            per_token = chunked_topk_kl(states[selected], logits_fn, entries.rollout_topk_logps[selected],
+                                        entries.rollout_topk_ids[selected], args.distill_chunk_tokens)  # fmt: skip
+            term = per_token.sum() / selected.sum().clamp(min=1)
+            metrics = {"teacher_rollout_loss": TokenMean(term.item(), selected.sum().item())}
+        else:  # PBSD
+            flat = states.reshape(-1, states.size(-1))
+            logps = chunked_sampled_logps(flat, logits_fn, ids.reshape(-1), args.distill_chunk_tokens).view(ids.shape)
+            policy_neg = (student_logps * _loss_mask(inputs)).sum(-1)
+            losses, margins = pbsd_loss((logps * mask).sum(-1), entries.rollout_ref_logps, policy_neg,
+                                        entries.rollout_neg_ref_logps, args.pbsd_beta)  # fmt: skip
+            term = losses.mean()
+            rows = float(losses.numel())
+            metrics = {"teacher_rollout_loss": TokenMean(term.item(), rows),
+                       "pbsd_margin": TokenMean(margins.mean().item(), rows)}  # fmt: skip
+        self._log_across_processes(mode, metrics)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        return args.teacher_rollout_coef * term / accumulation
 
     # ---------------------------------------------------------------------------------------- non-finite guards
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import statistics
 from collections.abc import Callable
@@ -349,11 +350,11 @@ def _real(root: Path) -> Path:
     return root / "benchmarks" / "real"
 
 
-def render_real_diagnostics(root: Path) -> str:
+def render_real_diagnostics(root: Path, file: str = "diagnostics.json") -> str:
     """SmolLM2-135M's self-teacher before training, per teacher template (`benchmarks/real/diagnostics.json`):
     AUC of the per-sequence mean Delta (correct above wrong) with its bootstrap interval, mean Delta, the share of
     tokens (of rows with A != 0) whose clipped RLSD weight differs from 1, and Delta by token position."""
-    d = json.loads((_real(root) / "diagnostics.json").read_text())
+    d = json.loads((_real(root) / file).read_text())
     templates = d["templates"]
     lines = [
         "| teacher template | AUC [95% CI] | mean Delta correct / wrong | mean abs Delta per token |"
@@ -430,6 +431,95 @@ def render_real_runs(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_real_contention(root: Path) -> str:
+    """Seconds of one sampled generate call and one forward + backward of SmolLM2-135M by thread count, alone and
+    beside one busy process (`benchmarks/real/contention.txt`, lines printed by `benchmarks/real/contention.py`)."""
+    lines = ["| OMP threads | beside | generate 8 x 48 tokens (s) | forward + backward 8 x 80 tokens (s) |",
+             "|---|---|---|---|"]  # fmt: skip
+    pattern = re.compile(r"threads=(\d+) generate8x48=([\d.]+)s fwd\+bwd8x80=([\d.]+)s \['(\w+)'\]")
+    for match in pattern.finditer((_real(root) / "contention.txt").read_text()):
+        threads, generate, step, label = match.groups()
+        beside = "nothing" if label == "quiet" else "one busy process"
+        lines.append(f"| {threads} | {beside} | {float(generate):.2f} | {float(step):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_bootstrap(per_problem: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-problem differences and its 95% percentile bootstrap interval, resampling problems."""
+    rng = random.Random(seed)
+    n = len(per_problem)
+    means = sorted(sum(per_problem[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return sum(per_problem) / n, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def _per_problem(samples: list[dict[str, Any]]) -> dict[int, float]:
+    """avg@n by problem: the mean reward of each problem's samples."""
+    by_problem: dict[int, list[float]] = {}
+    for sample in samples:
+        by_problem.setdefault(sample["problem"], []).append(float(sample["reward"] > 0))
+    return {problem: statistics.mean(values) for problem, values in sorted(by_problem.items())}
+
+
+def render_real_round(root: Path, round_name: str = "round2") -> str:
+    """A later real-model round (`benchmarks/real/<round>/`): per method, held-out avg@n before and after with the
+    paired bootstrap interval of the change (problems resampled), the training reward's first and second half, the
+    share of groups without reward variance, median step time and the teacher pass's median share of a step, and
+    leakage; then RLSD and OPSD minus GRPO, paired by problem."""
+    folder = _real(root) / round_name
+
+    def samples(name: str) -> list[dict[str, Any]] | None:
+        path = folder / f"eval-{name}.samples.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def leak(rows: list[dict[str, Any]]) -> str:
+        return _pct(sum(bool(_REAL_LEAK.search(r["completion"])) for r in rows) / len(rows))
+
+    def signed(values: tuple[float, float, float]) -> str:
+        mean, low, high = (100 * v for v in values)
+        return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+    base = samples("base")
+    if base is None:
+        return "(round not run)\n"
+    before = _per_problem(base)
+    n = len(base) // len(before)
+    lines = [
+        f"| method | steps | held-out avg@{n} before -> after | after - before [95% CI] |"
+        " train reward 1st / 2nd half | groups without variance | median s / step | teacher share of a step |"
+        " leakage before -> after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    after_by_method: dict[str, dict[int, float]] = {}
+    for method in ("grpo", "rlsd", "opsd"):
+        history_path = folder / "runs" / method / "log_history.json"
+        rows = samples(method)
+        history = [h for h in json.loads(history_path.read_text()) if "reward" in h] if history_path.exists() else []
+        if rows is None or not history:
+            lines.append(f"| {method} | {len(history)} | (did not finish) | | | | | | |")
+            continue
+        after = after_by_method[method] = _per_problem(rows)
+        change = signed(paired_bootstrap([after[p] - before[p] for p in before]))
+        half = len(history) // 2
+        reward = [h["reward"] for h in history]
+        halves = f"{_pct(statistics.mean(reward[:half]))} / {_pct(statistics.mean(reward[half:]))}"
+        teacher = [h["rlsd/teacher_time_s"] / h["step_time"] for h in history if "rlsd/teacher_time_s" in h]
+        lines.append(
+            f"| {method} | {len(history)} | {_pct(statistics.mean(before.values()))} -> "
+            f"{_pct(statistics.mean(after.values()))} | {change} | {halves} | "
+            f"{_pct(statistics.mean(h['frac_reward_zero_std'] for h in history))} | "
+            f"{statistics.median(h['step_time'] for h in history):.1f} | "
+            f"{_pct(statistics.median(teacher)) if teacher else '-'} | {leak(base)} -> {leak(rows)} |"
+        )
+    if "grpo" in after_by_method:
+        grpo = after_by_method["grpo"]
+        for method in ("rlsd", "opsd"):
+            if method in after_by_method:
+                other = after_by_method[method]
+                interval = signed(paired_bootstrap([other[p] - grpo[p] for p in grpo]))
+                lines.append(f"\n{method} minus grpo after training, avg@{n}, paired by problem: {interval}")
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "pilot": render_pilot,
     "methods": render_methods,
@@ -448,6 +538,9 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "teachers": render_teachers,
     "real-diagnostics": render_real_diagnostics,
     "real-runs": render_real_runs,
+    "real-contention": render_real_contention,
+    "real-diagnostics-round2": lambda root: render_real_diagnostics(root, "round2/diagnostics.json"),
+    "real-round2": render_real_round,
 }
 """Every rendered table by name, as named in the documents' `<!-- table:NAME -->` markers."""
 
