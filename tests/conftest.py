@@ -98,3 +98,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     make_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer):
+    """A different tiny Qwen2 (hidden 48, 3 layers, seed 7: other weights) over the student's vocabulary, saved with
+    the student's tokenizer as an external teacher's model folder, once per module."""
+    from rlsd.experiments.tiny import build_tiny_qwen2
+
+    folder = tmp_path_factory.mktemp("external-teacher")
+    model = build_tiny_qwen2(tokenizer, hidden_size=48, num_layers=3, num_heads=2, intermediate_size=96, seed=7)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

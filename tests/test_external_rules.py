@@ -9,7 +9,6 @@ import torch
 from conftest import build_trainer, make_dataset, make_model
 
 from rlsd.batch import scalar
-from rlsd.experiments.tiny import build_tiny_qwen2
 from rlsd.teacher_prompt import render_teacher_prompts
 
 TEMPERATURE = 0.7
@@ -24,16 +23,6 @@ COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62], [70], [80, 81, 82, 
 def make_student(tokenizer):
     """The tiny student (freshly initialised, seed 0: small logits, so float32 rounding stays near 1e-7)."""
     return make_model(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer):
-    """A different tiny model (hidden 48, 3 layers, other weights) with the student's tokenizer."""
-    folder = tmp_path_factory.mktemp("rules-teacher")
-    model = build_tiny_qwen2(tokenizer, hidden_size=48, num_layers=3, num_heads=2, intermediate_size=96, seed=7)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

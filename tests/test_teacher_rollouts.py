@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import build_trainer, make_config, make_dataset, parity_reward
 
-from rlsd.experiments.tiny import build_tiny_qwen2
 from rlsd.teacher_rollouts import (
     Candidates,
     chunked_sampled_logps,
@@ -38,16 +37,6 @@ def logged_keys(trainer) -> set[str]:
 
 def params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer):
-    """A tiny Qwen2 larger than the student over the same vocabulary, saved with the student's tokenizer."""
-    folder = tmp_path_factory.mktemp("rollout-teacher")
-    model = build_tiny_qwen2(tokenizer, hidden_size=48, num_layers=3, num_heads=2, intermediate_size=96, seed=7)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 # ------------------------------------------------------------------------------------------- selection, by hand
