@@ -2,7 +2,8 @@
 environment and uses gloo): two RLSD steps, one JSON report per rank. Mode `family`: one group of four completions
 spans both ranks, the teacher sees the answer and a successful sibling, and a JSD distillation term is trained.
 Mode `uniopd`: Uni-OPD with groups of four completions straddling the two ranks (two rows each); the rule's gathered
-inputs and each rank's share of its output are recorded."""
+inputs and each rank's share of its output are recorded. Modes `brts` and `pbsd`: GRPO plus the teacher-rollout term
+(two teacher samples per prompt, the teacher shown the answer), groups straddling the ranks."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
     extra = dict(privileged_source="both", distill_loss="jsd", per_device_train_batch_size=2) if family else {}
     if mode == "uniopd":
         extra = dict(credit="uni-opd", per_device_train_batch_size=2)
+    if mode in ("brts", "pbsd"):
+        extra = dict(credit="grpo", teacher_rollout_loss=mode, teacher_rollouts=2, per_device_train_batch_size=2)
     args = RLSDConfig(**{
         **dict(output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                learning_rate=1e-2, teacher="synced", teacher_sync_steps=2, rlsd_lambda_decay_steps=2, use_cpu=True,
@@ -96,6 +99,7 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
         "policy_checksum": checksum(trainer.model),
         "contexts": contexts,
         "distill_loss": [e["rlsd/distill_loss"] for e in history if "rlsd/distill_loss" in e],
+        "rollout_loss": [e["rlsd/teacher_rollout_loss"] for e in history if "rlsd/teacher_rollout_loss" in e],
         "groups": groups,
     }
     Path(out).mkdir(parents=True, exist_ok=True)

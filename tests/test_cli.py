@@ -170,3 +170,23 @@ def test_two_processes_share_sibling_contexts_and_the_distillation_term(tmp_path
         assert step0["siblings"][1] == step1["siblings"][0] == step1["siblings"][1] == winner
     assert len(rank0["contexts"]) == 2 and rank0["distill_loss"] and rank0["distill_loss"][0] > 0
     assert rank0["policy_checksum"] == rank1["policy_checksum"] != rank0["initial_checksum"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["brts", "pbsd"])
+def test_two_processes_train_with_teacher_rollouts(tmp_path, tiny_model_dir, method):
+    """BRTS / PBSD under DDP with a group straddling the ranks: each rank generates for its own rows, the extra
+    student forward joins TRL's backward, and both ranks end with the same, moved policy."""
+    data = write_fixture(tmp_path, ".jsonl", GSM8K)
+    out = tmp_path / f"ddp-{method}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), method,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert len(rank0["rollout_loss"]) == len(rank1["rollout_loss"]) == 2
+    assert all(loss > 0 for loss in rank0["rollout_loss"])
+    assert rank0["policy_checksum"] == rank1["policy_checksum"] != rank0["initial_checksum"]
