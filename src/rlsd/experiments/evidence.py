@@ -463,8 +463,9 @@ def _per_problem(samples: list[dict[str, Any]]) -> dict[int, float]:
 def render_real_round(root: Path, round_name: str = "round2") -> str:
     """A later real-model round (`benchmarks/real/<round>/`): per method, held-out avg@n before and after with the
     paired bootstrap interval of the change (problems resampled), the training reward's first and second half, the
-    share of groups without reward variance, median step time and the teacher pass's median share of a step, and
-    leakage; then RLSD and OPSD minus GRPO, paired by problem."""
+    share of groups without reward variance, median step time, the teacher pass's median share of the steps where it
+    ran (none once lam has decayed to 0, or with no reward variance), and leakage; then RLSD and OPSD minus GRPO,
+    paired by problem."""
     folder = _real(root) / round_name
 
     def samples(name: str) -> list[dict[str, Any]] | None:
@@ -502,7 +503,7 @@ def render_real_round(root: Path, round_name: str = "round2") -> str:
         half = len(history) // 2
         reward = [h["reward"] for h in history]
         halves = f"{_pct(statistics.mean(reward[:half]))} / {_pct(statistics.mean(reward[half:]))}"
-        teacher = [h["rlsd/teacher_time_s"] / h["step_time"] for h in history if "rlsd/teacher_time_s" in h]
+        teacher = [h["rlsd/teacher_time_s"] / h["step_time"] for h in history if h.get("rlsd/teacher_time_s", 0) > 0]
         lines.append(
             f"| {method} | {len(history)} | {_pct(statistics.mean(before.values()))} -> "
             f"{_pct(statistics.mean(after.values()))} | {change} | {halves} | "
@@ -536,6 +537,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "demo": render_demo,
     "vision-demo": render_vision_demo,
     "teachers": render_teachers,
+    "teachers-cost": lambda root: render_cost(root, "teachers-cost"),
     "real-diagnostics": render_real_diagnostics,
     "real-runs": render_real_runs,
     "real-contention": render_real_contention,
