@@ -329,9 +329,23 @@ def render_teachers(root: Path) -> str:
     if teacher:
         lines += [f"The external teacher alone (greedy, same {results['config']['eval_size']} held-out problems): "
                   f"pass@1 {_pct(teacher[-1]['pass_at_1'])}.", ""]  # fmt: skip
-    per_step: dict[str, list[float]] = {}
+    train = [r for r in rows if r.get("kind") == "train"]
+    brts = [r for r in train if r.get("method") == "brts" and "rlsd/teacher_rollout_correct" in r]
+    if brts:
+
+        def mean_of(key: str) -> float:
+            return statistics.mean(r[f"rlsd/teacher_rollout_{key}"] for r in brts)
+
+        lines += [f"BRTS over training (mean of {len(brts)} logged steps): a correct teacher trajectory kept for "
+                  f"{_pct(mean_of('correct'))}% of prompts, the answer retry needed for {_pct(mean_of('retry'))}%, "
+                  f"mean top-16 alignment {mean_of('alignment'):.3f}.", ""]  # fmt: skip
+    margins = [r["rlsd/pbsd_margin"] for r in train if r.get("method") == "pbsd" and "rlsd/pbsd_margin" in r]
+    if margins:
+        lines += [f"PBSD's beta-scaled margin over training ({len(margins)} logged steps): mean "
+                  f"{statistics.mean(margins):+.2f}, largest {max(margins):+.2f}.", ""]  # fmt: skip
+    per_step: dict[str, list[float]] = {method: [] for method in results["table"]}
     for key, run in results["runs"].items():
-        per_step.setdefault(key.rsplit("/", 1)[0], []).append(run["seconds_per_step"])
+        per_step[key.rsplit("/", 1)[0]].append(run["seconds_per_step"])
     grpo = statistics.median(per_step["grpo"]) if "grpo" in per_step else None
     lines += ["| method | median s / step | ratio to GRPO |", "|---|---|---|"]
     for method, values in per_step.items():

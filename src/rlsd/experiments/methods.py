@@ -50,6 +50,9 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     # TRL's stable DistillationTrainer on opd-jsd's configuration (on-policy JSD, beta 0.5, same external teacher):
     # the peer for OPD (built by the bench, not from an RLSDConfig)
     "trl-distill": None,
+    # opd-jsd on 16 prompts x 2 completions per step (same 32 completions): added after section 11's first runs to
+    # test whether the anchor's lead comes from its 32 distinct prompts per step (exploratory, labelled as such)
+    "opd-jsd-16x2": {**_OPD, "credit": "grpo", "distill_loss": "jsd", "policy_loss_coef": 0.0, "num_generations": 2},
     # RLSD with the external teacher in place of the self-teacher (shown the answer, as RLSD's teacher is), and SOD
     # with the external teacher shown the plain prompt (its paper's setting: GRPO + the teacher's Delta)
     "rlsd-external": {"credit": "rlsd", "teacher": "external", "privileged_source": "answer"},
