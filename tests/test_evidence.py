@@ -101,6 +101,8 @@ def test_real_round_renders_intervals_from_samples(tmp_path):
     (folder / "runs" / "grpo" / "log_history.json").write_text(json.dumps(history))
     table = render_real_round(tmp_path)
     # before: problem 0 avg 0.5, problem 1 avg 0 -> 25.0; after 100.0; reward halves 25.0 / 50.0; leakage 0 -> 100
-    expected = "| grpo | 4 | 25.0 -> 100.0 | +75.0 [+50.0, +100.0] | 25.0 / 50.0 | 50.0 | 10.0 | - | 0.0 -> 100.0 |"
+    expected = (
+        "| grpo | 4 | 25.0 -> 100.0 | +75.0 [+50.0, +100.0] | 25.0 / 50.0 | 50.0 | 10.0 | - | 0.0 -> 100.0 | n/a"
+    )
     assert expected in table
     assert "| rlsd | 0 | (did not finish)" in table

@@ -3,7 +3,8 @@
 # (full fine-tuning, same budget), evals after. Run from the repository root on 2 CPU cores:
 #   bash benchmarks/real/run.sh && python benchmarks/real/collect.py && .venv/bin/rlsd bench report
 # Round 1 (BENCHMARKS.md section 10): the defaults (STEPS=3, N=4, THREADS=2; results in benchmarks/real/).
-# Round 2: ROUND=round2 STEPS=60 N=8 THREADS=1 (results in benchmarks/real/round2/; collect.py --round round2).
+# Round 2 (BENCHMARKS.md section 10, round 2): ROUND=round2 STEPS=60 N=8 THREADS=1, after diagnostics.py on
+# 146 x 4 completions; results in benchmarks/real/round2/, then python benchmarks/real/collect.py --round round2.
 # THREADS=1 keeps a step's time steady when another process shares the 2 cores (benchmarks/real/contention.py).
 set -euo pipefail
 ROOT=$(pwd)

@@ -478,8 +478,8 @@ def render_real_round(root: Path, round_name: str = "round2") -> str:
     """A later real-model round (`benchmarks/real/<round>/`): per method, held-out avg@n before and after with the
     paired bootstrap interval of the change (problems resampled), the training reward's first and second half, the
     share of groups without reward variance, median step time, the teacher pass's median share of the steps where it
-    ran (none once lam has decayed to 0, or with no reward variance), and leakage; then RLSD and OPSD minus GRPO,
-    paired by problem."""
+    ran (none once lam has decayed to 0, or with no reward variance), leakage, and the mean completion length with the
+    share cut at the token limit (from `eval-*.json`); then RLSD and OPSD minus GRPO, paired by problem."""
     folder = _real(root) / round_name
 
     def samples(name: str) -> list[dict[str, Any]] | None:
@@ -493,6 +493,13 @@ def render_real_round(root: Path, round_name: str = "round2") -> str:
         mean, low, high = (100 * v for v in values)
         return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
 
+    def length(name: str) -> str:
+        path = folder / f"eval-{name}.json"
+        if not path.exists():
+            return "n/a"
+        summary = json.loads(path.read_text())
+        return f"{summary['mean_response_tokens']:.1f} ({_pct(summary['truncation_rate'])})"
+
     base = samples("base")
     if base is None:
         return "(round not run)\n"
@@ -501,8 +508,8 @@ def render_real_round(root: Path, round_name: str = "round2") -> str:
     lines = [
         f"| method | steps | held-out avg@{n} before -> after | after - before [95% CI] |"
         " train reward 1st / 2nd half | groups without variance | median s / step | teacher share of a step |"
-        " leakage before -> after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " leakage before -> after | tokens (truncated %) before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     after_by_method: dict[str, dict[int, float]] = {}
     for method in ("grpo", "rlsd", "opsd"):
@@ -510,7 +517,7 @@ def render_real_round(root: Path, round_name: str = "round2") -> str:
         rows = samples(method)
         history = [h for h in json.loads(history_path.read_text()) if "reward" in h] if history_path.exists() else []
         if rows is None or not history:
-            lines.append(f"| {method} | {len(history)} | (did not finish) | | | | | | |")
+            lines.append(f"| {method} | {len(history)} | (did not finish) | | | | | | | |")
             continue
         after = after_by_method[method] = _per_problem(rows)
         change = signed(paired_bootstrap([after[p] - before[p] for p in before]))
@@ -523,7 +530,8 @@ def render_real_round(root: Path, round_name: str = "round2") -> str:
             f"{_pct(statistics.mean(after.values()))} | {change} | {halves} | "
             f"{_pct(statistics.mean(h['frac_reward_zero_std'] for h in history))} | "
             f"{statistics.median(h['step_time'] for h in history):.1f} | "
-            f"{_pct(statistics.median(teacher)) if teacher else '-'} | {leak(base)} -> {leak(rows)} |"
+            f"{_pct(statistics.median(teacher)) if teacher else '-'} | {leak(base)} -> {leak(rows)} | "
+            f"{length('base')} -> {length(method)} |"
         )
     if "grpo" in after_by_method:
         grpo = after_by_method["grpo"]
