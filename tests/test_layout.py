@@ -60,12 +60,16 @@ def test_the_seams_table_lists_every_override_and_every_trl_attribute_read():
     from rlsd.trainer import RLSDTrainer
 
     listed = set().union(*(names_in(row["seam"]) for row in seams_table()))
-    overrides = {n for n in vars(RLSDTrainer) if callable(getattr(GRPOTrainer, n, None)) and not n.startswith("__")}
+    # the trainer and its mixins (e.g. `rlsd.teacher_rollouts_mixin`): every class of the library in its MRO
+    ours = [cls for cls in RLSDTrainer.__mro__ if cls.__module__.startswith("rlsd.")]
+    assert len(ours) >= 2, "the teacher-rollout mixin is no longer in the MRO: update this test"
+    defined = set().union(*(vars(cls) for cls in ours))
+    overrides = {n for n in defined if callable(getattr(GRPOTrainer, n, None)) and not n.startswith("__")}
     assert overrides - listed == set(), "overridden TRL / HF methods missing from the seams table"
-    source = Path(inspect.getsourcefile(RLSDTrainer)).read_text()
+    source = "".join(Path(inspect.getsourcefile(cls)).read_text() for cls in ours)
     read = set(re.findall(r"self\.([A-Za-z_][A-Za-z0-9_]*)", source))
     assigned = set(re.findall(r"self\.([A-Za-z_][A-Za-z0-9_]*)\s*(?::[^=\n]*)?=[^=]", source))
-    own = {name for name in assigned | set(vars(RLSDTrainer)) if not hasattr(GRPOTrainer, name)}
+    own = {name for name in assigned | defined if not hasattr(GRPOTrainer, name)}
     public_api = {"args", "state", "model", "accelerator", "add_callback", "remove_callback"}
     inherited = read - own - public_api
     assert inherited - listed == set(), "TRL / HF attributes read but missing from the seams table"

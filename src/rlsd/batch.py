@@ -84,3 +84,9 @@ class RLSDEntries:
 def scalar(value: float) -> Tensor:
     """A per-batch scalar as TRL copies it to every micro-batch."""
     return torch.tensor(value, dtype=torch.float64)
+
+
+def loss_mask(batch: dict[str, Any]) -> Tensor:
+    """Completion tokens that enter the loss: the completion mask times TRL's tool mask when present."""
+    mask = batch["completion_mask"]
+    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]

@@ -36,6 +36,12 @@ def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body whose output TRL's fused head projects, and the LM head (PEFT wrappers looked through)."""
+    base = model.get_base_model() if _is_peft_model(model) else model
+    return base.base_model, base.get_output_embeddings()
+
+
 class SelfTeacher:
     """Owns the teacher's weights for one training run.
 

@@ -1,0 +1,249 @@
+"""`TeacherRolloutsMixin`: the orchestration of teacher rollouts (BRTS, PBSD; `teacher_rollout_loss`) for
+`RLSDTrainer`. After TRL's rollout the teacher generates N completions per prompt and each row gets the teacher
+trajectory it learns from (`RLSDEntries.rollout_*`); at loss time one more student forward on those trajectories gives
+the term added to the policy loss. The math (selection, top-K KL, PBSD's loss) is in `rlsd.teacher_rollouts`; the
+TRL attributes these methods read are listed in `rlsd.trainer`'s seams table (`tests/test_layout.py` reads both
+files)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import pad
+
+from rlsd.batch import RLSDEntries, loss_mask
+from rlsd.credit import TokenMean
+from rlsd.distill import head_logits
+from rlsd.privileged import AnswerSource, RolloutView
+from rlsd.teacher import backbone_and_head
+from rlsd.teacher_prompt import render_teacher_prompts
+from rlsd.teacher_rollouts import (
+    Candidates,
+    chunked_sampled_logps,
+    chunked_topk_kl,
+    completion_mask,
+    pair_index,
+    pbsd_loss,
+    select_brts,
+    select_rollout,
+    teacher_topk,
+    trajectory_alignment,
+)
+
+
+class TeacherRolloutsMixin:
+    """BRTS / PBSD for `RLSDTrainer` (a `GRPOTrainer`): the teacher's generation, the candidates' scoring and choice,
+    and the loss-time term. Reads the trainer's `args`, teacher, scorer and TRL's generation and reward helpers."""
+
+    def _check_teacher_rollouts_supported(self, kwargs: dict[str, Any]) -> None:
+        """Teacher rollouts generate with transformers from the unwrapped teacher on each process's own prompts, from
+        text prompts, in one turn: images, tools, FSDP and DeepSpeed are refused; BRTS's retry needs the answers."""
+        flags = {"images": self.has_images, "tools": bool(self.tools), "FSDP": self.is_fsdp_enabled,
+                 "DeepSpeed": self.is_deepspeed_enabled}  # fmt: skip
+        used = [name for name, on in flags.items() if on]
+        if used:
+            raise NotImplementedError(
+                f"teacher_rollout_loss={self.args.teacher_rollout_loss!r} with {' and '.join(used)}: the teacher's "
+                "generation is implemented for text prompts, one turn, on plain or DDP processes only"
+            )
+        if self.args.teacher_rollout_loss == "brts":  # the retry shows the reference answer
+            for split_name in ("train_dataset", "eval_dataset"):
+                AnswerSource(self.args).check_dataset(kwargs.get(split_name), split_name)
+
+    def _add_teacher_rollouts(
+        self,
+        inputs: list[dict[str, Any]],
+        output: dict[str, Any],
+        entries: RLSDEntries,
+        mode: str,
+        pass_logps: torch.Tensor | None = None,
+    ) -> None:
+        """BRTS / PBSD (`teacher_rollout_loss`, training rollouts only): the teacher generates N completions for each
+        of this process's prompts (a group's first local row) from its teacher prompt, and each row gets the teacher
+        trajectory it learns from in `entries` (`rlsd.teacher_rollouts`). `pass_logps`: the rule pass's teacher
+        log-probs of every row's completion, reused as PBSD's log pi_T(y- | x_T). Every process generates and
+        scores the same number of prompts (topped up with its last one), so that reward gathering stays in step."""
+        args = self.args
+        if args.teacher_rollout_loss == "none" or mode != "train":
+            return
+        start = time.perf_counter()
+        group_size, local_rows = self._group_size(), len(inputs)
+        positions = torch.arange(local_rows) + self.accelerator.process_index * local_rows
+        groups = (positions // group_size).tolist()
+        firsts = [i for i in range(local_rows) if i == 0 or groups[i] != groups[i - 1]]
+        row_prompt = torch.tensor([len([f for f in firsts if f <= i]) - 1 for i in range(local_rows)])
+        count = int(self.accelerator.gather(torch.tensor([len(firsts)], device=self.accelerator.device)).max())
+        prompt_rows = torch.tensor(firsts + [firsts[-1]] * (count - len(firsts)))
+        teacher_ids, teacher_mask, _, _ = self.teacher_inputs(inputs, output, mode, prompt_rows)
+        device, n = teacher_ids.device, args.teacher_rollouts
+        ids, mask = self._teacher_generate(teacher_ids, teacher_mask, n)
+        plain = (output["prompt_ids"][prompt_rows], output["prompt_mask"][prompt_rows])
+        if args.teacher_rollout_loss == "pbsd":
+            per_sample = (teacher_ids.repeat_interleave(n, dim=0), teacher_mask.repeat_interleave(n, dim=0))
+            teacher_logps = self._trajectory_pass("teacher", *per_sample, ids, mask, None)[0]
+            pick = row_prompt.to(device) * n + pair_index(positions.to(device) % group_size, n)
+            entries.rollout_ids, entries.rollout_mask = ids[pick], mask[pick]
+            entries.rollout_ref_logps = (teacher_logps * mask).sum(-1)[pick]
+            if pass_logps is None:
+                by_row = (teacher_ids[row_prompt], teacher_mask[row_prompt])
+                pass_logps = self._score("teacher", *by_row, output, {}).logps
+            entries.rollout_neg_ref_logps = (pass_logps * loss_mask(output)).sum(-1)
+            metrics: dict[str, float] = {}
+        else:
+            first = self._brts_candidates(inputs, prompt_rows, plain, teacher_ids, teacher_mask, ids, mask)
+            correct = select_rollout(first.rewards, first.alignment)[1][: len(firsts)]
+            target = int(self.accelerator.gather((~correct).sum().reshape(1)).max())
+            retry = None
+            if target > 0:  # on every process once any prompt anywhere needs it: gathering rewards is collective
+                order = torch.cat([(~correct).nonzero().flatten(), torch.arange(count, device=device)])[:target]
+                retry_ids, retry_mask = self._answer_prompts(inputs, prompt_rows[order.cpu()])
+                again = self._teacher_generate(retry_ids, retry_mask, n)
+                retry = self._brts_candidates(inputs, prompt_rows[order.cpu()], (plain[0][order], plain[1][order]),
+                                              retry_ids, retry_mask, *again).spread(order, count)  # fmt: skip
+            choice = select_brts(first.rewards, first.alignment, *((retry.rewards, retry.alignment) if retry else ()))
+            pool = first.join(retry) if retry else first
+            pick = torch.arange(count, device=device) * pool.rewards.size(1) + choice.index
+            kept = [value.flatten(0, 1)[pick][row_prompt.to(device)] for value in (pool.ids, pool.mask, *pool.topk)]
+            entries.rollout_ids, entries.rollout_mask, entries.rollout_topk_logps, entries.rollout_topk_ids = kept
+            real = len(firsts)
+            metrics = {
+                "teacher_rollout_correct": TokenMean(choice.correct[:real].float().mean().item(), real),
+                "teacher_rollout_retry": TokenMean(choice.retried[:real].float().mean().item(), real),
+                "teacher_rollout_alignment": TokenMean(pool.alignment.flatten()[pick][:real].mean().item(), real),
+            }
+        metrics["teacher_rollout_time_s"] = time.perf_counter() - start
+        self._log_across_processes(mode, metrics)
+
+    def _answer_prompts(self, inputs: list[dict[str, Any]], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BRTS's retry prompts of `rows`: the `"answer"` source's template (the run's own with that source) with the
+        reference answer shown, tokenized and left-padded."""
+        template = self.args.teacher_template if self.args.privileged_source == "answer" else None
+        fields = AnswerSource(self.args).context(RolloutView(inputs, self._group_size()), rows.tolist()).fields
+        prompts = [inputs[i]["prompt"] for i in rows.tolist()]
+        ids_list, _, _ = self._tokenize_prompts(
+            render_teacher_prompts(prompts, template or AnswerSource.default_template, fields)
+        )
+        device = self.accelerator.device
+        ids = pad([torch.tensor(x) for x in ids_list], padding_value=self._tokenizer.pad_token_id, padding_side="left")
+        mask = pad([torch.ones(len(x), dtype=torch.long) for x in ids_list], padding_value=0, padding_side="left")
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def _teacher_generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """N sampled completions per left-padded prompt from the teacher (transformers `generate` with TRL's
+        generation config: the run's temperature, top_p, top_k, max_completion_length), (P * N, L) ids (pad after
+        the first EOS) and mask, prompt-major."""
+        ids, mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
+        with self._scoring_model("teacher") as teacher:
+            sequences = self.accelerator.unwrap_model(teacher).generate(
+                input_ids=ids, attention_mask=mask, generation_config=self.generation_config
+            )
+        completion = sequences[:, ids.size(1) :]
+        keep = completion_mask(completion, self.eos_token_ids)
+        return completion.masked_fill(keep == 0, self._tokenizer.pad_token_id), keep
+
+    @torch.no_grad()
+    def _trajectory_pass(
+        self,
+        which: str,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        k: int | None,
+    ) -> list[torch.Tensor]:
+        """One no-grad forward of `which` ("teacher" or "student") on [prompt ; trajectory], chunked by the
+        per-device batch: the sampled tokens' log-probs (R, L), and with `k` the top-k log-probs and ids (R, L, k)."""
+        pieces = []
+        batch = self._scoring_batch_size()
+        with self._scoring_model(which) as scoring:
+            model = self.accelerator.unwrap_model(scoring)
+            for start in range(0, ids.size(0), batch):
+                rows = slice(start, start + batch)
+                out = model(
+                    input_ids=torch.cat([prompt_ids[rows], ids[rows]], dim=1),
+                    attention_mask=torch.cat([prompt_mask[rows], mask[rows]], dim=1),
+                    logits_to_keep=ids.size(1) + 1,
+                )
+                logits = out.logits[:, :-1].float() / self.temperature
+                sampled = torch.log_softmax(logits, dim=-1).gather(-1, ids[rows].unsqueeze(-1)).squeeze(-1)
+                pieces.append((sampled, *(teacher_topk(logits, k) if k else ())))
+        return [torch.cat(parts) for parts in zip(*pieces, strict=True)]
+
+    def _brts_candidates(
+        self,
+        inputs: list[dict[str, Any]],
+        prompt_rows: torch.Tensor,
+        plain: tuple[torch.Tensor, torch.Tensor],
+        teacher_ids: torch.Tensor,
+        teacher_mask: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> Candidates:
+        """BRTS's view of N teacher trajectories per prompt (`ids`, prompt-major): the teacher's top-K on them, the
+        student's alignment with it (the student on the plain prompt) and their weighted total rewards from the run's
+        reward functions (TRL's `_calculate_rewards`, gathered over processes; NaN when every function abstains)."""
+        k, n = self.args.distill_overlap_k, self.args.teacher_rollouts
+        index = torch.arange(ids.size(0), device=ids.device) // n  # each trajectory's prompt
+        _, top_logps, top_ids = self._trajectory_pass("teacher", teacher_ids[index], teacher_mask[index], ids, mask, k)
+        student_ids = self._trajectory_pass("student", plain[0][index], plain[1][index], ids, mask, k)[2]
+        alignment = trajectory_alignment(student_ids, top_ids, mask)
+        rows = [inputs[i] for i in prompt_rows.repeat_interleave(n).tolist()]
+        texts = self._tokenizer.batch_decode([row[m.bool()] for row, m in zip(ids, mask, strict=True)],
+                                             skip_special_tokens=True)  # fmt: skip
+        prompts = [row["prompt"] for row in rows]
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
+        token_lists = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        per_func = GRPOTrainer._calculate_rewards(self, rows, prompts, completions, token_lists)
+        start = self.accelerator.process_index * len(rows)
+        per_func = per_func[start : start + len(rows)]
+        totals = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        totals[torch.isnan(per_func).all(dim=1)] = torch.nan
+        shape = (-1, n)
+        return Candidates(ids.view(*shape, ids.size(1)), mask.view(*shape, ids.size(1)), totals.view(shape),
+                          alignment.view(shape), (top_logps.view(*shape, *top_logps.shape[1:]),
+                                                  top_ids.view(*shape, *top_ids.shape[1:])))  # fmt: skip
+
+    def _teacher_rollout_term(
+        self, model: torch.nn.Module, inputs: dict[str, Any], entries: RLSDEntries, student_logps: torch.Tensor
+    ) -> torch.Tensor | float:
+        """`teacher_rollout_coef` * the micro-batch's BRTS or PBSD term, scaled for gradient accumulation (0 without
+        teacher rollouts): one more forward of the student's backbone on [plain prompt ; teacher trajectory], with
+        gradient, its hidden states projected `distill_chunk_tokens` at a time. BRTS: the token mean of
+        KL(p_T^K || p_S^K) over the trajectory tokens; PBSD: the row mean of the DPO loss, with log pi(y- | x) the
+        sum of TRL's own log-probs (`student_logps`) of the completion."""
+        if entries.rollout_ids is None:
+            return 0.0
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        ids, mask = entries.rollout_ids, entries.rollout_mask
+        backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
+        output = backbone(input_ids=torch.cat([inputs["prompt_ids"], ids], dim=1),
+                          attention_mask=torch.cat([inputs["prompt_mask"], mask], dim=1))  # fmt: skip
+        states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        states = states[:, -ids.size(1) - 1 : -1]
+        logits_fn = head_logits(head, self.temperature)
+        selected = mask.bool()
+        if entries.rollout_topk_ids is not None:  # BRTS
+            per_token = chunked_topk_kl(states[selected], logits_fn, entries.rollout_topk_logps[selected],
+                                        entries.rollout_topk_ids[selected], args.distill_chunk_tokens)  # fmt: skip
+            term = per_token.sum() / selected.sum().clamp(min=1)
+            metrics = {"teacher_rollout_loss": TokenMean(term.item(), selected.sum().item())}
+        else:  # PBSD
+            flat = states.reshape(-1, states.size(-1))
+            logps = chunked_sampled_logps(flat, logits_fn, ids.reshape(-1), args.distill_chunk_tokens).view(ids.shape)
+            policy_neg = (student_logps * loss_mask(inputs)).sum(-1)
+            losses, margins = pbsd_loss((logps * mask).sum(-1), entries.rollout_ref_logps, policy_neg,
+                                        entries.rollout_neg_ref_logps, args.pbsd_beta)  # fmt: skip
+            term = losses.mean()
+            rows = float(losses.numel())
+            metrics = {"teacher_rollout_loss": TokenMean(term.item(), rows),
+                       "pbsd_margin": TokenMean(margins.mean().item(), rows)}  # fmt: skip
+        self._log_across_processes(mode, metrics)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        return args.teacher_rollout_coef * term / accumulation
