@@ -312,6 +312,7 @@ def test_brts_batch_carries_the_selected_trajectory_and_its_teacher_topk(tokeniz
     assert ids.shape == mask.shape and ids.size(0) == 4 and ids.size(1) <= 8
     assert logps.shape == top.shape == (*ids.shape, 5)
     assert all(torch.equal(ids[0], row) for row in ids)  # one prompt: its four rows share the kept trajectory
+    assert mask[0].sum() > 0 and mask[1:].sum() == 0  # ... and only its first row carries it into the loss
     # the teacher top-K equals a direct forward of the teacher copy on [teacher prompt ; trajectory]
     length = int(mask[0].sum())
     prompt = trainer.teacher_inputs([make_dataset()[0]], {"prompt_ids": None}, "train")[0]
@@ -321,6 +322,30 @@ def test_brts_batch_carries_the_selected_trajectory_and_its_teacher_topk(tokeniz
     direct_logps, direct_ids = teacher_topk(logits, 5)
     assert torch.equal(direct_ids, top[0, :length])
     assert torch.allclose(direct_logps, logps[0, :length], atol=1e-5)
+
+
+def test_brts_learns_each_kept_trajectory_once_with_the_same_term_as_on_every_row(tokenizer, tmp_path):
+    """The loss-time student forward runs on the one row per prompt that carries the trajectory; the token mean
+    equals the one over every row of the group carrying it (duplicates do not move a mean)."""
+    from rlsd.batch import RLSDEntries
+    from rlsd.teacher import backbone_and_head
+
+    trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="brts", teacher_rollouts=2)
+    _, batch = rollout_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    backbone, _ = backbone_and_head(trainer.model)
+    seen = []
+    handle = backbone.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].size(0)),
+                                            with_kwargs=True)  # fmt: skip
+    logps = torch.zeros_like(batch["completion_mask"], dtype=torch.float)
+    try:
+        once = trainer._teacher_rollout_term(trainer.model, batch, RLSDEntries.from_batch(batch), logps)
+        every = dict(batch, rlsd_rollout_mask=batch["rlsd_rollout_mask"][0].expand_as(batch["rlsd_rollout_mask"]))
+        on_every_row = trainer._teacher_rollout_term(trainer.model, every, RLSDEntries.from_batch(every), logps)
+    finally:
+        handle.remove()
+    assert seen == [1, 4]
+    assert float(once) > 0 and torch.allclose(once, on_every_row, atol=1e-6)
 
 
 def test_pbsd_pairs_each_completion_with_a_teacher_sample_and_scores_both_under_the_teacher(tokenizer, tmp_path):

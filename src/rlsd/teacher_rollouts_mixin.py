@@ -108,6 +108,11 @@ class TeacherRolloutsMixin:
             pick = torch.arange(count, device=device) * pool.rewards.size(1) + choice.index
             kept = [value.flatten(0, 1)[pick][row_prompt.to(device)] for value in (pool.ids, pool.mask, *pool.topk)]
             entries.rollout_ids, entries.rollout_mask, entries.rollout_topk_logps, entries.rollout_topk_ids = kept
+            # the trajectory is learned once per prompt: only the prompt's first local row keeps its mask, so the
+            # loss-time student forward runs on one row per prompt, not on every row of the group
+            first_rows = torch.zeros(local_rows, dtype=torch.bool, device=device)
+            first_rows[firsts] = True
+            entries.rollout_mask = entries.rollout_mask * first_rows[:, None]
             real = len(firsts)
             metrics = {
                 "teacher_rollout_correct": TokenMean(choice.correct[:real].float().mean().item(), real),
@@ -215,23 +220,31 @@ class TeacherRolloutsMixin:
         """`teacher_rollout_coef` * the micro-batch's BRTS or PBSD term, scaled for gradient accumulation (0 without
         teacher rollouts): one more forward of the student's backbone on [plain prompt ; teacher trajectory], with
         gradient, its hidden states projected `distill_chunk_tokens` at a time. BRTS: the token mean of
-        KL(p_T^K || p_S^K) over the trajectory tokens; PBSD: the row mean of the DPO loss, with log pi(y- | x) the
-        sum of TRL's own log-probs (`student_logps`) of the completion."""
+        KL(p_T^K || p_S^K) over the kept trajectories' tokens (one row per prompt carries each, so the forward runs
+        on those rows only); PBSD: the row mean of the DPO loss, with log pi(y- | x) the sum of TRL's own log-probs
+        (`student_logps`) of the completion."""
         if entries.rollout_ids is None:
             return 0.0
         args = self.args
         mode = "train" if self.model.training else "eval"
         ids, mask = entries.rollout_ids, entries.rollout_mask
+        brts = entries.rollout_topk_ids is not None
+        rows = mask.any(dim=1) if brts else torch.ones_like(mask[:, 0], dtype=torch.bool)  # BRTS: a group's first row
+        if brts and not rows.any():  # no kept trajectory starts in this micro-batch
+            self._log_across_processes(mode, {"teacher_rollout_loss": TokenMean(0.0, 0.0)})
+            return 0.0
+        ids, mask = ids[rows], mask[rows]
         backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
-        output = backbone(input_ids=torch.cat([inputs["prompt_ids"], ids], dim=1),
-                          attention_mask=torch.cat([inputs["prompt_mask"], mask], dim=1))  # fmt: skip
+        output = backbone(input_ids=torch.cat([inputs["prompt_ids"][rows], ids], dim=1),
+                          attention_mask=torch.cat([inputs["prompt_mask"][rows], mask], dim=1))  # fmt: skip
         states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         states = states[:, -ids.size(1) - 1 : -1]
         logits_fn = head_logits(head, self.temperature)
         selected = mask.bool()
-        if entries.rollout_topk_ids is not None:  # BRTS
-            per_token = chunked_topk_kl(states[selected], logits_fn, entries.rollout_topk_logps[selected],
-                                        entries.rollout_topk_ids[selected], args.distill_chunk_tokens)  # fmt: skip
+        if brts:
+            top_logps, top_ids = entries.rollout_topk_logps[rows], entries.rollout_topk_ids[rows]
+            per_token = chunked_topk_kl(states[selected], logits_fn, top_logps[selected], top_ids[selected],
+                                        args.distill_chunk_tokens)  # fmt: skip
             term = per_token.sum() / selected.sum().clamp(min=1)
             metrics = {"teacher_rollout_loss": TokenMean(term.item(), selected.sum().item())}
         else:  # PBSD
@@ -241,9 +254,9 @@ class TeacherRolloutsMixin:
             losses, margins = pbsd_loss((logps * mask).sum(-1), entries.rollout_ref_logps, policy_neg,
                                         entries.rollout_neg_ref_logps, args.pbsd_beta)  # fmt: skip
             term = losses.mean()
-            rows = float(losses.numel())
-            metrics = {"teacher_rollout_loss": TokenMean(term.item(), rows),
-                       "pbsd_margin": TokenMean(margins.mean().item(), rows)}  # fmt: skip
+            pairs = float(losses.numel())
+            metrics = {"teacher_rollout_loss": TokenMean(term.item(), pairs),
+                       "pbsd_margin": TokenMean(margins.mean().item(), pairs)}  # fmt: skip
         self._log_across_processes(mode, metrics)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         return args.teacher_rollout_coef * term / accumulation
