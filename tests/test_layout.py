@@ -60,9 +60,10 @@ def test_the_seams_table_lists_every_override_and_every_trl_attribute_read():
     from rlsd.trainer import RLSDTrainer
 
     listed = set().union(*(names_in(row["seam"]) for row in seams_table()))
-    # the trainer and its mixins (e.g. `rlsd.teacher_rollouts_mixin`): every class of the library in its MRO
+    # the trainer and its mixins (`rlsd.teacher_rollouts_mixin`, `rlsd.aligned_prompts_mixin`): every rlsd class
+    # in its MRO
     ours = [cls for cls in RLSDTrainer.__mro__ if cls.__module__.startswith("rlsd.")]
-    assert len(ours) >= 2, "the teacher-rollout mixin is no longer in the MRO: update this test"
+    assert len(ours) >= 3, "RLSDTrainer's mixins (teacher rollouts, aligned prompts) left its MRO: update this test"
     defined = set().union(*(vars(cls) for cls in ours))
     overrides = {n for n in defined if callable(getattr(GRPOTrainer, n, None)) and not n.startswith("__")}
     assert overrides - listed == set(), "overridden TRL / HF methods missing from the seams table"

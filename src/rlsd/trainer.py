@@ -15,7 +15,8 @@ tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEn
 `mad_opd_teachers` (MAD-OPD) every teacher runs the loss-time pass and the term is their confidence-weighted sum.
 With `teacher_rollout_loss` (BRTS, PBSD) the teacher also generates completions after TRL's rollout, and the loss adds
 a term on those trajectories (orchestrated by `rlsd.teacher_rollouts_mixin`, the math in
-`rlsd.teacher_rollouts`).
+`rlsd.teacher_rollouts`). With `teacher_aligned_prompts` the training prompts are ranked by student-teacher agreement
+at construction and the most aligned kept (`rlsd.aligned_prompts_mixin`, the math in `rlsd.prompt_selection`).
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
@@ -102,8 +103,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
-from datasets import Dataset
+from accelerate.utils import gather_object
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
@@ -114,6 +114,7 @@ from trl.trainer.utils import pad
 
 from rlsd import checkpoint as checkpoint_files
 from rlsd import vision
+from rlsd.aligned_prompts_mixin import AlignedPromptsMixin
 from rlsd.batch import RLSDEntries, loss_mask, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
@@ -126,7 +127,6 @@ from rlsd.distill import (
     token_loss_fn,
 )
 from rlsd.privileged import RolloutView, get_source, validate_teacher_template
-from rlsd.prompt_selection import DEFAULT_OVERLAP_K, alignment_scores, select_aligned
 from rlsd.rewards import guard_reward
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
 from rlsd.scoring import ScoreResult, score_tokens
@@ -149,7 +149,7 @@ logger = logging.getLogger(__name__)
 RULE_STATE_FILE = "rlsd_rule_state.json"
 
 
-class RLSDTrainer(TeacherRolloutsMixin, GRPOTrainer):
+class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
     """GRPO with RLSD token credit (arXiv 2604.03128); with `credit="grpo"` it is TRL's `GRPOTrainer`.
 
     Takes the arguments of `GRPOTrainer`. The training dataset needs the privileged column
@@ -364,59 +364,6 @@ class RLSDTrainer(TeacherRolloutsMixin, GRPOTrainer):
         if self.is_fsdp_enabled:
             return prepare_fsdp(model, self.accelerator)
         return self.accelerator.prepare_model(model, evaluation_mode=True)
-
-    def _select_aligned_prompts(self) -> None:
-        """Rethinking-OPD's teacher-aligned prompt selection, reconstructed (`rlsd.prompt_selection`): score every
-        training prompt by the mean student-teacher top-k overlap over the student's greedy continuation, the teacher
-        shown its training-time prompt, and keep the `teacher_aligned_prompts` fraction with the highest scores as
-        `train_dataset` (dataset order, columns unchanged). Every process scores every prompt (a sharded model runs its
-        collectives in step) and all use the main process's scores. Set once, at construction."""
-        args, dataset = self.args, self.train_dataset
-        if not isinstance(dataset, Dataset):
-            raise TypeError(f"teacher_aligned_prompts needs a datasets.Dataset to select rows from, got "
-                            f"{type(dataset).__name__} (a streaming dataset cannot be ranked up front)")  # fmt: skip
-        if self.has_images:
-            raise NotImplementedError("teacher_aligned_prompts scores text prompts only; drop the image column or the "
-                                      "option")  # fmt: skip
-        columns = [name for name in ("prompt", args.privileged_column) if name in dataset.column_names]
-        rows = dataset.select_columns(columns).to_list()
-        count = len(rows)
-        view = RolloutView(rows, 1, 0, [""] * count, [math.nan] * count)  # before training: no sibling succeeded
-        context = self.source.context(view, list(range(count)))
-        prompts = [row["prompt"] for row in rows]
-        teacher_prompts = render_teacher_prompts(prompts, args.teacher_template, context.fields)
-        student_ids, _, _ = self._tokenize_prompts(prompts)
-        teacher_ids, _, _ = self._tokenize_prompts(teacher_prompts)
-        policy = self.accelerator.unwrap_model(self.model)
-
-        @contextlib.contextmanager
-        def student() -> Iterator[torch.nn.Module]:
-            with disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
-                yield policy
-
-        sharded = self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        k = args.distill_overlap_k or DEFAULT_OVERLAP_K
-        training = policy.training
-        policy.eval()
-        try:
-            scores = alignment_scores(
-                student, lambda: self._scoring_model("teacher"), student_ids, teacher_ids, k=k,
-                max_new_tokens=args.max_completion_length, pad_token_id=self._tokenizer.pad_token_id,
-                eos_token_id=self.eos_token_ids, batch_size=args.per_device_train_batch_size, synced_gpus=sharded,
-            )  # fmt: skip
-        finally:
-            policy.train(training)
-        scores = broadcast_object_list([scores.tolist()])[0]
-        keep = select_aligned(scores, args.teacher_aligned_prompts)
-        self.prompt_alignment = torch.tensor(scores, dtype=torch.float32)
-        self.aligned_prompt_indices = keep
-        self.train_dataset = dataset.select(keep)
-        kept = torch.zeros(count, dtype=torch.bool)
-        kept[keep] = True
-        dropped = self.prompt_alignment[~kept].mean().item() if (~kept).any() else math.nan
-        logger.info("teacher_aligned_prompts=%g: kept %d of %d training prompts; mean top-%d overlap %.4f kept, %.4f "
-                    "dropped", args.teacher_aligned_prompts, len(keep), count, k,
-                    self.prompt_alignment[kept].mean().item(), dropped)  # fmt: skip
 
     def _on_teacher_step(self, global_step: int) -> None:
         """End of optimizer step `global_step`: let the teacher follow the policy and log whether it did."""
