@@ -108,18 +108,23 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "--quick" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir):
+def run_ddp_worker(tmp_path, model_dir, mode: str, out) -> list[dict]:
+    """`tests/ddp_worker.py` in `mode` on two gloo processes under torchrun (GSM8K fixture data): each rank's
+    report."""
     data = write_fixture(tmp_path, ".jsonl", GSM8K)
-    out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out),
+        str(ROOT / "tests" / "ddp_worker.py"), str(model_dir), str(data), str(out), mode,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir):
+    reports = run_ddp_worker(tmp_path, tiny_model_dir, "rlsd", tmp_path / "ddp")
     assert reports[0]["world_size"] == reports[1]["world_size"] == 2
     assert reports[0]["lambda"] == reports[1]["lambda"] == [0.5, 0.25]
     assert reports[0]["synced"] == reports[1]["synced"] == [0.0, 1.0]
@@ -130,16 +135,7 @@ def test_two_processes_agree_on_lambda_and_teacher_sync(tmp_path, tiny_model_dir
 
 @pytest.mark.slow
 def test_two_processes_uni_opd_groups_span_both_ranks(tmp_path, tiny_model_dir):
-    data = write_fixture(tmp_path, ".jsonl", GSM8K)
-    out = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), "uniopd",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = run_ddp_worker(tmp_path, tiny_model_dir, "uniopd", tmp_path / "ddp")
     for rank, report in enumerate(reports):
         assert report["groups"], "the rule never ran"
         for call, other in zip(report["groups"], reports[1 - rank]["groups"], strict=True):
@@ -154,16 +150,7 @@ def test_two_processes_uni_opd_groups_span_both_ranks(tmp_path, tiny_model_dir):
 def test_two_processes_share_sibling_contexts_and_the_distillation_term(tmp_path, tiny_model_dir):
     """One group spans both ranks; only rank 0's first completion succeeds, so every other row's sibling is that
     completion, also on rank 1; the JSD term trains and both ranks end with the same policy."""
-    data = write_fixture(tmp_path, ".jsonl", GSM8K)
-    out = tmp_path / "ddp-family"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), "family",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0, rank1 = (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    rank0, rank1 = run_ddp_worker(tmp_path, tiny_model_dir, "family", tmp_path / "ddp-family")
     for step0, step1 in zip(rank0["contexts"], rank1["contexts"], strict=True):
         winner = step0["own"][0]
         assert step0["found"] == [False, True] and step1["found"] == [True, True]
@@ -177,16 +164,7 @@ def test_two_processes_share_sibling_contexts_and_the_distillation_term(tmp_path
 def test_two_processes_train_with_teacher_rollouts(tmp_path, tiny_model_dir, method):
     """BRTS / PBSD under DDP with a group straddling the ranks: each rank generates for its own rows, the extra
     student forward joins TRL's backward, and both ranks end with the same, moved policy."""
-    data = write_fixture(tmp_path, ".jsonl", GSM8K)
-    out = tmp_path / f"ddp-{method}"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-        str(ROOT / "tests" / "ddp_worker.py"), str(tiny_model_dir), str(data), str(out), method,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0, rank1 = (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    rank0, rank1 = run_ddp_worker(tmp_path, tiny_model_dir, method, tmp_path / f"ddp-{method}")
     assert len(rank0["rollout_loss"]) == len(rank1["rollout_loss"]) == 2
     assert all(loss > 0 for loss in rank0["rollout_loss"])
     assert rank0["policy_checksum"] == rank1["policy_checksum"] != rank0["initial_checksum"]
