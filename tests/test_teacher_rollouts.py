@@ -14,6 +14,7 @@ from rlsd.teacher_rollouts import (
     chunked_sampled_logps,
     chunked_topk_kl,
     completion_mask,
+    distinct_rows,
     pair_index,
     pbsd_loss,
     select_brts,
@@ -346,6 +347,47 @@ def test_brts_learns_each_kept_trajectory_once_with_the_same_term_as_on_every_ro
         handle.remove()
     assert seen == [1, 4]
     assert float(once) > 0 and torch.allclose(once, on_every_row, atol=1e-6)
+
+
+def test_distinct_rows_by_hand():
+    rows = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4]])
+    first, inverse = distinct_rows(rows)
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    assert torch.equal(rows[first][inverse], rows)
+
+
+def test_pbsd_scores_each_distinct_teacher_sample_once_with_the_same_loss(tokenizer, tmp_path):
+    """G = 4 completions share N = 2 teacher samples: the student's forward runs on the 2 distinct [prompt ; sample]
+    rows, and the term equals the DPO loss over the four pairs from per-row student log-probs."""
+    from rlsd.batch import RLSDEntries
+    from rlsd.teacher import backbone_and_head
+    from rlsd.teacher_rollouts import pbsd_loss
+
+    trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd", teacher_rollouts=2)
+    _, batch = rollout_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    backbone, _ = backbone_and_head(trainer.model)
+    seen = []
+    handle = backbone.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].size(0)),
+                                            with_kwargs=True)  # fmt: skip
+    student = torch.zeros_like(batch["completion_mask"], dtype=torch.float)
+    try:
+        term = trainer._teacher_rollout_term(trainer.model, batch, RLSDEntries.from_batch(batch), student)
+    finally:
+        handle.remove()
+    assert seen == [2]
+    ids, mask = batch["rlsd_rollout_ids"], batch["rlsd_rollout_mask"]
+    positive = []
+    for row in range(ids.size(0)):  # each pair's log pi(y+ | x), one plain forward per row
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        sample = ids[row][mask[row].bool()]
+        with torch.no_grad():
+            logits = trainer.model(input_ids=torch.cat([prompt, sample]).unsqueeze(0)).logits[0]
+        logits = logits[prompt.size(0) - 1 : -1]
+        positive.append(torch.log_softmax(logits / trainer.temperature, -1).gather(-1, sample[:, None]).sum())
+    losses, _ = pbsd_loss(torch.stack(positive), batch["rlsd_rollout_ref_logps"], torch.zeros(ids.size(0)),
+                          batch["rlsd_rollout_neg_ref_logps"], trainer.args.pbsd_beta)  # fmt: skip
+    assert torch.allclose(term, trainer.args.teacher_rollout_coef * losses.mean(), atol=1e-5)
 
 
 def test_pbsd_pairs_each_completion_with_a_teacher_sample_and_scores_both_under_the_teacher(tokenizer, tmp_path):

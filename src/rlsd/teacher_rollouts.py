@@ -211,3 +211,13 @@ def pbsd_loss(
     Returns (L (R,), m (R,))."""
     margin = beta * ((policy_pos - ref_pos.detach()) - (policy_neg - ref_neg.detach()))
     return -F.logsigmoid(margin), margin
+
+
+def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The first index of each distinct row of `rows` (R, L) and, for every row, the position of its distinct row in
+    that list: `rows[first][inverse]` equals `rows`, so work done once per distinct row is spread back by `inverse`."""
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    order = torch.arange(rows.size(0), device=rows.device)
+    first = torch.full((int(inverse.max()) + 1,), rows.size(0), device=rows.device, dtype=order.dtype)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    return first, inverse

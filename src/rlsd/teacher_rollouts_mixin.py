@@ -25,6 +25,7 @@ from rlsd.teacher_rollouts import (
     chunked_sampled_logps,
     chunked_topk_kl,
     completion_mask,
+    distinct_rows,
     pair_index,
     pbsd_loss,
     select_brts,
@@ -221,18 +222,21 @@ class TeacherRolloutsMixin:
         teacher rollouts): one more forward of the student's backbone on [plain prompt ; teacher trajectory], with
         gradient, its hidden states projected `distill_chunk_tokens` at a time. BRTS: the token mean of
         KL(p_T^K || p_S^K) over the kept trajectories' tokens (one row per prompt carries each, so the forward runs
-        on those rows only); PBSD: the row mean of the DPO loss, with log pi(y- | x) the sum of TRL's own log-probs
-        (`student_logps`) of the completion."""
+        on those rows only); PBSD: the row mean of the DPO loss, log pi(y+ | x) from one forward per distinct teacher
+        sample and log pi(y- | x) the sum of TRL's own log-probs (`student_logps`) of the completion."""
         if entries.rollout_ids is None:
             return 0.0
         args = self.args
         mode = "train" if self.model.training else "eval"
         ids, mask = entries.rollout_ids, entries.rollout_mask
         brts = entries.rollout_topk_ids is not None
-        rows = mask.any(dim=1) if brts else torch.ones_like(mask[:, 0], dtype=torch.bool)  # BRTS: a group's first row
-        if brts and not rows.any():  # no kept trajectory starts in this micro-batch
-            self._log_across_processes(mode, {"teacher_rollout_loss": TokenMean(0.0, 0.0)})
-            return 0.0
+        if brts:  # the rows that carry a kept trajectory (a prompt's first row)
+            rows, inverse = mask.any(dim=1).nonzero().flatten(), None
+            if rows.numel() == 0:  # no kept trajectory starts in this micro-batch
+                self._log_across_processes(mode, {"teacher_rollout_loss": TokenMean(0.0, 0.0)})
+                return 0.0
+        else:  # PBSD: the completions of a group share teacher samples; each distinct [prompt ; sample] runs once
+            rows, inverse = distinct_rows(torch.cat([inputs["prompt_ids"], inputs["prompt_mask"], ids, mask], dim=1))
         ids, mask = ids[rows], mask[rows]
         backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
         output = backbone(input_ids=torch.cat([inputs["prompt_ids"][rows], ids], dim=1),
@@ -251,7 +255,7 @@ class TeacherRolloutsMixin:
             flat = states.reshape(-1, states.size(-1))
             logps = chunked_sampled_logps(flat, logits_fn, ids.reshape(-1), args.distill_chunk_tokens).view(ids.shape)
             policy_neg = (student_logps * loss_mask(inputs)).sum(-1)
-            losses, margins = pbsd_loss((logps * mask).sum(-1), entries.rollout_ref_logps, policy_neg,
+            losses, margins = pbsd_loss((logps * mask).sum(-1)[inverse], entries.rollout_ref_logps, policy_neg,
                                         entries.rollout_neg_ref_logps, args.pbsd_beta)  # fmt: skip
             term = losses.mean()
             pairs = float(losses.numel())
