@@ -325,26 +325,34 @@ def test_brts_batch_carries_the_selected_trajectory_and_its_teacher_topk(tokeniz
     assert torch.allclose(direct_logps, logps[0, :length], atol=1e-5)
 
 
-def test_brts_learns_each_kept_trajectory_once_with_the_same_term_as_on_every_row(tokenizer, tmp_path):
-    """The loss-time student forward runs on the one row per prompt that carries the trajectory; the token mean
-    equals the one over every row of the group carrying it (duplicates do not move a mean)."""
+def rollout_terms_and_forward_rows(trainer, *batches):
+    """The loss-time teacher-rollout term of each batch (TRL's own student log-probs taken as 0) and the rows of
+    every student backbone forward it ran."""
     from rlsd.batch import RLSDEntries
     from rlsd.teacher import backbone_and_head
 
-    trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="brts", teacher_rollouts=2)
-    _, batch = rollout_batch(trainer)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
     backbone, _ = backbone_and_head(trainer.model)
     seen = []
     handle = backbone.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].size(0)),
                                             with_kwargs=True)  # fmt: skip
-    logps = torch.zeros_like(batch["completion_mask"], dtype=torch.float)
     try:
-        once = trainer._teacher_rollout_term(trainer.model, batch, RLSDEntries.from_batch(batch), logps)
-        every = dict(batch, rlsd_rollout_mask=batch["rlsd_rollout_mask"][0].expand_as(batch["rlsd_rollout_mask"]))
-        on_every_row = trainer._teacher_rollout_term(trainer.model, every, RLSDEntries.from_batch(every), logps)
+        terms = []
+        for batch in batches:
+            student = torch.zeros_like(batch["completion_mask"], dtype=torch.float)
+            terms.append(trainer._teacher_rollout_term(trainer.model, batch, RLSDEntries.from_batch(batch), student))
     finally:
         handle.remove()
+    return terms, seen
+
+
+def test_brts_learns_each_kept_trajectory_once_with_the_same_term_as_on_every_row(tokenizer, tmp_path):
+    """The loss-time student forward runs on the one row per prompt that carries the trajectory; the token mean
+    equals the one over every row of the group carrying it (duplicates do not move a mean)."""
+    trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="brts", teacher_rollouts=2)
+    _, batch = rollout_batch(trainer)
+    every = dict(batch, rlsd_rollout_mask=batch["rlsd_rollout_mask"][0].expand_as(batch["rlsd_rollout_mask"]))
+    (once, on_every_row), seen = rollout_terms_and_forward_rows(trainer, batch, every)
     assert seen == [1, 4]
     assert float(once) > 0 and torch.allclose(once, on_every_row, atol=1e-6)
 
@@ -359,22 +367,11 @@ def test_distinct_rows_by_hand():
 def test_pbsd_scores_each_distinct_teacher_sample_once_with_the_same_loss(tokenizer, tmp_path):
     """G = 4 completions share N = 2 teacher samples: the student's forward runs on the 2 distinct [prompt ; sample]
     rows, and the term equals the DPO loss over the four pairs from per-row student log-probs."""
-    from rlsd.batch import RLSDEntries
-    from rlsd.teacher import backbone_and_head
     from rlsd.teacher_rollouts import pbsd_loss
 
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd", teacher_rollouts=2)
     _, batch = rollout_batch(trainer)
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
-    backbone, _ = backbone_and_head(trainer.model)
-    seen = []
-    handle = backbone.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].size(0)),
-                                            with_kwargs=True)  # fmt: skip
-    student = torch.zeros_like(batch["completion_mask"], dtype=torch.float)
-    try:
-        term = trainer._teacher_rollout_term(trainer.model, batch, RLSDEntries.from_batch(batch), student)
-    finally:
-        handle.remove()
+    (term,), seen = rollout_terms_and_forward_rows(trainer, batch)
     assert seen == [2]
     ids, mask = batch["rlsd_rollout_ids"], batch["rlsd_rollout_mask"]
     positive = []

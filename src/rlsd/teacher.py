@@ -36,6 +36,18 @@ def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def read_teacher_state(directory: str, mode: str) -> dict[str, Any]:
+    """A checkpoint's teacher state json, refused when RLSD did not write it or wrote it for another teacher mode."""
+    state_path = os.path.join(directory, TEACHER_STATE_FILE)
+    if not os.path.exists(state_path):
+        raise FileNotFoundError(f"checkpoint {directory} has no {TEACHER_STATE_FILE}: it was not written by RLSD")
+    with open(state_path) as f:
+        state = json.load(f)
+    if state["mode"] != mode:
+        raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from teacher={mode!r}")
+    return state
+
+
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body whose output TRL's fused head projects, and the LM head (PEFT wrappers looked through)."""
     base = model.get_base_model() if _is_peft_model(model) else model
@@ -277,13 +289,7 @@ class SelfTeacher:
     def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
         """Restore what `save` wrote (every process calls it; each gets its own shard back); a checkpoint from another
         teacher mode is refused."""
-        state_path = os.path.join(directory, TEACHER_STATE_FILE)
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"checkpoint {directory} has no {TEACHER_STATE_FILE}: it was not written by RLSD")
-        with open(state_path) as f:
-            state = json.load(f)
-        if state["mode"] != self.mode:
-            raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from teacher={self.mode!r}")
+        state = read_teacher_state(directory, self.mode)
         self.last_sync_step = int(state["last_sync_step"])
         weights_path = os.path.join(directory, TEACHER_WEIGHTS_FILE)
         if self.model is not None:
@@ -369,13 +375,7 @@ class ExternalTeacher:
     def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
         """Check the state file: a checkpoint of a self-teacher run is refused; another model name is a warning
         (the same model may have moved)."""
-        state_path = os.path.join(directory, TEACHER_STATE_FILE)
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"checkpoint {directory} has no {TEACHER_STATE_FILE}: it was not written by RLSD")
-        with open(state_path) as f:
-            state = json.load(f)
-        if state["mode"] != self.mode:
-            raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from teacher={self.mode!r}")
+        state = read_teacher_state(directory, self.mode)
         if state.get("teacher_model") != self.name:
             logger.warning("checkpoint %s was trained with teacher_model=%r, resumed with %r", directory,
                            state.get("teacher_model"), self.name)  # fmt: skip
