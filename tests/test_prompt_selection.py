@@ -261,3 +261,18 @@ def test_a_streaming_dataset_is_refused(tokenizer, tmp_path, teacher_dir):
     with pytest.raises(TypeError, match=r"teacher_aligned_prompts needs a datasets\.Dataset"):
         build_trainer(tokenizer, tmp_path, dataset=stream, teacher_model=str(teacher_dir), credit="opsd",
                       privileged_source="none", teacher_aligned_prompts=0.5)  # fmt: skip
+
+
+def test_aligned_prompts_under_zero3_are_refused_before_the_policy_generates(tokenizer, tmp_path, monkeypatch):
+    """Under ZeRO-3 the policy's parameters are not gathered while the trainer is built: the selection, which
+    generates with the policy there, is refused before any generation (DeepSpeed itself cannot run here)."""
+    from rlsd.trainer import RLSDTrainer
+
+    monkeypatch.setattr(RLSDTrainer, "_zero_stage", lambda self: 3)
+    model = make_model(tokenizer)
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: calls.append(1))
+    with pytest.raises(NotImplementedError, match=r"teacher_aligned_prompts.*ZeRO-3"):
+        build_trainer(tokenizer, tmp_path, model=model, teacher="initial", distill_overlap_k=4,
+                      teacher_aligned_prompts=0.25)  # fmt: skip
+    assert calls == []

@@ -269,8 +269,15 @@ def test_a_live_self_teacher_shown_the_plain_prompt_has_nothing_to_teach(tokeniz
     assert logged(pbsd, "rlsd/teacher_rollout_loss") == pytest.approx(math.log(2), abs=1e-4)
 
 
-@pytest.mark.parametrize(("reward", "correct", "retry"), [(1.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
-def test_brts_scores_the_teacher_trajectories_with_the_reward_functions(tokenizer, tmp_path, reward, correct, retry):
+@pytest.mark.parametrize(
+    ("reward", "source", "correct", "retry"),
+    [(1.0, "none", 1.0, 0.0), (0.0, "none", 0.0, 1.0), (0.0, "answer", 0.0, 0.0)],
+)
+def test_brts_scores_the_teacher_trajectories_with_the_reward_functions(
+    tokenizer, tmp_path, reward, source, correct, retry
+):
+    """The retry with the answer shown runs when no first trajectory is correct, unless the first ones already saw
+    the answer (`privileged_source="answer"`: a retry would re-sample the identical prompt)."""
     calls = []
 
     def constant(completions, solution, **kwargs):
@@ -278,11 +285,11 @@ def test_brts_scores_the_teacher_trajectories_with_the_reward_functions(tokenize
         return [reward] * len(completions)
 
     trainer = build_trainer(tokenizer, tmp_path, reward=constant, credit="grpo", teacher_rollout_loss="brts",
-                            teacher_rollouts=3)  # fmt: skip
+                            teacher_rollouts=3, privileged_source=source)  # fmt: skip
     trainer.train()
     # TRL's rollout (4 completions), then the teacher's 3 for the one prompt of the batch, then (when none is
     # correct) the 3 of the answer-shown retry, each with the prompt's own answer column
-    assert [size for size, _ in calls] == ([4, 3] if reward else [4, 3, 3])
+    assert [size for size, _ in calls] == ([4, 3, 3] if retry else [4, 3])
     answer = calls[0][1][0]
     assert calls[0][1] == [answer] * 4 and all(solutions == [answer] * 3 for _, solutions in calls[1:])
     assert logged(trainer, "rlsd/teacher_rollout_correct") == correct
@@ -419,3 +426,47 @@ def test_teacher_generation_follows_the_run_generation_config(tokenizer, tmp_pat
     assert ids.shape[1] <= 6 and torch.equal(ids[0], ids[1])
     length = int(mask[0].sum())
     assert torch.equal(ids[0, :length], greedy[:length])
+
+
+def tiny_gemma2(tokenizer, softcap: float = 30.0):
+    """A tiny Gemma-2 whose head soft-caps its logits (`final_logit_softcapping`), with logits large enough to be
+    capped."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=softcap, attn_logit_softcapping=None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        query_pre_attn_scalar=16, sliding_window=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def test_brts_refuses_a_model_that_caps_its_logits(tokenizer, tmp_path):
+    """BRTS's top-K KL projects hidden states through a plain head; Gemma-2's soft-capped logits would differ by up to
+    0.45 nat per token."""
+    with pytest.raises(ValueError, match=r"teacher_rollout_loss='brts'.*final_logit_softcapping=30"):
+        build_trainer(tokenizer, tmp_path, model=tiny_gemma2(tokenizer), credit="grpo", teacher="live",
+                      teacher_rollout_loss="brts", teacher_rollouts=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(("model_kind", "bf16"), [("gemma2-softcap", False), ("qwen2-fp32", True)])
+def test_pbsd_margin_is_zero_when_the_teacher_is_the_student(tokenizer, tmp_path, model_kind, bf16):
+    """Teacher == student: PBSD's margin (log pi(y+) - log pi_T(y+)) - (log pi(y-) - log pi_T(y-)) is 0 only when its
+    four log-probs come from one scoring path: the model's own logit scaling (Gemma-2's softcap: 0.3 nat per
+    sequence apart before) and the loss's autocast (bf16 with fp32 weights: 1.7e-3 before)."""
+    from conftest import make_model
+
+    model = tiny_gemma2(tokenizer) if model_kind == "gemma2-softcap" else make_model(tokenizer)
+    trainer = build_trainer(tokenizer, tmp_path, model=model, credit="grpo", teacher="live", privileged_source="none",
+                            teacher_rollout_loss="pbsd", teacher_rollouts=2, bf16=bf16)  # fmt: skip
+    _, batch = rollout_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._compute_loss(trainer.model, batch)
+    assert trainer._metrics["train"]["rlsd/pbsd_margin"][-1] == pytest.approx(0.0, abs=1e-5)

@@ -283,8 +283,7 @@ class SelfTeacher:
 
     def _adapter_parameters(self, unwrap: Callable[[nn.Module], nn.Module]) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of the teacher's adapter on the PEFT policy."""
-        marker = f".{self.adapter_name}."
-        return [(name, p) for name, p in unwrap(self._peft_policy).named_parameters() if marker in name]
+        return _adapter_named_parameters(unwrap(self._peft_policy), self.adapter_name)
 
     def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
         """Restore what `save` wrote (every process calls it; each gets its own shard back); a checkpoint from another
@@ -481,30 +480,49 @@ def _single_active_adapter(policy: nn.Module) -> str:
 
 
 def _is_identity_lora(policy: nn.Module, adapter: str) -> bool:
-    """True when `adapter` is a LoRA (without DoRA) whose B matrices are all zero: the policy is its base model."""
+    """True when `adapter` is a LoRA (without DoRA) whose every layer adds zero: the policy is its base model. A linear
+    layer's delta is zero when its B is; an embedding's when its A or its B is (PEFT starts embeddings at A = 0)."""
     config = policy.peft_config[adapter]
     if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False):
         return False
     if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
         return False  # those are full copies of modules, not a zero-init delta
-    b_weights = [
-        p.detach().to_local() if isinstance(p, DTensor) else p.detach()
-        for name, p in policy.named_parameters()
-        if f".{adapter}." in name and ("lora_B" in name or "lora_embedding_B" in name)
-    ]
-    nonzero = torch.tensor(float(sum(int(b.count_nonzero()) for b in b_weights)))
+    layers = _lora_factors(policy, adapter)
+    if not layers:
+        return False
+    factors = [factor for layer in layers for factor in layer]
+    local = [[t.to_local() if isinstance(t, DTensor) else t for t in factor] for factor in factors]
+    nonzero = torch.tensor([float(sum(int(t.count_nonzero()) for t in factor)) for factor in local])
+    nonzero = nonzero.to(local[0][0].device)  # the collective's device
     if _is_sharded(policy):  # each process sees its own shards
         torch.distributed.all_reduce(nonzero)
-    return bool(b_weights) and nonzero.item() == 0
+    zero_factors = torch.split(nonzero == 0, [len(factors) for factors in layers])
+    return all(bool(zero.any()) for zero in zero_factors)
+
+
+def _lora_factors(policy: nn.Module, adapter: str) -> list[list[list[torch.Tensor]]]:
+    """Per LoRA layer of `adapter`, the factors (each a list of tensors) of which any one being all zero makes the
+    layer's delta zero: [B] for a linear / conv layer (its bias, if any, is B's), [A, B] for an embedding."""
+    layers = []
+    for module in policy.modules():
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_b, nn.ModuleDict) and adapter in lora_b:
+            layers.append([[p.detach() for p in lora_b[adapter].parameters()]])
+        embedding_a, embedding_b = getattr(module, "lora_embedding_A", None), getattr(module, "lora_embedding_B", None)
+        if isinstance(embedding_a, nn.ParameterDict) and adapter in embedding_a:
+            layers.append([[embedding_a[adapter].detach()], [embedding_b[adapter].detach()]])
+    return layers
 
 
 def _add_frozen_adapter_copy(policy: nn.Module, source: str, target: str) -> None:
-    """Add adapter `target` to the PEFT policy as a frozen copy (config and weights, same dtypes) of `source`,
-    leaving the active adapter and every existing parameter's trainable flag as they were."""
+    """Add adapter `target` to the PEFT policy as a frozen copy (config and weights, same dtypes) of `source`, without
+    dropout, leaving the active adapter, every existing parameter's trainable flag and `source`'s dropout as they were
+    (it is added after TRL's `disable_dropout_in_model`, and the teacher scores while the policy is in train mode)."""
     trainable = {name: p.requires_grad for name, p in policy.named_parameters()}
-    config = copy.deepcopy(policy.peft_config[source])
+    config = _without_dropout(copy.deepcopy(policy.peft_config[source]))
     config.inference_mode = True
     policy.add_adapter(target, config)
+    _disable_adapter_dropout(policy, target)
     if policy.active_adapter != source:
         policy.set_adapter(source)
     for name, p in policy.named_parameters():
@@ -517,15 +535,35 @@ def _add_frozen_adapter_copy(policy: nn.Module, source: str, target: str) -> Non
 def _adapter_pairs(policy: nn.Module, source: str, target: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """(target, source) parameter pairs of two adapters of a PEFT model, matched by name."""
     params = dict(policy.named_parameters())
-    source_marker, target_marker = f".{source}.", f".{target}."
     pairs = []
-    for name, p in params.items():
-        if source_marker in name:
-            twin = name.replace(source_marker, target_marker)
-            if twin not in params:
-                raise ValueError(f"adapter {target!r} has no parameter matching {name}")
-            pairs.append((params[twin], p))
+    for name, p in _adapter_named_parameters(policy, source):
+        twin = ".".join(target if part == source else part for part in name.split("."))
+        if twin not in params:
+            raise ValueError(f"adapter {target!r} has no parameter matching {name}")
+        pairs.append((params[twin], p))
     return pairs
+
+
+def _adapter_named_parameters(model: nn.Module, adapter: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of one adapter of a PEFT model. PEFT keys an adapter's weights by its name in a ModuleDict
+    (`lora_A.<adapter>.weight`) or a ParameterDict (`lora_embedding_A.<adapter>`): one segment of the dotted name."""
+    return [(name, p) for name, p in model.named_parameters() if adapter in name.split(".")]
+
+
+def _without_dropout(config: Any) -> Any:
+    """`config` (a PEFT adapter config) with every dropout rate set to 0 (`lora_dropout`, LoHa / LoKr's
+    `rank_dropout` and `module_dropout`, ...): a teacher's scores must not be a random sample."""
+    for field, value in list(vars(config).items()):
+        if "dropout" in field and isinstance(value, float):
+            setattr(config, field, 0.0)
+    return config
+
+
+def _disable_adapter_dropout(policy: nn.Module, adapter: str) -> None:
+    """Zero every dropout module PEFT keyed by `adapter` (LoRA's `lora_dropout[adapter]`), whatever its config said."""
+    for module in policy.modules():
+        if isinstance(module, nn.ModuleDict) and adapter in module and isinstance(module[adapter], nn.Dropout):
+            module[adapter].p = 0.0
 
 
 @contextlib.contextmanager

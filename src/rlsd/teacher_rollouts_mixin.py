@@ -17,12 +17,12 @@ from trl.trainer.utils import pad
 from rlsd.batch import RLSDEntries, loss_mask
 from rlsd.credit import TokenMean
 from rlsd.distill import head_logits
+from rlsd.guards import check_plain_lm_head
 from rlsd.privileged import AnswerSource, RolloutView
 from rlsd.teacher import backbone_and_head
 from rlsd.teacher_prompt import render_teacher_prompts
 from rlsd.teacher_rollouts import (
     Candidates,
-    chunked_sampled_logps,
     chunked_topk_kl,
     completion_mask,
     distinct_rows,
@@ -41,7 +41,11 @@ class TeacherRolloutsMixin:
 
     def _check_teacher_rollouts_supported(self, kwargs: dict[str, Any]) -> None:
         """Teacher rollouts generate with transformers from the unwrapped teacher on each process's own prompts, from
-        text prompts, in one turn: images, tools, FSDP and DeepSpeed are refused; BRTS's retry needs the answers."""
+        text prompts, in one turn: images, tools, FSDP and DeepSpeed are refused; BRTS's retry needs the answers.
+        BRTS's top-K KL projects hidden states through a plain head: a model that caps or rescales its logits is
+        refused for it (PBSD scores through TRL's fused head, which applies the model's scaling)."""
+        if self.args.teacher_rollout_loss == "brts":
+            check_plain_lm_head(self.accelerator.unwrap_model(self.model), "teacher_rollout_loss='brts'")
         flags = {"images": self.has_images, "tools": bool(self.tools), "FSDP": self.is_fsdp_enabled,
                  "DeepSpeed": self.is_deepspeed_enabled}  # fmt: skip
         used = [name for name, on in flags.items() if on]
@@ -96,7 +100,10 @@ class TeacherRolloutsMixin:
         else:
             first = self._brts_candidates(inputs, prompt_rows, plain, teacher_ids, teacher_mask, ids, mask)
             correct = select_rollout(first.rewards, first.alignment)[1][: len(firsts)]
-            target = int(self.accelerator.gather((~correct).sum().reshape(1)).max())
+            # the retry shows the reference answer; a source whose teacher prompts already show it would only
+            # re-sample the same prompt, so it has none
+            needs_retry = (~correct).sum() if "answer" not in self.source.fills else torch.zeros((), device=device)
+            target = int(self.accelerator.gather(needs_retry.reshape(1)).max())
             retry = None
             if target > 0:  # on every process once any prompt anywhere needs it: gathering rewards is collective
                 order = torch.cat([(~correct).nonzero().flatten(), torch.arange(count, device=device)])[:target]
@@ -165,9 +172,16 @@ class TeacherRolloutsMixin:
     ) -> list[torch.Tensor]:
         """One no-grad forward of `which` ("teacher" or "student") on [prompt ; trajectory], chunked by the
         per-device batch: the sampled tokens' log-probs (R, L), and with `k` the top-k log-probs and ids (R, L, k)."""
+        if k is None:  # the sampled tokens only: TRL's scoring forward (fused head, the model's logit scaling)
+            with self._scoring_model(which) as scoring:
+                logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                    self, scoring, torch.cat([prompt_ids, ids], dim=1), torch.cat([prompt_mask, mask], dim=1),
+                    ids.size(1), batch_size=self._scoring_batch_size(),
+                )  # fmt: skip
+            return [logps]
         pieces = []
         batch = self._scoring_batch_size()
-        with self._scoring_model(which) as scoring:
+        with self._scoring_model(which) as scoring, self.accelerator.autocast():
             model = self.accelerator.unwrap_model(scoring)
             for start in range(0, ids.size(0), batch):
                 rows = slice(start, start + batch)
@@ -238,22 +252,25 @@ class TeacherRolloutsMixin:
         else:  # PBSD: the completions of a group share teacher samples; each distinct [prompt ; sample] runs once
             rows, inverse = distinct_rows(torch.cat([inputs["prompt_ids"], inputs["prompt_mask"], ids, mask], dim=1))
         ids, mask = ids[rows], mask[rows]
-        backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
-        output = backbone(input_ids=torch.cat([inputs["prompt_ids"][rows], ids], dim=1),
-                          attention_mask=torch.cat([inputs["prompt_mask"][rows], mask], dim=1))  # fmt: skip
-        states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        states = states[:, -ids.size(1) - 1 : -1]
-        logits_fn = head_logits(head, self.temperature)
+        input_ids = torch.cat([inputs["prompt_ids"][rows], ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"][rows], mask], dim=1)
         selected = mask.bool()
         if brts:
+            backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
+            with self.accelerator.autocast():  # as TRL's loss forward runs
+                output = backbone(input_ids=input_ids, attention_mask=attention_mask)
+            states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            states = states[:, -ids.size(1) - 1 : -1]
+            logits_fn = head_logits(head, self.temperature)
             top_logps, top_ids = entries.rollout_topk_logps[rows], entries.rollout_topk_ids[rows]
             per_token = chunked_topk_kl(states[selected], logits_fn, top_logps[selected], top_ids[selected],
                                         args.distill_chunk_tokens)  # fmt: skip
             term = per_token.sum() / selected.sum().clamp(min=1)
             metrics = {"teacher_rollout_loss": TokenMean(term.item(), selected.sum().item())}
-        else:  # PBSD
-            flat = states.reshape(-1, states.size(-1))
-            logps = chunked_sampled_logps(flat, logits_fn, ids.reshape(-1), args.distill_chunk_tokens).view(ids.shape)
+        else:  # PBSD: log pi(y+ | x) through TRL's scoring forward, as log pi(y- | x) (`student_logps`) was
+            logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                self, model, input_ids, attention_mask, ids.size(1)
+            )
             policy_neg = (student_logps * loss_mask(inputs)).sum(-1)
             losses, margins = pbsd_loss((logps * mask).sum(-1)[inverse], entries.rollout_ref_logps, policy_neg,
                                         entries.rollout_neg_ref_logps, args.pbsd_beta)  # fmt: skip

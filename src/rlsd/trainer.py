@@ -120,12 +120,12 @@ from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
 from rlsd.distill import (
     OverlapProbe,
-    head_logits,
     sdpg_ref_penalty,
     selected_mad_opd_loss,
     selected_token_loss,
     token_loss_fn,
 )
+from rlsd.guards import check_before_deepspeed, check_no_attention_dropout, check_plain_lm_head
 from rlsd.privileged import RolloutView, get_source, validate_teacher_template
 from rlsd.rewards import guard_reward
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
@@ -210,7 +210,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
                            args.credit)  # fmt: skip
         if self.uses_teacher:
             policy = self.accelerator.unwrap_model(self.model)
-            _check_no_attention_dropout(policy)
+            check_no_attention_dropout(policy)
             if args.teacher_model is not None:
                 self.teacher = self._external_teacher(policy, kwargs.get("train_dataset"))
             else:
@@ -233,8 +233,8 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
                 self.add_callback(TeacherSyncCallback(self))
         self.reference: SelfTeacher | None = None
         if self.any_distill:
-            _check_plain_lm_head(self.accelerator.unwrap_model(self.model))
-            if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            check_plain_lm_head(self.accelerator.unwrap_model(self.model), "distill_loss")
+            if self._zero_stage() == 3:
                 raise NotImplementedError(
                     "distill_loss projects the captured hidden states through the LM head after the forward, which "
                     "ZeRO-3 has re-partitioned; use FSDP2 or ZeRO-2, or a token-advantage rule (credit=...)"
@@ -252,6 +252,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         self.prompt_alignment: torch.Tensor | None = None
         self.aligned_prompt_indices: list[int] | None = None
         if args.teacher_aligned_prompts > 0:
+            check_before_deepspeed("teacher_aligned_prompts", self._zero_stage())
             self._select_aligned_prompts()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -259,13 +260,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         """The credit rule and distillation loss of `args` (of the active stage), and how the rollout serves them."""
         self.rule = get_rule(args.credit)
         self.rule_uses_teacher = "teacher_logps" in self.rule.needs
-        self.distill_fn = (
-            None
-            if args.distill_loss == "none"
-            else token_loss_fn(
-                args.distill_loss, beta=args.distill_jsd_beta, topk=args.distill_topk, tail=args.distill_tail
-            )
-        )
+        self.distill_fn = None if args.distill_loss == "none" else token_loss_fn(args.distill_loss, args)
         # a multiplicative rule gives A_it = 0 on rows with A_i = 0 whatever the teacher says: unless a distillation
         # term needs the teacher there too, those rows are neither rendered nor scored by the teacher
         self.skips_known_credit = self.rule.multiplicative and self.distill_fn is None
@@ -351,11 +346,15 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             trust_remote_code=args.trust_remote_code,
         )  # fmt: skip
         if self.any_distill:
-            _check_plain_lm_head(model)
+            check_plain_lm_head(model, "distill_loss")
         return ExternalTeacher(
             model, name, temperature=self.temperature,
             with_entropy=self.teacher_entropy, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
         )  # fmt: skip
+
+    def _zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage of this run, None without DeepSpeed."""
+        return self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
 
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device)."""
@@ -426,7 +425,11 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         entries.seq_advantages = output["advantages"]
         entries.lam = scalar(lam)
         pass_logps = None
-        if not self.teacher_at_loss:  # else the loss-time teacher pass gives the rule its log-probs too
+        # the loss-time teacher pass may give the rule its log-probs only when the student's log-probs also come from
+        # the loss's own forward: with TRL's old log-probs (rollout-time weights) the teacher is scored now, so that
+        # tau and s are taken from the same weights
+        at_loss = self.teacher_at_loss and output.get("old_per_token_logps") is None
+        if not at_loss:
             start = time.perf_counter()
             scores = self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
             self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
@@ -439,7 +442,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in self.rule.needs:  # group statistics need the whole group now
             student_logps = self.score_rollout("student", output).logps
-        if student_logps is not None and not self.teacher_at_loss:  # the credit is final at rollout time
+        if student_logps is not None and not at_loss:  # the credit is final at rollout time
             output["advantages"] = self._token_advantages(entries, output, student_logps, mode)
             entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
             entries.lam, entries.state_values = None, {}
@@ -601,11 +604,12 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
         with self._scoring_model(which) as model:
             if which == "teacher" and self._shares_prefixes(model_kwargs, rows, batch["completion_ids"].size(0)):
-                return score_tokens(
-                    self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, completion_ids, completion_mask,
-                    temperature=self.temperature, batch_size=self._scoring_batch_size(), with_entropy=entropy,
-                    group_size=self._group_size(), fused_head=True,
-                )  # fmt: skip
+                with self.accelerator.autocast():  # as TRL's scoring forward: same precision as the plain pass
+                    return score_tokens(
+                        self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, completion_ids, completion_mask,
+                        temperature=self.temperature, batch_size=self._scoring_batch_size(), with_entropy=entropy,
+                        group_size=self._group_size(), fused_head=True,
+                    )  # fmt: skip
             input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
             attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
             logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
@@ -771,14 +775,14 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         if not entries.deferred and self.distill_fn is None and entries.rollout_ids is None:
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
-        teacher = self._teacher_hidden(inputs, entries) if self.distill_fn is not None else None
-        others = [self._teacher_hidden(inputs, entries, owner) for owner in self.mad_teachers if teacher is not None]
-        if entries.deferred and entries.teacher_logps is None:  # the rule's teacher log-probs, from the same pass
-            hidden, head = teacher
-            logits_fn = head_logits(head, self.temperature, grad=False)
-            entries.teacher_logps = _sampled_logps(
-                hidden, logits_fn, inputs["completion_ids"], self.args.distill_chunk_tokens
-            )
+        rule_reads_pass = entries.deferred and entries.teacher_logps is None
+        teacher = None
+        if self.distill_fn is not None:
+            teacher, logps = self._teacher_hidden(inputs, entries, with_logps=rule_reads_pass)
+            if rule_reads_pass:  # the rule's teacher log-probs, from the same pass
+                entries.teacher_logps = logps
+        mad = self.mad_teachers if teacher is not None else []
+        others = [self._teacher_hidden(inputs, entries, owner)[0] for owner in mad]
         state = LossState(entries if entries.deferred else None, inputs)
         backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
         self._loss_state = state
@@ -819,28 +823,36 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _teacher_hidden(
-        self, inputs: dict[str, Any], entries: RLSDEntries, owner: ExternalTeacher | None = None
-    ) -> tuple[torch.Tensor, torch.nn.Module]:
+        self,
+        inputs: dict[str, Any],
+        entries: RLSDEntries,
+        owner: ExternalTeacher | None = None,
+        *,
+        with_logps: bool = False,
+    ) -> tuple[tuple[torch.Tensor, torch.nn.Module], torch.Tensor | None]:
         """The teacher's (or `owner`'s, one of MAD-OPD's teachers) last hidden states at the completion positions,
-        (B, T, H), and its LM head: one no-grad forward on [teacher prompt ; completion] with the teacher's current
-        weights. A plain text model runs its backbone only (no head projection to discard); a sharded or vision model
-        runs whole, as TRL scores it."""
+        (B, T, H), and its LM head, plus (with `with_logps`) its sampled-token log-probs: one no-grad forward on
+        [teacher prompt ; completion] with the teacher's current weights, under the accelerator's autocast as the
+        student's loss forward runs. The log-probs come from TRL's own scoring forward (fused head, logit scaling,
+        autocast), so that they compare exactly with the student's; without them a plain text model runs its backbone
+        only (no head projection to discard), and a sharded or vision model runs whole, as TRL scores it."""
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([entries.teacher_prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([entries.teacher_prompt_mask, inputs["completion_mask"]], dim=1)
         kwargs = vision.teacher_vision_kwargs(inputs, entries.teacher_types, completion_ids.size(1))
-        with self._scoring_model("teacher", owner) as teacher_model:
+        logps = None
+        with self._scoring_model("teacher", owner) as teacher_model, self.accelerator.autocast():
             backbone, head = backbone_and_head(self.accelerator.unwrap_model(teacher_model))
-            if kwargs or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            if with_logps or kwargs or self.is_fsdp_enabled or self.is_deepspeed_enabled:
                 with _captured_output(backbone) as hidden:
-                    GRPOTrainer._get_per_token_logps_and_entropies(
+                    logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                         self, teacher_model, input_ids, attention_mask, completion_ids.size(1), **kwargs
                     )
                 states = torch.cat(hidden)
             else:
                 output = backbone(input_ids=input_ids, attention_mask=attention_mask)
                 states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        return states[:, -completion_ids.size(1) - 1 : -1], head
+        return (states[:, -completion_ids.size(1) - 1 : -1], head), (logps if with_logps else None)
 
     def _distillation_term(
         self,
@@ -1139,31 +1151,6 @@ def _captured_output(module: torch.nn.Module | None) -> Iterator[list[torch.Tens
         handle.remove()
 
 
-def _check_no_attention_dropout(model: torch.nn.Module) -> None:
-    """Attention dropout applied inside the attention function (not an `nn.Dropout`, which TRL's disable_dropout
-    zeroes) would make the student's train-mode log-probs noisy against the teacher's: refused."""
-    for name, module in model.named_modules():
-        rate = getattr(module, "attention_dropout", 0.0)
-        if isinstance(rate, float) and rate > 0.0:
-            raise ValueError(
-                f"{name or type(model).__name__} has attention_dropout={rate}; with a self-teacher, Delta would carry "
-                "dropout noise: load the model with attention_dropout=0.0 in its config"
-            )
-
-
-def _check_plain_lm_head(model: torch.nn.Module) -> None:
-    """Distillation builds logits as head(h) / temperature; a model that caps or rescales its logits is refused."""
-    config = model.config.get_text_config()
-    rescaling = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-    for name in rescaling:
-        value = getattr(config, name, None)
-        if value is not None and value != 1.0:
-            raise ValueError(
-                f"distill_loss needs a plain LM head, but {config.model_type} sets {name}={value}; "
-                "use a token-advantage rule (credit=...) for this model"
-            )
-
-
 def _step_ids(batch: dict[str, Any]) -> torch.Tensor:
     """Index of the assistant segment of each completion token: segments are separated by tool outputs (TRL's
     tool mask is 0 on them); a single-turn completion is one step, 0 everywhere."""
@@ -1204,18 +1191,3 @@ def _whole_groups(rows: torch.Tensor, group_size: int) -> bool:
     starts = blocks[:, :1]
     offsets = torch.arange(group_size, device=rows.device)
     return bool((starts % group_size == 0).all() and (blocks == starts + offsets).all())
-
-
-def _sampled_logps(
-    hidden: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, chunk_tokens: int
-) -> torch.Tensor:
-    """log p(ids) from (B, T, H) hidden states through `logits_fn`, `chunk_tokens` positions at a time (no (B, T, V)
-    tensor is held)."""
-    flat_hidden, flat_ids = hidden.reshape(-1, hidden.size(-1)), ids.reshape(-1)
-    pieces = [
-        torch.log_softmax(logits_fn(flat_hidden[i : i + chunk_tokens]), dim=-1)
-        .gather(-1, flat_ids[i : i + chunk_tokens].unsqueeze(-1))
-        .squeeze(-1)
-        for i in range(0, flat_ids.numel(), chunk_tokens)
-    ]
-    return torch.cat(pieces).reshape(ids.shape) if pieces else hidden.new_zeros(ids.shape, dtype=torch.float32)
