@@ -231,3 +231,52 @@ def test_prefix_path_through_trls_fused_head_matches_the_plain_path(tokenizer, s
     assert_close_on_mask(fused.entropy, plain.entropy, mask)
     assert_close_on_mask(fused.hidden, plain.hidden, mask)
     assert all(shape[1] == 1 for shape in logits_built)  # only the prefix's last position, never (rows, T, V)
+
+
+def make_tiny_opt(tokenizer) -> torch.nn.Module:
+    """A tiny OPT (random weights): learned absolute positions indexed by `cumsum(attention_mask) - 1`."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=tokenizer.pad_token_id, dropout=0.0,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_mask_derived_positions_take_the_plain_path(tokenizer, fused_head):
+    """OPT counts positions over the mask, so left-padded prompts start at 0 where the prefix path's `arange` would
+    start them at the padding width (0.16 nat off before the blocker): the blocker names the positional table, one
+    plain forward scores, and the result equals a hand-written full forward (the Qwen2 model keeps the prefix path:
+    `test_blockers`, `test_prefix_path_runs_each_prompt_once_per_group`)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = make_tiny_opt(tokenizer)
+    batch = make_batch(tokenizer)
+    logps, entropy, _ = reference_scores(model, batch)
+    if fused_head:  # the trainer's configuration: TRL's fused head, only log-probs
+        add_fused_lm_head(model, temperature=TEMPERATURE, outputs=("log_probs",))
+    assert "OPTLearnedPositionalEmbedding" in prefix_reuse_blocker(model)
+    options = {"temperature": TEMPERATURE, "batch_size": ROWS, "with_entropy": not fused_head}
+    with counted_tokens(SimpleNamespace(base_model=model.model.decoder)) as counts:  # OPT's forward calls the decoder
+        result = score_tokens(model, **batch, group_size=GROUP, fused_head=fused_head, **options)
+    assert counts == [ROWS * (PROMPT_WIDTH + COMPLETION_WIDTH)]
+    assert_close_on_mask(result.logps, logps, batch["completion_mask"])
+    if not fused_head:
+        assert_close_on_mask(result.entropy, entropy, batch["completion_mask"])
+
+
+def test_a_blocked_prefix_path_is_logged_once(tokenizer, monkeypatch, caplog):
+    import rlsd.scoring as scoring
+
+    monkeypatch.setattr(scoring, "_LOGGED_FALLBACKS", set())
+    model, batch = make_tiny_opt(tokenizer), make_batch(tokenizer)
+    with caplog.at_level("WARNING", logger="rlsd.scoring"):
+        for _ in range(2):
+            score_tokens(model, **batch, temperature=1.0, batch_size=ROWS, group_size=GROUP)
+    messages = [record.getMessage() for record in caplog.records if record.name == "rlsd.scoring"]
+    assert len(messages) == 1
+    assert "OPTForCausalLM" in messages[0] and "positions derived from the attention mask" in messages[0]

@@ -15,13 +15,19 @@ Prefix reuse falls back to the plain path (see `prefix_reuse_blocker`) when:
     full-attention `DynamicLayer`s (sliding-window, linear-attention, quantized, offloaded caches);
   * the config uses sliding-window attention (`use_sliding_window` with a `sliding_window`, or `layer_types`
     other than `full_attention`);
+  * the model derives positions from the attention mask (OPT, BioGPT: learned absolute positions indexed by
+    `cumsum(mask) - 1`, which the explicit `arange` positions of the prefix path would contradict for left-padded
+    prompts), detected by a positional `nn.Embedding` whose forward takes the attention mask;
   * the config opts out with `rlsd_prefix_reuse = False`.
+A fallback is logged once per model class and reason (logger `rlsd.scoring`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ScoreResult", "prefix_reuse_blocker", "score_tokens"]
+
+logger = logging.getLogger(__name__)
+_LOGGED_FALLBACKS: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -65,19 +74,24 @@ def score_tokens(
     model carries TRL's `add_fused_lm_head` patch, with the entropy among its outputs when `with_entropy`), the
     shared-prefix path scores through that head and never builds (rows, T, V) logits.
 
-    Wrap the call in the caller's autocast context if the model is scored under mixed precision."""
+    Runs under whatever autocast context is open and opens none: under mixed precision the caller must open the
+    one its plain pass uses (`RLSDTrainer._score` opens `accelerator.autocast()`, as TRL's scoring forward does),
+    else the two paths score at different precisions."""
     _check_shapes(prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size, group_size)
     model_kwargs = dict(model_kwargs or {})
     if group_size > 1:
         _check_groups(prompt_ids, prompt_mask, group_size)
-        if prefix_reuse_blocker(model, model_kwargs) is None and fused_head and prompt_ids.size(1) > 1:
+        blocker = prefix_reuse_blocker(model, model_kwargs)
+        if blocker is not None:
+            _log_fallback(model, blocker)
+        elif fused_head and prompt_ids.size(1) > 1:
             result = _score_prefix_fused(
                 model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                 batch_size=batch_size, with_entropy=with_entropy, with_hidden=with_hidden, group_size=group_size,
             )  # fmt: skip
             if result is not None:
                 return result
-        elif prefix_reuse_blocker(model, model_kwargs) is None:
+        else:
             result = _score_prefix(
                 model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                 temperature=temperature, batch_size=batch_size, with_entropy=with_entropy,
@@ -107,6 +121,9 @@ def prefix_reuse_blocker(model: nn.Module, model_kwargs: dict[str, Any] | None =
         return "encoder-decoder model"
     if getattr(base, "_is_stateful", False):
         return "stateful (recurrent) model"
+    mask_positions = _mask_derived_positions(base)
+    if mask_positions is not None:
+        return f"positions derived from the attention mask ({mask_positions}, model_type {config.model_type!r})"
     supports_cache = getattr(base, "_supports_default_dynamic_cache", None)
     can_generate = getattr(base, "can_generate", None)
     if supports_cache is None or not supports_cache() or can_generate is None or not can_generate():
@@ -118,6 +135,34 @@ def prefix_reuse_blocker(model: nn.Module, model_kwargs: dict[str, Any] | None =
     if any(kind != "full_attention" for kind in layer_types):
         return f"layer types other than full attention: {sorted(set(layer_types))}"
     return None
+
+
+def _mask_derived_positions(model: nn.Module) -> str | None:
+    """The class name of the first positional `nn.Embedding` of `model` whose forward takes the attention mask (None
+    if there is none). Such a table is indexed by positions counted over the mask (OPT, BioGPT: `cumsum(mask) - 1`,
+    pads skipped), not by HF's default `arange` over the padded row that the prefix path passes. Detected by
+    structure, not by a list of model types, so that copies of these models (Galactica, remote code) are caught;
+    BioGPT is caught although its decoder (transformers 5.24) passes `arange` positions itself: that costs only the
+    plain path."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and _forward_takes_mask_first(type(module)):
+            return type(module).__name__
+    return None
+
+
+@functools.cache
+def _forward_takes_mask_first(module_type: type[nn.Module]) -> bool:
+    """Whether `module_type.forward`'s first argument is `attention_mask` (OPT's and BioGPT's learned positions)."""
+    parameters = [name for name in inspect.signature(module_type.forward).parameters if name != "self"]
+    return bool(parameters) and parameters[0] == "attention_mask"
+
+
+def _log_fallback(model: nn.Module, reason: str) -> None:
+    """Log, once per model class and reason, that `score_tokens` scores row by row instead of sharing prefixes."""
+    key = (type(_unwrap(model)).__name__, reason)
+    if key not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(key)
+        logger.warning("prefix sharing off for %s: %s; scoring row by row", key[0], reason)
 
 
 def _check_shapes(
@@ -219,7 +264,8 @@ def _score_prefix(
         start = first * group_size
         end = min(start + groups_per_chunk * group_size, rows)
         unique = slice(start, end, group_size)
-        # Positions exactly as the plain path's model computes them: arange over the padded row, pads included
+        # Positions as the plain path's model computes them: arange over the padded row, pads included (models that
+        # count positions over the mask are blocked: `_mask_derived_positions`)
         prompt_positions = torch.arange(prompt_length, device=prompt_ids.device).expand(end - start, -1)
         with _captured_hidden(model if with_hidden else None) as hidden:
             prefix = model(
