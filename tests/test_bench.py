@@ -135,3 +135,44 @@ def test_bench_external_teacher_methods_and_trl_distillation_anchor(cache, tmp_p
     peer = distillation_builder(config)(model, tokenizer, dataset, [])
     assert peer.teacher_model.config.hidden_size == config.external_teacher().hidden_size != model.config.hidden_size
     assert peer.args.beta == trainer_args(config, "opd-jsd").distill_jsd_beta
+
+
+def test_cost_harness_times_the_trainer_each_peer_name_says(cache, tmp_path, monkeypatch):
+    """`bench cost --configs trl-distill` times TRL's DistillationTrainer, the trainer `bench methods` trains under
+    that name (SDPOTrainer was timed under it before), and records the class it timed."""
+    from transformers import Trainer
+    from trl import DistillationTrainer
+
+    from rlsd.experiments.bench import cost_once
+    from rlsd.experiments.demo import quick_config
+
+    trained = []
+    train = Trainer.train
+
+    def spy(self, *args, **kwargs):
+        trained.append(type(self))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    result = cost_once("trl-distill", quick_config(tmp_path), steps=1, warmup=1)
+    assert trained == [DistillationTrainer]
+    assert result["trainer"] == "DistillationTrainer" and result["step_s_median"] > 0
+
+
+def test_cost_trainer_builds_each_peer_from_peers_and_every_other_name_as_rlsd(cache, tmp_path):
+    from trl import DistillationTrainer
+    from trl.experimental.sdpo import SDPOTrainer
+
+    from rlsd.experiments.bench import PEERS, cost_trainer
+    from rlsd.experiments.demo import quick_config
+    from rlsd.experiments.task import make_rl_dataset
+    from rlsd.experiments.warmstart import load_warm_start, warm_start
+    from rlsd.trainer import RLSDTrainer
+
+    config = quick_config(tmp_path)
+    model, tokenizer = load_warm_start(warm_start(config.warm, progress=False))
+    dataset = make_rl_dataset(config.warm.task, 8, seed=0)
+    expected = {"trl-distill": DistillationTrainer, "sdpo": SDPOTrainer, "rlsd-live": RLSDTrainer}
+    assert set(PEERS) == {"trl-distill", "sdpo"}
+    for name, cls in expected.items():
+        assert type(cost_trainer(name, config, model, tokenizer, dataset)) is cls, name

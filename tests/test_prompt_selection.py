@@ -4,6 +4,7 @@ refusals."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -14,7 +15,9 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from rlsd.aligned_prompts import select_aligned_prompts
 from rlsd.experiments.tiny import build_tiny_qwen2
+from rlsd.privileged import AnswerSource
 from rlsd.prompt_selection import alignment_scores, select_aligned
 from rlsd.teacher_prompt import render_teacher_prompts
 from rlsd.validate import ConfigError
@@ -276,3 +279,51 @@ def test_aligned_prompts_under_zero3_are_refused_before_the_policy_generates(tok
         build_trainer(tokenizer, tmp_path, model=model, teacher="initial", distill_overlap_k=4,
                       teacher_aligned_prompts=0.25)  # fmt: skip
     assert calls == []
+
+
+# ------------------------------------------------------------------------------- the function, without a trainer
+class EvalRecordingBigram(Bigram):
+    """A `Bigram` student that records whether it was in train mode at each `generate`."""
+
+    is_gradient_checkpointing = False
+
+    def generate(self, *args, **kwargs):
+        self.modes.append(self.training)
+        return super().generate(*args, **kwargs)
+
+
+def test_select_aligned_prompts_takes_values_and_uses_the_broadcast_scores(caplog):
+    """`select_aligned_prompts` is given models, a tokenizer callable and a broadcast, no trainer: the teacher sees
+    the rendered teacher prompt, the policy generates in eval mode and is put back in train mode, and the choice
+    follows the main process's (broadcast) scores, not the local ones."""
+    pairs = [("1 2", "2"), ("1 4", "4"), ("2", "2"), ("1 2", "4")]  # (prompt, answer): token ids as text
+    dataset = Dataset.from_list([{"prompt": p, "solution": a, "id": i} for i, (p, a) in enumerate(pairs)])
+    args = SimpleNamespace(privileged_column="solution", teacher_template="{prompt} {answer}", distill_overlap_k=2,
+                           max_completion_length=3, per_device_train_batch_size=2, gradient_checkpointing_kwargs=None,
+                           teacher_aligned_prompts=0.5)  # fmt: skip
+    student = EvalRecordingBigram(STUDENT).train()
+    student.modes = []
+    sent = []
+
+    def broadcast(objects):
+        sent.append(objects[0])
+        return [[0.0, 0.9, 0.1, 0.8]]  # the main process's scores
+
+    with caplog.at_level("INFO", logger="rlsd.trainer"):
+        selection = select_aligned_prompts(
+            dataset, args, source=AnswerSource(args), has_images=False,
+            tokenize_prompts=lambda prompts: ([[int(t) for t in p.split()] for p in prompts], None, None),
+            model=student, policy=student, teacher=lambda: contextlib.nullcontext(Bigram(TEACHER)),
+            pad_token_id=PAD, eos_token_id=EOS, synced_gpus=False, broadcast=broadcast,
+        )  # fmt: skip
+    # local scores as in the bigram test: the teacher's last prompt state is the appended answer
+    assert sent == [pytest.approx([0.75, 0.0, 0.75, 0.25])]
+    assert student.modes == [False, False] and student.training  # two batches of 2, in eval; train mode restored
+    assert selection.keep == [1, 3]  # from the broadcast scores
+    torch.testing.assert_close(selection.scores, torch.tensor([0.0, 0.9, 0.1, 0.8]))
+    assert selection.dataset.to_list() == dataset.select([1, 3]).to_list()
+    assert "kept 2 of 4 training prompts; mean top-2 overlap 0.8500 kept, 0.0500 dropped" in caplog.text
+    with pytest.raises(NotImplementedError, match="text prompts only"):
+        select_aligned_prompts(dataset, args, source=AnswerSource(args), has_images=True, tokenize_prompts=None,
+                               model=student, policy=student, teacher=None, pad_token_id=PAD, eos_token_id=EOS,
+                               synced_gpus=False)  # fmt: skip

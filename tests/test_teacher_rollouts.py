@@ -3,12 +3,14 @@ and a training step of each with the self-teacher and with an external teacher."
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from conftest import build_trainer, make_config, make_dataset, parity_reward
 
+from rlsd.rollout_term import TeacherRolloutTerm
 from rlsd.teacher_rollouts import (
     Candidates,
     chunked_sampled_logps,
@@ -183,10 +185,11 @@ def test_teacher_rollout_config_defaults_and_refusals(tmp_path):
 
 def test_teacher_rollouts_refuse_tools_and_need_the_answers_for_brts(tokenizer, tmp_path):
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd")
-    trainer._check_teacher_rollouts_supported({})  # a plain run passes
-    trainer.tools = [len]  # what TRL holds when the trainer was given tools
+    check = functools.partial(TeacherRolloutTerm.check_supported, trainer.args, trainer.model, {}, images=False,
+                              fsdp=False, deepspeed=False)  # fmt: skip
+    check(tools=False)  # a plain run passes
     with pytest.raises(NotImplementedError, match="teacher_rollout_loss='pbsd' with tools"):
-        trainer._check_teacher_rollouts_supported({})
+        check(tools=True)  # what the trainer passes when TRL holds tools
     no_answers = make_dataset().remove_columns("solution")
     with pytest.raises(ValueError, match="no privileged column 'solution'"):
         build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="brts", privileged_source="none",
@@ -347,7 +350,7 @@ def rollout_terms_and_forward_rows(trainer, *batches):
         terms = []
         for batch in batches:
             student = torch.zeros_like(batch["completion_mask"], dtype=torch.float)
-            terms.append(trainer._teacher_rollout_term(trainer.model, batch, RLSDEntries.from_batch(batch), student))
+            terms.append(trainer.rollout_term.term(trainer.model, batch, RLSDEntries.from_batch(batch), student))
     finally:
         handle.remove()
     return terms, seen
@@ -418,7 +421,7 @@ def test_teacher_generation_follows_the_run_generation_config(tokenizer, tmp_pat
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd", teacher_rollouts=2,
                             top_k=1, max_completion_length=6)  # fmt: skip
     prompt = trainer.teacher_inputs([make_dataset()[0]], {"prompt_ids": None}, "train")[0]
-    ids, mask = trainer._teacher_generate(prompt, torch.ones_like(prompt), 2)
+    ids, mask = trainer.rollout_term.generate(prompt, torch.ones_like(prompt), 2)
     greedy = trainer.teacher.model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -2,47 +2,64 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
-from rlsd.distill import MAD_CONFIDENCES
+from rlsd.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.privileged import SOURCES, get_source, validate_teacher_template
 from rlsd.rewards import DEFAULT_REWARD_TIMEOUT_S
-from rlsd.rules import KNOBS, RULES, check_knobs, check_rule_options
+from rlsd.rules import KNOBS, RULES, Knob, check_knobs, check_rule_options
 from rlsd.stages import STAGE_FIELDS, check_stages, parse_stages, reachable, stage_values
+from rlsd.teacher import DEFAULT_TEACHER, EXTERNAL_TEACHER, TEACHER_KINDS, teacher_modes
+from rlsd.teacher import TEACHER_MODES as TEACHER_MODES  # re-exported: the teacher kinds are `rlsd.teacher`'s
+from rlsd.transforms import get_transform
 from rlsd.validate import ConfigError, check_finite_floats, check_positive
 
-TEACHER_MODES = ("synced", "live", "initial", "ema")
-"""The self-teacher modes: which weights of the policy itself score the teacher's side."""
-EXTERNAL_TEACHER = "external"
-"""`teacher` of a run with `teacher_model`: a separate frozen model (`rlsd.teacher.ExternalTeacher`)."""
 SPANS = ("all", "think")
-DISTILL_LOSSES = ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg")
+DISTILL_LOSSES = ("none", *LOSSES)
+"""`distill_loss`: "none" and the losses registered in `rlsd.distill` (`@distill_loss`) when this module was imported
+(the command line's choices; validation reads the registry itself, so a loss registered later is accepted too)."""
 POSITIVE_FIELDS = ("max_completion_length", "num_generations", "per_device_train_batch_size")
 """Counts that must be >= 1 (checked up front: 0 fails deep inside TRL or generation otherwise)."""
-DISTILL_COEF_DEFAULTS = {"sdpg": 0.001}
-"""`distill_coef` when left unset: SDPG's beta = 0.001; 1.0 for the OPSD losses."""
 ROLLOUT_LOSSES = ("none", "brts", "pbsd")
 """`teacher_rollout_loss`: the terms learned from teacher rollouts (`rlsd.teacher_rollouts`)."""
 ROLLOUT_COEF_DEFAULTS = {"brts": 0.05, "pbsd": 1.0}
 """`teacher_rollout_coef` when left unset: BRTS's lambda = 0.05; DPO's unscaled loss for PBSD."""
 
 
-RuleKnobs = make_dataclass(
-    "RuleKnobs",
-    [
-        (key, type(knob.default), field(default=knob.default, metadata={"help": knob.help}))
-        for key, knob in KNOBS.items()
-    ],
-)
+def _knob_fields(name: str, knobs: dict[str, Knob]) -> type:
+    """A dataclass with one field per knob (its default's type, its default, its help)."""
+    specs = {key: field(default=knob.default, metadata={"help": knob.help}) for key, knob in knobs.items()}
+    return make_dataclass(name, [(key, type(knobs[key].default), spec) for key, spec in specs.items()])
+
+
+if set(KNOBS) & set(LOSS_KNOBS):
+    raise ValueError(f"knob(s) {sorted(set(KNOBS) & set(LOSS_KNOBS))} are declared by a credit rule and a loss")
+RuleKnobs = _knob_fields("RuleKnobs", KNOBS)
 """The credit rules' own knobs as config fields: each is declared once, with its rule (`rlsd.rules.credit_rule`)."""
+DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
+"""The distillation losses' knobs as config fields, declared with their loss (`rlsd.distill.distill_loss`)."""
+
+
+def _distill_losses() -> tuple[str, ...]:
+    """`distill_loss`'s values now: "none" and every registered loss (also those registered after this import)."""
+    return ("none", *LOSSES)
+
+
+def _distill_coef_default(loss: str) -> float:
+    """`distill_coef` when left unset: the loss's declared default (SDPG's beta = 0.001; 1.0 for the others)."""
+    return LOSSES[loss].default_coef if loss in LOSSES else 1.0
 
 
 @dataclass
-class RLSDConfig(GRPOConfig, RuleKnobs):
+class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
     r"""
     Configuration for [`RLSDTrainer`]. Every field of TRL's `GRPOConfig` applies unchanged; the fields below add the
     credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
@@ -130,21 +147,13 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         distill_loss (`str`, *optional*, defaults to `"none"`):
             Distillation term added to TRL's loss, from the student's and the teacher's full next-token distributions
             at each completion token (gradient into the student only; logits are built `distill_chunk_tokens` at a
-            time and recomputed in the backward pass, so no (B, T, V) tensor is held): `"jsd"` (generalized JSD,
-            `distill_jsd_beta`), `"topk_jsd"` (the same over the teacher's top `distill_topk` tokens),
-            `"teacher_top1"` (cross-entropy to argmax p_T), `"student_top1"` (reverse KL on argmax p_S) or `"sdpg"`
-            (KL(p_S || sg p_T) over the full vocabulary plus `sdpg_ref_coef` * 0.5 (log pi / pi_ref)^2 on sampled
-            tokens, arXiv 2606.04036). The term is the token mean over the micro-batch's completion tokens.
-            Runs under DDP, FSDP2 and ZeRO-2; ZeRO-3 is refused.
+            time and recomputed in the backward pass, so no (B, T, V) tensor is held): a loss registered in
+            `rlsd.distill` (`@distill_loss`), listed with its knobs at the end ("Distillation losses"), e.g. `"jsd"`
+            (generalized JSD, `distill_jsd_beta`) or `"sdpg"`. The term is the token mean over the micro-batch's
+            completion tokens. Runs under DDP, FSDP2 and ZeRO-2; ZeRO-3 is refused.
         distill_coef (`float` or `None`, *optional*, defaults to `None`):
-            Weight of the distillation term; `None` means 0.001 for `"sdpg"` (the paper's beta) and 1.0 otherwise.
-        distill_jsd_beta (`float`, *optional*, defaults to `0.5`):
-            beta of the generalized JSD: 0 is forward KL(p_T || p_S), 1 is reverse KL(p_S || p_T).
-        distill_topk (`int`, *optional*, defaults to `100`):
-            k of `"topk_jsd"`: the divergence is taken over the teacher's k most likely tokens.
-        distill_tail (`bool`, *optional*, defaults to `True`):
-            With `"topk_jsd"`, the remaining probability mass of each distribution forms one extra bucket; without
-            it, both top-k distributions are renormalized.
+            Weight of the distillation term; `None` means the loss's declared default: 0.001 for `"sdpg"` (the
+            paper's beta) and 1.0 otherwise.
         distill_positive_only (`bool`, *optional*, defaults to `False`):
             Distill only completions with A_i > 0 (SDPG's optional gating).
         distill_chunk_tokens (`int`, *optional*, defaults to `1024`):
@@ -185,6 +194,8 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             `distill_overlap_k`, the student on the plain prompt); when none of the N has reward > 0 the teacher
             retries N more with the reference answer shown (the `"answer"` source's template) and the same choice is
             made among them; if still none is correct, the most aligned of all 2N is kept (logged, never dropped).
+            With `privileged_source="answer"` the first N already see the answer, so there is no retry (it would
+            re-sample the same prompt): the retry is what `privileged_source="none"` adds.
             The term is the token mean of KL(p_T^K || p_S^K) over the teacher's top K tokens (both renormalized over
             those K) at each token of the kept trajectory, the student teacher-forced on it after the plain prompt.
             `"pbsd"` (preference-based self-distillation): student completion j of a group is paired with teacher
@@ -213,7 +224,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         stages (`list[dict]`, `str` or `None`, *optional*, defaults to `None`):
             Sparse-to-Dense's stage schedule (`rlsd.stages`): a list (a JSON string on the command line) of dicts
             `{"until_step": N, <field>: <value>, ...}` whose fields (`credit`, `distill_loss`, `distill_coef`,
-            `distill_jsd_beta`, `distill_topk`, `distill_tail`, `distill_positive_only`, `policy_loss_coef`) replace
+            `distill_positive_only`, `policy_loss_coef` and every distillation knob, e.g. `distill_jsd_beta`) replace
             the config's values from the previous stage's `until_step` + 1 to its own `until_step` (optimizer steps,
             counted from 1). Only the last stage may omit `until_step` (it runs to the end); after the last
             `until_step` the config's own values apply. A stage that sets `distill_loss` alone gets that loss's
@@ -242,6 +253,10 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             `{answer}` and / or `{sibling}` as `privileged_source` fills them. `None` is the paper's template for
             `"answer"` and its counterparts for `"sibling"` and `"both"` (`rlsd.teacher_prompt`). System turns of
             conversational prompts are kept.
+        teacher_transform (`str` or `None`, *optional*, defaults to `None`):
+            A registered teacher-side input transform (`rlsd.transforms`, e.g. `"blank_images"`) applied to each
+            row's prompt and images before the teacher template: the teacher sees another input than the student.
+            `None`: the student's input. Transformed images with a distillation loss are not supported yet.
         reward_timeout (`float`, *optional*, defaults to `600.0`):
             Seconds one call of a reward function may take; a call that overruns stops the run with an error naming
             the function (bounded in a worker thread, so it works off the main thread too). 0: no bound.
@@ -283,8 +298,8 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         },
     )
     teacher: str = field(
-        default="synced",
-        metadata={"help": "Self-teacher weights.", "choices": [*TEACHER_MODES, EXTERNAL_TEACHER]},
+        default=DEFAULT_TEACHER,
+        metadata={"help": "Self-teacher weights.", "choices": list(TEACHER_KINDS)},
     )
     teacher_model: str | None = field(
         default=None,
@@ -323,9 +338,6 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
     distill_coef: float | None = field(
         default=None, metadata={"help": "Weight of the distillation term (None: 0.001 for sdpg, else 1.0)."}
     )
-    distill_jsd_beta: float = field(default=0.5, metadata={"help": "JSD beta: 0 forward KL, 1 reverse KL."})
-    distill_topk: int = field(default=100, metadata={"help": "k of distill_loss='topk_jsd'."})
-    distill_tail: bool = field(default=True, metadata={"help": "topk_jsd: keep the rest of the mass as a bucket."})
     distill_positive_only: bool = field(default=False, metadata={"help": "Distill only completions with A > 0."})
     distill_chunk_tokens: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at once."})
     distill_overlap_k: int = field(
@@ -370,6 +382,10 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         default=None,
         metadata={"help": "Teacher prompt with {prompt}, {answer} and/or {sibling} (None: the source's default)."},
     )
+    teacher_transform: str | None = field(
+        default=None,
+        metadata={"help": "Registered teacher-side input transform (rlsd.transforms), e.g. blank_images; None: none."},
+    )
     reward_timeout: float = field(
         default=DEFAULT_REWARD_TIMEOUT_S,
         metadata={"help": "Seconds one reward-function call may take before the run stops naming it (0: no bound)."},
@@ -381,6 +397,14 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             "weights and step, start the rest fresh (each named in a warning)."
         },
     )
+
+    def __getattr__(self, name: str) -> Any:
+        """A knob registered after this class was built (a rule or loss declared in user code) that this config was
+        not given: its declared default, so that every reader sees every registered knob."""
+        knob = KNOBS.get(name) or LOSS_KNOBS.get(name)
+        if knob is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return knob.default
 
     def __post_init__(self) -> None:
         check_finite_floats(self)  # a NaN / inf knob is named by its flag here, not found as a NaN model later
@@ -394,6 +418,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             raise ValueError(f"rlsd_span={self.rlsd_span!r} is not one of {', '.join(SPANS)}")
         check_rule_options(self.credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
         check_knobs(self)
+        check_knobs(self, LOSS_KNOBS)
         self._check_teacher_model()
         if not 0.0 <= self.rlsd_lambda <= 1.0:
             raise ValueError(f"rlsd_lambda must lie in [0, 1], got {self.rlsd_lambda}")
@@ -405,14 +430,12 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
             raise ValueError(f"teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}")
         if not 0.0 <= self.teacher_ema_decay < 1.0:
             raise ValueError(f"teacher_ema_decay must lie in [0, 1), got {self.teacher_ema_decay}")
-        if self.distill_loss not in DISTILL_LOSSES:
-            raise ValueError(f"distill_loss={self.distill_loss!r} is not one of {', '.join(DISTILL_LOSSES)}")
+        if self.distill_loss not in _distill_losses():
+            raise ValueError(f"distill_loss={self.distill_loss!r} is not one of {', '.join(_distill_losses())}")
         if self.distill_coef is None:
-            self.distill_coef = DISTILL_COEF_DEFAULTS.get(self.distill_loss, 1.0)
-        if not 0.0 <= self.distill_jsd_beta <= 1.0:
-            raise ValueError(f"distill_jsd_beta must lie in [0, 1], got {self.distill_jsd_beta}")
-        if self.distill_topk < 1 or self.distill_chunk_tokens < 1:
-            raise ValueError("distill_topk and distill_chunk_tokens must be >= 1")
+            self.distill_coef = _distill_coef_default(self.distill_loss)
+        if self.distill_chunk_tokens < 1:
+            raise ValueError(f"distill_chunk_tokens must be >= 1, got {self.distill_chunk_tokens}")
         if self.distill_overlap_k < 0:
             raise ValueError(f"distill_overlap_k must be >= 0, got {self.distill_overlap_k}")
         if min(self.distill_coef, self.sdpg_ref_coef, self.policy_loss_coef) < 0.0:
@@ -420,6 +443,8 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
         if self.teacher_template is None:
             self.teacher_template = get_source(self.privileged_source).default_template
         validate_teacher_template(self.teacher_template, self.privileged_source)
+        if self.teacher_transform is not None:
+            get_transform(self.teacher_transform)
         self._check_stages()
         self._check_mad_opd()
         self._check_teacher_aligned_prompts()
@@ -528,39 +553,75 @@ class RLSDConfig(GRPOConfig, RuleKnobs):
                 raise ValueError(f"credit {credit!r} keeps state across steps, which stages do not carry over")
             check_rule_options(credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
 
-        check_stages(self.stages, rules=RULES, losses=DISTILL_LOSSES, coef_defaults=DISTILL_COEF_DEFAULTS,
+        coef_defaults = {loss: _distill_coef_default(loss) for loss in LOSSES}
+        check_stages(self.stages, rules=RULES, losses=_distill_losses(), coef_defaults=coef_defaults,
                      check_rule=check_rule)  # fmt: skip
         if RULES[self.credit].state is not None and len(self.stages) in reachable(self.stages):
             raise ConfigError("--credit", f"is {self.credit!r}, a rule that keeps state across steps, and runs after "
                               "the stages", "stages do not carry a rule's state: use another rule")  # fmt: skip
 
     def _check_teacher_model(self) -> None:
-        """`teacher_model` sets `teacher="external"`; an explicit self-teacher mode beside it, or `"external"`
-        without it, is refused."""
-        if self.teacher_model is not None:
-            if self.teacher not in ("synced", EXTERNAL_TEACHER):  # "synced" is the default, not a choice
-                raise ConfigError(
-                    "--teacher",
-                    f"is {self.teacher!r}, a self-teacher mode, but teacher_model={self.teacher_model!r} is set",
-                    "drop one: teacher_model replaces the self-teacher",
-                )
+        """`teacher` names a registered kind (`rlsd.teacher.TEACHER_KINDS`, read now: a kind registered after import
+        is accepted). `teacher_model` selects a kind that loads it (`"external"` in place of the default); a
+        self-teacher mode beside it, or a model-loading kind without it, is refused."""
+        if self.teacher_model is not None and self.teacher == DEFAULT_TEACHER:  # the default, not a choice
             self.teacher = EXTERNAL_TEACHER
-        elif self.teacher == EXTERNAL_TEACHER:
-            raise ConfigError("--teacher", "is 'external' but teacher_model is not set", "set teacher_model")
-        elif self.teacher not in TEACHER_MODES:
-            raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(TEACHER_MODES)}")
+        kind = TEACHER_KINDS.get(self.teacher)
+        if kind is None:
+            raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(teacher_modes())}")
+        if self.teacher_model is not None and not kind.loads_model:
+            raise ConfigError(
+                "--teacher",
+                f"is {self.teacher!r}, a self-teacher mode, but teacher_model={self.teacher_model!r} is set",
+                "drop one: teacher_model replaces the self-teacher",
+            )
+        if self.teacher_model is None and kind.loads_model:
+            raise ConfigError("--teacher", f"is {self.teacher!r} but teacher_model is not set", "set teacher_model")
         if self.teacher_model_init_kwargs is not None and self.teacher_model is None:
             raise ConfigError("--teacher_model_init_kwargs", "is set but teacher_model is not", "set teacher_model")
 
 
-def _knob_docs() -> str:
-    """The docstring entries of the rule knobs, in the style of the fields above."""
+def _knob_docs(knobs: dict[str, Knob]) -> str:
+    """The docstring entries of `knobs`, in the style of the fields above."""
     return "".join(
         f"        {key} (`{type(knob.default).__name__}`, *optional*, defaults to `{knob.default}`):\n"
-        f"            {knob.help}\n"
-        for key, knob in KNOBS.items()
+        + textwrap.fill(knob.help, 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
+        + "\n"
+        for key, knob in knobs.items()
     )
 
 
+def _loss_docs() -> str:
+    """The docstring entries of the registered distillation losses: description, knobs, default coefficient."""
+    return "".join(
+        f'        "{name}":\n'
+        + textwrap.fill(f"{loss.doc} Knobs: {', '.join(loss.knobs) or 'none'}; distill_coef defaults to "
+                        f"{loss.default_coef}.", 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
+        + "\n"
+        for name, loss in LOSSES.items()
+    )  # fmt: skip
+
+
 RLSDConfig.__doc__ = (RLSDConfig.__doc__ or "").rstrip() + "\n\n    Rule knobs (declared in `rlsd.rules`):\n"
-RLSDConfig.__doc__ += _knob_docs()
+RLSDConfig.__doc__ += _knob_docs(KNOBS)
+RLSDConfig.__doc__ += "\n    Distillation losses (`distill_loss`, declared in `rlsd.distill`):\n" + _loss_docs()
+RLSDConfig.__doc__ += "\n    Distillation knobs (declared with their loss):\n" + _knob_docs(LOSS_KNOBS)
+_FIELDS = frozenset(item.name for item in dataclasses.fields(RLSDConfig))
+
+
+def _taking_late_knobs(init: Callable[..., None]) -> Callable[..., None]:
+    """`RLSDConfig.__init__` that also takes, as keyword arguments, the knobs registered after the class was built
+    (rules and losses declared in user code, which imports `rlsd` and so this module first): each is set as an
+    attribute before the dataclass fields, so that `__post_init__` checks it with the others. Not a dataclass
+    field: the command line, `to_dict` and `dataclasses.replace` do not carry it."""
+
+    @functools.wraps(init)
+    def __init__(self: RLSDConfig, *args: Any, **kwargs: Any) -> None:
+        for key in [key for key in kwargs if key not in _FIELDS and (key in KNOBS or key in LOSS_KNOBS)]:
+            setattr(self, key, kwargs.pop(key))
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+RLSDConfig.__init__ = _taking_late_knobs(RLSDConfig.__init__)  # type: ignore[method-assign]

@@ -1,18 +1,28 @@
 """Dataset adapters: a source (hub name or local file) becomes rows with a conversational `prompt` and the
-privileged answer column `solution`, the columns `RLSDTrainer` and the rewards read."""
+privileged answer column `solution`, the columns `RLSDTrainer` and the rewards read.
+
+A format is one row reader decorated with `@dataset_format(name, columns=..., detect=..., priority=..., help=...)`,
+here or in any module imported before the data is loaded: detection, `--dataset_format` and its help follow."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from rlsd.formats import (
+    FORMATS,
+    GENERIC_HELP,
+    DatasetFormat,
+    chat_prompt,
+    dataset_format,
+    detection_order,
+    format_names,
+)
 from rlsd.gsm_symbolic import gsm_symbolic_rows, is_gsm_symbolic
-from rlsd.image_data import IMAGE_FORMATS, detect_image_format, to_image_rows
 from rlsd.rewards import last_boxed
 from rlsd.validate import DatasetError, check_answer_length, check_dataset_file, looks_local, text_cell
 
@@ -21,17 +31,6 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 _DAPO_BODY_RE = re.compile(r"where \$Answer is the answer to the problem\.\s*(.*?)\s*Remember to put", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """Which columns a format reads and how it gets the question and the final answer out of a row."""
-
-    name: str
-    required: tuple[str, ...]
-    question: Callable[[dict[str, Any], str], str]
-    answer: Callable[[dict[str, Any], str], str | None]
-    """Both take the row and where it is (for errors naming its row and column)."""
 
 
 def _gsm8k_answer(row: dict[str, Any], where: str) -> str | None:
@@ -50,11 +49,28 @@ def _gsm8k_answer(row: dict[str, Any], where: str) -> str | None:
     return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else None
 
 
+@dataset_format(
+    "gsm8k", columns=("question", "answer"), priority=20, help="question, answer ending in '#### <answer>' (GSM8K)",
+    no_answer_fix="the gsm8k format reads what follows '####' in column 'answer'; for plain answers pass "
+    "--dataset_format generic --prompt_column question --answer_column answer",
+)  # fmt: skip
+def _gsm8k_row(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    return text_cell(row, "question", where), _gsm8k_answer(row, where)
+
+
 def _math_answer(row: dict[str, Any], where: str) -> str | None:
     """MATH / MATH-500: the `answer` column when present, else the last `\\boxed{}` of the solution."""
     if row.get("answer") not in (None, ""):
         return text_cell(row, "answer", where, numbers=True)
     return last_boxed(text_cell(row, "solution", where))
+
+
+@dataset_format(
+    "math", columns=("problem", "solution"), priority=10,
+    help="problem, answer (else the last \\boxed{} of solution) (MATH, MATH-500)",
+)  # fmt: skip
+def _math_row(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    return text_cell(row, "problem", where), _math_answer(row, where)
 
 
 def _dapo_question(row: dict[str, Any], where: str) -> str:
@@ -78,44 +94,47 @@ def _dapo_answer(row: dict[str, Any], where: str) -> str | None:
     return None if row.get("solution") is None else text_cell(row, "solution", where, numbers=True)
 
 
+@dataset_format(
+    "dapo_math", columns=("prompt", "reward_model"), priority=30,
+    help="prompt (its problem unwrapped), reward_model.ground_truth (DAPO-Math-17k)",
+)  # fmt: skip
+def _dapo_row(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    return _dapo_question(row, where), _dapo_answer(row, where)
+
+
 def _column_answer(column: str) -> Callable[[dict[str, Any], str], str | None]:
     """A final answer read from one column: text or a number; null means no answer."""
     return lambda r, where: None if r.get(column) is None else text_cell(r, column, where, numbers=True)
 
 
-def _column_question(column: str) -> Callable[[dict[str, Any], str], str]:
-    """A question read from one column: non-empty text (a null is named, not turned into the prompt 'None')."""
-    return lambda r, where: text_cell(r, column, where)
+_deepmath_answer = _column_answer("final_answer")
 
 
-ADAPTERS: dict[str, Adapter] = {
-    "gsm8k": Adapter("gsm8k", ("question", "answer"), _column_question("question"), _gsm8k_answer),
-    "math": Adapter("math", ("problem", "solution"), _column_question("problem"), _math_answer),
-    "dapo_math": Adapter("dapo_math", ("prompt", "reward_model"), _dapo_question, _dapo_answer),
-    "deepmath": Adapter(
-        "deepmath", ("question", "final_answer"), _column_question("question"), _column_answer("final_answer")
-    ),
-}
-"""Known formats. `generic` is built from --prompt_column / --answer_column."""
+@dataset_format(
+    "deepmath", columns=("question", "final_answer"), priority=40, help="question, final_answer (DeepMath-103K)"
+)
+def _deepmath_row(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    return text_cell(row, "question", where), _deepmath_answer(row, where)
 
 
-def generic_adapter(prompt_column: str, answer_column: str) -> Adapter:
-    """Any dataset with one question column and one final-answer column."""
-    return Adapter(
-        "generic", (prompt_column, answer_column), _column_question(prompt_column), _column_answer(answer_column)
-    )
+def generic_format(prompt_column: str, answer_column: str) -> DatasetFormat:
+    """Any dataset with one question column and one final-answer column (never detected: named by the flags)."""
+    answer = _column_answer(answer_column)
+    return DatasetFormat(
+        "generic", lambda r, where: (text_cell(r, prompt_column, where), answer(r, where)),
+        (prompt_column, answer_column), lambda columns: False, 0, GENERIC_HELP,
+    )  # fmt: skip
 
 
 def detect_format(columns: list[str]) -> str:
-    """The adapter whose columns a dataset has, most specific first; an error lists the columns present."""
-    present = set(columns)
-    for name in ("deepmath", "dapo_math", "gsm8k", "math"):
-        if set(ADAPTERS[name].required) <= present:
-            return name
-    raise ValueError(
-        f"cannot detect the dataset format from its columns {sorted(present)}; pass --dataset_format "
-        f"({', '.join([*ADAPTERS, 'generic'])}), or --prompt_column and --answer_column"
-    )
+    """The first format (by priority) whose detector accepts the columns; an error lists the columns present."""
+    found = next((fmt.name for fmt in detection_order() if fmt.detect(list(columns))), None)
+    if found is None:
+        raise ValueError(
+            f"cannot detect the dataset format from its columns {sorted(set(columns))}; pass --dataset_format "
+            f"({', '.join(format_names())}), or --prompt_column and --answer_column"
+        )
+    return found
 
 
 def load_source(name: str, config: str | None = None, split: str | None = None) -> Dataset | DatasetDict:
@@ -150,70 +169,50 @@ def to_rlsd_rows(
     source: str | None = None,
     base_dir: Path | None = None,
 ) -> Dataset:
-    """Rows `{prompt: [system?, user], solution: answer}`; a row without an answer, a cell of the wrong type (a
-    null question, a list answer) or an overlong final answer fails naming its row, column and `source`. An image
-    format (`mmfinereason`, `mathvista`; given or detected from an image column) also keeps the row's images
-    (`rlsd.image_data`; relative image paths are read from `base_dir`)."""
+    """Rows `{prompt: [system?, user], solution: answer}` in the format given, else `generic` when a column flag is
+    given, else the detected one; a row without an answer, a cell of the wrong type (a null question, a list answer)
+    or an overlong final answer fails naming its row, column and `source`. An image format (registered with
+    `images`, as in `rlsd.image_data`) also keeps the row's images (relative image paths are read from `base_dir`)."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    image_format = dataset_format if dataset_format in IMAGE_FORMATS else None
-    if dataset_format is None and not (prompt_column or answer_column):
-        image_format = detect_image_format(dataset.column_names)
-    if image_format is not None:
-        return to_image_rows(
-            dataset, image_format, system_prompt=system_prompt, instruction=instruction, source=source,
-            base_dir=base_dir,
-        )  # fmt: skip
-    adapter = _choose_adapter(dataset.column_names, dataset_format, prompt_column, answer_column)
-    missing = [c for c in adapter.required if c not in dataset.column_names]
+    fmt = _choose_format(dataset.column_names, dataset_format, prompt_column, answer_column)
+    if fmt.images:
+        return image_data.to_image_rows(
+            dataset, fmt, system_prompt=system_prompt, instruction=instruction, source=source, base_dir=base_dir
+        )
+    missing = [c for c in fmt.columns if c not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"format {adapter.name!r} needs column(s) {missing}; the dataset has {sorted(dataset.column_names)}"
+            f"format {fmt.name!r} needs column(s) {missing}; the dataset has {sorted(dataset.column_names)}"
         )
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
-        where = f"row {index} of {source}" if source else f"row {index} of the {adapter.name} dataset"
-        answer = adapter.answer(row, where)
+        where = f"row {index} of {source}" if source else f"row {index} of the {fmt.name} dataset"
+        question, answer = fmt.read(row, where)
         if answer is None or not str(answer).strip():
             raise DatasetError(
-                f"row {index} of the {adapter.name} dataset" + (f" ({source})" if source else ""),
+                f"row {index} of the {fmt.name} dataset" + (f" ({source})" if source else ""),
                 "has no final answer",
-                _no_answer_fix(adapter),
+                fmt.no_answer_fix or f"fill column(s) {list(fmt.columns[1:])} or drop the row",
             )
         answer = check_answer_length(str(answer).strip(), where)
-        user = f"{adapter.question(row, where).strip()}\n\n{instruction}".strip()
-        prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
-        return {"prompt": prompt, "solution": answer}
+        return {"prompt": chat_prompt(question, system_prompt, instruction), "solution": answer}
 
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
 
 
-def _no_answer_fix(adapter: Adapter) -> str:
-    """Where the adapter looks for the final answer, and the flags that point it elsewhere."""
-    if adapter.name == "gsm8k":
-        return (
-            "the gsm8k format reads what follows '####' in column 'answer'; for plain answers pass "
-            "--dataset_format generic --prompt_column question --answer_column answer"
-        )
-    return f"fill column(s) {list(adapter.required[1:])} or drop the row"
-
-
-def _choose_adapter(
+def _choose_format(
     columns: list[str], dataset_format: str | None, prompt_column: str | None, answer_column: str | None
-) -> Adapter:
+) -> DatasetFormat:
     """--dataset_format wins; then --prompt_column / --answer_column; else detection from the columns."""
     if dataset_format == "generic" or (dataset_format is None and (prompt_column or answer_column)):
         if not (prompt_column and answer_column):
             raise ValueError("the generic format needs both --prompt_column and --answer_column")
-        return generic_adapter(prompt_column, answer_column)
-    if dataset_format is not None:
-        if dataset_format not in ADAPTERS:
-            known = ", ".join([*ADAPTERS, "generic", *IMAGE_FORMATS])
-            raise ValueError(f"unknown dataset format {dataset_format!r}; known: {known}")
-        return ADAPTERS[dataset_format]
-    return ADAPTERS[detect_format(columns)]
+        return generic_format(prompt_column, answer_column)
+    name = detect_format(columns) if dataset_format is None else dataset_format
+    if name not in FORMATS:
+        raise ValueError(f"unknown dataset format {name!r}; known: {', '.join(format_names())}")
+    return FORMATS[name]
 
 
 def load_rlsd_dataset(
@@ -243,3 +242,22 @@ def load_rlsd_dataset(
         source=name,
         base_dir=Path(name).parent if Path(name).is_file() else None,
     )
+
+
+def load_cli_dataset(options: Any, name: str, split: str) -> Dataset:
+    """`load_rlsd_dataset` with the dataset options `rlsd train` and `rlsd eval` share by name (`dataset_config`,
+    `dataset_format`, `prompt_column`, `answer_column`, `system_prompt` ('' for none), `instruction`)."""
+    return load_rlsd_dataset(
+        name,
+        config=options.dataset_config,
+        split=split,
+        dataset_format=options.dataset_format,
+        prompt_column=options.prompt_column,
+        answer_column=options.answer_column,
+        system_prompt=options.system_prompt or None,
+        instruction=options.instruction,
+    )
+
+
+# the image formats register themselves when `rlsd.image_data` is imported (it reads the registry in `rlsd.formats`)
+from rlsd import image_data  # noqa: E402

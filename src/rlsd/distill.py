@@ -4,6 +4,10 @@ Every function takes the student's logits (with gradient) and the teacher's logi
 completion positions, (B, T, V), and returns a per-token loss (B, T). The gradient flows into the student only:
 the teacher's logits are detached here whatever the caller passes. Callers chunk over tokens for a large
 vocabulary (`chunked_token_loss`) so that no (B, T, V) float64 tensor is ever held.
+
+What `RLSDConfig.distill_loss` selects is registered here with `@distill_loss`, with its knobs (`rlsd.rules.Knob`:
+default, help, check), each of which becomes an `RLSDConfig` field and a stage field of the same name; adding a loss
+with a knob is one decorated function, here or in user code.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +24,18 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial
 from torch.utils.checkpoint import checkpoint
 
+from rlsd.rules import KNOBS, Knob
+
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
-    """Generalized Jensen-Shannon divergence per token.
+    """Generalized Jensen-Shannon divergence per token, exactly TRL's GKD (`GKDTrainer.generalized_jsd_loss`, GKD
+    paper eq. 1, with P = p_T and Q = p_S):
 
-    beta = 0: forward KL(p_T || p_S); beta = 1: reverse KL(p_S || p_T); in between
-    JSD_beta = beta * KL(p_T || M) + (1 - beta) * KL(p_S || M) with M = beta * p_S + (1 - beta) * p_T
-    (the form TRL's GKD uses), which is symmetric at beta = 0.5.
+        JSD_beta = beta * KL(p_T || M) + (1 - beta) * KL(p_S || M),   M = beta * p_T + (1 - beta) * p_S,
+
+    symmetric at beta = 0.5. beta = 0 is forward KL(p_T || p_S) and beta = 1 reverse KL(p_S || p_T), as in TRL.
+    Near the ends JSD_beta ~ beta * KL(p_T || p_S) and ~ (1 - beta) * KL(p_S || p_T): the value shrinks with the
+    weight (TRL's special cases are the limits of JSD_beta / beta and JSD_beta / (1 - beta)), the direction does not.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
@@ -35,12 +45,13 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float 
 
 
 def _jsd_from_logprobs(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
-    """The divergence of `generalized_jsd` from normalized log-probabilities."""
+    """The divergence of `generalized_jsd` from normalized log-probabilities: the mixture weighs the teacher by beta
+    (M = (1 - beta) * p_S + beta * p_T, TRL's GKD), so that beta -> 0 tends to forward KL's direction."""
     if beta == 0.0:
         return (log_t.exp() * (log_t - log_s)).sum(-1)
     if beta == 1.0:
         return (log_s.exp() * (log_s - log_t)).sum(-1)
-    log_m = torch.logsumexp(torch.stack([log_s + math.log(beta), log_t + math.log(1.0 - beta)]), dim=0)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log1p(-beta), log_t + math.log(beta)]), dim=0)
     kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
     kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
     return beta * kl_t + (1.0 - beta) * kl_s
@@ -121,20 +132,137 @@ class OverlapProbe:
         return torch.cat([self.chunks[i] for i in sorted(self.chunks)])
 
 
-def token_loss_fn(
-    name: str, *, beta: float = 0.5, topk: int = 100, tail: bool = True
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The per-token loss `(student_logits, teacher_logits) -> (N,)` of `RLSDConfig.distill_loss = name`."""
-    losses: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-        "jsd": functools.partial(generalized_jsd, beta=beta),
-        "topk_jsd": functools.partial(topk_jsd, k=topk, beta=beta, tail=tail),
-        "teacher_top1": teacher_top1_ce,
-        "student_top1": student_top1_kl,
-        "sdpg": sdpg_kl,
-    }
-    if name not in losses:
-        raise ValueError(f"unknown distillation loss {name!r}; the known ones are {', '.join(losses)}")
-    return losses[name]
+TokenLoss = Callable[[Tensor, Tensor], Tensor]
+"""A per-token loss: (student logits (..., V) with gradient, teacher logits (..., V)) -> (...)."""
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """A registered distillation loss: `build(**knob values) -> TokenLoss` (keyword arguments named as its knobs,
+    the `RLSDConfig` fields), its knobs, its `distill_coef` when left unset, and its one-line description."""
+
+    name: str
+    build: Callable[..., TokenLoss]
+    knobs: tuple[str, ...]
+    default_coef: float
+    doc: str
+
+
+LOSSES: dict[str, DistillLoss] = {}
+"""Every registered distillation loss by name: what `RLSDConfig.distill_loss` selects from (besides "none")."""
+LOSS_KNOBS: dict[str, Knob] = {}
+"""Every distillation knob by its `RLSDConfig` field name (also a field a stage may set)."""
+
+
+def distill_loss(
+    name: str, *, knobs: dict[str, Knob] | None = None, default_coef: float = 1.0, doc: str = ""
+) -> Callable[[Callable[..., TokenLoss]], Callable[..., TokenLoss]]:
+    """Register the factory of the per-token loss `name`: it takes the values of its `knobs` (each an `RLSDConfig`
+    field of that name, declared once here; a name may be shared only with the same declaration) as keyword
+    arguments. Adding a loss with knobs is this one decorated function, here or in user code."""
+
+    def register(build: Callable[..., TokenLoss]) -> Callable[..., TokenLoss]:
+        if name in LOSSES or name == "none":
+            raise ValueError(f"distillation loss {name!r} is registered twice (or is 'none')")
+        for key, knob in (knobs or {}).items():
+            if key in KNOBS:
+                raise ValueError(f"knob {key!r} of distillation loss {name!r} is already a credit rule's knob")
+            if LOSS_KNOBS.get(key, knob) != knob:
+                raise ValueError(f"knob {key!r} of distillation loss {name!r} differs from its earlier declaration")
+        LOSS_KNOBS.update(knobs or {})
+        summary = doc or " ".join((build.__doc__ or "").split())
+        LOSSES[name] = DistillLoss(name, build, tuple(knobs or {}), default_coef, summary)
+        return build
+
+    return register
+
+
+def get_distill_loss(name: str) -> DistillLoss:
+    """The registered loss `name`; an unknown name is refused with the known ones listed."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown distillation loss {name!r}; the known ones are {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def token_loss_fn(name: str, values: Any = None, **knobs: Any) -> TokenLoss:
+    """The per-token loss `(student_logits, teacher_logits) -> (N,)` of `RLSDConfig.distill_loss = name`, built
+    with its knobs' values: from `knobs` (by field name), else from `values` (a config, or any object holding them
+    as attributes), else their declared defaults (a loss registered after the config was built)."""
+    loss = get_distill_loss(name)
+    unknown = sorted(set(knobs) - set(LOSS_KNOBS))
+    if unknown:
+        raise TypeError(f"unknown distillation knob(s) {unknown}; known: {', '.join(LOSS_KNOBS)}")
+    chosen = {key: knobs[key] if key in knobs else getattr(values, key, LOSS_KNOBS[key].default) for key in loss.knobs}
+    return loss.build(**chosen)
+
+
+def _unit_interval(value: Any) -> str | None:
+    """A number in [0, 1] (a bool is not a number here)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return None if number and 0.0 <= value <= 1.0 else f"must lie in [0, 1], got {value!r}"
+
+
+def _positive_integer(value: Any) -> str | None:
+    """An integer >= 1 (a bool is not one here)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return None if integer and value >= 1 else f"must be an integer >= 1, got {value!r}"
+
+
+def _boolean(value: Any) -> str | None:
+    """True or False (1 and "yes" are refused: a stage list comes from JSON)."""
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+JSD_BETA = Knob(
+    0.5,
+    "beta of the generalized JSD (TRL's GKD): 0 is forward KL(p_T || p_S), 1 is reverse KL(p_S || p_T); in between "
+    "the mixture M = beta * p_T + (1 - beta) * p_S.",
+    _unit_interval,
+)
+
+
+@distill_loss("jsd", knobs={"distill_jsd_beta": JSD_BETA})
+def _jsd(distill_jsd_beta: float) -> TokenLoss:
+    """Generalized JSD over the full vocabulary (`generalized_jsd`), beta = `distill_jsd_beta`."""
+    return functools.partial(generalized_jsd, beta=distill_jsd_beta)
+
+
+@distill_loss(
+    "topk_jsd",
+    knobs={
+        "distill_jsd_beta": JSD_BETA,
+        "distill_topk": Knob(
+            100, "k of distill_loss='topk_jsd': the divergence is taken over the teacher's k most likely tokens.",
+            _positive_integer,
+        ),
+        "distill_tail": Knob(
+            True, "With distill_loss='topk_jsd', the remaining probability mass of each distribution forms one extra "
+            "bucket; without it, both top-k distributions are renormalized.", _boolean,
+        ),
+    },
+)  # fmt: skip
+def _topk_jsd(distill_jsd_beta: float, distill_topk: int, distill_tail: bool) -> TokenLoss:
+    """The generalized JSD over the teacher's top `distill_topk` tokens (`topk_jsd`, tail bucket: `distill_tail`)."""
+    return functools.partial(topk_jsd, k=distill_topk, beta=distill_jsd_beta, tail=distill_tail)
+
+
+@distill_loss("teacher_top1")
+def _teacher_top1() -> TokenLoss:
+    """Cross-entropy to argmax p_T (`teacher_top1_ce`)."""
+    return teacher_top1_ce
+
+
+@distill_loss("student_top1")
+def _student_top1() -> TokenLoss:
+    """Reverse KL on argmax p_S (`student_top1_kl`)."""
+    return student_top1_kl
+
+
+@distill_loss("sdpg", default_coef=0.001)
+def _sdpg() -> TokenLoss:
+    """SDPG (arXiv 2606.04036): KL(p_S || sg p_T) over the full vocabulary (`sdpg_kl`) plus `sdpg_ref_coef` * 0.5
+    (log pi / pi_ref)^2 on sampled tokens; its default coefficient is the paper's beta."""
+    return sdpg_kl
 
 
 def chunked_token_loss(

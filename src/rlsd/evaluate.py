@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from rlsd.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_rlsd_dataset
+from rlsd.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
+from rlsd.formats import format_help, format_names
 from rlsd.rewards import resolve_reward
 from rlsd.validate import ConfigError, OutputDirError, check_model_folder, check_positive
 
@@ -190,16 +191,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     output = check_args(args)
     reward = resolve_reward(args.reward)
-    dataset = load_rlsd_dataset(
-        args.dataset,
-        config=args.dataset_config,
-        split=args.split,
-        dataset_format=args.dataset_format,
-        prompt_column=args.prompt_column,
-        answer_column=args.answer_column,
-        system_prompt=args.system_prompt or None,
-        instruction=args.instruction,
-    )
+    dataset = load_cli_dataset(args, args.dataset, args.split)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     prompts, solutions = dataset["prompt"], dataset["solution"]
@@ -258,10 +250,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help="hub dataset name or local .jsonl/.json/.parquet/.csv")
     parser.add_argument("--dataset_config", default=None, help="hub dataset configuration")
     parser.add_argument("--split", default="test", help="split to evaluate (local files have one)")
-    parser.add_argument(
-        "--dataset_format", default=None,
-        help="gsm8k, math, dapo_math, deepmath, generic; with images mmfinereason, mathvista (default: detected)",
-    )  # fmt: skip
+    parser.add_argument("--dataset_format", default=None, choices=format_names(), help=format_help())
     parser.add_argument("--prompt_column", default=None, help="question column of the generic format")
     parser.add_argument("--answer_column", default=None, help="answer column of the generic format")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="system turn ('' for none)")

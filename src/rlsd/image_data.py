@@ -1,7 +1,7 @@
 """Image datasets: MMFineReason-style training rows and MathVista-style evaluation rows become TRL 1.16's vision rows
 (a conversational `prompt`, an `image` or `images` column, the final answer in `solution`), every image checked.
 
-Column sets (what each adapter reads):
+Column sets (what each format reads; both are registered with `rlsd.formats.dataset_format`):
 - `mmfinereason`: `image` (or `images`), `question`, `answer` (else the final answer of `solution`). This is the
   schema of OpenDataArena's MMFineReason subsets (`image`, `question`, `answer` or `solution`,
   `qwen3vl_235b_thinking_response`, `data_source`, `id`). The card of `iieycx/rlsd-train-MMFineReason-123K` (the
@@ -17,8 +17,7 @@ taken from the dataset file's folder).
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +25,17 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
+from rlsd.formats import DatasetFormat, chat_prompt, dataset_format, detection_order
 from rlsd.rewards import last_boxed
 from rlsd.validate import DatasetError, check_answer_length, text_cell
 
-IMAGE_FORMATS = ("mmfinereason", "mathvista")
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option."
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-@dataclass(frozen=True)
-class ImageAdapter:
-    """Which columns an image format reads, where its images are, and how it gets the question and the answer."""
-
-    name: str
-    image_columns: tuple[str, ...]
-    """Candidate image columns, the first present is used."""
-    required: tuple[str, ...]
-    question: Callable[[dict[str, Any], str], str]
-    answer: Callable[[dict[str, Any], str], str | None]
-
-
 def _strip_placeholders(text: str) -> str:
     """A question without literal `<image>` / `<image N>` tags (the processor places the image itself)."""
-    import re
-
     return re.sub(r"<image\s*\d*>", "", text).strip()
-
-
-def _mmfinereason_question(row: dict[str, Any], where: str) -> str:
-    return _strip_placeholders(text_cell(row, "question", where))
 
 
 def _mmfinereason_answer(row: dict[str, Any], where: str) -> str | None:
@@ -66,6 +47,20 @@ def _mmfinereason_answer(row: dict[str, Any], where: str) -> str | None:
     text = text_cell(row, "solution", where, numbers=True)
     tagged = text.rsplit("<answer>", 1)[1].split("</answer>", 1)[0] if "<answer>" in text else None
     return last_boxed(text) or tagged or text
+
+
+def _has_an_answer_or_solution(columns: list[str]) -> bool:
+    """MMFineReason detection: an image column, a question, and an answer or a solution."""
+    present = set(columns)
+    return bool(present & {"image", "images"}) and "question" in present and bool(present & {"answer", "solution"})
+
+
+@dataset_format(
+    "mmfinereason", columns=("question",), images=("image", "images"), detect=_has_an_answer_or_solution,
+    priority=50, help="image(s), question, answer (else the final answer of solution) (MMFineReason)",
+)  # fmt: skip
+def _mmfinereason_row(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    return _strip_placeholders(text_cell(row, "question", where)), _mmfinereason_answer(row, where)
 
 
 def _choices(row: dict[str, Any], where: str) -> list[str]:
@@ -110,31 +105,22 @@ def _mathvista_answer(row: dict[str, Any], where: str) -> str | None:
     )
 
 
-IMAGE_ADAPTERS: dict[str, ImageAdapter] = {
-    "mathvista": ImageAdapter(
-        "mathvista", ("decoded_image", "image"), ("question", "answer", "question_type"), _mathvista_question,
-        _mathvista_answer,
-    ),
-    "mmfinereason": ImageAdapter(
-        "mmfinereason", ("image", "images"), ("question",), _mmfinereason_question, _mmfinereason_answer
-    ),
-}  # fmt: skip
-"""Known image formats, most specific first (detection order)."""
+@dataset_format(
+    "mathvista", columns=("question", "answer", "question_type"), images=("decoded_image", "image"), priority=60,
+    help="decoded_image (else image), question, answer, question_type, choices (MathVista)",
+)  # fmt: skip
+def _mathvista_row(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    return _mathvista_question(row, where), _mathvista_answer(row, where)
 
 
-def image_column(columns: list[str], adapter: ImageAdapter) -> str | None:
-    """The first of the adapter's image columns the dataset has."""
-    return next((c for c in adapter.image_columns if c in columns), None)
+def image_column(columns: list[str], fmt: DatasetFormat) -> str | None:
+    """The first of the format's image columns the dataset has."""
+    return next((c for c in fmt.images if c in columns), None)
 
 
 def detect_image_format(columns: list[str]) -> str | None:
-    """The image format whose columns (an image column included) a dataset has; None for a text dataset."""
-    for name, adapter in IMAGE_ADAPTERS.items():
-        if image_column(columns, adapter) and set(adapter.required) <= set(columns):
-            if name == "mmfinereason" and not {"answer", "solution"} & set(columns):
-                continue
-            return name
-    return None
+    """The image format detected from a dataset's columns (as `rlsd.data.detect_format` would); None otherwise."""
+    return next((fmt.name for fmt in detection_order() if fmt.images and fmt.detect(list(columns))), None)
 
 
 def load_image(value: Any, where: str, base_dir: Path | None = None) -> dict[str, Any]:
@@ -170,7 +156,7 @@ def load_image(value: Any, where: str, base_dir: Path | None = None) -> dict[str
 
 def to_image_rows(
     dataset: Dataset,
-    dataset_format: str,
+    fmt: DatasetFormat,
     *,
     system_prompt: str | None,
     instruction: str,
@@ -179,20 +165,19 @@ def to_image_rows(
 ) -> Dataset:
     """TRL vision rows `{prompt: [system?, user], image | images, solution}`; a missing image column, an unreadable
     image, a row without an answer or a cell of the wrong type fails naming its row and column and `source`."""
-    adapter = IMAGE_ADAPTERS[dataset_format]
-    column = image_column(dataset.column_names, adapter)
+    column = image_column(dataset.column_names, fmt)
     if column is None:
         raise DatasetError(
-            source or f"the {adapter.name} dataset",
-            f"has no image column (looked for {' or '.join(repr(c) for c in adapter.image_columns)}); its columns "
+            source or f"the {fmt.name} dataset",
+            f"has no image column (looked for {' or '.join(repr(c) for c in fmt.images)}); its columns "
             f"are {sorted(dataset.column_names)}",
             "add the images, or choose a text format with --dataset_format",
         )
-    missing = [c for c in adapter.required if c not in dataset.column_names]
+    missing = [c for c in fmt.columns if c not in dataset.column_names]
     if missing:
         raise DatasetError(
-            source or f"the {adapter.name} dataset",
-            f"format {adapter.name!r} needs column(s) {missing}; the dataset has {sorted(dataset.column_names)}",
+            source or f"the {fmt.name} dataset",
+            f"format {fmt.name!r} needs column(s) {missing}; the dataset has {sorted(dataset.column_names)}",
         )
     if isinstance(dataset.features.get(column), Image) or _is_image_list(dataset.features.get(column)):
         dataset = dataset.cast_column(column, _undecoded(dataset.features[column]))
@@ -200,8 +185,8 @@ def to_image_rows(
     target = "images" if several else "image"
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
-        where = f"row {index} of {source}" if source else f"row {index} of the {adapter.name} dataset"
-        answer = adapter.answer(row, where)
+        where = f"row {index} of {source}" if source else f"row {index} of the {fmt.name} dataset"
+        question, answer = fmt.read(row, where)
         if answer is None or not str(answer).strip():
             raise DatasetError(where, "has no final answer", "fill the answer or drop the row")
         answer = check_answer_length(str(answer).strip(), where)
@@ -213,11 +198,7 @@ def to_image_rows(
             images: Any = [load_image(value, f"{cell}, image {i}", base_dir) for i, value in enumerate(cells)]
         else:
             images = load_image(row[column], cell, base_dir)
-        user = f"{adapter.question(row, where).strip()}\n\n{instruction}".strip()
-        prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
-        return {"prompt": prompt, target: images, "solution": answer}
+        return {"prompt": chat_prompt(question, system_prompt, instruction), target: images, "solution": answer}
 
     message = {"role": Value("string"), "content": Value("string")}
     features = Features(

@@ -3,14 +3,19 @@
 A source is one class registered with `@privileged_source`: the template fields it fills, its default teacher
 template, the dataset check it needs at construction, and `context`, which fills those fields for the rows of a
 rollout batch (and says which rows have any context at all). `RLSDConfig.privileged_source` selects one by name;
-adding a source is one new class in this file.
+adding a source is one new class, in this file or in the user's code (its new template fields are known from then on).
+
+The context is computed after TRL's rollout and rewards: a source that reads them (`needs_completions`) sees every
+completion's text and weighted total reward, and a source that makes its context with a model (`needs_generator`: a
+reflection on a failed attempt, a harness's plan, an annotator's marks) gets `RolloutView.generate`, which completes
+prompts with the policy or the teacher under the run's generation settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from datasets import Dataset, IterableDatasetDict
 
@@ -37,6 +42,15 @@ class RolloutView:
     offset: int = 0
     completion_texts: Sequence[str] | None = None
     rewards: Sequence[float] | None = None
+    generate: TextGenerator | None = None  # with `needs_generator`: complete prompts (see `TextGenerator`)
+
+
+class TextGenerator(Protocol):
+    """Completes prompts (strings or chat messages) with `model` ("policy" or "teacher": its current weights) under
+    the run's generation settings, one text per prompt; every process must call it for the same number of batches
+    (a sharded model generates collectively)."""
+
+    def __call__(self, prompts: Sequence[Any], model: str = "policy") -> list[str]: ...
 
 
 @dataclass
@@ -56,6 +70,7 @@ class PrivilegedSource:
     fills: ClassVar[tuple[str, ...]]  # template fields besides {prompt}
     default_template: ClassVar[str]
     needs_completions: ClassVar[bool] = False  # the trainer gathers completion texts and rewards for `context`
+    needs_generator: ClassVar[bool] = False  # the trainer hands `context` a text generator (`RolloutView.generate`)
 
     def __init__(self, args: Any) -> None:
         self.args = args
@@ -172,10 +187,16 @@ def get_source(name: str) -> type[PrivilegedSource]:
     return SOURCES[name]
 
 
+def known_template_fields() -> tuple[str, ...]:
+    """`{prompt}` and every field a registered source fills: what a teacher template may name."""
+    fills = dict.fromkeys(name for cls in SOURCES.values() for name in cls.fills)
+    return ("prompt", *fills)
+
+
 def validate_teacher_template(template: str, source: str = "answer") -> None:
     """Reject a template with an unknown field, a field the source does not fill, or without `{prompt}` and every
     field the source fills."""
-    check_template_fields(template, source, ("prompt", *get_source(source).fills))
+    check_template_fields(template, source, ("prompt", *get_source(source).fills), known_template_fields())
 
 
 def check_privileged_column(dataset: Any, column: str, split_name: str) -> None:

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from rlsd.validate import MAX_ANSWER_CHARS, RewardError
 
 RewardFunc = Callable[..., list[float | None]]
@@ -331,3 +333,11 @@ def _first_failing_row(
         except Exception:
             return index
     return None
+
+
+def reward_totals(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted total reward of each row of TRL's (B, n_funcs) rewards: NaN entries (a function abstained) count
+    as 0, and a row where every function abstained stays NaN."""
+    totals = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    totals[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+    return totals

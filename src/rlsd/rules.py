@@ -3,8 +3,10 @@
 Each rule maps the signals it needs to (B, T) token advantages and metrics. Arithmetic is float64; masked
 positions are exactly 0. A rule is registered with `@credit_rule`, which declares the signals it needs and its own
 knobs (`Knob`: default, help, check); each knob becomes an `RLSDConfig` field of the same name and reaches the rule
-as an attribute of `params`. Adding a rule with a new knob is one decorated function in this file. A rule with
-state across batches (AntiSD's gate) declares a `RuleState` class, which the trainer drives generically.
+as an attribute of `params`. Adding a rule with a new knob is one decorated function, in this file or in user code
+(registered after `rlsd.config` is imported, its knob has no dataclass field: `RLSDConfig` still takes it as a keyword
+argument, and a config without it reads its default). A rule with state across batches (AntiSD's gate) declares a
+`RuleState` class, which the trainer drives generically.
 """
 
 from __future__ import annotations
@@ -500,16 +502,18 @@ def get_rule(name: str) -> CreditRule:
     return RULES[name]
 
 
-def check_knobs(values: Any) -> None:
-    """Refuse a knob value its declaration rejects, naming the flag (`values` has every knob as an attribute)."""
-    for key, knob in KNOBS.items():
-        problem = knob.check(getattr(values, key)) if knob.check else None
+def check_knobs(values: Any, knobs: dict[str, Knob] | None = None) -> None:
+    """Refuse a knob value its declaration rejects, naming the flag: every rule knob, or the given `knobs`, read from
+    `values` (a knob it lacks, registered after the config was built, is read as its default)."""
+    for key, knob in (KNOBS if knobs is None else knobs).items():
+        problem = knob.check(getattr(values, key, knob.default)) if knob.check else None
         if problem:
             raise ValueError(f"{key} {problem}")
 
 
 def rule_params(values: Any, **batch_values: Any) -> RuleParams:
     """The parameters of a rule from a config (RLSD's shared fields and every knob) and this batch's values (lam,
-    a state's outputs)."""
-    knobs = {key: getattr(values, key) for key in KNOBS}
+    a state's outputs). A knob the config lacks (a rule registered outside rlsd after the config class was built)
+    takes its default."""
+    knobs = {key: getattr(values, key, knob.default) for key, knob in KNOBS.items()}
     return RuleParams(clip=values.rlsd_clip, negative_only=values.rlsd_negative_only, **{**knobs, **batch_values})

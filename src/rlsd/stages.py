@@ -14,27 +14,43 @@ u_{-1} = 0 and u_i = `until_step` (absent on the last stage only: it then runs t
 `until_step`, the config's own values apply (index len(stages)). A stage's fields replace the config's values; the
 fields it does not name keep the config's values (not the previous stage's). A stage that sets `distill_loss` but
 not `distill_coef` gets that loss's default coefficient (0.001 for `"sdpg"`, 1.0 otherwise).
+
+A departure from the specification: its Sparse-to-Dense first trains the teacher with GRPO, then distils from it;
+these stages are the student's only (nothing trains a teacher), so the specification's recipe is two runs, GRPO on the
+teacher model, then a schedule with that checkpoint as `teacher_model`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from rlsd.distill import LOSS_KNOBS
 from rlsd.validate import ConfigError
 
-STAGE_FIELDS = (
-    "credit",
-    "distill_loss",
-    "distill_coef",
-    "distill_jsd_beta",
-    "distill_topk",
-    "distill_tail",
-    "distill_positive_only",
-    "policy_loss_coef",
-)
+_OWN_FIELDS = ("credit", "distill_loss", "distill_coef", "distill_positive_only", "policy_loss_coef")
+
+
+class _StageFields(Sequence[str]):
+    """The fields above and every registered distillation knob (`rlsd.distill.LOSS_KNOBS`), read at each use, so
+    that the knob of a loss registered after this import (in user code) is a stage field too."""
+
+    def _names(self) -> tuple[str, ...]:
+        return (*_OWN_FIELDS, *LOSS_KNOBS)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+STAGE_FIELDS: Sequence[str] = _StageFields()
 """The `RLSDConfig` fields a stage may override (besides its `until_step`)."""
 UNTIL = "until_step"
 
@@ -66,7 +82,7 @@ def check_stages(
     """Refuse a bad stage list, naming the stage index and the field: unknown fields, a missing or non-increasing
     `until_step` (only the last stage may omit it), an unknown rule or loss, a value out of range. Fills each stage's
     `distill_coef` when it sets `distill_loss` alone (`coef_defaults`). `check_rule(credit)` raises for a rule the
-    config's other options do not allow."""
+    config's other options do not allow; a distillation knob's value is checked by its declaration (`Knob.check`)."""
     previous = 0
     for index, stage in enumerate(stages):
         where = f"--stages[{index}]"
@@ -101,21 +117,19 @@ def check_stages(
 
 
 def _check_values(stage: dict[str, Any], where: str) -> None:
-    """Types and ranges of a stage's numeric and boolean fields."""
-    for name in ("distill_coef", "policy_loss_coef", "distill_jsd_beta"):
+    """Types and ranges of a stage's numeric and boolean fields; the distillation knobs by their declarations."""
+    for name in ("distill_coef", "policy_loss_coef"):
         if name in stage:
             value = stage[name]
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{where}.{name}", f"is {value!r}", "must be a finite number >= 0")
-    if "distill_jsd_beta" in stage and stage["distill_jsd_beta"] > 1:
-        raise ConfigError(f"{where}.distill_jsd_beta", f"is {stage['distill_jsd_beta']!r}", "must lie in [0, 1]")
-    if "distill_topk" in stage:
-        value = stage["distill_topk"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.distill_topk", f"is {value!r}", "must be an integer >= 1")
-    for name in ("distill_tail", "distill_positive_only"):
-        if name in stage and not isinstance(stage[name], bool):
-            raise ConfigError(f"{where}.{name}", f"is {stage[name]!r}", "must be true or false")
+    if "distill_positive_only" in stage and not isinstance(stage["distill_positive_only"], bool):
+        raise ConfigError(f"{where}.distill_positive_only", f"is {stage['distill_positive_only']!r}",
+                          "must be true or false")  # fmt: skip
+    for name, knob in LOSS_KNOBS.items():
+        problem = knob.check(stage[name]) if name in stage and knob.check else None
+        if problem:
+            raise ConfigError(f"{where}.{name}", problem)
 
 
 def stage_index(stages: list[dict[str, Any]], step: int) -> int:

@@ -1,4 +1,6 @@
-"""The privileged self-teacher's weights: which copy (if any) it keeps and when it follows the policy (section 2.3)."""
+"""The teacher's weights: the `Teacher` protocol the trainer scores through, the registry of teacher kinds
+(`@teacher_kind`, what `RLSDConfig.teacher` selects), the self-teacher modes (which copy of the policy, if any, they
+keep and when they follow it, section 2.3), the external teacher, and `build_teachers` (a run's teachers)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -18,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, TrainerCallback
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, use_adapter
 
-from rlsd.config import EXTERNAL_TEACHER, TEACHER_MODES
+from rlsd.guards import check_plain_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,111 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 TEACHER_ADAPTER = "rlsd_teacher"  # the synced / EMA teacher of a PEFT policy: a second adapter on the same base
 INITIAL_ADAPTER = "rlsd_initial"  # a frozen snapshot of a PEFT policy's pretrained starting adapter
 TRL_REF_ADAPTER = "ref"  # TRL's frozen copy of a pretrained starting adapter (GRPOTrainer, beta != 0)
+DEFAULT_TEACHER = "synced"
+"""`RLSDConfig.teacher` when left unset (with `teacher_model` set, the external teacher is chosen instead)."""
+EXTERNAL_TEACHER = "external"
+"""`teacher` of a run with `teacher_model`: a separate frozen model (`ExternalTeacher`)."""
+Unwrap = Callable[[nn.Module], nn.Module]
+"""The accelerator's `unwrap_model`: the plain module under a DDP / DeepSpeed / FSDP wrapper."""
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What the trainer and its collaborators use of a teacher, whatever its kind (built-in or `@teacher_kind` from
+    user code). `model` is the module it owns, which `build_teachers` places; None when it scores with the policy."""
+
+    mode: str
+    model: nn.Module | None
+
+    @property
+    def has_weights(self) -> bool:
+        """True when checkpoints carry weights of its own (`TEACHER_WEIGHTS_FILE`)."""
+
+    def forward_context(self, policy: nn.Module, unwrapped_policy: nn.Module) -> AbstractContextManager[nn.Module]:
+        """A context yielding the module whose fused log-prob head scores [teacher prompt ; completion]."""
+
+    def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
+        """Follow the policy after optimizer step `global_step` (kinds that declare `follows_policy`); True when the
+        teacher's weights changed."""
+
+    def follow(self, policy: nn.Module) -> None:
+        """Restart from `policy`: a resume whose checkpoint lacks the teacher's state."""
+
+    def save(self, directory: str, unwrap: Unwrap, *, write: bool = True) -> None:
+        """Write its state (`TEACHER_STATE_FILE`, and its weights when `has_weights`) into a checkpoint folder; every
+        process calls it, only those with `write` write."""
+
+    def load(self, directory: str, unwrap: Unwrap) -> None:
+        """Restore what `save` wrote (every process calls it)."""
+
+
+@dataclass(frozen=True)
+class TeacherBuild:
+    """What a teacher kind is built from: values, never the trainer. `args` is the run's `RLSDConfig` (the kinds'
+    knobs); `tokenizer`, `dataset` and `text_columns` feed a separate model's tokenizer check; `with_entropy` (the
+    rule reads the teacher's entropy) and `distill` (a distillation loss projects its hidden states, so a loaded
+    model's LM head must be plain) shape its scoring head."""
+
+    args: Any
+    policy: nn.Module  # unwrapped
+    tokenizer: Any = None
+    dataset: Any = None
+    text_columns: tuple[str, ...] = ("prompt",)
+    temperature: float = 1.0
+    with_entropy: bool = False
+    distill: bool = False
+
+    def texts(self) -> list[str]:
+        """A sample of the training text (read on demand: only a kind that loads a model needs it)."""
+        return sample_texts(self.dataset, self.text_columns)
+
+
+@dataclass(frozen=True)
+class TeacherKind:
+    """A registered teacher kind: its class (built by `cls.from_build(build)`) and what it declares. `follows_policy`:
+    its weights follow the policy, so the trainer calls `on_optimizer_step` after every optimizer step.
+    `loads_model`: `teacher_model` selects it (a separate model), `teacher` alone does not."""
+
+    name: str
+    cls: type
+    follows_policy: bool
+    loads_model: bool
+
+
+TEACHER_KINDS: dict[str, TeacherKind] = {}
+"""Every registered teacher kind by name: what `RLSDConfig.teacher` selects from."""
+KindClass = TypeVar("KindClass", bound=type)
+
+
+def teacher_kind(
+    name: str, *, follows_policy: bool = False, loads_model: bool = False
+) -> Callable[[KindClass], KindClass]:
+    """Register a class implementing `Teacher` as kind `name` (set as its `mode`): `build_teachers` builds it with its
+    `from_build(build: TeacherBuild)` classmethod. Adding a kind is this one decorated class, here or in user code."""
+
+    def register(cls: KindClass) -> KindClass:
+        if name in TEACHER_KINDS:
+            raise ValueError(f"teacher kind {name!r} is registered twice")
+        if not callable(getattr(cls, "from_build", None)):
+            raise TypeError(f"teacher kind {name!r}: {cls.__name__} has no from_build(build) classmethod")
+        cls.mode = name
+        TEACHER_KINDS[name] = TeacherKind(name, cls, follows_policy, loads_model)
+        return cls
+
+    return register
+
+
+def teacher_modes() -> tuple[str, ...]:
+    """The kinds `teacher` selects on its own (all but those `teacher_model` selects), in registration order, those
+    registered after import included."""
+    return tuple(name for name, kind in TEACHER_KINDS.items() if not kind.loads_model)
+
+
+def get_teacher_kind(name: str) -> TeacherKind:
+    """The registered kind `name`; an unknown name is refused with the self-teacher modes listed."""
+    if name not in TEACHER_KINDS:
+        raise ValueError(f"teacher={name!r} is not one of {', '.join(teacher_modes())}")
+    return TEACHER_KINDS[name]
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -55,7 +164,10 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 
 class SelfTeacher:
-    """Owns the teacher's weights for one training run.
+    """Owns the weights of a teacher that is the policy itself, for one training run. Each mode is a registered
+    subclass (`@teacher_kind`) that declares `copies_policy` (False: it scores with the current policy weights),
+    `frozen` (it keeps the starting weights: see PEFT below) and how it follows the policy (`on_optimizer_step`);
+    `SelfTeacher(mode, policy, ...)` builds the subclass registered for `mode`. The built-in modes:
 
     `synced`: a frozen copy, hard-copied from the policy after every `sync_steps` optimizer steps.
     `ema`: a copy updated after each optimizer step as decay * teacher + (1 - decay) * policy; bf16 / fp16
@@ -64,14 +176,24 @@ class SelfTeacher:
     `live`: no copy: the current policy weights.
 
     With a PEFT policy no model is copied (`model` stays None): `synced` / `ema` keep the teacher as a second adapter
-    (`rlsd_teacher`) on the policy's base, a copy of the policy's adapter that follows it as above. `initial` uses
-    TRL's `ref` adapter when the model has one, else a frozen snapshot adapter (`rlsd_initial`) of a pretrained
-    starting adapter; a fresh LoRA (every B = 0, no DoRA) is the base model, so `initial` then just disables the
-    adapter (`uses_disabled_adapter`: equal log-probs, no extra weights).
+    (`rlsd_teacher`) on the policy's base, a copy of the policy's adapter that follows it as above. A `frozen` mode
+    (`initial`) uses TRL's `ref` adapter when the model has one, else a frozen snapshot adapter (`rlsd_initial`,
+    shared by the run's frozen teachers) of a pretrained starting adapter; a fresh LoRA (every B = 0, no DoRA) is the
+    base model, so it then just disables the adapter (`uses_disabled_adapter`: equal log-probs, no extra weights).
 
     Under FSDP2 the teacher's parameters (and the EMA shadow) are DTensor shards: `save` gathers full tensors (a
     collective, so every process calls it) and `load` gives each process its own shard back.
     """
+
+    mode: str
+    copies_policy: ClassVar[bool] = True
+    frozen: ClassVar[bool] = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SelfTeacher:
+        """`SelfTeacher(mode, ...)` is an instance of the class registered for `mode`; a subclass builds itself."""
+        if cls is SelfTeacher:
+            cls = _self_teacher_class(args[0] if args else kwargs["mode"])
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -84,8 +206,9 @@ class SelfTeacher:
         with_entropy: bool = False,
         cast_lm_head_to_fp32: bool = False,
     ) -> None:
-        if mode not in TEACHER_MODES:
-            raise ValueError(f"teacher={mode!r} is not one of {', '.join(TEACHER_MODES)}")
+        registered = _self_teacher_class(mode)
+        if registered is not type(self):
+            raise ValueError(f"teacher={mode!r} is built by {registered.__name__}, not {type(self).__name__}")
         self.mode = mode
         self.sync_steps = sync_steps
         self.ema_decay = ema_decay
@@ -98,7 +221,7 @@ class SelfTeacher:
         self._peft_policy: nn.Module | None = None  # the PEFT policy that carries `adapter_name`
         self._policy_base: nn.Module | None = None  # the policy's base model, whose forward the teacher borrows
         self._scoring_forward: Callable[..., object] | None = None  # its fused forward with the teacher's outputs
-        if mode == "live":
+        if not self.copies_policy:
             self._borrow_policy_head(policy, temperature, with_entropy, cast_lm_head_to_fp32)
             return
         if _is_peft_model(policy):
@@ -111,16 +234,16 @@ class SelfTeacher:
     def _init_adapter_teacher(self, policy: nn.Module) -> None:
         """Pick (or create) the adapter that is the teacher of a PEFT policy: see the class docstring."""
         self.policy_adapter = _single_active_adapter(policy)
-        if self.mode == "initial" and _is_identity_lora(policy, self.policy_adapter):
+        if self.frozen and _is_identity_lora(policy, self.policy_adapter):
             self.uses_disabled_adapter = True
             return
         self._peft_policy = policy
-        if self.mode == "initial" and TRL_REF_ADAPTER in policy.peft_config:
+        if self.frozen and TRL_REF_ADAPTER in policy.peft_config:
             self.adapter_name = TRL_REF_ADAPTER
             return
-        self.adapter_name = INITIAL_ADAPTER if self.mode == "initial" else TEACHER_ADAPTER
+        self.adapter_name = INITIAL_ADAPTER if self.frozen else TEACHER_ADAPTER
         if self.adapter_name in policy.peft_config:
-            if self.mode == "initial":  # another `initial` SelfTeacher of this run (SDPG's reference) made it
+            if self.frozen:  # another frozen teacher of this run (SDPG's reference) made it
                 return
             raise ValueError(f"the PEFT policy already has an adapter named {self.adapter_name!r}")
         _refuse_zero3_copy(self.mode, policy)
@@ -206,16 +329,19 @@ class SelfTeacher:
             with self._teacher_head():
                 yield policy
 
+    @classmethod
+    def from_build(cls, build: TeacherBuild) -> SelfTeacher:
+        """This mode's teacher of `build.policy`, with the run's `teacher_sync_steps` and `teacher_ema_decay`."""
+        args = build.args
+        return cls(
+            cls.mode, build.policy, sync_steps=args.teacher_sync_steps, ema_decay=args.teacher_ema_decay,
+            temperature=build.temperature, with_entropy=build.with_entropy,
+            cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+        )  # fmt: skip
+
     def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
-        """Follow the policy after optimizer step `global_step`; True when the teacher's weights changed."""
-        if self.mode == "synced" and global_step - self.last_sync_step >= self.sync_steps:
-            self._hard_copy(policy)
-            self.last_sync_step = global_step
-            return True
-        if self.mode == "ema":
-            self._ema_step(policy)
-            self.last_sync_step = global_step
-            return True
+        """Follow the policy after optimizer step `global_step`; True when the teacher's weights changed (never, unless
+        the mode overrides it)."""
         return False
 
     def follow(self, policy: nn.Module) -> None:
@@ -319,12 +445,64 @@ class SelfTeacher:
             p.data.copy_(_like(p, weights[name]))
 
 
+@teacher_kind("synced", follows_policy=True)
+class SyncedTeacher(SelfTeacher):
+    """A frozen copy (or adapter), hard-copied from the policy after every `sync_steps` optimizer steps."""
+
+    def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
+        """Copy the policy in once `sync_steps` optimizer steps have passed since the last copy."""
+        if global_step - self.last_sync_step < self.sync_steps:
+            return False
+        self._hard_copy(policy)
+        self.last_sync_step = global_step
+        return True
+
+
+@teacher_kind("live")
+class LiveTeacher(SelfTeacher):
+    """The current policy weights: no copy, nothing to follow or save."""
+
+    copies_policy = False
+
+
+@teacher_kind("initial")
+class InitialTeacher(SelfTeacher):
+    """The policy's starting weights: a copy (or adapter) that never changes."""
+
+    frozen = True
+
+
+@teacher_kind("ema", follows_policy=True)
+class EmaTeacher(SelfTeacher):
+    """An exponential moving average of the policy, updated after every optimizer step."""
+
+    def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
+        """teacher <- decay * teacher + (1 - decay) * policy."""
+        self._ema_step(policy)
+        self.last_sync_step = global_step
+        return True
+
+
+TEACHER_MODES = teacher_modes()
+"""The built-in self-teacher modes (the command line's choices for `teacher`, with "external"; validation reads the
+registry, so a kind registered later is accepted too)."""
+
+
+def _self_teacher_class(mode: str) -> type[SelfTeacher]:
+    """The `SelfTeacher` subclass registered as `mode`; any other name is refused with the modes listed."""
+    cls = get_teacher_kind(mode).cls
+    if not issubclass(cls, SelfTeacher):
+        raise ValueError(f"teacher={mode!r} is not a self-teacher mode (one of {', '.join(teacher_modes())})")
+    return cls
+
+
+@teacher_kind(EXTERNAL_TEACHER, loads_model=True)
 class ExternalTeacher:
     """A separate frozen teacher model (`RLSDConfig.teacher_model`), with `SelfTeacher`'s interface: it scores
     through a fused log-prob head of its own, never follows the policy and keeps no weights in checkpoints (only
-    its state file, which names the model). The caller loads it (`load_external_teacher`) and places it."""
+    its state file, which names the model). `from_build` loads it (`external_teacher`); `build_teachers` places it."""
 
-    mode = EXTERNAL_TEACHER
+    mode: str
     uses_disabled_adapter = False
     adapter_name = None
 
@@ -345,6 +523,11 @@ class ExternalTeacher:
         self.name = name
         self.last_sync_step = 0
         self.shadow = None
+
+    @classmethod
+    def from_build(cls, build: TeacherBuild) -> ExternalTeacher:
+        """The run's `teacher_model`, loaded and checked (`external_teacher`)."""
+        return external_teacher(build, build.args.teacher_model)
 
     @property
     def has_weights(self) -> bool:
@@ -378,6 +561,65 @@ class ExternalTeacher:
         if state.get("teacher_model") != self.name:
             logger.warning("checkpoint %s was trained with teacher_model=%r, resumed with %r", directory,
                            state.get("teacher_model"), self.name)  # fmt: skip
+
+
+def external_teacher(build: TeacherBuild, name: str) -> ExternalTeacher:
+    """`name` (`teacher_model`, or one of MAD-OPD's teachers) loaded as TRL loads its reference model
+    (`create_model_from_path`; device_map None when distributed), after its vocabulary and tokenizer are checked
+    against the student's on a sample of the training text (`build.texts()`); a distillation run also refuses a head
+    that rescales its logits. Not placed (`build_teachers` places it)."""
+    args = build.args
+    init_kwargs = dict(args.teacher_model_init_kwargs or {})
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
+        init_kwargs["device_map"] = None  # "auto" fails under distributed training
+    model = load_external_teacher(
+        name, init_kwargs, build.policy, build.tokenizer, build.texts(), trust_remote_code=args.trust_remote_code
+    )
+    if build.distill:
+        check_plain_lm_head(model, "distill_loss")
+    return ExternalTeacher(
+        model, name, temperature=build.temperature, with_entropy=build.with_entropy,
+        cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+    )  # fmt: skip
+
+
+class Teachers(NamedTuple):
+    """A run's teachers: the teacher (None without one), MAD-OPD's further teachers, SDPG's reference (or None)."""
+
+    teacher: Teacher | None
+    mad: list[Teacher]
+    reference: Teacher | None
+
+
+def build_teachers(
+    build: TeacherBuild, place: Callable[[nn.Module], nn.Module], *, uses_teacher: bool, sdpg_reference: bool
+) -> Teachers:
+    """The teacher of kind `args.teacher` (when the run `uses_teacher`), MAD-OPD's `mad_opd_teachers` and, with
+    `sdpg_reference`, SDPG's anchor to the initial model; every model a teacher owns is placed by `place` (as TRL
+    places its reference model), in that order (a frozen PEFT reference reuses the teacher's snapshot adapter)."""
+    args = build.args
+    if args.teacher_model is not None and not uses_teacher:
+        logger.warning("teacher_model is set but credit=%r and distill_loss='none' use no teacher: not loaded",
+                       args.credit)  # fmt: skip
+    if not uses_teacher:
+        return Teachers(None, [], None)
+    teacher = _placed(get_teacher_kind(args.teacher).cls.from_build(build), place)
+    mad = [_placed(external_teacher(build, name), place) for name in args.mad_opd_teachers or []]
+    reference = None
+    if sdpg_reference:
+        reference = InitialTeacher(
+            InitialTeacher.mode, build.policy, sync_steps=1, ema_decay=0.0, temperature=build.temperature,
+            cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+        )  # fmt: skip
+        reference = _placed(reference, place)
+    return Teachers(teacher, mad, reference)
+
+
+def _placed(teacher: Teacher, place: Callable[[nn.Module], nn.Module]) -> Teacher:
+    """`teacher` with the model it owns (if any) placed."""
+    if teacher.model is not None:
+        teacher.model = place(teacher.model)
+    return teacher
 
 
 def load_external_teacher(
@@ -661,7 +903,8 @@ def _fp32_linear(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class TeacherSyncCallback(TrainerCallback):
-    """Calls `SelfTeacher.on_optimizer_step` at the end of every optimizer step."""
+    """Calls the teacher's `on_optimizer_step` at the end of every optimizer step (kinds that declare
+    `follows_policy`)."""
 
     def __init__(self, trainer: object) -> None:
         self.trainer = trainer

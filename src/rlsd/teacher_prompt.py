@@ -38,7 +38,7 @@ NO_SIBLING_TEXT = "(no other attempt was correct)"
 """What `{sibling}` shows with `privileged_source="both"` when no sibling succeeded (the answer still teaches)."""
 
 TEMPLATE_FIELDS = ("prompt", "answer", "sibling")
-"""Every field a teacher template may use (`rlsd.privileged` says which fields each source fills)."""
+"""The fields of the built-in sources; `rlsd.privileged.known_template_fields` adds those of every registered one."""
 
 Prompt = str | list[dict[str, Any]]
 
@@ -52,15 +52,17 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in parsed if name is not None}
 
 
-def check_template_fields(template: str, source: str, filled: tuple[str, ...]) -> None:
-    """Reject a template with an unknown field, a field the privileged `source` does not fill, or without every
-    field in `filled`."""
+def check_template_fields(
+    template: str, source: str, filled: tuple[str, ...], known: tuple[str, ...] = TEMPLATE_FIELDS
+) -> None:
+    """Reject a template with a field no source knows (`known`), a field the privileged `source` does not fill, or
+    without every field in `filled`."""
     fields = template_fields(template)
-    unknown = sorted(fields - set(TEMPLATE_FIELDS))
+    unknown = sorted(fields - set(known))
     if unknown:
         raise ValueError(
             f"teacher_template has unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
-            f"the known fields are {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}"
+            f"the known fields are {', '.join('{' + f + '}' for f in known)}"
         )
     unfilled = sorted(fields - set(filled))
     if unfilled:

@@ -13,7 +13,8 @@ from pathlib import Path
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from rlsd.config import RLSDConfig
-from rlsd.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_rlsd_dataset
+from rlsd.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
+from rlsd.formats import format_help, format_names
 from rlsd.rewards import REWARDS, resolve_reward
 from rlsd.validate import check_model_folder, check_output_dir, check_positive
 
@@ -29,8 +30,8 @@ class TrainScriptArguments:
         dataset_name (`str`): Hub dataset name, or a local .jsonl / .json / .parquet / .csv file.
         dataset_config (`str`, *optional*): Hub dataset configuration (e.g. `main` for GSM8K).
         dataset_train_split (`str`, defaults to `"train"`): Split to train on.
-        dataset_format (`str`, *optional*): gsm8k, math, dapo_math, deepmath or generic, or with images
-            mmfinereason or mathvista; detected when not given.
+        dataset_format (`str`, *optional*): A format of `rlsd.formats.format_names()` (those registered with
+            `@dataset_format`, and `generic`); detected when not given.
         prompt_column / answer_column (`str`, *optional*): Columns of the generic format.
         system_prompt (`str`): System turn of every prompt ("" for none).
         instruction (`str`): Answer-format instruction appended to every question.
@@ -44,10 +45,7 @@ class TrainScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_format: str | None = field(
-        default=None,
-        metadata={
-            "help": "gsm8k, math, dapo_math, deepmath, generic; images: mmfinereason, mathvista (default: detected)."
-        },
+        default=None, metadata={"help": "Dataset format (default: detected); `make_parser` lists the registered ones."}
     )
     prompt_column: str | None = field(default=None, metadata={"help": "Question column of the generic format."})
     answer_column: str | None = field(default=None, metadata={"help": "Answer column of the generic format."})
@@ -64,7 +62,11 @@ class TrainScriptArguments:
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((TrainScriptArguments, RLSDConfig, ModelConfig), prog="rlsd train")
+    """The `rlsd train` parser; `--dataset_format` takes and lists the formats registered when it is built."""
+    parser = TrlParser((TrainScriptArguments, RLSDConfig, ModelConfig), prog="rlsd train")
+    action = parser._option_string_actions["--dataset_format"]  # built from the dataclass: set what it cannot know
+    action.choices, action.help = format_names(), format_help()
+    return parser
 
 
 def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args: ModelConfig) -> str:
@@ -84,16 +86,7 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
         overwrite_flag="--overwrite_output_dir",
     )
     reward_funcs = [resolve_reward(name, training_args.reward_timeout) for name in script_args.reward_funcs]
-    dataset = load_rlsd_dataset(
-        script_args.dataset_name,
-        config=script_args.dataset_config,
-        split=script_args.dataset_train_split,
-        dataset_format=script_args.dataset_format,
-        prompt_column=script_args.prompt_column,
-        answer_column=script_args.answer_column,
-        system_prompt=script_args.system_prompt or None,
-        instruction=script_args.instruction,
-    )
+    dataset = load_cli_dataset(script_args, script_args.dataset_name, script_args.dataset_train_split)
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     processor = image_processor_for(model_args.model_name_or_path, dataset)

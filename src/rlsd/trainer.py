@@ -14,9 +14,9 @@ tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEn
 `rlsd.stages`) each training rollout first enters the stage of its step (rule and loss rebuilt); with
 `mad_opd_teachers` (MAD-OPD) every teacher runs the loss-time pass and the term is their confidence-weighted sum.
 With `teacher_rollout_loss` (BRTS, PBSD) the teacher also generates completions after TRL's rollout, and the loss adds
-a term on those trajectories (orchestrated by `rlsd.teacher_rollouts_mixin`, the math in
+a term on those trajectories (`rlsd.rollout_term.TeacherRolloutTerm`, the math in
 `rlsd.teacher_rollouts`). With `teacher_aligned_prompts` the training prompts are ranked by student-teacher agreement
-at construction and the most aligned kept (`rlsd.aligned_prompts_mixin`, the math in `rlsd.prompt_selection`).
+at construction and the most aligned kept (`rlsd.aligned_prompts`, the math in `rlsd.prompt_selection`).
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
@@ -41,6 +41,9 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 - `_tokenize_prompts` (called): renders and tokenizes prompts as the rollout does (chat template, processor with
   images) -> (ids, _, fields with token-type ids). Guarded by `test_teacher_logps_align_with_a_direct_forward`,
   `test_teacher_logps_equal_a_direct_forward_with_the_image`.
+- `processing_class` (read): the processor; its `image_processor` turns the images a teacher transform
+  (`teacher_transform`) shows the teacher into the model's inputs, as TRL's processor call does for the student's.
+  Guarded by `test_blank_images_reach_the_teacher_through_the_processor`.
 - `_tokenizer`, `_is_vlm`, `_image_pad_token_id` (read): the text tokenizer of the processing class, whether it is a
   processor, the image-pad token id. Guarded by `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`.
 - `num_generations`, `num_generations_eval` (read): group sizes; groups are consecutive rows of the gathered batch,
@@ -76,6 +79,9 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_resume_restores_the_synced_teacher_and_continues_exactly`.
 - `train` (override): HF's public loop; the checkpoint is verified first. Guarded by
   `test_damaged_checkpoint_is_refused_naming_the_file`.
+- `train_dataset` (assigned): replaced after construction by the rows `teacher_aligned_prompts` keeps
+  (`rlsd.aligned_prompts`); TRL's dataloader reads it in `get_train_dataloader` / `_get_train_sampler` when training
+  starts. Guarded by `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
 - `add_fused_lm_head`, `use_adapter`, `SyncRefModelCallback`, `create_model_from_path`, `prepare_deepspeed`,
   `prepare_fsdp`, `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad` (TRL helpers called, the
   first four by `rlsd.teacher`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA
@@ -93,6 +99,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -114,7 +121,7 @@ from trl.trainer.utils import pad
 
 from rlsd import checkpoint as checkpoint_files
 from rlsd import vision
-from rlsd.aligned_prompts_mixin import AlignedPromptsMixin
+from rlsd.aligned_prompts import select_aligned_prompts
 from rlsd.batch import RLSDEntries, loss_mask, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
@@ -125,9 +132,11 @@ from rlsd.distill import (
     selected_token_loss,
     token_loss_fn,
 )
+from rlsd.generation import generate_texts
 from rlsd.guards import check_before_deepspeed, check_no_attention_dropout, check_plain_lm_head
 from rlsd.privileged import RolloutView, get_source, validate_teacher_template
-from rlsd.rewards import guard_reward
+from rlsd.rewards import guard_reward, reward_totals
+from rlsd.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
 from rlsd.rules import RuleParams, Signals, get_rule, rule_params
 from rlsd.scoring import ScoreResult, score_tokens
 from rlsd.stages import STAGE_FIELDS, reachable, stage_index, stage_values
@@ -135,21 +144,22 @@ from rlsd.teacher import (
     TEACHER_STATE_FILE,
     TEACHER_WEIGHTS_FILE,
     ExternalTeacher,
-    SelfTeacher,
+    Teacher,
+    TeacherBuild,
     TeacherSyncCallback,
     backbone_and_head,
-    load_external_teacher,
-    sample_texts,
+    build_teachers,
+    get_teacher_kind,
 )
 from rlsd.teacher_prompt import has_image_blocks, render_teacher_prompts
-from rlsd.teacher_rollouts_mixin import TeacherRolloutsMixin
+from rlsd.transforms import get_transform
 from rlsd.validate import CheckpointError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 RULE_STATE_FILE = "rlsd_rule_state.json"
 
 
-class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
+class RLSDTrainer(GRPOTrainer):
     """GRPO with RLSD token credit (arXiv 2604.03128); with `credit="grpo"` it is TRL's `GRPOTrainer`.
 
     Takes the arguments of `GRPOTrainer`. The training dataset needs the privileged column
@@ -196,42 +206,16 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             self._check_vision_supported(kwargs)
             self._check_rollout_supported()
         if args.teacher_rollout_loss != "none":
-            self._check_teacher_rollouts_supported(kwargs)
+            TeacherRolloutTerm.check_supported(
+                args, self.accelerator.unwrap_model(self.model), kwargs, images=self.has_images,
+                tools=bool(self.tools), fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled,
+            )  # fmt: skip
         if self._is_vlm:  # the row-subset teacher pass would have to slice the vision tensors: every row is scored
             self.skips_known_credit = False
 
         self._loss_state: LossState | None = None  # set by `_compute_loss` for the next scoring forward
-        self._last_rewards: torch.Tensor | None = None  # set by `_calculate_rewards` for `_rollout_view`
+        self._rollout_tap: RolloutTap | None = None  # open while TRL's rollout runs: `_calculate_rewards` fills it
         self.rule_state = self.rule.state.from_params(rule_params(args)) if self.rule.state else None
-        self.teacher: SelfTeacher | ExternalTeacher | None = None
-        self.mad_teachers: list[ExternalTeacher] = []
-        if args.teacher_model is not None and not self.uses_teacher:
-            logger.warning("teacher_model is set but credit=%r and distill_loss='none' use no teacher: not loaded",
-                           args.credit)  # fmt: skip
-        if self.uses_teacher:
-            policy = self.accelerator.unwrap_model(self.model)
-            check_no_attention_dropout(policy)
-            if args.teacher_model is not None:
-                self.teacher = self._external_teacher(policy, kwargs.get("train_dataset"))
-            else:
-                self.teacher = SelfTeacher(
-                    args.teacher,
-                    policy,
-                    sync_steps=args.teacher_sync_steps,
-                    ema_decay=args.teacher_ema_decay,
-                    temperature=self.temperature,
-                    with_entropy=self.teacher_entropy,
-                    cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
-                )
-            if self.teacher.model is not None:
-                self.teacher.model = self._prepare_frozen_model(self.teacher.model)
-            for name in args.mad_opd_teachers or []:  # MAD-OPD's further teachers, loaded and placed alike
-                teacher = self._external_teacher(policy, kwargs.get("train_dataset"), name)
-                teacher.model = self._prepare_frozen_model(teacher.model)
-                self.mad_teachers.append(teacher)
-            if args.teacher in ("synced", "ema"):
-                self.add_callback(TeacherSyncCallback(self))
-        self.reference: SelfTeacher | None = None
         if self.any_distill:
             check_plain_lm_head(self.accelerator.unwrap_model(self.model), "distill_loss")
             if self._zero_stage() == 3:
@@ -239,21 +223,53 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
                     "distill_loss projects the captured hidden states through the LM head after the forward, which "
                     "ZeRO-3 has re-partitioned; use FSDP2 or ZeRO-2, or a token-advantage rule (credit=...)"
                 )
-            if self.any_sdpg_reference:  # SDPG's anchor to the initial model
-                policy = self.accelerator.unwrap_model(self.model)
-                self.reference = SelfTeacher(
-                    "initial", policy, sync_steps=1, ema_decay=0.0, temperature=self.temperature,
-                    cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
-                )  # fmt: skip
-                if self.reference.model is not None:
-                    self.reference.model = self._prepare_frozen_model(self.reference.model)
+        if self.uses_teacher:
+            check_no_attention_dropout(self.accelerator.unwrap_model(self.model))
+        # the teacher of kind `args.teacher`, MAD-OPD's further teachers and SDPG's anchor, placed like TRL's reference
+        columns = ("prompt", *((args.privileged_column,) if "answer" in self.source.fills else ()))
+        build = TeacherBuild(
+            args, self.accelerator.unwrap_model(self.model), tokenizer=self._tokenizer,
+            dataset=kwargs.get("train_dataset"), text_columns=columns, temperature=self.temperature,
+            with_entropy=self.teacher_entropy, distill=self.any_distill,
+        )  # fmt: skip
+        teachers = build_teachers(
+            build, self._prepare_frozen_model, uses_teacher=self.uses_teacher, sdpg_reference=self.any_sdpg_reference
+        )
+        self.teacher: Teacher | None = teachers.teacher
+        self.mad_teachers: list[Teacher] = teachers.mad
+        self.reference: Teacher | None = teachers.reference
+        if self.teacher is not None and get_teacher_kind(args.teacher).follows_policy:
+            self.add_callback(TeacherSyncCallback(self))
+        # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): a term handed what it reads, never the trainer
+        self.rollout_term: TeacherRolloutTerm | NoTeacherRollouts = NoTeacherRollouts()
+        if args.teacher_rollout_loss != "none":
+            self.rollout_term = TeacherRolloutTerm(
+                accelerator=self.accelerator, args=args, source=self.source, tokenizer=self._tokenizer,
+                generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
+                temperature=self.temperature, reward_weights=self.reward_weights,
+                tokenize_prompts=self._tokenize_prompts, teacher_inputs=self.teacher_inputs,
+                scoring_model=self._scoring_model, score=self._score,
+                trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
+                trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
+                log=self._log_across_processes, group_size=self._group_size,
+                scoring_batch_size=self._scoring_batch_size, training=lambda: self.model.training,
+                accumulation=lambda: self.current_gradient_accumulation_steps,
+            )  # fmt: skip
         # teacher-aligned prompt selection (`teacher_aligned_prompts`): the per-prompt scores of the original training
         # dataset (None when off) and the indices of its rows kept as `train_dataset`
         self.prompt_alignment: torch.Tensor | None = None
         self.aligned_prompt_indices: list[int] | None = None
         if args.teacher_aligned_prompts > 0:
             check_before_deepspeed("teacher_aligned_prompts", self._zero_stage())
-            self._select_aligned_prompts()
+            selection = select_aligned_prompts(
+                self.train_dataset, args, source=self.source, has_images=self.has_images,
+                tokenize_prompts=self._tokenize_prompts, model=self.model,
+                policy=self.accelerator.unwrap_model(self.model), teacher=lambda: self._scoring_model("teacher"),
+                pad_token_id=self._tokenizer.pad_token_id, eos_token_id=self.eos_token_ids,
+                synced_gpus=self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled),
+            )  # fmt: skip
+            self.train_dataset = selection.dataset
+            self.prompt_alignment, self.aligned_prompt_indices = selection.scores, selection.keep
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _set_credit_and_loss(self, args: RLSDConfig) -> None:
@@ -330,34 +346,13 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
                 "a custom format); use credit='grpo' and distill_loss='none' with these options"
             )
 
-    def _external_teacher(self, policy: torch.nn.Module, dataset: Any, name: str | None = None) -> ExternalTeacher:
-        """`args.teacher_model` (or `name`, one of MAD-OPD's teachers), loaded as TRL loads its reference model
-        (`create_model_from_path`; device_map None when distributed), after its vocabulary and tokenizer are checked
-        against the student's on the first training prompts (and privileged answers); placed by the caller
-        (`_prepare_frozen_model`)."""
-        args = self.args
-        init_kwargs = dict(args.teacher_model_init_kwargs or {})
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
-            init_kwargs["device_map"] = None  # "auto" fails under distributed training
-        columns = ("prompt", *((args.privileged_column,) if "answer" in self.source.fills else ()))
-        name = name or args.teacher_model
-        model = load_external_teacher(
-            name, init_kwargs, policy, self._tokenizer, sample_texts(dataset, columns),
-            trust_remote_code=args.trust_remote_code,
-        )  # fmt: skip
-        if self.any_distill:
-            check_plain_lm_head(model, "distill_loss")
-        return ExternalTeacher(
-            model, name, temperature=self.temperature,
-            with_entropy=self.teacher_entropy, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
-        )  # fmt: skip
-
     def _zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage of this run, None without DeepSpeed."""
         return self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
 
     def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device)."""
+        """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device): the `place`
+        callable of `build_teachers`."""
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(model, self.accelerator)
         if self.is_fsdp_enabled:
@@ -395,7 +390,11 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         rollout first enters the stage of the step it trains (`stages`)."""
         if self.model.training:
             self._enter_stage(self.state.global_step + 1)
-        output = super()._generate_and_score_completions(inputs)
+        self._rollout_tap = tap = RolloutTap()
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._rollout_tap = None
         mode = "train" if self.model.training else "eval"
         mask = loss_mask(output)
         lam = self._current_lambda() if self.rule_uses_teacher else 0.0
@@ -405,7 +404,8 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         entries = RLSDEntries()
         rows = self._teacher_rows(output["advantages"]) if self.skips_known_credit and rule_pass else None
         if rule_pass or self.distill_fn is not None:
-            prompt_ids, prompt_mask, types, entries.has_context = self.teacher_inputs(inputs, output, mode, rows)
+            teacher = self.teacher_inputs(inputs, output, mode, rows, tap)
+            prompt_ids, prompt_mask, types, entries.has_context = teacher
             if self.distill_fn is not None:  # the loss-time teacher pass needs the teacher's prompt
                 entries.teacher_prompt_ids, entries.teacher_prompt_mask = prompt_ids, prompt_mask
                 entries.teacher_types = types
@@ -419,7 +419,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
             if self.rule_uses_teacher:
                 self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
-            self._add_teacher_rollouts(inputs, output, entries, mode)
+            self.rollout_term.add(inputs, output, entries, mode)
             return {**output, **entries.to_batch()}
 
         entries.seq_advantages = output["advantages"]
@@ -438,7 +438,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             if rows is not None:  # the rule scores only the rows with A_i != 0; the others keep A_it = 0
                 entries.scored = output["advantages"] != 0
             entries.state_values = {key: scalar(v) for key, v in self._rule_state_values(entries, mask, mode).items()}
-        self._add_teacher_rollouts(inputs, output, entries, mode, pass_logps)
+        self.rollout_term.add(inputs, output, entries, mode, pass_logps)
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in self.rule.needs:  # group statistics need the whole group now
             student_logps = self.score_rollout("student", output).logps
@@ -448,16 +448,15 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             entries.lam, entries.state_values = None, {}
         return {**output, **entries.to_batch()}
 
-    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """TRL's rewards (gathered over processes); the weighted total is kept for the sources that pick
-        successful siblings (`self._last_rewards`, read once by `_rollout_view` of the same rollout)."""
-        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
-        if not self.source.needs_completions:
-            return rewards_per_func
-        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
-        totals = (rewards_per_func * weights).nansum(dim=1)
-        totals[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        self._last_rewards = totals
+    def _calculate_rewards(
+        self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any], completion_ids: list[Any]
+    ) -> torch.Tensor:
+        """TRL's rewards (gathered over processes); inside this trainer's rollout the prompts it used and the rewards'
+        weighted totals are also handed to the rollout (`RolloutTap`)."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids)
+        if self._rollout_tap is not None:
+            self._rollout_tap.prompts = list(prompts)
+            self._rollout_tap.rewards = reward_totals(rewards_per_func, self.reward_weights)
         return rewards_per_func
 
     def _rule_state_values(self, entries: RLSDEntries, mask: torch.Tensor, mode: str) -> dict[str, float]:
@@ -490,24 +489,34 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         output: dict[str, Any],
         mode: str = "train",
         rows: torch.Tensor | None = None,
+        rollout: RolloutTap | None = None,
     ) -> TeacherInputs:
         """The teacher prompts of `rows` (all rows when None) from the privileged source, tokenized and left-padded
         (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
-        `rows` are neither rendered nor tokenized (public for diagnostics and tests)."""
+        `rows` are neither rendered nor tokenized. The teacher's prompt is built from the prompt the rollout used
+        (`rollout.prompts`; the dataset rows' without it), and a source that reads rewards gets `rollout.rewards`
+        (public for diagnostics and tests)."""
+        rollout = rollout or RolloutTap()
         selected = list(range(len(inputs))) if rows is None else rows.tolist()
-        context = self.source.context(self._rollout_view(inputs, output, mode), selected)
+        context = self.source.context(self._rollout_view(inputs, output, mode, rollout.rewards), selected)
         self._log_across_processes(mode, context.metrics)
         device = self.accelerator.device
         has_context = torch.ones(len(inputs), dtype=torch.bool, device=device)
         has_context[selected] = torch.tensor(context.has_context, dtype=torch.bool, device=device)
         images = vision.batch_images(inputs)
-        prompts = [inputs[i]["prompt"] for i in selected]
+        # the prompt the rollout used (an environment's observation included); with images, the dataset row's, whose
+        # image blocks are placed below as TRL places them (the rollout's carry the student's image payloads)
+        used = rollout.prompts if rollout.prompts is not None and images is None else [row["prompt"] for row in inputs]
+        prompts = [used[i] for i in selected]
         if images is None and any(has_image_blocks(prompt) for prompt in prompts):
             raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where="a rollout batch"))
         if images is not None and not self._is_vlm:
             raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=vision.teacher_use(self.args)))
+        row_images = [images[i] for i in selected] if images is not None else [None] * len(selected)
+        if self.args.teacher_transform is not None:  # what the teacher sees instead of the student's input
+            prompts, row_images = self._transformed(prompts, row_images)
         if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
-            prompts = [prepare_multimodal_messages(inputs[i]["prompt"], images=images[i]) for i in selected]
+            prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, row_images, strict=True)]
         teacher_prompts = render_teacher_prompts(prompts, self.args.teacher_template, context.fields)
         if not teacher_prompts:  # no row needs the teacher
             empty = torch.zeros(0, 0, dtype=torch.long, device=device)
@@ -519,7 +528,24 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
                           padding_side="left")  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         types = self._teacher_token_types(fields, prompt_ids, output) if images is not None else {}
+        if images is not None and self.args.teacher_transform is not None:  # the teacher's own images, processed
+            flat = [image for row in row_images if row for image in row]  # as TRL processes the student's
+            processed = self.processing_class.image_processor(images=flat, return_tensors="pt")
+            types.update({key: value.to(device) for key, value in processed.items() if key in vision.IMAGE_KEYS})
         return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
+
+    def _transformed(self, prompts: list[Any], images: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Each row's prompt and images after `teacher_transform`; images changed for a loss-time teacher pass (whose
+        inputs TRL would have to split by rows) are refused."""
+        transform = get_transform(self.args.teacher_transform)
+        pairs = [transform(prompt, row) for prompt, row in zip(prompts, images, strict=True)]
+        new_images = [row for _, row in pairs]
+        if self.distill_fn is not None and any(row is not None for row in new_images):
+            raise NotImplementedError(
+                f"teacher_transform={self.args.teacher_transform!r} on images with distill_loss: the loss-time "
+                "teacher pass reads the student's images; use a token-advantage rule (credit=...) with this transform"
+            )
+        return [prompt for prompt, _ in pairs], new_images
 
     def teacher_scores(
         self,
@@ -527,11 +553,12 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         output: dict[str, Any],
         mode: str = "train",
         rows: torch.Tensor | None = None,
+        rollout: RolloutTap | None = None,
     ) -> ScoreResult:
         """The teacher's log-probs (and entropy, when the rule reads it) of a rollout's completions: the privileged
         context of `inputs`, the teacher prompts and one scoring pass, as the rollout computes them (public for
         diagnostics such as the credit viewer, and for tests)."""
-        prompt_ids, prompt_mask, types, _ = self.teacher_inputs(inputs, output, mode, rows)
+        prompt_ids, prompt_mask, types, _ = self.teacher_inputs(inputs, output, mode, rows, rollout)
         return self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
 
     def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
@@ -547,19 +574,43 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
         student's log-probs (public for diagnostics and tests; the loss calls the same code)."""
         return self._token_advantages(RLSDEntries.from_batch(batch), batch, student_logps, mode)
 
-    def _rollout_view(self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str) -> RolloutView:
+    def _rollout_view(
+        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rewards: torch.Tensor | None
+    ) -> RolloutView:
         """What the privileged source may read; completion texts and rewards are gathered over processes only for
         a source that reads them (a collective: every process builds the view for the same batches)."""
         group_size = self._group_size()
+        generate = self._text_generator if self.source.needs_generator else None
         if not self.source.needs_completions:
-            return RolloutView(inputs, group_size)
+            return RolloutView(inputs, group_size, generate=generate)
         ids, keep = output["completion_ids"], output["completion_mask"]
         texts = self._tokenizer.batch_decode(
             [row[mask.bool()] for row, mask in zip(ids, keep, strict=True)], skip_special_tokens=True
         )
         offset = self.accelerator.process_index * len(texts)
-        rewards, self._last_rewards = self._last_rewards.tolist(), None
-        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards)
+        if rewards is None:
+            raise ValueError(f"privileged_source={self.args.privileged_source!r} reads the rollout's rewards: pass "
+                             "the weighted totals (`rewards`) with the rollout")  # fmt: skip
+        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards.tolist(), generate)
+
+    def _text_generator(self, prompts: list[Any], model: str = "policy") -> list[str]:
+        """`RolloutView.generate`: complete `prompts` with the policy's or the teacher's current weights, in eval mode
+        and without gradient checkpointing, under the run's generation config."""
+        which = "teacher" if model == "teacher" else "student"
+        with self._scoring_model(which) as module:
+            unwrapped = self.accelerator.unwrap_model(module)
+            training = unwrapped.training
+            unwrapped.eval()
+            try:
+                return generate_texts(
+                    unwrapped, prompts, tokenize_prompts=self._tokenize_prompts,
+                    pad_token_id=self._tokenizer.pad_token_id,
+                    decode=lambda rows: self._tokenizer.batch_decode(rows, skip_special_tokens=True),
+                    generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
+                    synced_gpus=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+                )  # fmt: skip
+            finally:
+                unwrapped.train(training)
 
     def _teacher_token_types(
         self, fields: dict[str, Any], prompt_ids: torch.Tensor, output: dict[str, Any]
@@ -645,7 +696,7 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
             and (self.accelerator.process_index * local_rows) % group == 0
             and not model_kwargs
             and (rows is None or _whole_groups(rows, self._group_size()))
-            and not self.source.needs_completions  # a sibling differs per row: no shared prompt
+            and not (self.source.needs_completions or self.source.needs_generator)  # per-row contexts
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
             and self._group_size() > 1
         )
@@ -798,11 +849,11 @@ class RLSDTrainer(TeacherRolloutsMixin, AlignedPromptsMixin, GRPOTrainer):
                 "trainer relies on TRL 1.16's loss (check the TRL version and loss options such as liger)"
             )
         if teacher is None:
-            return loss + self._teacher_rollout_term(model, inputs, entries, state.logps)
+            return loss + self.rollout_term.term(model, inputs, entries, state.logps)
         completion_length = inputs["completion_ids"].size(1)
         student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
         extra = self._distillation_term(inputs, (student, head), teacher, state.logps, others)
-        rollout = self._teacher_rollout_term(model, inputs, entries, state.logps)
+        rollout = self.rollout_term.term(model, inputs, entries, state.logps)
         return self.args.policy_loss_coef * loss + extra + rollout
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -1160,6 +1211,16 @@ def _step_ids(batch: dict[str, Any]) -> torch.Tensor:
         return torch.zeros_like(mask, dtype=torch.long)
     resumes = (tool_mask[:, 1:] == 1) & (tool_mask[:, :-1] == 0)
     return torch.cat([torch.zeros_like(mask[:, :1]), resumes.long().cumsum(1)], dim=1)
+
+
+@dataclasses.dataclass
+class RolloutTap:
+    """What TRL's rollout used and scored, handed to this trainer's rollout by `_calculate_rewards` while it runs:
+    this process's prompts as the rollout sent them to the model (an environment's `reset` observation included),
+    and the weighted total rewards of every process's rows (B_global,), NaN where every function abstained."""
+
+    prompts: list[Any] | None = None
+    rewards: torch.Tensor | None = None
 
 
 class TeacherInputs(NamedTuple):

@@ -85,10 +85,14 @@ def student_vision_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
 def teacher_vision_kwargs(
     batch: dict[str, Any], teacher_types: dict[str, Any], completion_length: int
 ) -> dict[str, Any]:
-    """The same images as the student's, with the teacher prompt's token types (`teacher_types`, by processor key)
-    extended by zeros over the completion, for a forward on [teacher prompt ; completion]; empty for text."""
+    """The student's images (or the teacher's own, when `teacher_types` carries image inputs: a teacher transform
+    changed them), with the teacher prompt's token types (`teacher_types`, by processor key) extended by zeros over the
+    completion, for a forward on [teacher prompt ; completion]; empty for text."""
     kwargs = {key: batch[key] for key in IMAGE_KEYS if batch.get(key) is not None}
+    kwargs.update({key: value for key, value in teacher_types.items() if key in IMAGE_KEYS})
     for key, prompt_types in teacher_types.items():
+        if key in IMAGE_KEYS:
+            continue
         zeros = prompt_types.new_zeros(prompt_types.size(0), completion_length)
         kwargs[key] = torch.cat([prompt_types, zeros], dim=1)
     return kwargs

@@ -3,9 +3,9 @@
 `methods` trains every method (the baselines, or any member of the self-distillation family) over several seeds
 from one warm start on the embedded task, with the demo's protocol, and writes per-seed curves, `curves.png`
 (mean and spread) and a table. `cost` measures seconds per
-optimizer step and peak memory of GRPO, RLSD (live / synced / initial teacher) and TRL's SDPOTrainer on the same
-model, data and batch, each configuration in its own process, and splits RLSD's step into generation, teacher
-pass and the rest (scoring and update).
+optimizer step and peak memory of GRPO, RLSD (live / synced / initial teacher) and the peers (`sdpo`: TRL's
+SDPOTrainer; `trl-distill`: TRL's DistillationTrainer) on the same model, data and batch, each configuration in its
+own process, and splits RLSD's step into generation, teacher pass and the rest (scoring and update).
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ from rlsd.experiments.demo import (
     train_method,
     trainer_args,
 )
+from rlsd.experiments.evidence import T_975, render_cost_table, render_documents, render_study_table
 from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
-from rlsd.experiments.task import accuracy_reward, evaluation_problems
+from rlsd.experiments.task import accuracy_reward, evaluation_problems, make_rl_dataset
 from rlsd.experiments.warmstart import load_warm_start, warm_start
-
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-"""Two-sided 95% Student-t quantiles by degrees of freedom."""
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -305,43 +303,29 @@ def study_table(rows: list[dict[str, Any]], names: list[str], seeds: list[int], 
     return table
 
 
-def render_study_table(table: dict[str, Any]) -> str:
-    lines = [
-        "| config | pass@1, 2nd half (mean) | minus GRPO (paired) | 95% interval | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for name, t in table.items():
-        low, high = t["diff_ci95"]
-        verdict = "baseline" if name == "grpo" else ("helps" if low > 0 else "hurts" if high < 0 else "within noise")
-        lines.append(
-            f"| {name} | {100 * t['score_mean']:.1f} | {100 * t['diff_mean']:+.1f} | "
-            f"[{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 # -------------------------------------------------------------------------------------------------- cost
+def cost_trainer(name: str, config: DemoConfig, model, tokenizer, dataset):
+    """The trainer `cost_once` times for `name`: the peer's own trainer from `PEERS` (as `run_methods` trains it),
+    else an `RLSDTrainer` with lam held constant so that every measured step pays the full cost."""
+    from rlsd.trainer import RLSDTrainer
+
+    if name in PEERS:
+        return PEERS[name](config)(model, tokenizer, dataset, [])
+    args = trainer_args(replace(config, method_overrides={name: {"rlsd_lambda_decay_steps": 0}}), name)
+    return RLSDTrainer(model, accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
 def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[str, Any]:
-    """One configuration in this process: per-step seconds, the split of RLSD's step, and peak RSS."""
+    """One configuration in this process: per-step seconds, the split of RLSD's step, peak RSS, and the class of
+    the trainer timed (a peer's teacher pass, as DistillationTrainer's, is not split out: it falls in "rest")."""
     import torch
     from transformers.trainer_callback import PrinterCallback, TrainerCallback
-
-    from rlsd.experiments.demo import trainer_args
-    from rlsd.experiments.task import make_rl_dataset
-    from rlsd.experiments.warmstart import load_warm_start
-    from rlsd.trainer import RLSDTrainer
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_warm_start(warm_start(config.warm, progress=False))
     dataset = make_rl_dataset(config.warm.task, 512, seed=config.seed)
     total = steps + warmup
-    run_config = replace(config, steps=total)
-    if CATALOGUE[name] is None:
-        trainer = sdpo_builder(run_config)(model, tokenizer, dataset, [])
-    else:
-        # constant lam: every measured step pays the full cost
-        args = trainer_args(replace(run_config, method_overrides={name: {"rlsd_lambda_decay_steps": 0}}), name)
-        trainer = RLSDTrainer(model, accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = cost_trainer(name, replace(config, steps=total), model, tokenizer, dataset)
     trainer.remove_callback(PrinterCallback)
     # the teacher's share of a step: its prompt (rendering, tokenization), the rollout-time pass of the credit rules
     # and the loss-time pass of the distillation losses
@@ -376,6 +360,7 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     teacher = [sum(parts) for parts in zip(*(per_step(timers[part]) for part in teacher_parts), strict=True)]
     return {
         "name": name,
+        "trainer": type(trainer).__name__,
         "step_s_median": statistics.median(step),
         "step_s_all": step,
         "generation_s_median": statistics.median(generation),
@@ -420,6 +405,7 @@ def run_cost(
             key: statistics.median(r[key] for r in runs)
             for key in ("step_s_median", "generation_s_median", "teacher_s_median", "rest_s_median", "peak_rss_mib")
         }
+        summary[name]["trainer"] = runs[0]["trainer"]  # the class timed under this name
     base = summary.get("grpo")
     if base:
         for row in summary.values():
@@ -429,23 +415,6 @@ def run_cost(
             row["extra_over_teacher"] = extra / row["teacher_s_median"] if row["teacher_s_median"] > 0 else None
     return {"config": jsonable(asdict(config)), "steps": steps, "warmup": warmup, "repeats": repeats,
             "results": summary, "samples": samples}  # fmt: skip
-
-
-def render_cost_table(cost: dict[str, Any]) -> str:
-    """Markdown: medians and ratios to GRPO."""
-    lines = [
-        "| config | s / step | ratio to GRPO | generation s | teacher s | rest s | extra / teacher | peak RSS MiB |"
-        " memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in cost["results"].items():
-        extra = "n/a" if r.get("extra_over_teacher") is None else f"{r['extra_over_teacher']:.2f}"
-        lines.append(
-            f"| {name} | {r['step_s_median']:.3f} | {r.get('step_ratio_to_grpo', math.nan):.3f} | "
-            f"{r['generation_s_median']:.3f} | {r['teacher_s_median']:.3f} | {r['rest_s_median']:.3f} | {extra} | "
-            f"{r['peak_rss_mib']:.0f} | {r.get('memory_ratio_to_grpo', math.nan):.3f} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -513,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
                                    args.warmup)))  # fmt: skip
         return 0
     if args.command == "report":
-        from rlsd.experiments.evidence import render_documents
-
         differing = render_documents(args.root, check=args.check)
         verb = "differ from the raw files" if args.check else "re-rendered"
         print(f"{len(differing)} table(s) {verb}: {', '.join(differing) or 'none'}")
