@@ -134,6 +134,7 @@ from rlsd.distill import (
 )
 from rlsd.generation import generate_texts
 from rlsd.guards import check_before_deepspeed, check_no_attention_dropout, check_plain_lm_head
+from rlsd.metrics import reduce_metrics
 from rlsd.privileged import RolloutView, get_source, validate_teacher_template
 from rlsd.rewards import guard_reward, reward_totals
 from rlsd.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
@@ -240,6 +241,8 @@ class RLSDTrainer(GRPOTrainer):
         self.reference: Teacher | None = teachers.reference
         if self.teacher is not None and get_teacher_kind(args.teacher).follows_policy:
             self.add_callback(TeacherSyncCallback(self))
+        # collaborators: each is handed the values and callables it reads, never the trainer
+        # <collaborators>
         # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): a term handed what it reads, never the trainer
         self.rollout_term: TeacherRolloutTerm | NoTeacherRollouts = NoTeacherRollouts()
         if args.teacher_rollout_loss != "none":
@@ -794,27 +797,8 @@ class RLSDTrainer(GRPOTrainer):
         return think_span_mask(pieces, ids.size(1)).to(ids.device) & batch["completion_mask"].bool()
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
-        """Combine each metric over processes and append it to TRL's metrics under `rlsd/`: a `TokenMean` by the
-        count-weighted mean (token-weighted, as TRL's global masked mean), `*_count` metrics by their sum, any other
-        value by the mean over processes (NaN-aware)."""
-        if not metrics:  # the same keys on every process: none to gather anywhere
-            return
-        keys = sorted(metrics)
-        values = [metrics[k] for k in keys]
-        counts = [getattr(v, "count", math.nan) for v in values]
-        local = torch.tensor([values + counts], dtype=torch.float64, device=self.accelerator.device)
-        gathered = self.accelerator.gather(local).view(-1, 2 * len(keys))
-        for index, key in enumerate(keys):
-            column, count = gathered[:, index], gathered[:, len(keys) + index]
-            if key.endswith("_count"):
-                value = column.nansum()
-            elif torch.isnan(count).all():
-                value = column.nanmean()
-            else:
-                counted = count > 0
-                value = (column[counted] * count[counted]).sum() / count[counted].sum()
-            if not math.isnan(value.item()):
-                self._metrics[mode][f"rlsd/{key}"].append(value.item())
+        """`rlsd.metrics.reduce_metrics` into TRL's `_metrics`: the `log` callable every collaborator is handed."""
+        reduce_metrics(self.accelerator, self._metrics, mode, metrics)
 
     # -------------------------------------------------------------------------------------------------- loss
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
