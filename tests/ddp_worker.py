@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsd import RLSDConfig, RLSDTrainer
+from rlsd.assign import CreditAssembler
 from rlsd.data import load_rlsd_dataset
 from rlsd.rewards import completion_text, resolve_reward
 
@@ -72,7 +73,7 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
         trainer.source.siblings = recorded
     groups: list[dict] = []
     if mode == "uniopd":  # record the rule's global inputs and what this rank keeps of its output
-        rule_fn, on_global = trainer.rule.fn, trainer._rule_on_global_groups
+        rule_fn = trainer.rule.fn
 
         def recording_rule(signals, params):
             token_adv, metrics = rule_fn(signals, params)
@@ -80,14 +81,16 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
                            "rule_output": token_adv.tolist()})  # fmt: skip
             return token_adv, metrics
 
-        def recording_global(signals, params, mode):
-            local, metrics = on_global(signals, params, mode)
-            groups[-1]["local_output"] = local.tolist()
-            groups[-1]["local_seq"] = signals.seq_advantages.tolist()
-            return local, metrics
+        class RecordingAssembler(CreditAssembler):
+            def rule_on_global_groups(self, rule_fn, signals, params, mode):
+                local, metrics = super().rule_on_global_groups(rule_fn, signals, params, mode)
+                groups[-1]["local_output"] = local.tolist()
+                groups[-1]["local_seq"] = signals.seq_advantages.tolist()
+                return local, metrics
 
         trainer.rule = dataclasses.replace(trainer.rule, fn=recording_rule)
-        trainer._rule_on_global_groups = recording_global
+        values = {item.name: getattr(trainer.credit, item.name) for item in dataclasses.fields(trainer.credit)}
+        trainer.credit = RecordingAssembler(**values)
     trainer.train()
     history = trainer.state.log_history
     report = {

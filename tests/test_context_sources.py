@@ -14,7 +14,7 @@ import torch
 from conftest import build_trainer, make_config, make_dataset
 
 from rlsd.privileged import SOURCES, Context, PrivilegedSource, RolloutView, privileged_source
-from rlsd.trainer import RLSDTrainer, RolloutTap
+from rlsd.prompts import RolloutTap, TeacherPrompts
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_a_training_run_with_a_generating_source_steps(tokenizer, tmp_path, refl
     assert trainer.state.global_step == 2 and len(reflection_source.calls) == 2
 
 
-def test_the_teacher_prompt_is_built_from_the_prompt_the_rollout_used(tokenizer, tmp_path):
+def test_the_teacher_prompt_is_built_from_the_prompt_the_rollout_used(tokenizer, tmp_path, monkeypatch):
     """The rollout hands the trainer the prompts it sent to the model (those its reward functions see: with an
     environment, its `reset` observation is part of them); the teacher's prompt is that prompt plus the privileged
     context, whatever the dataset row says."""
@@ -100,21 +100,22 @@ def test_the_teacher_prompt_is_built_from_the_prompt_the_rollout_used(tokenizer,
     trainer.model.train()
     rows = [make_dataset()[2]] * 4
     taps = []
-    original = RLSDTrainer.teacher_inputs
+    original = TeacherPrompts.build
 
-    def spy_inputs(self, inputs, output, mode="train", rows=None, rollout=None):
+    def spy_build(self, inputs, output, mode="train", rows=None, rollout=None, **kwargs):
         taps.append(rollout)
-        return original(self, inputs, output, mode, rows, rollout)
+        return original(self, inputs, output, mode, rows, rollout, **kwargs)
 
-    trainer.teacher_inputs = spy_inputs.__get__(trainer)
+    monkeypatch.setattr(TeacherPrompts, "build", spy_build)
     output = trainer._generate_and_score_completions(rows)
+    monkeypatch.undo()
     (tap,) = taps
     assert tap.prompts == seen[0] == [row["prompt"] for row in rows]
     observed = RolloutTap(prompts=[f"{p} Observation: 7." for p in tap.prompts], rewards=tap.rewards)
-    ids, mask, _, _ = original(trainer, rows, output, rollout=observed)
+    ids, mask, _, _ = trainer.teacher_inputs(rows, output, rollout=observed)
     shown = tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     template = trainer.args.teacher_template
     assert shown == template.format(prompt=f"{rows[0]['prompt']} Observation: 7.", answer=rows[0]["solution"])
-    ids, mask, _, _ = original(trainer, rows, output)  # no rollout given: the dataset row's prompt
+    ids, mask, _, _ = trainer.teacher_inputs(rows, output)  # no rollout given: the dataset row's prompt
     shown = tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     assert shown == template.format(prompt=rows[0]["prompt"], answer=rows[0]["solution"])

@@ -8,6 +8,7 @@ from conftest import make_config, make_dataset, make_model, parity_reward
 from datasets import Dataset
 
 from rlsd import RLSDConfig, RLSDTrainer
+from rlsd.scorer import Scorer
 from rlsd.scoring import ScoreResult
 from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, render_teacher_prompt, render_teacher_prompts
 
@@ -67,7 +68,7 @@ def test_unknown_credit_and_teacher_are_refused(tmp_path):
         make_config(tmp_path, teacher="frozen")
 
 
-def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp_path):
+def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp_path, monkeypatch):
     trainer = RLSDTrainer(
         make_model(tokenizer),
         parity_reward,
@@ -75,15 +76,15 @@ def test_nan_teacher_logps_give_finite_advantages_and_are_counted(tokenizer, tmp
         train_dataset=make_dataset(),
         processing_class=tokenizer,
     )
-    real = trainer._score_teacher_rows
+    real = Scorer.teacher_rows
 
-    def corrupted(*args):
-        scores = real(*args)
+    def corrupted(self, *args, **kwargs):
+        scores = real(self, *args, **kwargs)
         logps = scores.logps.clone()
         logps[0, 0], logps[1, 1], logps[2, 2] = float("nan"), float("inf"), float("-inf")
         return ScoreResult(logps, scores.entropy)
 
-    trainer._score_teacher_rows = corrupted
+    monkeypatch.setattr(Scorer, "teacher_rows", corrupted)
     trainer.train()
     entry = next(e for e in trainer.state.log_history if "rlsd/nonfinite_count" in e)
     assert entry["rlsd/nonfinite_count"] == 3

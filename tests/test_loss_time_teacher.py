@@ -9,7 +9,8 @@ import pytest
 from conftest import build_trainer, make_dataset
 from transformers import set_seed
 
-from rlsd.trainer import RLSDTrainer
+from rlsd.assign import CreditAssembler
+from rlsd.scorer import Scorer
 
 SAME_TEACHER = dict(credit="rlsd", teacher="live", privileged_source="none", rlsd_lambda_decay_steps=0)
 
@@ -18,14 +19,14 @@ SAME_TEACHER = dict(credit="rlsd", teacher="live", privileged_source="none", rls
 def deltas(monkeypatch):
     """Every credit computation's max |tau - s| over completion tokens, in order."""
     seen: list[float] = []
-    original = RLSDTrainer._token_advantages
+    original = CreditAssembler.assign
 
-    def spy(self, entries, batch, student_logps, mode):
+    def spy(self, rule, entries, batch, student_logps, mode):
         mask = batch["completion_mask"].bool()
         seen.append((entries.teacher_logps - student_logps)[mask].abs().max().item())
-        return original(self, entries, batch, student_logps, mode)
+        return original(self, rule, entries, batch, student_logps, mode)
 
-    monkeypatch.setattr(RLSDTrainer, "_token_advantages", spy)
+    monkeypatch.setattr(CreditAssembler, "assign", spy)
     return seen
 
 
@@ -43,13 +44,13 @@ def test_credit_with_a_distillation_loss_over_two_iterations_pairs_teacher_and_s
     assert max(deltas) < 1e-5
 
 
-def test_credit_without_old_logps_still_reads_the_loss_time_teacher_pass(tokenizer, tmp_path, deltas):
+def test_credit_without_old_logps_still_reads_the_loss_time_teacher_pass(tokenizer, tmp_path, deltas, monkeypatch):
     """One iteration: the rule takes its teacher log-probs from the distillation's loss-time pass (no second teacher
     forward), and they equal the student's."""
     trainer = build_trainer(tokenizer, tmp_path, **SAME_TEACHER, distill_loss="jsd", max_steps=2)
     calls = []
-    original = trainer._score_teacher_rows
-    trainer._score_teacher_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = Scorer.teacher_rows
+    monkeypatch.setattr(Scorer, "teacher_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
     trainer.train()
     assert calls == [] and len(deltas) == 2
     assert max(deltas) < 1e-5

@@ -33,7 +33,7 @@ def test_prefix_sharing_scores_under_the_trainers_autocast(tokenizer, tmp_path):
     assert torch.equal(prompt_ids, output["prompt_ids"])  # the teacher sees the student's prompt
     args = (prompt_ids, prompt_mask, output["completion_ids"], output["completion_mask"])
     options = {"temperature": trainer.temperature, "batch_size": 8, "group_size": 4, "fused_head": True}
-    with trainer._scoring_model("teacher") as model:
+    with trainer.scorer.scoring_model("teacher") as model:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = score_tokens(model, *args, **options).logps
         fp32 = score_tokens(model, *args, **options).logps

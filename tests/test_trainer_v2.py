@@ -60,7 +60,7 @@ def count_teacher_rows(module) -> list[int]:
 def test_teacher_skips_zero_advantage_rows_with_identical_advantages(tokenizer, tmp_path, credit, final_at_rollout,
                                                                      rows):  # fmt: skip
     # num_iterations=2 makes TRL compute old log-probs, so the credit is final at rollout time; otherwise it waits
-    # for the loss's forward, which `_token_advantages` stands for here with fixed student log-probs
+    # for the loss's forward, which `token_advantages` stands for here with fixed student log-probs
     trainer = build(tokenizer, tmp_path, reward=mixed_reward(rows[1]), credit=credit, teacher="synced",
                     per_device_train_batch_size=8, num_iterations=2 if final_at_rollout else 1)  # fmt: skip
     forwarded = count_teacher_rows(trainer.teacher.model)
@@ -109,9 +109,9 @@ def test_teacher_rows_are_topped_up_to_the_largest_count_over_processes(tokenize
     monkeypatch.setattr(trainer.accelerator, "gather", lambda count: torch.cat([count, count.new_tensor([5])]))
     # another process scores 5 rows: this one runs 5 too (its 2, then rows of known credit), so that both run the
     # same number of forward chunks
-    assert trainer._teacher_rows(advantages).tolist() == [1, 4, 0, 2, 3]
+    assert trainer.credit.teacher_rows(advantages).tolist() == [1, 4, 0, 2, 3]
     monkeypatch.setattr(trainer.accelerator, "gather", lambda count: torch.cat([count, count.new_tensor([0])]))
-    assert trainer._teacher_rows(advantages).tolist() == [1, 4]
+    assert trainer.credit.teacher_rows(advantages).tolist() == [1, 4]
 
 
 def test_teacher_scores_every_row_for_additive_rules(tokenizer, tmp_path):
@@ -522,7 +522,7 @@ def test_a_live_teacher_asks_the_fused_head_only_for_what_the_rule_reads(tokeniz
 
 # ------------------------------------------------------------- cost: the teacher prompt computed once per group
 def test_prefix_sharing_scores_like_the_plain_pass_and_runs_each_teacher_prompt_once(tokenizer, tmp_path):
-    from rlsd.trainer import _whole_groups
+    from rlsd.scorer import whole_groups
 
     plain = build(tokenizer, tmp_path / "plain", teacher="live")
     shared = build(tokenizer, tmp_path / "shared", teacher="live", teacher_prefix_sharing=True)
@@ -539,4 +539,4 @@ def test_prefix_sharing_scores_like_the_plain_pass_and_runs_each_teacher_prompt_
     assert [rows for rows, _ in seen] == [1, 4, 1, 4]
     # through TRL's fused head: the prompt but its last token, then that token and the completion per row
     assert all(length == output["completion_ids"].size(1) + 1 for _, length in seen[1::2])
-    assert _whole_groups(torch.tensor([4, 5, 6, 7]), 4) and not _whole_groups(torch.tensor([1, 2, 3, 4]), 4)
+    assert whole_groups(torch.tensor([4, 5, 6, 7]), 4) and not whole_groups(torch.tensor([1, 2, 3, 4]), 4)

@@ -4,7 +4,8 @@ TRL 1.16 buffers the dict that `_generate_and_score_completions` returns, shuffl
 micro-batches (`split_tensor_dict`, `shuffle_sequence_dict`), and hands each to `_compute_loss`. Whatever RLSD needs at
 loss time must therefore travel in that dict as tensors whose first dimension is the row (or 0-dim scalars, which
 TRL copies to every micro-batch). `RLSDEntries.to_batch` writes them under the `rlsd_` prefix and
-`RLSDEntries.from_batch` reads them back; nothing else in the trainer names an `rlsd_*` key.
+`RLSDEntries.from_batch` reads them back; nothing else (the trainer, its collaborators) names an `rlsd_*` key
+(`tests/test_layout.py` checks it).
 """
 
 from __future__ import annotations

@@ -1,16 +1,27 @@
 """Checkpoints that cannot lie: written under a temporary name, sealed with a manifest of every file and its size,
-then renamed into place; verified file by file before a run resumes from one."""
+then renamed into place; verified file by file before a run resumes from one. Also the files RLSD adds to a
+checkpoint (the teacher's state and weights, the rule's state), written and restored from values, never the
+trainer."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
+from trl.trainer.callbacks import SyncRefModelCallback
+
+from rlsd.rules import RuleState
+from rlsd.teacher import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, Teacher, Unwrap
 from rlsd.validate import CheckpointError
 
 MANIFEST_FILE = "rlsd_checkpoint.json"
@@ -30,6 +41,8 @@ WEIGHT_FILES = (
 DISK_FULL_FREE_BYTES = 16 * 2**20
 """A failed write with less free space than this is reported as a full disk (torch's writer loses the errno)."""
 RESUME_FLAGS = "resume from an earlier checkpoint, or pass --resume_weights_only true to load only its weights"
+RULE_STATE_FILE = "rlsd_rule_state.json"
+"""A stateful rule's state (`RuleState.state_dict`) in a checkpoint."""
 
 
 class DiskFullError(OSError):
@@ -187,3 +200,94 @@ def _check_file(where: str, path: str, name: str, size: int | None) -> None:
             raise CheckpointError(where, f"{name} is not valid JSON ({err})", RESUME_FLAGS) from None
     elif name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):
         raise CheckpointError(where, f"{name} is not a readable torch file (truncated?)", RESUME_FLAGS)
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+@dataclass(frozen=True)
+class ResumePlan:
+    """What `RLSDTrainer.train` verified before HF's loop starts, for its `_load_optimizer_and_scheduler`: the
+    checkpoint to resume from (None: no resume) and the state files a weights-only resume starts fresh."""
+
+    checkpoint: str | None = None
+    fresh: frozenset[str] = frozenset()
+
+
+def resume_plan(
+    resume: str | bool | None,
+    output_dir: str,
+    *,
+    expected: list[str],
+    weights_only: bool,
+    log_to: logging.Logger | None,
+) -> ResumePlan:
+    """The checkpoint to resume from (True: the latest `checkpoint-N` of `output_dir`), refused when it is torn, misses
+    a file (HF's trainer state; `expected` unless `weights_only`) or holds an unreadable one; a weights-only resume
+    names what it starts fresh in a warning on `log_to` (the trainer's logger on the main process, else None)."""
+    if resume is None or resume is False:
+        return ResumePlan()
+    if resume is True:
+        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if resume is None:
+            raise CheckpointError(f"output folder {output_dir}", "holds no checkpoint-N folder to resume from",
+                                  "train without resuming, or pass the path of a checkpoint")  # fmt: skip
+    fresh = verify(str(resume), required=[TRAINER_STATE_NAME], expected=expected, weights_only=weights_only)
+    if fresh and log_to is not None:
+        log_to.warning("resume_weights_only: %s lacks %s; that state starts fresh", resume, ", ".join(fresh))
+    return ResumePlan(str(resume), frozenset(fresh))
+
+
+def hf_state_files(*, save_only_model: bool, sharded: bool, world_size: int, process_index: int) -> list[str]:
+    """The optimizer, scheduler and RNG files HF writes into a checkpoint of a run (none with `save_only_model`;
+    DeepSpeed and FSDP, `sharded`, keep theirs in sub-folders, which the manifest covers)."""
+    if save_only_model or sharded:
+        return []
+    rng = "rng_state.pth" if world_size <= 1 else f"rng_state_{process_index}.pth"
+    return ["optimizer.pt", "scheduler.pt", rng]
+
+
+def rlsd_state_files(teacher: Teacher | None, rule_state: RuleState | None) -> list[str]:
+    """The files RLSD adds to a checkpoint of a run: the teacher's state and weights, the rule's state."""
+    files = []
+    if teacher is not None:
+        files.append(TEACHER_STATE_FILE)
+        if teacher.has_weights:
+            files.append(TEACHER_WEIGHTS_FILE)
+    if rule_state is not None:
+        files.append(RULE_STATE_FILE)
+    return files
+
+
+def save_rlsd_state(
+    folder: str, teacher: Teacher | None, rule_state: RuleState | None, unwrap: Unwrap, *, write: bool
+) -> None:
+    """Write the teacher's weights and sync state and the rule's state into checkpoint `folder`; every process calls
+    it (gathering a sharded, FSDP2, teacher is a collective), only those with `write` write."""
+    if teacher is not None:
+        teacher.save(folder, unwrap, write=write)
+    if rule_state is not None and write:
+        with open(os.path.join(folder, RULE_STATE_FILE), "w") as f:
+            json.dump(rule_state.state_dict(), f)
+
+
+def load_rlsd_state(
+    checkpoint: str | None,
+    teacher: Teacher | None,
+    rule_state: RuleState | None,
+    *,
+    fresh: frozenset[str],
+    policy: nn.Module,
+    unwrap: Unwrap,
+) -> None:
+    """Restore the teacher and the rule state from `checkpoint` (verified before, `resume_plan`); what a weights-only
+    resume starts `fresh` is skipped, and a missing teacher restarts from the resumed `policy` (unwrapped)."""
+    if teacher is not None and checkpoint is not None:
+        if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
+            if teacher.model is not None and teacher.has_weights:
+                SyncRefModelCallback.sync_target_model(policy, teacher.model, alpha=1.0)
+            else:  # a PEFT policy's teacher adapter, if any (an external teacher: nothing)
+                teacher.follow(policy)
+        else:
+            teacher.load(checkpoint, unwrap)
+    if rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
+        with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
+            rule_state.load_state_dict(json.load(f))

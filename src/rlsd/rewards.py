@@ -11,6 +11,7 @@ import contextvars
 import functools
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -237,6 +238,18 @@ def guard_reward(func: RewardFunc, timeout_s: float | None = DEFAULT_REWARD_TIME
     guarded._rlsd_guarded = True
     guarded._rlsd_timeout_s = timeout_s
     return guarded
+
+
+def guard_rewards(reward_funcs: Any, timeout_s: float | None) -> Any:
+    """A trainer's `reward_funcs` (one or a list) with every plain reward function wrapped by `guard_reward`; model
+    names, reward models and async functions pass unchanged (TRL calls those itself)."""
+
+    def guard(func: Any) -> Any:
+        if isinstance(func, str | torch.nn.Module) or not callable(func) or inspect.iscoroutinefunction(func):
+            return func
+        return guard_reward(func, timeout_s)
+
+    return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
 
 
 def call_bounded(

@@ -45,7 +45,7 @@ TokenizePrompts = Callable[[list[Any]], tuple[list[list[int]], Any, Any]]
 TeacherPrompts = Callable[[list[dict[str, Any]], dict[str, Any], str, torch.Tensor], tuple[Any, ...]]
 """The trainer's `teacher_inputs(inputs, output, mode, rows)`: those rows' teacher prompts (ids, mask, ...)."""
 ScoringModel = Callable[[str], contextlib.AbstractContextManager[torch.nn.Module]]
-"""The trainer's `_scoring_model(which)`: the module that scores for "teacher" or "student", for a `with` block."""
+"""`Scorer.scoring_model(which)`: the module that scores for "teacher" or "student", for a `with` block."""
 TrlLogps = Callable[..., tuple[torch.Tensor, torch.Tensor | None, Any]]
 """TRL's own `_get_per_token_logps_and_entropies` (model, input_ids, attention_mask, logits_to_keep, batch_size)."""
 TrlRewards = Callable[[list[dict[str, Any]], list[Any], list[Any], list[list[int]]], torch.Tensor]
@@ -68,7 +68,7 @@ class TeacherRolloutTerm:
     tokenize_prompts: TokenizePrompts
     teacher_inputs: TeacherPrompts
     scoring_model: ScoringModel
-    score: Callable[..., ScoreResult]  # the trainer's `_score` (the rule pass's scorer)
+    score: Callable[..., ScoreResult]  # `Scorer.score` (the rule pass's scorer)
     trl_logps: TrlLogps
     trl_rewards: TrlRewards
     log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics

@@ -75,7 +75,7 @@ def score_tokens(
     shared-prefix path scores through that head and never builds (rows, T, V) logits.
 
     Runs under whatever autocast context is open and opens none: under mixed precision the caller must open the
-    one its plain pass uses (`RLSDTrainer._score` opens `accelerator.autocast()`, as TRL's scoring forward does),
+    one its plain pass uses (`Scorer.score` opens `accelerator.autocast()`, as TRL's scoring forward does),
     else the two paths score at different precisions."""
     _check_shapes(prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size, group_size)
     model_kwargs = dict(model_kwargs or {})

@@ -2,13 +2,14 @@
 
 The trainer only gathers log-probs and hands (B, T) token advantages to TRL's own loss:
 1. after TRL's rollout and scoring, the privileged source (`rlsd.privileged`) fills the teacher template of each
-   row and one no-grad teacher pass (`_score`, the one scorer) scores [teacher prompt ; completion];
+   row and one no-grad teacher pass (`rlsd.scorer.Scorer`, every scoring pass) scores [teacher prompt ; completion];
 2. the student's sampled-token log-probs are TRL's old log-probs when TRL computes them, else the detached
    log-probs of the loss's own forward (no extra pass);
 3. a credit rule (`rlsd.rules`) turns (A_i, teacher, student, mask, ...) into A_it.
 With a distillation loss (`distill_loss`), the teacher runs once, at loss time: its last hidden states feed the
-distillation term (`rlsd.distill`, a chunk of tokens at a time) and, when the rule needs nothing else from the
-rollout, the rule's teacher log-probs; the student's hidden states are captured from the loss's own forward.
+distillation term (`rlsd.distill_term.DistillationTerm`; the kernels, a chunk of tokens at a time, in `rlsd.distill`)
+and, when the rule needs nothing else from the rollout, the rule's teacher log-probs; the student's hidden states are
+captured from the loss's own forward.
 Vision-language models: the teacher prompt keeps the image blocks and every forward gets the rollout's vision
 tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEntries`. With `stages` (Sparse-to-Dense,
 `rlsd.stages`) each training rollout first enters the stage of its step (rule and loss rebuilt); with
@@ -36,7 +37,8 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_deferred_credit_without_the_scoring_hook_raises`, `test_a_training_step_runs_under_every_loss_type`.
 - `_get_per_token_logps_and_entropies` (override, called): `(model, input_ids, attention_mask, logits_to_keep,
   batch_size, compute_entropy, **vision)` -> (logps, entropies, aux); uses the fused head installed by
-  `add_fused_lm_head`. Guarded by `test_teacher_logps_align_with_a_direct_forward`,
+  `add_fused_lm_head`; TRL's own (not the override) is handed to `rlsd.scorer.Scorer` and `TeacherRolloutTerm` as
+  the partial `trl_logps`. Guarded by `test_teacher_logps_align_with_a_direct_forward`,
   `test_rlsd_adds_exactly_one_forward_pass_per_step`.
 - `_tokenize_prompts` (called): renders and tokenizes prompts as the rollout does (chat template, processor with
   images) -> (ids, _, fields with token-type ids). Guarded by `test_teacher_logps_align_with_a_direct_forward`,
@@ -72,8 +74,8 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_nan_knob_bypassing_the_config_stops_at_step_one_before_any_save`.
 - `_get_grad_norm` (override): HF computes the norm before the optimizer step. Guarded by
   `test_nan_gradient_stops_before_the_optimizer_step_naming_the_parameter`.
-- `_save_checkpoint`, `_get_output_dir` (override, replaced): HF writes a checkpoint (and rotates) under
-  `_get_output_dir(trial)`. Guarded by
+- `_save_checkpoint`, `_get_output_dir` (override): HF writes a checkpoint (and rotates) under
+  `_get_output_dir(trial)`, which returns the staging folder while `_save_checkpoint` writes one. Guarded by
   `test_kill_while_writing_a_checkpoint_then_resume_exactly_from_the_previous_one`.
 - `_load_optimizer_and_scheduler` (override): called once when resuming, after the weights are loaded. Guarded by
   `test_resume_restores_the_synced_teacher_and_continues_exactly`.
@@ -97,54 +99,50 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import inspect
-import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
-from accelerate.utils import gather_object
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from trl import GRPOConfig, GRPOTrainer
-from trl.data_utils import prepare_multimodal_messages
-from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, prepare_fsdp
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import pad
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from trl import GRPOTrainer
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from rlsd import checkpoint as checkpoint_files
 from rlsd import vision
 from rlsd.aligned_prompts import select_aligned_prompts
+from rlsd.assign import CreditAssembler
 from rlsd.batch import RLSDEntries, loss_mask, scalar
 from rlsd.config import RLSDConfig
-from rlsd.credit import TokenMean, grpo_advantages, rlsd_lambda, think_span_mask
+from rlsd.credit import grpo_advantages, rlsd_lambda
 from rlsd.distill import (
-    OverlapProbe,
-    sdpg_ref_penalty,
-    selected_mad_opd_loss,
-    selected_token_loss,
     token_loss_fn,
 )
-from rlsd.generation import generate_texts
-from rlsd.guards import check_before_deepspeed, check_no_attention_dropout, check_plain_lm_head
+from rlsd.distill_term import DistillationTerm
+from rlsd.guards import (
+    check_before_deepspeed,
+    check_no_attention_dropout,
+    check_plain_lm_head,
+    check_rollout_supported,
+    check_vision_supported,
+    first_nonfinite_grad,
+    nonfinite_fix,
+)
 from rlsd.metrics import reduce_metrics
-from rlsd.privileged import RolloutView, get_source, validate_teacher_template
-from rlsd.rewards import guard_reward, reward_totals
+from rlsd.privileged import get_source, validate_teacher_template
+from rlsd.prompts import RolloutTap, TeacherInputs, TeacherPrompts
+from rlsd.rewards import guard_rewards, reward_totals
 from rlsd.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
-from rlsd.rules import RuleParams, Signals, get_rule, rule_params
-from rlsd.scoring import ScoreResult, score_tokens
+from rlsd.rules import get_rule, rule_params
+from rlsd.scorer import Scorer, captured_output
+from rlsd.scoring import ScoreResult
 from rlsd.stages import STAGE_FIELDS, reachable, stage_index, stage_values
 from rlsd.teacher import (
-    TEACHER_STATE_FILE,
-    TEACHER_WEIGHTS_FILE,
-    ExternalTeacher,
     Teacher,
     TeacherBuild,
     TeacherSyncCallback,
@@ -152,12 +150,9 @@ from rlsd.teacher import (
     build_teachers,
     get_teacher_kind,
 )
-from rlsd.teacher_prompt import has_image_blocks, render_teacher_prompts
-from rlsd.transforms import get_transform
-from rlsd.validate import CheckpointError, NonFiniteError
+from rlsd.validate import NonFiniteError
 
 logger = logging.getLogger(__name__)
-RULE_STATE_FILE = "rlsd_rule_state.json"
 
 
 class RLSDTrainer(GRPOTrainer):
@@ -169,6 +164,10 @@ class RLSDTrainer(GRPOTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "rlsd"]
     _name = "RLSD"
+    _resume: checkpoint_files.ResumePlan = checkpoint_files.ResumePlan()
+    """What `train` verified before HF's loop, read by `_load_optimizer_and_scheduler` (which HF calls inside it)."""
+    _staging_root: str | None = None
+    """The temporary folder `_save_checkpoint` is writing a checkpoint into; `_get_output_dir` returns it meanwhile."""
 
     def __init__(self, model: Any, reward_funcs: Any, args: RLSDConfig | None = None, **kwargs: Any) -> None:
         if args is None:
@@ -201,11 +200,14 @@ class RLSDTrainer(GRPOTrainer):
             # the teacher scores in eval mode; dropout in the student's train-mode forward would enter Delta
             logger.info("a self-teacher is used: setting disable_dropout=True (TRL then zeroes every nn.Dropout)")
             args.disable_dropout = True
-        super().__init__(model, _guard_rewards(reward_funcs, args.reward_timeout), args=args, **kwargs)
+        super().__init__(model, guard_rewards(reward_funcs, args.reward_timeout), args=args, **kwargs)
         self.has_images = any(vision.image_dataset(kwargs.get(split)) for split in ("train_dataset", "eval_dataset"))
         if self.uses_teacher:
-            self._check_vision_supported(kwargs)
-            self._check_rollout_supported()
+            check_vision_supported(kwargs, args, has_images=self.has_images, is_vlm=self._is_vlm,
+                                   tools=bool(self.tools), environment_factory=self.environment_factories is not None,
+                                   rollout_func=self.rollout_func is not None)  # fmt: skip
+            check_rollout_supported(args, environment_factory=self.environment_factories is not None,
+                                    rollout_func=self.rollout_func is not None)  # fmt: skip
         if args.teacher_rollout_loss != "none":
             TeacherRolloutTerm.check_supported(
                 args, self.accelerator.unwrap_model(self.model), kwargs, images=self.has_images,
@@ -243,6 +245,40 @@ class RLSDTrainer(GRPOTrainer):
             self.add_callback(TeacherSyncCallback(self))
         # collaborators: each is handed the values and callables it reads, never the trainer
         # <collaborators>
+        # the distillation term (`distill_loss`, MAD-OPD, SDPG's anchor): handed what it reads, never the trainer
+        self.distill_term = DistillationTerm(
+            args=args, temperature=self.temperature, log=self._log_across_processes,
+            training=lambda: self.model.training, accumulation=lambda: self.current_gradient_accumulation_steps,
+        )  # fmt: skip
+        # what the teacher is shown: the privileged context of each row, rendered, tokenized and left-padded
+        self.prompts = TeacherPrompts(
+            accelerator=self.accelerator, source=self.source, teacher_template=args.teacher_template,
+            teacher_transform=args.teacher_transform, privileged_source=args.privileged_source,
+            tokenizer=self._tokenizer, tokenize_prompts=self._tokenize_prompts, is_vlm=self._is_vlm,
+            image_pad_token_id=self._image_pad_token_id, processing_class=self.processing_class,
+            group_size=lambda: self.scorer.group_size(),
+            generate=lambda *a, **k: self.scorer.generate_texts(*a, **k),
+            log=self._log_across_processes, teacher_use=lambda: vision.teacher_use(self.args),
+        )  # fmt: skip
+        # every no-grad scoring pass (the rule's teacher pass, re-scoring, the loss-time teacher, text generation)
+        self.scorer = Scorer(
+            accelerator=self.accelerator, model=lambda: self.model, teacher=self.teacher, reference=self.reference,
+            trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
+            temperature=self.temperature, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            prefix_sharing=args.teacher_prefix_sharing,
+            per_row_context=self.source.needs_completions or self.source.needs_generator,
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+            group_sizes=(self.num_generations, self.num_generations_eval),
+            batch_sizes=(args.per_device_train_batch_size, args.per_device_eval_batch_size),
+            training=lambda: self.model.training, tokenize_prompts=self._tokenize_prompts, tokenizer=self._tokenizer,
+            generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
+        )  # fmt: skip
+        # token credit: the rule's signals assembled into (B, T) advantages; the rule is handed at each call
+        self.credit = CreditAssembler(
+            accelerator=self.accelerator, args=args, rule_state=self.rule_state, log=self._log_across_processes,
+            group_size=self.scorer.group_size, decode_tokens=self._tokenizer.batch_decode,
+            vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
+        )  # fmt: skip
         # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): a term handed what it reads, never the trainer
         self.rollout_term: TeacherRolloutTerm | NoTeacherRollouts = NoTeacherRollouts()
         if args.teacher_rollout_loss != "none":
@@ -250,12 +286,13 @@ class RLSDTrainer(GRPOTrainer):
                 accelerator=self.accelerator, args=args, source=self.source, tokenizer=self._tokenizer,
                 generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
                 temperature=self.temperature, reward_weights=self.reward_weights,
-                tokenize_prompts=self._tokenize_prompts, teacher_inputs=self.teacher_inputs,
-                scoring_model=self._scoring_model, score=self._score,
+                tokenize_prompts=self._tokenize_prompts,
+                teacher_inputs=lambda *a: self.prompts.build(*a, distill=self.distill_fn is not None),
+                scoring_model=self.scorer.scoring_model, score=self.scorer.score,
                 trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
                 trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
-                log=self._log_across_processes, group_size=self._group_size,
-                scoring_batch_size=self._scoring_batch_size, training=lambda: self.model.training,
+                log=self._log_across_processes, group_size=self.scorer.group_size,
+                scoring_batch_size=self.scorer.scoring_batch_size, training=lambda: self.model.training,
                 accumulation=lambda: self.current_gradient_accumulation_steps,
             )  # fmt: skip
         # teacher-aligned prompt selection (`teacher_aligned_prompts`): the per-prompt scores of the original training
@@ -267,7 +304,7 @@ class RLSDTrainer(GRPOTrainer):
             selection = select_aligned_prompts(
                 self.train_dataset, args, source=self.source, has_images=self.has_images,
                 tokenize_prompts=self._tokenize_prompts, model=self.model,
-                policy=self.accelerator.unwrap_model(self.model), teacher=lambda: self._scoring_model("teacher"),
+                policy=self.accelerator.unwrap_model(self.model), teacher=lambda: self.scorer.scoring_model("teacher"),
                 pad_token_id=self._tokenizer.pad_token_id, eos_token_id=self.eos_token_ids,
                 synced_gpus=self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled),
             )  # fmt: skip
@@ -309,45 +346,6 @@ class RLSDTrainer(GRPOTrainer):
             logger.info("step %d: stage %d (credit=%r, distill_loss=%r)", step, index, self.args.credit,
                         self.args.distill_loss)  # fmt: skip
         self._metrics["train"]["rlsd/stage"].append(float(index))
-
-    def _check_vision_supported(self, kwargs: dict[str, Any]) -> None:
-        """With a teacher, images are supported from an `image`/`images` column (the prompts may hold TRL's empty
-        image placeholders) with a processor and single-turn rollouts; image blocks in the prompts of a dataset without
-        an image column, a plain tokenizer, tools, environments or a rollout function are refused (the teacher, or
-        TRL's own scoring, would not see the images)."""
-        for split_name in ("train_dataset", "eval_dataset"):
-            split = kwargs.get(split_name)
-            if vision.prompts_hold_images(split) and not vision.image_dataset(split):
-                raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where=split_name))
-        if not self.has_images:
-            return
-        what = vision.teacher_use(self.args)
-        if not self._is_vlm:
-            raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=what))
-        used = {
-            "tools": bool(self.tools),
-            "environment_factory": self.environment_factories is not None,
-            "rollout_func": self.rollout_func is not None,
-        }
-        unsupported = [name for name, on in used.items() if on]
-        if unsupported:
-            raise NotImplementedError(
-                f"images with {' and '.join(unsupported)} and {what}: the teacher's prompt is rebuilt from the "
-                "dataset row and would miss the images or observations added during the rollout; use credit='grpo' "
-                "and distill_loss='none' for this run, or drop the image column"
-            )
-
-    def _check_rollout_supported(self) -> None:
-        """The teacher prompt is rebuilt from the dataset row: environments and rollout functions, whose student
-        prompts differ from it, are refused."""
-        used = [name for name, on in (("environment_factory", self.environment_factories is not None),
-                                      ("rollout_func", self.rollout_func is not None)) if on]  # fmt: skip
-        if used:
-            raise NotImplementedError(
-                f"{' and '.join(used)} with {vision.teacher_use(self.args)}: the teacher's prompt is rebuilt from the "
-                "dataset row and would miss what the rollout added to the student's prompt (environment observations, "
-                "a custom format); use credit='grpo' and distill_loss='none' with these options"
-            )
 
     def _zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage of this run, None without DeepSpeed."""
@@ -405,9 +403,9 @@ class RLSDTrainer(GRPOTrainer):
             self._metrics[mode]["rlsd/lambda"].append(lam)
         rule_pass = self._teacher_pass_needed(lam)
         entries = RLSDEntries()
-        rows = self._teacher_rows(output["advantages"]) if self.skips_known_credit and rule_pass else None
+        rows = self.credit.teacher_rows(output["advantages"]) if self.skips_known_credit and rule_pass else None
         if rule_pass or self.distill_fn is not None:
-            teacher = self.teacher_inputs(inputs, output, mode, rows, tap)
+            teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=self.distill_fn is not None)
             prompt_ids, prompt_mask, types, entries.has_context = teacher
             if self.distill_fn is not None:  # the loss-time teacher pass needs the teacher's prompt
                 entries.teacher_prompt_ids, entries.teacher_prompt_mask = prompt_ids, prompt_mask
@@ -434,19 +432,20 @@ class RLSDTrainer(GRPOTrainer):
         at_loss = self.teacher_at_loss and output.get("old_per_token_logps") is None
         if not at_loss:
             start = time.perf_counter()
-            scores = self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
+            entropy = "teacher_entropy" in self.rule.needs  # the rule of the current stage reads it
+            scores = self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
             self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
             entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
             pass_logps = scores.logps if rows is None else None  # PBSD's log pi_T(y- | x_T), when every row has it
             if rows is not None:  # the rule scores only the rows with A_i != 0; the others keep A_it = 0
                 entries.scored = output["advantages"] != 0
-            entries.state_values = {key: scalar(v) for key, v in self._rule_state_values(entries, mask, mode).items()}
+            entries.state_values = {key: scalar(v) for key, v in self.credit.state_values(entries, mask, mode).items()}
         self.rollout_term.add(inputs, output, entries, mode, pass_logps)
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in self.rule.needs:  # group statistics need the whole group now
             student_logps = self.score_rollout("student", output).logps
         if student_logps is not None and not at_loss:  # the credit is final at rollout time
-            output["advantages"] = self._token_advantages(entries, output, student_logps, mode)
+            output["advantages"] = self.credit.assign(self.rule, entries, output, student_logps, mode)
             entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
             entries.lam, entries.state_values = None, {}
         return {**output, **entries.to_batch()}
@@ -462,30 +461,6 @@ class RLSDTrainer(GRPOTrainer):
             self._rollout_tap.rewards = reward_totals(rewards_per_func, self.reward_weights)
         return rewards_per_func
 
-    def _rule_state_values(self, entries: RLSDEntries, mask: torch.Tensor, mode: str) -> dict[str, float]:
-        """A stateful rule's values for this batch: a training batch feeds the global token means of the signals
-        the state reads (e.g. AntiSD's teacher entropy) and moves it; an eval batch reads it as training left it."""
-        if self.rule_state is None:
-            return {}
-        if mode != "train":
-            return self.rule_state.current()
-        means = {}
-        for name in self.rule_state.reads:
-            values = getattr(entries, name)
-            totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).double(), "sum")
-            means[name] = (totals[0] / totals[1].clamp(min=1)).item()
-        return self.rule_state.observe(means)
-
-    def _teacher_rows(self, seq_advantages: torch.Tensor) -> torch.Tensor:
-        """Indices of the rows the teacher scores under a multiplicative rule: those with A_i != 0 in batch order,
-        topped up with rows of known credit to the largest such count over processes, so that every process runs
-        the same number of forward chunks (a sharded model gathers its parameters collectively in each)."""
-        scored = seq_advantages != 0
-        count = scored.sum().reshape(1)
-        target = int(self.accelerator.gather(count).max().item())
-        order = torch.cat([scored.nonzero().flatten(), (~scored).nonzero().flatten()])
-        return order[:target]
-
     def teacher_inputs(
         self,
         inputs: list[dict[str, Any]],
@@ -498,57 +473,8 @@ class RLSDTrainer(GRPOTrainer):
         (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
         `rows` are neither rendered nor tokenized. The teacher's prompt is built from the prompt the rollout used
         (`rollout.prompts`; the dataset rows' without it), and a source that reads rewards gets `rollout.rewards`
-        (public for diagnostics and tests)."""
-        rollout = rollout or RolloutTap()
-        selected = list(range(len(inputs))) if rows is None else rows.tolist()
-        context = self.source.context(self._rollout_view(inputs, output, mode, rollout.rewards), selected)
-        self._log_across_processes(mode, context.metrics)
-        device = self.accelerator.device
-        has_context = torch.ones(len(inputs), dtype=torch.bool, device=device)
-        has_context[selected] = torch.tensor(context.has_context, dtype=torch.bool, device=device)
-        images = vision.batch_images(inputs)
-        # the prompt the rollout used (an environment's observation included); with images, the dataset row's, whose
-        # image blocks are placed below as TRL places them (the rollout's carry the student's image payloads)
-        used = rollout.prompts if rollout.prompts is not None and images is None else [row["prompt"] for row in inputs]
-        prompts = [used[i] for i in selected]
-        if images is None and any(has_image_blocks(prompt) for prompt in prompts):
-            raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where="a rollout batch"))
-        if images is not None and not self._is_vlm:
-            raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=vision.teacher_use(self.args)))
-        row_images = [images[i] for i in selected] if images is not None else [None] * len(selected)
-        if self.args.teacher_transform is not None:  # what the teacher sees instead of the student's input
-            prompts, row_images = self._transformed(prompts, row_images)
-        if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
-            prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, row_images, strict=True)]
-        teacher_prompts = render_teacher_prompts(prompts, self.args.teacher_template, context.fields)
-        if not teacher_prompts:  # no row needs the teacher
-            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
-            return TeacherInputs(empty, empty, {}, has_context)
-        prompt_ids_list, _, fields = self._tokenize_prompts(teacher_prompts)
-        pad_id = self._tokenizer.pad_token_id
-        prompt_ids = pad([torch.tensor(ids) for ids in prompt_ids_list], padding_value=pad_id, padding_side="left")
-        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0,
-                          padding_side="left")  # fmt: skip
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        types = self._teacher_token_types(fields, prompt_ids, output) if images is not None else {}
-        if images is not None and self.args.teacher_transform is not None:  # the teacher's own images, processed
-            flat = [image for row in row_images if row for image in row]  # as TRL processes the student's
-            processed = self.processing_class.image_processor(images=flat, return_tensors="pt")
-            types.update({key: value.to(device) for key, value in processed.items() if key in vision.IMAGE_KEYS})
-        return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
-
-    def _transformed(self, prompts: list[Any], images: list[Any]) -> tuple[list[Any], list[Any]]:
-        """Each row's prompt and images after `teacher_transform`; images changed for a loss-time teacher pass (whose
-        inputs TRL would have to split by rows) are refused."""
-        transform = get_transform(self.args.teacher_transform)
-        pairs = [transform(prompt, row) for prompt, row in zip(prompts, images, strict=True)]
-        new_images = [row for _, row in pairs]
-        if self.distill_fn is not None and any(row is not None for row in new_images):
-            raise NotImplementedError(
-                f"teacher_transform={self.args.teacher_transform!r} on images with distill_loss: the loss-time "
-                "teacher pass reads the student's images; use a token-advantage rule (credit=...) with this transform"
-            )
-        return [prompt for prompt, _ in pairs], new_images
+        (public for diagnostics and tests; `TeacherPrompts.build`)."""
+        return self.prompts.build(inputs, output, mode, rows, rollout, distill=self.distill_fn is not None)
 
     def teacher_scores(
         self,
@@ -561,13 +487,15 @@ class RLSDTrainer(GRPOTrainer):
         """The teacher's log-probs (and entropy, when the rule reads it) of a rollout's completions: the privileged
         context of `inputs`, the teacher prompts and one scoring pass, as the rollout computes them (public for
         diagnostics such as the credit viewer, and for tests)."""
-        prompt_ids, prompt_mask, types, _ = self.teacher_inputs(inputs, output, mode, rows, rollout)
-        return self._score_teacher_rows(output, prompt_ids, prompt_mask, types, rows)
+        prompt_ids, prompt_mask, types, _ = self.prompts.build(inputs, output, mode, rows, rollout,
+                                                               distill=self.distill_fn is not None)  # fmt: skip
+        entropy = "teacher_entropy" in self.rule.needs
+        return self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
 
     def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
         """The log-probs of a rollout's completions after the student's own prompts under `which` ("student" or
         "reference"), with the rollout's vision inputs: the re-scoring passes (public for diagnostics and tests)."""
-        return self._score(which, output["prompt_ids"], output["prompt_mask"], output,
+        return self.scorer.score(which, output["prompt_ids"], output["prompt_mask"], output,
                            vision.student_vision_kwargs(output))  # fmt: skip
 
     def token_advantages(
@@ -575,226 +503,7 @@ class RLSDTrainer(GRPOTrainer):
     ) -> torch.Tensor:
         """The (B, T) token advantages of a batch that carries deferred credit (`rlsd_*` entries), given the
         student's log-probs (public for diagnostics and tests; the loss calls the same code)."""
-        return self._token_advantages(RLSDEntries.from_batch(batch), batch, student_logps, mode)
-
-    def _rollout_view(
-        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rewards: torch.Tensor | None
-    ) -> RolloutView:
-        """What the privileged source may read; completion texts and rewards are gathered over processes only for
-        a source that reads them (a collective: every process builds the view for the same batches)."""
-        group_size = self._group_size()
-        generate = self._text_generator if self.source.needs_generator else None
-        if not self.source.needs_completions:
-            return RolloutView(inputs, group_size, generate=generate)
-        ids, keep = output["completion_ids"], output["completion_mask"]
-        texts = self._tokenizer.batch_decode(
-            [row[mask.bool()] for row, mask in zip(ids, keep, strict=True)], skip_special_tokens=True
-        )
-        offset = self.accelerator.process_index * len(texts)
-        if rewards is None:
-            raise ValueError(f"privileged_source={self.args.privileged_source!r} reads the rollout's rewards: pass "
-                             "the weighted totals (`rewards`) with the rollout")  # fmt: skip
-        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards.tolist(), generate)
-
-    def _text_generator(self, prompts: list[Any], model: str = "policy") -> list[str]:
-        """`RolloutView.generate`: complete `prompts` with the policy's or the teacher's current weights, in eval mode
-        and without gradient checkpointing, under the run's generation config."""
-        which = "teacher" if model == "teacher" else "student"
-        with self._scoring_model(which) as module:
-            unwrapped = self.accelerator.unwrap_model(module)
-            training = unwrapped.training
-            unwrapped.eval()
-            try:
-                return generate_texts(
-                    unwrapped, prompts, tokenize_prompts=self._tokenize_prompts,
-                    pad_token_id=self._tokenizer.pad_token_id,
-                    decode=lambda rows: self._tokenizer.batch_decode(rows, skip_special_tokens=True),
-                    generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
-                    synced_gpus=self.is_fsdp_enabled or self.is_deepspeed_enabled,
-                )  # fmt: skip
-            finally:
-                unwrapped.train(training)
-
-    def _teacher_token_types(
-        self, fields: dict[str, Any], prompt_ids: torch.Tensor, output: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        """The processor's token-type ids of the teacher prompts (left-padded like the ids), after checking that
-        each teacher prompt holds as many image tokens as the student's."""
-        pad_id = self._image_pad_token_id
-        if pad_id is not None:
-            teacher_count = (prompt_ids == pad_id).sum(1)
-            student_count = ((output["prompt_ids"] == pad_id) & output["prompt_mask"].bool()).sum(1)
-            if not torch.equal(teacher_count, student_count):
-                raise RuntimeError(
-                    f"the teacher prompts hold {teacher_count.tolist()} image tokens per row but the student's hold "
-                    f"{student_count.tolist()}: the teacher would not see the same images; check the chat template"
-                )
-        types = {}
-        for key in vision.TOKEN_TYPE_KEYS:
-            if key in fields:
-                rows = [torch.as_tensor(row, dtype=torch.long) for row in fields[key]]
-                types[key] = pad(rows, padding_value=0, padding_side="left").to(prompt_ids.device)
-        return types
-
-    # --------------------------------------------------------------------------------------------- scoring
-    @torch.no_grad()
-    def _score(
-        self,
-        which: str,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        batch: dict[str, Any],
-        model_kwargs: dict[str, Any],
-        *,
-        entropy: bool = False,
-        rows: torch.Tensor | None = None,
-    ) -> ScoreResult:
-        """The one no-grad scoring forward: log-probs (and entropy) of the completion tokens of `batch` (its rows
-        `rows`, when given) after `prompt_ids`, under the teacher, SDPG's reference or the student (`which`), chunked
-        by TRL's per-device batch. Text rows sharing a teacher prompt within a group compute it once
-        (`rlsd.scoring.score_tokens`, when `teacher_prefix_sharing`)."""
-        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
-        if rows is not None:
-            completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
-        with self._scoring_model(which) as model:
-            if which == "teacher" and self._shares_prefixes(model_kwargs, rows, batch["completion_ids"].size(0)):
-                with self.accelerator.autocast():  # as TRL's scoring forward: same precision as the plain pass
-                    return score_tokens(
-                        self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, completion_ids, completion_mask,
-                        temperature=self.temperature, batch_size=self._scoring_batch_size(), with_entropy=entropy,
-                        group_size=self._group_size(), fused_head=True,
-                    )  # fmt: skip
-            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-            logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
-                self, model, input_ids, attention_mask, completion_ids.size(1),
-                batch_size=self._scoring_batch_size(), compute_entropy=entropy, **model_kwargs,
-            )  # fmt: skip
-        return ScoreResult(logps, entropies if entropy else None)
-
-    @contextlib.contextmanager
-    def _scoring_model(self, which: str, owner: Any = None) -> Iterator[torch.nn.Module]:
-        """The module that scores for `which`: the teacher's (or `owner`'s, one of MAD-OPD's teachers) or the
-        reference's weights (a copy, an adapter, or the policy itself) with gradient checkpointing off, or the
-        student."""
-        if which == "student":
-            yield self.model
-            return
-        owner = owner or (self.teacher if which == "teacher" else self.reference)
-        policy = self.accelerator.unwrap_model(self.model)
-        with (
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            owner.forward_context(self.model, policy) as model,
-        ):
-            yield model
-
-    def _shares_prefixes(self, model_kwargs: dict[str, Any], rows: torch.Tensor | None, local_rows: int) -> bool:
-        """Prefix sharing applies to text rows that form whole groups in TRL's order (all rows, or a subset of whole
-        groups; this process's rows must not start or end inside a group), on a plain (not sharded) model, with a
-        source whose context is the same for a whole group, when the config allows it."""
-        group = self._group_size()
-        return (
-            self.args.teacher_prefix_sharing
-            and local_rows % group == 0
-            and (self.accelerator.process_index * local_rows) % group == 0
-            and not model_kwargs
-            and (rows is None or _whole_groups(rows, self._group_size()))
-            and not (self.source.needs_completions or self.source.needs_generator)  # per-row contexts
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-            and self._group_size() > 1
-        )
-
-    def _score_teacher_rows(
-        self,
-        output: dict[str, Any],
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        types: dict[str, torch.Tensor],
-        rows: torch.Tensor | None,
-    ) -> ScoreResult:
-        """The teacher's log-probs (and entropy, when the rule reads it) of every row; with `rows`, only those rows
-        are scored (their prompts were the only ones built) and the others are 0."""
-        entropy = "teacher_entropy" in self.rule.needs
-        kwargs = vision.teacher_vision_kwargs(output, types, output["completion_ids"].size(1))
-        if rows is None:
-            return self._score("teacher", prompt_ids, prompt_mask, output, kwargs, entropy=entropy)
-        shape = output["completion_ids"].shape
-        logps = torch.zeros(shape, dtype=torch.float32, device=output["completion_ids"].device)
-        entropies = torch.zeros_like(logps) if entropy else None
-        if rows.numel() == 0:
-            return ScoreResult(logps, entropies)
-        scored = self._score("teacher", prompt_ids, prompt_mask, output, kwargs, entropy=entropy, rows=rows)
-        logps = logps.to(scored.logps.dtype).index_copy(0, rows, scored.logps)
-        if entropies is not None:
-            entropies = entropies.to(scored.entropy.dtype).index_copy(0, rows, scored.entropy)
-        return ScoreResult(logps, entropies)
-
-    def _group_size(self) -> int:
-        """Completions per prompt in the current mode."""
-        return self.num_generations if self.model.training else self.num_generations_eval
-
-    def _scoring_batch_size(self) -> int:
-        """Rows per no-grad scoring forward: TRL's per-device batch of the current mode."""
-        training = self.model.training
-        return self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
-
-    # ------------------------------------------------------------------------------------------------ credit
-    def _token_advantages(
-        self, entries: RLSDEntries, batch: dict[str, Any], student_logps: torch.Tensor, mode: str
-    ) -> torch.Tensor:
-        """Apply the configured rule to a batch's deferred credit; log its metrics under `rlsd/`."""
-        mask = loss_mask(batch)
-        # a row without privileged context gets Delta = 0: its teacher is the student itself
-        teacher_logps = torch.where(entries.has_context.unsqueeze(1), entries.teacher_logps, student_logps)
-        signals = Signals(
-            seq_advantages=entries.seq_advantages,
-            mask=mask,
-            teacher_logps=teacher_logps,
-            student_logps=student_logps,
-            teacher_entropy=entries.teacher_entropy,
-            step_ids=_step_ids(batch),
-            vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
-            span_mask=self._think_span(batch) if self.args.rlsd_span == "think" else None,
-        )
-        values = {key: float(value) for key, value in entries.state_values.items()}
-        params = rule_params(self.args, lam=float(entries.lam), **values)
-        if "group_ids" in self.rule.needs:
-            token_adv, metrics = self._rule_on_global_groups(signals, params, mode)
-        elif entries.scored is not None:
-            token_adv, metrics = _rule_on_rows(self.rule.fn, signals, params, entries.scored)
-        else:
-            token_adv, metrics = self.rule.fn(signals, params)
-        self._log_across_processes(mode, metrics)
-        return token_adv.to(entries.seq_advantages.dtype)
-
-    def _rule_on_global_groups(
-        self, signals: Signals, params: RuleParams, mode: str
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """A rule with group statistics on TRL's global group layout: the signals of every process are gathered
-        (padded to the longest completion), groups are consecutive blocks of the mode's group size over the
-        gathered rows (they may straddle processes), and each process keeps its own rows. Counts are reported by
-        the main process only, since every process computed the same ones."""
-        local_rows, local_length = signals.mask.shape
-        gathered = {}
-        for item in dataclasses.fields(signals):
-            value = getattr(signals, item.name)
-            if isinstance(value, torch.Tensor):
-                padded = self.accelerator.pad_across_processes(value, dim=1) if value.dim() > 1 else value
-                gathered[item.name] = self.accelerator.gather(padded)
-        total = gathered["mask"].size(0)
-        group_ids = torch.arange(total, device=signals.mask.device) // self._group_size()
-        everyone = dataclasses.replace(signals, **gathered, group_ids=group_ids)
-        token_adv, metrics = self.rule.fn(everyone, params)
-        start = self.accelerator.process_index * local_rows
-        if not self.accelerator.is_main_process:
-            metrics = {key: (0.0 if key.endswith("_count") else value) for key, value in metrics.items()}
-        return token_adv[start : start + local_rows, :local_length], metrics
-
-    def _think_span(self, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, T) completion tokens inside the reasoning span (`rlsd_span="think"`), from each token's text."""
-        ids = batch["completion_ids"]
-        pieces = [self._tokenizer.batch_decode(row.unsqueeze(1)) for row in ids.cpu()]
-        return think_span_mask(pieces, ids.size(1)).to(ids.device) & batch["completion_mask"].bool()
+        return self.credit.assign(self.rule, RLSDEntries.from_batch(batch), batch, student_logps, mode)
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
         """`rlsd.metrics.reduce_metrics` into TRL's `_metrics`: the `log` callable every collaborator is handed."""
@@ -813,16 +522,16 @@ class RLSDTrainer(GRPOTrainer):
         rule_reads_pass = entries.deferred and entries.teacher_logps is None
         teacher = None
         if self.distill_fn is not None:
-            teacher, logps = self._teacher_hidden(inputs, entries, with_logps=rule_reads_pass)
+            teacher, logps = self.scorer.teacher_hidden(inputs, entries, with_logps=rule_reads_pass)
             if rule_reads_pass:  # the rule's teacher log-probs, from the same pass
                 entries.teacher_logps = logps
         mad = self.mad_teachers if teacher is not None else []
-        others = [self._teacher_hidden(inputs, entries, owner)[0] for owner in mad]
+        others = [self.scorer.teacher_hidden(inputs, entries, owner)[0] for owner in mad]
         state = LossState(entries if entries.deferred else None, inputs)
         backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
         self._loss_state = state
         try:
-            with _captured_output(backbone if teacher is not None else None) as student_hidden:
+            with captured_output(backbone if teacher is not None else None) as student_hidden:
                 loss = super()._compute_loss(model, inputs)
         finally:
             self._loss_state = None
@@ -836,7 +545,7 @@ class RLSDTrainer(GRPOTrainer):
             return loss + self.rollout_term.term(model, inputs, entries, state.logps)
         completion_length = inputs["completion_ids"].size(1)
         student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
-        extra = self._distillation_term(inputs, (student, head), teacher, state.logps, others)
+        extra = self.distill_term.term(inputs, entries, self.distill_fn, (student, head), teacher, state.logps, others)
         rollout = self.rollout_term.term(model, inputs, entries, state.logps)
         return self.args.policy_loss_coef * loss + extra + rollout
 
@@ -853,101 +562,8 @@ class RLSDTrainer(GRPOTrainer):
                 mode = "train" if self.model.training else "eval"
                 student = state.batch.get("old_per_token_logps")
                 student = logps.detach() if student is None else student
-                state.batch["advantages"] = self._token_advantages(state.pending, state.batch, student, mode)
+                state.batch["advantages"] = self.credit.assign(self.rule, state.pending, state.batch, student, mode)
         return logps, entropies, aux_loss
-
-    @torch.no_grad()
-    def _teacher_hidden(
-        self,
-        inputs: dict[str, Any],
-        entries: RLSDEntries,
-        owner: ExternalTeacher | None = None,
-        *,
-        with_logps: bool = False,
-    ) -> tuple[tuple[torch.Tensor, torch.nn.Module], torch.Tensor | None]:
-        """The teacher's (or `owner`'s, one of MAD-OPD's teachers) last hidden states at the completion positions,
-        (B, T, H), and its LM head, plus (with `with_logps`) its sampled-token log-probs: one no-grad forward on
-        [teacher prompt ; completion] with the teacher's current weights, under the accelerator's autocast as the
-        student's loss forward runs. The log-probs come from TRL's own scoring forward (fused head, logit scaling,
-        autocast), so that they compare exactly with the student's; without them a plain text model runs its backbone
-        only (no head projection to discard), and a sharded or vision model runs whole, as TRL scores it."""
-        completion_ids = inputs["completion_ids"]
-        input_ids = torch.cat([entries.teacher_prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([entries.teacher_prompt_mask, inputs["completion_mask"]], dim=1)
-        kwargs = vision.teacher_vision_kwargs(inputs, entries.teacher_types, completion_ids.size(1))
-        logps = None
-        with self._scoring_model("teacher", owner) as teacher_model, self.accelerator.autocast():
-            backbone, head = backbone_and_head(self.accelerator.unwrap_model(teacher_model))
-            if with_logps or kwargs or self.is_fsdp_enabled or self.is_deepspeed_enabled:
-                with _captured_output(backbone) as hidden:
-                    logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
-                        self, teacher_model, input_ids, attention_mask, completion_ids.size(1), **kwargs
-                    )
-                states = torch.cat(hidden)
-            else:
-                output = backbone(input_ids=input_ids, attention_mask=attention_mask)
-                states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        return (states[:, -completion_ids.size(1) - 1 : -1], head), (logps if with_logps else None)
-
-    def _distillation_term(
-        self,
-        inputs: dict[str, Any],
-        student: tuple[torch.Tensor, torch.nn.Module],
-        teacher: tuple[torch.Tensor, torch.nn.Module],
-        student_logps: torch.Tensor,
-        others: list[tuple[torch.Tensor, torch.nn.Module]] | None = None,
-    ) -> torch.Tensor:
-        """distill_coef * token mean of the distillation loss (+ SDPG's anchor), over the micro-batch's completion
-        tokens and scaled for gradient accumulation; rows without context (or gated out) contribute zero. With
-        MAD-OPD's further teachers (`others`), the loss is their confidence-weighted sum with `teacher`'s
-        (`rlsd.distill.selected_mad_opd_loss`)."""
-        args = self.args
-        mode = "train" if self.model.training else "eval"
-        token_mask = loss_mask(inputs).float()
-        weights = token_mask * inputs["rlsd_distill_weight"].unsqueeze(1)
-        selected = weights > 0
-        tokens = token_mask.sum().clamp(min=1.0)
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        (student_hidden, student_head), (teacher_hidden, teacher_head) = student, teacher
-        # the same keys on every process (NaN where nothing was distilled): metrics are gathered
-        metrics = {
-            "distill_token_frac": TokenMean((selected.sum() / tokens).item(), token_mask.sum().item()),
-            "distill_loss": TokenMean(math.nan, 0),
-        }
-        probe = OverlapProbe(args.distill_overlap_k) if args.distill_overlap_k > 0 and not others else None
-        if probe is not None:
-            metrics["topk_overlap"] = TokenMean(math.nan, 0)
-        # every process gathers FSDP2-sharded heads and runs the backward, also with no selected token (then 0)
-        if others:
-            per_token, mad_weights = selected_mad_opd_loss(
-                self.distill_fn, student_hidden, [teacher_hidden, *(hidden for hidden, _ in others)], selected,
-                (student_head, [teacher_head, *(head for _, head in others)]), self.temperature,
-                inputs["completion_ids"], confidence=args.mad_opd_confidence, mad_temperature=args.mad_opd_temperature,
-                chunk_tokens=args.distill_chunk_tokens,
-            )  # fmt: skip
-            for index, row in enumerate(mad_weights):
-                mean = row.mean().item() if row.numel() else math.nan
-                metrics[f"mad_weight_{index}"] = TokenMean(mean, row.numel())
-        else:
-            per_token = selected_token_loss(
-                self.distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
-                self.temperature, chunk_tokens=args.distill_chunk_tokens, overlap=probe,
-            )  # fmt: skip
-        if probe is not None and per_token.numel():
-            metrics["topk_overlap"] = TokenMean(probe.values().mean().item(), per_token.numel())
-        distill = (per_token * weights[selected]).sum() / tokens
-        if per_token.numel():
-            mass = weights[selected].sum()
-            metrics["distill_loss"] = TokenMean(
-                ((per_token.detach() * weights[selected]).sum() / mass).item(), mass.item()
-            )
-        term = args.distill_coef * distill
-        if "rlsd_ref_logps" in inputs:
-            penalty = (sdpg_ref_penalty(student_logps, inputs["rlsd_ref_logps"]) * token_mask).sum() / tokens
-            metrics["ref_penalty"] = TokenMean(penalty.item(), token_mask.sum().item())
-            term = term + args.sdpg_ref_coef * penalty
-        self._log_across_processes(mode, metrics)
-        return term / accumulation
 
     # ---------------------------------------------------------------------------------------- non-finite guards
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -961,7 +577,7 @@ class RLSDTrainer(GRPOTrainer):
             ]
             found = f" (not finite in the batch: {', '.join(bad)})" if bad else ""
             raise NonFiniteError(f"training step {self.state.global_step + 1}", f"the loss is {value.item()}{found}",
-                                 self._nonfinite_fix())  # fmt: skip
+                                 nonfinite_fix(self.args, RLSDConfig))  # fmt: skip
         return loss
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
@@ -971,68 +587,24 @@ class RLSDTrainer(GRPOTrainer):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(norm) if norm is not None else 0.0
         if not self.args.fp16 and not math.isfinite(value):
-            name = _first_nonfinite_grad(model)
+            name = first_nonfinite_grad(model)
             where = f" (first in {name})" if name else ""
             raise NonFiniteError(f"training step {self.state.global_step + 1}", f"the gradient norm is {value}{where}",
-                                 self._nonfinite_fix())  # fmt: skip
+                                 nonfinite_fix(self.args, RLSDConfig))  # fmt: skip
         return norm
-
-    def _nonfinite_fix(self) -> str:
-        """How to fix a non-finite step: what was not applied, and the knobs this run changed from their defaults."""
-        changed = _changed_knobs(self.args)
-        return (
-            "nothing from this step was applied or saved and the last checkpoint is intact; check the learning rate"
-            + (f", the knobs this run changed ({changed})" if changed else "")
-            + " and the rewards of this batch, then resume"
-        )
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
         """TRL's training loop; a checkpoint to resume from is verified first, file by file (`rlsd.checkpoint`)."""
-        checkpoint = self._verified_checkpoint(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
-
-    def _verified_checkpoint(self, resume: str | bool | None) -> str | None:
-        """The checkpoint to resume from (True: the latest `checkpoint-N` of output_dir), refused when it is torn,
-        misses a file or holds an unreadable one; a weights-only resume names what it starts fresh."""
-        self._fresh_on_resume: list[str] = []
-        if resume is None or resume is False:
-            return None
-        if resume is True:
-            output_dir = self.args.output_dir
-            resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-            if resume is None:
-                raise CheckpointError(f"output folder {output_dir}", "holds no checkpoint-N folder to resume from",
-                                      "train without resuming, or pass the path of a checkpoint")  # fmt: skip
-        self._fresh_on_resume = checkpoint_files.verify(
-            str(resume),
-            required=[TRAINER_STATE_NAME],
-            expected=self._hf_state_files() + self._rlsd_state_files(),
-            weights_only=self.args.resume_weights_only,
-        )
-        if self._fresh_on_resume and self.accelerator.is_main_process:
-            logger.warning("resume_weights_only: %s lacks %s; that state starts fresh", resume,
-                           ", ".join(self._fresh_on_resume))  # fmt: skip
-        return str(resume)
-
-    def _hf_state_files(self) -> list[str]:
-        """The optimizer, scheduler and RNG files HF writes into a checkpoint of this run (DeepSpeed and FSDP keep
-        theirs in sub-folders, which the manifest covers)."""
-        if self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return []
-        rng = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
-        return ["optimizer.pt", "scheduler.pt", rng]
-
-    def _rlsd_state_files(self) -> list[str]:
-        """The files RLSD adds to a checkpoint of this run: the teacher's state and weights, the rule's state."""
-        files = []
-        if self.teacher is not None:
-            files.append(TEACHER_STATE_FILE)
-            if self.teacher.has_weights:
-                files.append(TEACHER_WEIGHTS_FILE)
-        if self.rule_state is not None:
-            files.append(RULE_STATE_FILE)
-        return files
+        expected = checkpoint_files.hf_state_files(
+            save_only_model=self.args.save_only_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
+            world_size=self.args.world_size, process_index=self.args.process_index,
+        ) + checkpoint_files.rlsd_state_files(self.teacher, self.rule_state)  # fmt: skip
+        self._resume = checkpoint_files.resume_plan(
+            resume_from_checkpoint, self.args.output_dir, expected=expected,
+            weights_only=self.args.resume_weights_only, log_to=logger if self.accelerator.is_main_process else None,
+        )  # fmt: skip
+        return super().train(resume_from_checkpoint=self._resume.checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """`_write_checkpoint` under a temporary name (`.rlsd-partial-checkpoint-N/checkpoint-N`), sealed with a
@@ -1044,7 +616,7 @@ class RLSDTrainer(GRPOTrainer):
         if self.args.should_save:
             checkpoint_files.discard(root)  # a torn write of this step by an earlier, killed run
         self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: root  # HF and TRL write (and rotate) inside the staging folder
+        self._staging_root = root  # HF and TRL write (and rotate) inside the staging folder (`_get_output_dir`)
         try:
             self._write_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
@@ -1058,12 +630,17 @@ class RLSDTrainer(GRPOTrainer):
                 raise checkpoint_files.disk_full_error(name, run_dir) from err
             raise
         finally:
-            del self._get_output_dir
+            self._staging_root = None
         if self.args.should_save:
             checkpoint_files.publish(os.path.join(root, name), os.path.join(run_dir, name))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
         self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial: Any = None) -> str:
+        """HF's run folder, or the staging folder while `_save_checkpoint` writes a checkpoint (`_staging_root`), so
+        that HF and TRL write and rotate inside it."""
+        return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
 
     def _unstage_best_checkpoint(self, root: str, run_dir: str, name: str) -> None:
         """HF records the best checkpoint where it was written: point it at its final place (state and file)."""
@@ -1073,148 +650,26 @@ class RLSDTrainer(GRPOTrainer):
             self.state.save_to_json(os.path.join(root, name, TRAINER_STATE_NAME))
 
     def _write_checkpoint(self, model, trial):
-        """TRL's checkpoint plus the teacher's weights and sync state."""
+        """TRL's checkpoint plus RLSD's files: the teacher's weights and sync state, the rule's state."""
         super()._save_checkpoint(model, trial)
-        if self.teacher is not None:  # on every process: gathering a sharded (FSDP2) teacher is a collective
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            self.teacher.save(folder, self.accelerator.unwrap_model, write=self.args.should_save)
-        if self.rule_state is not None and self.args.should_save:
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            with open(os.path.join(folder, RULE_STATE_FILE), "w") as f:
-                json.dump(self.rule_state.state_dict(), f)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        checkpoint_files.save_rlsd_state(folder, self.teacher, self.rule_state, self.accelerator.unwrap_model,
+                                         write=self.args.should_save)  # fmt: skip
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """Resuming restores the teacher and the rule state together with the optimizer (verified before: see
-        `train`); in a weights-only resume, a missing teacher restarts from the resumed policy."""
+        """Resuming restores the teacher and the rule state together with the optimizer (verified before by `train`,
+        whose `_resume` names what a weights-only resume starts fresh: a missing teacher restarts from the policy)."""
         super()._load_optimizer_and_scheduler(checkpoint)
-        fresh = set(getattr(self, "_fresh_on_resume", []))
-        if self.teacher is not None and checkpoint is not None:
-            if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
-                policy = self.accelerator.unwrap_model(self.model)
-                if self.teacher.model is not None and self.teacher.has_weights:
-                    SyncRefModelCallback.sync_target_model(policy, self.teacher.model, alpha=1.0)
-                else:  # a PEFT policy's teacher adapter, if any (an external teacher: nothing)
-                    self.teacher.follow(policy)
-            else:
-                self.teacher.load(checkpoint, self.accelerator.unwrap_model)
-        if self.rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
-            with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
-                self.rule_state.load_state_dict(json.load(f))
+        checkpoint_files.load_rlsd_state(
+            checkpoint, self.teacher, self.rule_state, fresh=self._resume.fresh,
+            policy=self.accelerator.unwrap_model(self.model), unwrap=self.accelerator.unwrap_model,
+        )  # fmt: skip
 
 
 def _set_fields(args: RLSDConfig, values: dict[str, Any]) -> None:
     """Set a stage's field values on the config."""
     for name, value in values.items():
         setattr(args, name, value)
-
-
-def _guard_rewards(reward_funcs: Any, timeout_s: float) -> Any:
-    """Plain reward functions are wrapped so that an exception, a call longer than `timeout_s` or a malformed
-    output names the function (`guard_reward`); model names, reward models and async functions pass unchanged."""
-
-    def guard(func: Any) -> Any:
-        if isinstance(func, str | torch.nn.Module) or not callable(func) or inspect.iscoroutinefunction(func):
-            return func
-        return guard_reward(func, timeout_s)
-
-    return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
-
-
-def _rule_on_rows(
-    rule_fn: Callable[[Signals, RuleParams], tuple[torch.Tensor, dict[str, float]]],
-    signals: Signals,
-    params: RuleParams,
-    rows: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """A multiplicative rule on the `rows` (B,) with A_i != 0 only, its metrics over those rows; every other row
-    gets A_it = 0, which is what the rule gives a row with A_i = 0 whatever its teacher says."""
-    index = rows.nonzero().flatten()
-    subset = dataclasses.replace(
-        signals,
-        **{
-            item.name: getattr(signals, item.name)[index]
-            for item in dataclasses.fields(signals)
-            if isinstance(getattr(signals, item.name), torch.Tensor)
-        },
-    )
-    row_adv, metrics = rule_fn(subset, params)
-    token_adv = torch.zeros(signals.mask.shape, dtype=row_adv.dtype, device=row_adv.device)
-    return token_adv.index_copy(0, index, row_adv), metrics
-
-
-def _first_nonfinite_grad(model: torch.nn.Module) -> str | None:
-    """The name of the first parameter whose gradient holds a NaN or inf (None when none is found)."""
-    try:
-        for name, parameter in model.named_parameters():
-            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
-                return name
-    except RuntimeError:  # a sharded gradient that cannot be checked locally
-        return None
-    return None
-
-
-def _changed_knobs(args: RLSDConfig) -> str:
-    """RLSD's own numeric knobs that differ from their defaults, as `name=value` (for non-finite step errors)."""
-    own = {f.name for f in dataclasses.fields(RLSDConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
-    changed = []
-    for item in dataclasses.fields(args):
-        value = getattr(args, item.name)
-        numeric = isinstance(value, int | float) and not isinstance(value, bool)
-        if item.name in own and numeric and value != item.default:
-            changed.append(f"{item.name}={value}")
-    return ", ".join(changed)
-
-
-@contextlib.contextmanager
-def _captured_output(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
-    """Collect the last hidden state of every forward of `module` (a backbone) while the context is open, graph
-    included; None captures nothing."""
-    captured: list[torch.Tensor] = []
-    if module is None:
-        yield captured
-        return
-
-    def hook(_module, _args, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _step_ids(batch: dict[str, Any]) -> torch.Tensor:
-    """Index of the assistant segment of each completion token: segments are separated by tool outputs (TRL's
-    tool mask is 0 on them); a single-turn completion is one step, 0 everywhere."""
-    mask = batch["completion_mask"]
-    tool_mask = batch.get("tool_mask")
-    if tool_mask is None:
-        return torch.zeros_like(mask, dtype=torch.long)
-    resumes = (tool_mask[:, 1:] == 1) & (tool_mask[:, :-1] == 0)
-    return torch.cat([torch.zeros_like(mask[:, :1]), resumes.long().cumsum(1)], dim=1)
-
-
-@dataclasses.dataclass
-class RolloutTap:
-    """What TRL's rollout used and scored, handed to this trainer's rollout by `_calculate_rewards` while it runs:
-    this process's prompts as the rollout sent them to the model (an environment's `reset` observation included),
-    and the weighted total rewards of every process's rows (B_global,), NaN where every function abstained."""
-
-    prompts: list[Any] | None = None
-    rewards: torch.Tensor | None = None
-
-
-class TeacherInputs(NamedTuple):
-    """The teacher prompts of a rollout's scored rows, left-padded (ids, mask, token types by processor key), and
-    which of all its rows have privileged context."""
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    token_types: dict[str, torch.Tensor]
-    has_context: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -1225,14 +680,3 @@ class LossState:
     pending: RLSDEntries | None
     batch: dict[str, Any]
     logps: torch.Tensor | None = None
-
-
-def _whole_groups(rows: torch.Tensor, group_size: int) -> bool:
-    """True when `rows` lists whole groups of consecutive rows, each in order (the teacher's rows after the skip of
-    A_i = 0 usually are: a group's completions all have A_i = 0, or, with binary rewards, none has)."""
-    if rows.numel() == 0 or rows.numel() % group_size:
-        return False
-    blocks = rows.view(-1, group_size)
-    starts = blocks[:, :1]
-    offsets = torch.arange(group_size, device=rows.device)
-    return bool((starts % group_size == 0).all() and (blocks == starts + offsets).all())

@@ -329,12 +329,13 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     trainer.remove_callback(PrinterCallback)
     # the teacher's share of a step: its prompt (rendering, tokenization), the rollout-time pass of the credit rules
     # and the loss-time pass of the distillation losses
-    teacher_parts = ("teacher_inputs", "_score_teacher_rows", "_teacher_hidden")
+    teacher_parts = ("teacher_inputs", "teacher_rows", "teacher_hidden")
     timers: dict[str, list[float]] = {"generation": [], **{part: [] for part in teacher_parts}}
     _time_method(trainer, "_generate", timers["generation"])
-    if hasattr(trainer, "_score_teacher_rows"):
-        for part in teacher_parts:
-            _time_method(trainer, part, timers[part])
+    if hasattr(trainer, "scorer"):  # an RLSDTrainer: its teacher prompts, then its scorer's two teacher passes
+        _time_method(trainer.prompts, "build", timers["teacher_inputs"])
+        for part in teacher_parts[1:]:
+            _time_method(trainer.scorer, part, timers[part])
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -371,7 +372,8 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
 
 
 def _time_method(obj: Any, name: str, sink: list[float]) -> None:
-    """Instrument `obj.name` to append its wall time to `sink` (benchmark-only instrumentation)."""
+    """Instrument `obj.name` to append its wall time to `sink` (benchmark-only instrumentation; set on the instance,
+    a frozen dataclass such as `Scorer` included)."""
     original = getattr(obj, name)
 
     def timed(*args, **kwargs):
@@ -381,7 +383,7 @@ def _time_method(obj: Any, name: str, sink: list[float]) -> None:
         finally:
             sink.append(time.perf_counter() - start)
 
-    setattr(obj, name, timed)
+    object.__setattr__(obj, name, timed)
 
 
 def run_cost(
