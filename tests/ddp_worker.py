@@ -73,22 +73,22 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
         trainer.source.siblings = recorded
     groups: list[dict] = []
     if mode == "uniopd":  # record the rule's global inputs and what this rank keeps of its output
-        rule_fn = trainer.rule.fn
+        def recording(rule_fn):
+            def recording_rule(signals, params):
+                token_adv, metrics = rule_fn(signals, params)
+                groups.append({"group_ids": signals.group_ids.tolist(), "seq": signals.seq_advantages.tolist(),
+                               "rule_output": token_adv.tolist()})  # fmt: skip
+                return token_adv, metrics
 
-        def recording_rule(signals, params):
-            token_adv, metrics = rule_fn(signals, params)
-            groups.append({"group_ids": signals.group_ids.tolist(), "seq": signals.seq_advantages.tolist(),
-                           "rule_output": token_adv.tolist()})  # fmt: skip
-            return token_adv, metrics
+            return recording_rule
 
         class RecordingAssembler(CreditAssembler):
             def rule_on_global_groups(self, rule_fn, signals, params, mode):
-                local, metrics = super().rule_on_global_groups(rule_fn, signals, params, mode)
+                local, metrics = super().rule_on_global_groups(recording(rule_fn), signals, params, mode)
                 groups[-1]["local_output"] = local.tolist()
                 groups[-1]["local_seq"] = signals.seq_advantages.tolist()
                 return local, metrics
 
-        trainer.rule = dataclasses.replace(trainer.rule, fn=recording_rule)
         values = {item.name: getattr(trainer.credit, item.name) for item in dataclasses.fields(trainer.credit)}
         trainer.credit = RecordingAssembler(**values)
     trainer.train()

@@ -161,7 +161,7 @@ def test_a_trainer_trains_with_a_rule_and_a_loss_declared_outside_rlsd(tokenizer
     trainer = build_trainer(tokenizer, tmp_path, credit="test_shifted", test_shift_scale=3.0,
                             distill_loss="test_scaled_kl", test_kl_scale=3.0)  # fmt: skip
     student, teacher = logits(4), logits(5)
-    torch.testing.assert_close(trainer.distill_fn(student, teacher), 3.0 * forward_kl(student, teacher))
+    torch.testing.assert_close(trainer.plan.distill_fn(student, teacher), 3.0 * forward_kl(student, teacher))
     batch = {
         "completion_ids": torch.zeros_like(MASK),
         "completion_mask": MASK,

@@ -61,7 +61,7 @@ def test_loss_time_teacher_runs_under_the_students_autocast(tokenizer, tmp_path,
     teacher pass must too; outside it Delta was 1.4e-3 and the distillation loss nonzero with teacher == student."""
     trainer = build_trainer(tokenizer, tmp_path, **SAME_TEACHER, distill_loss="jsd", bf16=True,
                             per_device_train_batch_size=8)  # fmt: skip
-    assert trainer.teacher_at_loss
+    assert trainer.plan.teacher_at_loss
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     dataset = make_dataset()

@@ -85,10 +85,11 @@ def test_a_stage_rule_the_config_options_do_not_allow_is_refused(tmp_path):
 # --------------------------------------------------------------------------------------------- stages, trainer
 def test_the_teacher_is_built_when_any_reachable_stage_needs_it(tokenizer, tmp_path):
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", stages=[{"until_step": 1, "credit": "opsd"}])
-    assert trainer.teacher is not None and trainer.stage == 0 and trainer.args.credit == "opsd"
+    assert trainer.teacher is not None and trainer.plan.stage == 0 and trainer.plan.credit == "opsd"
+    assert trainer.args.credit == "grpo"  # the config is never changed by a stage
     # the default credit ("rlsd") is never reached after an open last stage: no teacher
     trainer = build_trainer(tokenizer, tmp_path, stages=[{"credit": "grpo"}])
-    assert trainer.teacher is None and trainer.rule.name == "grpo"
+    assert trainer.teacher is None and trainer.plan.rule.name == "grpo"
 
 
 def test_sparse_to_dense_three_stages_train_with_the_distillation_term_only_in_its_stage(tokenizer, tmp_path):
@@ -102,8 +103,8 @@ def test_sparse_to_dense_three_stages_train_with_the_distillation_term_only_in_i
     assert ["rlsd/lambda" in entry for entry in steps] == [False, True, False]  # only OPD's rule reads the teacher
     assert all(math.isfinite(entry["loss"]) for entry in steps)
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
-    assert trainer.stage == 2 and trainer.args.credit == "grpo" and trainer.distill_fn is None
-    assert trainer._stage_base["credit"] == "rlsd"  # the config's own values are kept for the stages to override
+    assert trainer.plan.stage == 2 and trainer.plan.credit == "grpo" and trainer.plan.distill_fn is None
+    assert trainer.args.credit == "rlsd"  # the config's own values are never changed by a stage
 
 
 def test_resuming_a_staged_run_enters_the_stage_of_the_resumed_step(tokenizer, tmp_path):
@@ -111,10 +112,10 @@ def test_resuming_a_staged_run_enters_the_stage_of_the_resumed_step(tokenizer, t
                           save_steps=2)  # fmt: skip
     first.train()
     resumed = build_trainer(tokenizer, tmp_path, max_steps=3, stages=WARMUP_OPD_GRPO)
-    assert resumed.stage == 0  # before training: the stage of step 1
+    assert resumed.plan.stage == 0  # before training: the stage of step 1
     resumed.train(resume_from_checkpoint=True)
     stages = [entry["rlsd/stage"] for entry in resumed.state.log_history if "rlsd/stage" in entry]
-    assert stages[-1] == 2.0 and resumed.state.global_step == 3 and resumed.args.credit == "grpo"
+    assert stages[-1] == 2.0 and resumed.state.global_step == 3 and resumed.plan.credit == "grpo"
 
 
 def test_sparse_to_dense_with_an_external_teacher(tokenizer, tmp_path):

@@ -13,6 +13,8 @@ import torch
 from conftest import build_trainer, make_config, make_dataset, make_model, parity_reward
 from transformers import set_seed
 
+from rlsd.plan import Stages
+
 MULTIPLICATIVE = ["rlsd", "rlrt", "gear", "egrsd", "cl-egrsd"]
 
 
@@ -66,7 +68,8 @@ def test_teacher_skips_zero_advantage_rows_with_identical_advantages(tokenizer, 
     forwarded = count_teacher_rows(trainer.teacher.model)
     skipped = rollout(trainer, rows)
     skipped_rows = sum(forwarded)
-    trainer.skips_known_credit = False
+    trainer.stages = Stages(trainer.args, row_subsets=False)  # as for a vision model: every row is scored
+    trainer.plan = trainer.stages.plan_for(1)
     forwarded.clear()
     full = rollout(trainer, rows)
     assert torch.equal(skipped["completion_ids"], full["completion_ids"])

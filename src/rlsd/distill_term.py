@@ -17,6 +17,7 @@ from rlsd.batch import RLSDEntries, loss_mask
 from rlsd.config import RLSDConfig
 from rlsd.credit import TokenMean
 from rlsd.distill import OverlapProbe, sdpg_ref_penalty, selected_mad_opd_loss, selected_token_loss
+from rlsd.plan import StepPlan
 
 Hidden = tuple[torch.Tensor, torch.nn.Module]
 """Hidden states at the completion positions (B, T, H) and the LM head that projects them."""
@@ -25,9 +26,9 @@ Hidden = tuple[torch.Tensor, torch.nn.Module]
 @dataclass(frozen=True, kw_only=True)
 class DistillationTerm:
     """distill_coef * the distillation loss's token mean (+ SDPG's anchor) of a micro-batch, scaled for gradient
-    accumulation. Built once by the trainer; `args` is read at each call, since a stage changes its distill fields."""
+    accumulation. Built once by the trainer; the loss and its coefficient come from the active stage's plan."""
 
-    args: RLSDConfig  # read at call time: `distill_coef`, `distill_overlap_k`, `distill_chunk_tokens`, MAD, SDPG
+    args: RLSDConfig  # the fields no stage sets: `distill_overlap_k`, `distill_chunk_tokens`, MAD, SDPG
     temperature: float  # divides the logits of both heads, as in every scoring forward
     log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics
     training: Callable[[], bool]  # whether the policy is in training mode
@@ -37,17 +38,17 @@ class DistillationTerm:
         self,
         inputs: dict[str, Any],
         entries: RLSDEntries,
-        distill_fn: Callable[..., torch.Tensor],
+        plan: StepPlan,
         student: Hidden,
         teacher: Hidden,
         student_logps: torch.Tensor,
         others: list[Hidden] | None = None,
     ) -> torch.Tensor:
-        """The term of micro-batch `inputs` under the active stage's loss `distill_fn`: rows without context (or
+        """The term of micro-batch `inputs` under the loss and coefficient of `plan`: rows without context (or
         gated out, `entries.distill_weight` = 0) contribute zero. With MAD-OPD's further teachers (`others`), the loss
         is their confidence-weighted sum with `teacher`'s (`rlsd.distill.selected_mad_opd_loss`); with SDPG's
         reference log-probs (`entries.ref_logps`), its anchor on `student_logps` is added."""
-        args = self.args
+        args, distill_fn = self.args, plan.distill_fn
         mode = "train" if self.training() else "eval"
         token_mask = loss_mask(inputs).float()
         weights = token_mask * entries.distill_weight.unsqueeze(1)
@@ -87,7 +88,7 @@ class DistillationTerm:
             metrics["distill_loss"] = TokenMean(
                 ((per_token.detach() * weights[selected]).sum() / mass).item(), mass.item()
             )
-        term = args.distill_coef * distill
+        term = plan.distill_coef * distill
         if entries.ref_logps is not None:
             penalty = (sdpg_ref_penalty(student_logps, entries.ref_logps) * token_mask).sum() / tokens
             metrics["ref_penalty"] = TokenMean(penalty.item(), token_mask.sum().item())

@@ -99,12 +99,14 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -120,9 +122,6 @@ from rlsd.assign import CreditAssembler
 from rlsd.batch import RLSDEntries, loss_mask, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import grpo_advantages, rlsd_lambda
-from rlsd.distill import (
-    token_loss_fn,
-)
 from rlsd.distill_term import DistillationTerm
 from rlsd.guards import (
     check_before_deepspeed,
@@ -134,14 +133,14 @@ from rlsd.guards import (
     nonfinite_fix,
 )
 from rlsd.metrics import reduce_metrics
+from rlsd.plan import Stages, StepPlan
 from rlsd.privileged import get_source, validate_teacher_template
 from rlsd.prompts import RolloutTap, TeacherInputs, TeacherPrompts
 from rlsd.rewards import guard_rewards, reward_totals
 from rlsd.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
-from rlsd.rules import get_rule, rule_params
+from rlsd.rules import rule_params
 from rlsd.scorer import Scorer, captured_output
 from rlsd.scoring import ScoreResult
-from rlsd.stages import STAGE_FIELDS, reachable, stage_index, stage_values
 from rlsd.teacher import (
     Teacher,
     TeacherBuild,
@@ -168,6 +167,11 @@ class RLSDTrainer(GRPOTrainer):
     """What `train` verified before HF's loop, read by `_load_optimizer_and_scheduler` (which HF calls inside it)."""
     _staging_root: str | None = None
     """The temporary folder `_save_checkpoint` is writing a checkpoint into; `_get_output_dir` returns it meanwhile."""
+    # The two hand-offs through TRL's own call stack, each set only while one TRL call runs (`_handing_over`):
+    _rollout_tap: RolloutTap | None = None
+    """Open during TRL's rollout (`_generate_and_score_completions`): `_calculate_rewards` records into it."""
+    _loss_state: LossState | None = None
+    """Open during TRL's loss (`_compute_loss`): its first scoring forward takes it and stores its log-probs."""
 
     def __init__(self, model: Any, reward_funcs: Any, args: RLSDConfig | None = None, **kwargs: Any) -> None:
         if args is None:
@@ -176,22 +180,13 @@ class RLSDTrainer(GRPOTrainer):
         if not isinstance(args, RLSDConfig):
             raise TypeError(f"RLSDTrainer needs an RLSDConfig, got {type(args).__name__}")
         validate_teacher_template(args.teacher_template, args.privileged_source)
-        # Sparse-to-Dense stages (`rlsd.stages`): the fields of the active stage are set on `args`; what is built once
-        # (the teacher, SDPG's reference, the checks) is built when any stage that can run needs it
-        self._stage_base = {name: getattr(args, name) for name in STAGE_FIELDS}
-        self.stage: int | None = None
-        runs = [self._stage_base]
-        if args.stages:
-            runs = [stage_values(args.stages, index, self._stage_base) for index in reachable(args.stages)]
-            self.stage = stage_index(args.stages, 1)
-            _set_fields(args, stage_values(args.stages, self.stage, self._stage_base))
-        self._set_credit_and_loss(args)
-        run_rules = [get_rule(values["credit"]) for values in runs]
-        self.any_distill = any(values["distill_loss"] != "none" for values in runs)
-        self.uses_teacher = self.any_distill or any("teacher_logps" in rule.needs for rule in run_rules)
-        self.uses_teacher = self.uses_teacher or args.teacher_rollout_loss != "none"  # the teacher generates
-        self.teacher_entropy = any("teacher_entropy" in rule.needs for rule in run_rules)
-        self.any_sdpg_reference = args.sdpg_ref_coef > 0 and any(values["distill_loss"] == "sdpg" for values in runs)
+        # one plan per Sparse-to-Dense stage (`rlsd.plan`; the config is never changed): what is built once (the
+        # teacher, SDPG's reference, the checks) is built when any plan the run can reach needs it
+        plans = Stages(args, row_subsets=True).reachable()
+        self.any_distill = any(plan.distill_fn is not None for plan in plans)
+        self.uses_teacher = any(plan.uses_teacher for plan in plans) or args.teacher_rollout_loss != "none"
+        self.teacher_entropy = any("teacher_entropy" in plan.rule.needs for plan in plans)
+        self.any_sdpg_reference = args.sdpg_ref_coef > 0 and any(plan.distill_loss == "sdpg" for plan in plans)
         self.source = get_source(args.privileged_source)(args)
         if self.uses_teacher:
             for split_name in ("train_dataset", "eval_dataset"):
@@ -213,12 +208,11 @@ class RLSDTrainer(GRPOTrainer):
                 args, self.accelerator.unwrap_model(self.model), kwargs, images=self.has_images,
                 tools=bool(self.tools), fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled,
             )  # fmt: skip
-        if self._is_vlm:  # the row-subset teacher pass would have to slice the vision tensors: every row is scored
-            self.skips_known_credit = False
+        # the row-subset teacher pass would have to slice a vision model's tensors: there every row is scored
+        self.stages = Stages(args, row_subsets=not self._is_vlm)
+        self.plan: StepPlan = self.stages.plan_for(1)  # the plan of the step the next training rollout trains
 
-        self._loss_state: LossState | None = None  # set by `_compute_loss` for the next scoring forward
-        self._rollout_tap: RolloutTap | None = None  # open while TRL's rollout runs: `_calculate_rewards` fills it
-        self.rule_state = self.rule.state.from_params(rule_params(args)) if self.rule.state else None
+        self.rule_state = self.plan.rule.state.from_params(rule_params(args)) if self.plan.rule.state else None
         if self.any_distill:
             check_plain_lm_head(self.accelerator.unwrap_model(self.model), "distill_loss")
             if self._zero_stage() == 3:
@@ -258,7 +252,7 @@ class RLSDTrainer(GRPOTrainer):
             image_pad_token_id=self._image_pad_token_id, processing_class=self.processing_class,
             group_size=lambda: self.scorer.group_size(),
             generate=lambda *a, **k: self.scorer.generate_texts(*a, **k),
-            log=self._log_across_processes, teacher_use=lambda: vision.teacher_use(self.args),
+            log=self._log_across_processes, teacher_use=lambda: vision.teacher_use(self.plan),
         )  # fmt: skip
         # every no-grad scoring pass (the rule's teacher pass, re-scoring, the loss-time teacher, text generation)
         self.scorer = Scorer(
@@ -287,7 +281,7 @@ class RLSDTrainer(GRPOTrainer):
                 generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
                 temperature=self.temperature, reward_weights=self.reward_weights,
                 tokenize_prompts=self._tokenize_prompts,
-                teacher_inputs=lambda *a: self.prompts.build(*a, distill=self.distill_fn is not None),
+                teacher_inputs=lambda *a: self.prompts.build(*a, distill=self.plan.distill_fn is not None),
                 scoring_model=self.scorer.scoring_model, score=self.scorer.score,
                 trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
                 trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
@@ -312,40 +306,16 @@ class RLSDTrainer(GRPOTrainer):
             self.prompt_alignment, self.aligned_prompt_indices = selection.scores, selection.keep
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _set_credit_and_loss(self, args: RLSDConfig) -> None:
-        """The credit rule and distillation loss of `args` (of the active stage), and how the rollout serves them."""
-        self.rule = get_rule(args.credit)
-        self.rule_uses_teacher = "teacher_logps" in self.rule.needs
-        self.distill_fn = None if args.distill_loss == "none" else token_loss_fn(args.distill_loss, args)
-        # a multiplicative rule gives A_it = 0 on rows with A_i = 0 whatever the teacher says: unless a distillation
-        # term needs the teacher there too, those rows are neither rendered nor scored by the teacher
-        self.skips_known_credit = self.rule.multiplicative and self.distill_fn is None
-        # with a distillation loss the teacher runs at loss time; a rule that needs nothing else from the rollout
-        # (no group statistics, entropy or state) takes its teacher log-probs from that same pass
-        self.teacher_at_loss = (
-            self.distill_fn is not None
-            and self.rule_uses_teacher
-            and not {"group_ids", "teacher_entropy"} & self.rule.needs
-            and self.rule.state is None
-        )
-
     def _enter_stage(self, step: int) -> None:
-        """Sparse-to-Dense: make the stage of optimizer step `step` (1-based) active, its fields set on `self.args`
-        and the rule and the distillation loss rebuilt, and log its index as `rlsd/stage`; it depends on the step
-        alone, so every process switches at the same rollout. Nothing happens without `stages`."""
-        stages = self.args.stages
-        if not stages:
-            return
-        index = stage_index(stages, step)
-        if index != self.stage:
-            self.stage = index
-            _set_fields(self.args, stage_values(stages, index, self._stage_base))
-            self._set_credit_and_loss(self.args)
-            if self._is_vlm:
-                self.skips_known_credit = False
-            logger.info("step %d: stage %d (credit=%r, distill_loss=%r)", step, index, self.args.credit,
-                        self.args.distill_loss)  # fmt: skip
-        self._metrics["train"]["rlsd/stage"].append(float(index))
+        """Make the plan of optimizer step `step` (1-based) active; with `stages`, log its index as `rlsd/stage` (it
+        depends on the step alone, so every process switches at the same rollout)."""
+        plan = self.stages.plan_for(step)
+        if plan is not self.plan:
+            logger.info("step %d: stage %s (credit=%r, distill_loss=%r)", step, plan.stage, plan.credit,
+                        plan.distill_loss)  # fmt: skip
+        self.plan = plan
+        if plan.stage is not None:
+            self._metrics["train"]["rlsd/stage"].append(float(plan.stage))
 
     def _zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage of this run, None without DeepSpeed."""
@@ -376,49 +346,39 @@ class RLSDTrainer(GRPOTrainer):
             decay_steps=args.rlsd_lambda_decay_steps,
         )
 
-    def _teacher_pass_needed(self, lam: float) -> bool:
-        """The rule's teacher pass is skipped when the rule ignores the teacher, or when its multiplier is
-        identically 1 (lam = 0 or eps_w = 0 for the rules that reduce to GRPO there)."""
-        if not self.rule_uses_teacher:
-            return False
-        if self.rule.grpo_when_lambda_zero:
-            return lam > 0.0 and self.args.rlsd_clip > 0.0
-        return True
-
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollout and scoring, then the privileged context, the teacher pass and (B, T) token advantages
         (or, when they wait for the loss's forward, the `RLSDEntries` that let the loss compute them). A training
         rollout first enters the stage of the step it trains (`stages`)."""
         if self.model.training:
             self._enter_stage(self.state.global_step + 1)
-        self._rollout_tap = tap = RolloutTap()
-        try:
+        plan = self.plan
+        with self._handing_over("_rollout_tap", RolloutTap()) as tap:
             output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._rollout_tap = None
         mode = "train" if self.model.training else "eval"
         mask = loss_mask(output)
-        lam = self._current_lambda() if self.rule_uses_teacher else 0.0
-        if self.rule_uses_teacher:
+        lam = self._current_lambda() if plan.rule_uses_teacher else 0.0
+        if plan.rule_uses_teacher:
             self._metrics[mode]["rlsd/lambda"].append(lam)
-        rule_pass = self._teacher_pass_needed(lam)
+        rule_pass = plan.teacher_pass_needed(lam, self.args.rlsd_clip)
         entries = RLSDEntries()
-        rows = self.credit.teacher_rows(output["advantages"]) if self.skips_known_credit and rule_pass else None
-        if rule_pass or self.distill_fn is not None:
-            teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=self.distill_fn is not None)
+        rows = self.credit.teacher_rows(output["advantages"]) if plan.skips_known_credit and rule_pass else None
+        distill = plan.distill_fn is not None
+        if rule_pass or distill:
+            teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=distill)
             prompt_ids, prompt_mask, types, entries.has_context = teacher
-            if self.distill_fn is not None:  # the loss-time teacher pass needs the teacher's prompt
+            if distill:  # the loss-time teacher pass needs the teacher's prompt
                 entries.teacher_prompt_ids, entries.teacher_prompt_mask = prompt_ids, prompt_mask
                 entries.teacher_types = types
                 weight = entries.has_context.float()
-                if self.args.distill_positive_only:
+                if plan.distill_positive_only:
                     weight = weight * (output["advantages"] > 0).float()
                 entries.distill_weight = weight
-        if self.reference is not None and self.args.distill_loss == "sdpg":
+        if self.reference is not None and plan.distill_loss == "sdpg":
             entries.ref_logps = self.score_rollout("reference", output).logps
         if not rule_pass:
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
-            if self.rule_uses_teacher:
+            if plan.rule_uses_teacher:
                 self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
             self.rollout_term.add(inputs, output, entries, mode)
             return {**output, **entries.to_batch()}
@@ -429,10 +389,10 @@ class RLSDTrainer(GRPOTrainer):
         # the loss-time teacher pass may give the rule its log-probs only when the student's log-probs also come from
         # the loss's own forward: with TRL's old log-probs (rollout-time weights) the teacher is scored now, so that
         # tau and s are taken from the same weights
-        at_loss = self.teacher_at_loss and output.get("old_per_token_logps") is None
+        at_loss = plan.teacher_at_loss and output.get("old_per_token_logps") is None
         if not at_loss:
             start = time.perf_counter()
-            entropy = "teacher_entropy" in self.rule.needs  # the rule of the current stage reads it
+            entropy = "teacher_entropy" in plan.rule.needs
             scores = self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
             self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
             entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
@@ -442,10 +402,10 @@ class RLSDTrainer(GRPOTrainer):
             entries.state_values = {key: scalar(v) for key, v in self.credit.state_values(entries, mask, mode).items()}
         self.rollout_term.add(inputs, output, entries, mode, pass_logps)
         student_logps = output.get("old_per_token_logps")
-        if student_logps is None and "group_ids" in self.rule.needs:  # group statistics need the whole group now
+        if student_logps is None and "group_ids" in plan.rule.needs:  # group statistics need the whole group now
             student_logps = self.score_rollout("student", output).logps
         if student_logps is not None and not at_loss:  # the credit is final at rollout time
-            output["advantages"] = self.credit.assign(self.rule, entries, output, student_logps, mode)
+            output["advantages"] = self.credit.assign(plan.rule, entries, output, student_logps, mode)
             entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
             entries.lam, entries.state_values = None, {}
         return {**output, **entries.to_batch()}
@@ -474,7 +434,7 @@ class RLSDTrainer(GRPOTrainer):
         `rows` are neither rendered nor tokenized. The teacher's prompt is built from the prompt the rollout used
         (`rollout.prompts`; the dataset rows' without it), and a source that reads rewards gets `rollout.rewards`
         (public for diagnostics and tests; `TeacherPrompts.build`)."""
-        return self.prompts.build(inputs, output, mode, rows, rollout, distill=self.distill_fn is not None)
+        return self.prompts.build(inputs, output, mode, rows, rollout, distill=self.plan.distill_fn is not None)
 
     def teacher_scores(
         self,
@@ -488,8 +448,8 @@ class RLSDTrainer(GRPOTrainer):
         context of `inputs`, the teacher prompts and one scoring pass, as the rollout computes them (public for
         diagnostics such as the credit viewer, and for tests)."""
         prompt_ids, prompt_mask, types, _ = self.prompts.build(inputs, output, mode, rows, rollout,
-                                                               distill=self.distill_fn is not None)  # fmt: skip
-        entropy = "teacher_entropy" in self.rule.needs
+                                                               distill=self.plan.distill_fn is not None)  # fmt: skip
+        entropy = "teacher_entropy" in self.plan.rule.needs
         return self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
 
     def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
@@ -503,7 +463,7 @@ class RLSDTrainer(GRPOTrainer):
     ) -> torch.Tensor:
         """The (B, T) token advantages of a batch that carries deferred credit (`rlsd_*` entries), given the
         student's log-probs (public for diagnostics and tests; the loss calls the same code)."""
-        return self.credit.assign(self.rule, RLSDEntries.from_batch(batch), batch, student_logps, mode)
+        return self.credit.assign(self.plan.rule, RLSDEntries.from_batch(batch), batch, student_logps, mode)
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
         """`rlsd.metrics.reduce_metrics` into TRL's `_metrics`: the `log` callable every collaborator is handed."""
@@ -516,12 +476,12 @@ class RLSDTrainer(GRPOTrainer):
         log-probs when `teacher_at_loss`) and the distillation term (and SDPG's anchor) from the same forward is
         added."""
         entries = RLSDEntries.from_batch(inputs)
-        if not entries.deferred and self.distill_fn is None and entries.rollout_ids is None:
+        if not entries.deferred and self.plan.distill_fn is None and entries.rollout_ids is None:
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
         rule_reads_pass = entries.deferred and entries.teacher_logps is None
         teacher = None
-        if self.distill_fn is not None:
+        if self.plan.distill_fn is not None:
             teacher, logps = self.scorer.teacher_hidden(inputs, entries, with_logps=rule_reads_pass)
             if rule_reads_pass:  # the rule's teacher log-probs, from the same pass
                 entries.teacher_logps = logps
@@ -529,12 +489,11 @@ class RLSDTrainer(GRPOTrainer):
         others = [self.scorer.teacher_hidden(inputs, entries, owner)[0] for owner in mad]
         state = LossState(entries if entries.deferred else None, inputs)
         backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
-        self._loss_state = state
-        try:
-            with captured_output(backbone if teacher is not None else None) as student_hidden:
-                loss = super()._compute_loss(model, inputs)
-        finally:
-            self._loss_state = None
+        with (
+            self._handing_over("_loss_state", state),
+            captured_output(backbone if teacher is not None else None) as student_hidden,
+        ):
+            loss = super()._compute_loss(model, inputs)
         if state.logps is None:
             raise RuntimeError(
                 "TRL's loss never called _get_per_token_logps_and_entropies, so the token credit that waits for its "
@@ -545,9 +504,18 @@ class RLSDTrainer(GRPOTrainer):
             return loss + self.rollout_term.term(model, inputs, entries, state.logps)
         completion_length = inputs["completion_ids"].size(1)
         student = torch.cat(student_hidden)[:, -completion_length - 1 : -1]
-        extra = self.distill_term.term(inputs, entries, self.distill_fn, (student, head), teacher, state.logps, others)
+        extra = self.distill_term.term(inputs, entries, self.plan, (student, head), teacher, state.logps, others)
         rollout = self.rollout_term.term(model, inputs, entries, state.logps)
-        return self.args.policy_loss_coef * loss + extra + rollout
+        return self.plan.policy_loss_coef * loss + extra + rollout
+
+    @contextlib.contextmanager
+    def _handing_over(self, attribute: str, value: Any) -> Iterator[Any]:
+        """Set `attribute` (`_rollout_tap` or `_loss_state`) to `value` while the TRL call inside the block runs."""
+        setattr(self, attribute, value)
+        try:
+            yield value
+        finally:
+            setattr(self, attribute, None)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         """TRL's scoring forward; the first one inside the loss also hands its log-probs to the loss state and turns
@@ -562,7 +530,8 @@ class RLSDTrainer(GRPOTrainer):
                 mode = "train" if self.model.training else "eval"
                 student = state.batch.get("old_per_token_logps")
                 student = logps.detach() if student is None else student
-                state.batch["advantages"] = self.credit.assign(self.rule, state.pending, state.batch, student, mode)
+                rule = self.plan.rule
+                state.batch["advantages"] = self.credit.assign(rule, state.pending, state.batch, student, mode)
         return logps, entropies, aux_loss
 
     # ---------------------------------------------------------------------------------------- non-finite guards
@@ -664,12 +633,6 @@ class RLSDTrainer(GRPOTrainer):
             checkpoint, self.teacher, self.rule_state, fresh=self._resume.fresh,
             policy=self.accelerator.unwrap_model(self.model), unwrap=self.accelerator.unwrap_model,
         )  # fmt: skip
-
-
-def _set_fields(args: RLSDConfig, values: dict[str, Any]) -> None:
-    """Set a stage's field values on the config."""
-    for name, value in values.items():
-        setattr(args, name, value)
 
 
 @dataclasses.dataclass
