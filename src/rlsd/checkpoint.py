@@ -5,13 +5,14 @@ trainer."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,40 @@ def publish(staged: str, final: str) -> None:
     os.rename(staged, final)
     _fsync_dir(os.path.dirname(final))
     shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(
+    run_dir: str,
+    name: str,
+    step: int,
+    *,
+    should_save: bool,
+    barrier: Callable[[], None],
+    before_seal: Callable[[str], None] = lambda root: None,
+) -> Iterator[str]:
+    """Checkpoint `name` of `run_dir` written inside the block under a temporary root (yielded), then, once every
+    process is done (`barrier`), `before_seal(root)`, sealed with a manifest and renamed into place: a run killed
+    while saving leaves no `checkpoint-N` that looks complete. A failed write is removed; a full disk is reported
+    as one. `should_save`: this process writes files (the main one)."""
+    root = staging_root(run_dir, name)
+    if should_save:
+        discard(root)  # a torn write of this step by an earlier, killed run
+    barrier()
+    try:
+        yield root
+        barrier()
+        if should_save:
+            before_seal(root)
+            seal(os.path.join(root, name), step)
+    except Exception as err:
+        if should_save:
+            discard(root)
+        if is_disk_full(err, run_dir):
+            raise disk_full_error(name, run_dir) from err
+        raise
+    if should_save:
+        publish(os.path.join(root, name), os.path.join(run_dir, name))
 
 
 def discard(root: str) -> None:

@@ -5,6 +5,7 @@ setting and what to use instead), and the non-finite step guard's diagnosis (the
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +56,38 @@ def check_before_deepspeed(option: str, zero_stage: int | None) -> None:
             "partitioned parameters; select the prompts in a run without ZeRO-3 (ZeRO-2, FSDP2 or one device) and "
             "train on the dataset it keeps, or drop the option"
         )
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the trainer knows of a run once TRL has built it: the inputs and the engines it runs on."""
+
+    has_images: bool  # a training or eval split has an image column
+    is_vlm: bool  # the processing class is a processor
+    tools: bool
+    environment_factory: bool
+    rollout_func: bool
+    zero_stage: int | None  # DeepSpeed's ZeRO stage, None without DeepSpeed
+
+
+def check_run_supported(
+    args: Any, policy: torch.nn.Module, datasets: dict[str, Any], *, teacher: bool, distill: bool, facts: RunFacts
+) -> None:
+    """Every construction-time refusal of a run that uses a `teacher` (and a `distill`ation loss): images and
+    rollouts the teacher would not see, logit scaling and ZeRO-3 under distillation, attention dropout."""
+    if not teacher:
+        return
+    check_vision_supported(datasets, args, has_images=facts.has_images, is_vlm=facts.is_vlm, tools=facts.tools,
+                           environment_factory=facts.environment_factory, rollout_func=facts.rollout_func)  # fmt: skip
+    check_rollout_supported(args, environment_factory=facts.environment_factory, rollout_func=facts.rollout_func)
+    if distill:
+        check_plain_lm_head(policy, "distill_loss")
+        if facts.zero_stage == 3:
+            raise NotImplementedError(
+                "distill_loss projects the captured hidden states through the LM head after the forward, which "
+                "ZeRO-3 has re-partitioned; use FSDP2 or ZeRO-2, or a token-advantage rule (credit=...)"
+            )
+    check_no_attention_dropout(policy)
 
 
 def check_vision_supported(

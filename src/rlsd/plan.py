@@ -80,6 +80,16 @@ def build_plan(args: Any, values: Mapping[str, Any], stage: int | None, *, row_s
     )
 
 
+@dataclass(frozen=True)
+class RunNeeds:
+    """What any plan a run can reach needs, decided once at construction."""
+
+    teacher: bool  # a rule reads the teacher, a distillation loss distils from it, or it generates (teacher rollouts)
+    distill: bool  # a distillation loss runs (its loss-time teacher pass)
+    teacher_entropy: bool  # a rule reads the teacher's entropy
+    sdpg_reference: bool  # SDPG's anchor to the initial model
+
+
 class Stages:
     """The plans of a run: one per stage index (built on first use), chosen by optimizer step."""
 
@@ -106,3 +116,13 @@ class Stages:
         if not self.args.stages:
             return [self.plan(None)]
         return [self.plan(index) for index in reachable(self.args.stages)]
+
+    def needs(self) -> RunNeeds:
+        """What the plans this run can reach need (the teacher, SDPG's reference and the checks are built once)."""
+        plans, args = self.reachable(), self.args
+        return RunNeeds(
+            teacher=any(plan.uses_teacher for plan in plans) or args.teacher_rollout_loss != "none",
+            distill=any(plan.distill_fn is not None for plan in plans),
+            teacher_entropy=any("teacher_entropy" in plan.rule.needs for plan in plans),
+            sdpg_reference=args.sdpg_ref_coef > 0 and any(plan.distill_loss == "sdpg" for plan in plans),
+        )

@@ -123,15 +123,7 @@ from rlsd.batch import RLSDEntries, loss_mask, scalar
 from rlsd.config import RLSDConfig
 from rlsd.credit import grpo_advantages, rlsd_lambda
 from rlsd.distill_term import DistillationTerm
-from rlsd.guards import (
-    check_before_deepspeed,
-    check_no_attention_dropout,
-    check_plain_lm_head,
-    check_rollout_supported,
-    check_vision_supported,
-    first_nonfinite_grad,
-    nonfinite_fix,
-)
+from rlsd.guards import RunFacts, check_before_deepspeed, check_run_supported, first_nonfinite_grad, nonfinite_fix
 from rlsd.metrics import reduce_metrics
 from rlsd.plan import Stages, StepPlan
 from rlsd.privileged import get_source, validate_teacher_template
@@ -182,30 +174,25 @@ class RLSDTrainer(GRPOTrainer):
         validate_teacher_template(args.teacher_template, args.privileged_source)
         # one plan per Sparse-to-Dense stage (`rlsd.plan`; the config is never changed): what is built once (the
         # teacher, SDPG's reference, the checks) is built when any plan the run can reach needs it
-        plans = Stages(args, row_subsets=True).reachable()
-        self.any_distill = any(plan.distill_fn is not None for plan in plans)
-        self.uses_teacher = any(plan.uses_teacher for plan in plans) or args.teacher_rollout_loss != "none"
-        self.teacher_entropy = any("teacher_entropy" in plan.rule.needs for plan in plans)
-        self.any_sdpg_reference = args.sdpg_ref_coef > 0 and any(plan.distill_loss == "sdpg" for plan in plans)
+        self.needs = needs = Stages(args, row_subsets=True).needs()
         self.source = get_source(args.privileged_source)(args)
-        if self.uses_teacher:
+        if needs.teacher:
             for split_name in ("train_dataset", "eval_dataset"):
                 self.source.check_dataset(kwargs.get(split_name), split_name)
-        if self.uses_teacher and not args.disable_dropout:
+        if needs.teacher and not args.disable_dropout:
             # the teacher scores in eval mode; dropout in the student's train-mode forward would enter Delta
             logger.info("a self-teacher is used: setting disable_dropout=True (TRL then zeroes every nn.Dropout)")
             args.disable_dropout = True
         super().__init__(model, guard_rewards(reward_funcs, args.reward_timeout), args=args, **kwargs)
         self.has_images = any(vision.image_dataset(kwargs.get(split)) for split in ("train_dataset", "eval_dataset"))
-        if self.uses_teacher:
-            check_vision_supported(kwargs, args, has_images=self.has_images, is_vlm=self._is_vlm,
-                                   tools=bool(self.tools), environment_factory=self.environment_factories is not None,
-                                   rollout_func=self.rollout_func is not None)  # fmt: skip
-            check_rollout_supported(args, environment_factory=self.environment_factories is not None,
-                                    rollout_func=self.rollout_func is not None)  # fmt: skip
+        facts = RunFacts(has_images=self.has_images, is_vlm=self._is_vlm, tools=bool(self.tools),
+                         environment_factory=self.environment_factories is not None,
+                         rollout_func=self.rollout_func is not None, zero_stage=self._zero_stage())  # fmt: skip
+        policy = self.accelerator.unwrap_model(self.model)
+        check_run_supported(args, policy, kwargs, teacher=needs.teacher, distill=needs.distill, facts=facts)
         if args.teacher_rollout_loss != "none":
             TeacherRolloutTerm.check_supported(
-                args, self.accelerator.unwrap_model(self.model), kwargs, images=self.has_images,
+                args, policy, kwargs, images=self.has_images,
                 tools=bool(self.tools), fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled,
             )  # fmt: skip
         # the row-subset teacher pass would have to slice a vision model's tensors: there every row is scored
@@ -213,24 +200,14 @@ class RLSDTrainer(GRPOTrainer):
         self.plan: StepPlan = self.stages.plan_for(1)  # the plan of the step the next training rollout trains
 
         self.rule_state = self.plan.rule.state.from_params(rule_params(args)) if self.plan.rule.state else None
-        if self.any_distill:
-            check_plain_lm_head(self.accelerator.unwrap_model(self.model), "distill_loss")
-            if self._zero_stage() == 3:
-                raise NotImplementedError(
-                    "distill_loss projects the captured hidden states through the LM head after the forward, which "
-                    "ZeRO-3 has re-partitioned; use FSDP2 or ZeRO-2, or a token-advantage rule (credit=...)"
-                )
-        if self.uses_teacher:
-            check_no_attention_dropout(self.accelerator.unwrap_model(self.model))
         # the teacher of kind `args.teacher`, MAD-OPD's further teachers and SDPG's anchor, placed like TRL's reference
         columns = ("prompt", *((args.privileged_column,) if "answer" in self.source.fills else ()))
         build = TeacherBuild(
-            args, self.accelerator.unwrap_model(self.model), tokenizer=self._tokenizer,
-            dataset=kwargs.get("train_dataset"), text_columns=columns, temperature=self.temperature,
-            with_entropy=self.teacher_entropy, distill=self.any_distill,
+            args, policy, tokenizer=self._tokenizer, dataset=kwargs.get("train_dataset"), text_columns=columns,
+            temperature=self.temperature, with_entropy=needs.teacher_entropy, distill=needs.distill,
         )  # fmt: skip
         teachers = build_teachers(
-            build, self._prepare_frozen_model, uses_teacher=self.uses_teacher, sdpg_reference=self.any_sdpg_reference
+            build, self._prepare_frozen_model, uses_teacher=needs.teacher, sdpg_reference=needs.sdpg_reference
         )
         self.teacher: Teacher | None = teachers.teacher
         self.mad_teachers: list[Teacher] = teachers.mad
@@ -576,32 +553,17 @@ class RLSDTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=self._resume.checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        """`_write_checkpoint` under a temporary name (`.rlsd-partial-checkpoint-N/checkpoint-N`), sealed with a
-        manifest of every file and its size, then renamed to `checkpoint-N`: a run killed while saving leaves no
-        `checkpoint-N` that looks complete. A failed write is removed; a full disk is reported as one."""
+        """`_write_checkpoint` staged, sealed and renamed into place (`rlsd.checkpoint.staged`: a killed save leaves
+        no `checkpoint-N` that looks complete), then HF's rotation."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        root = checkpoint_files.staging_root(run_dir, name)
+        with checkpoint_files.staged(
+            run_dir, name, self.state.global_step, should_save=self.args.should_save,
+            barrier=self.accelerator.wait_for_everyone,
+            before_seal=lambda root: self._unstage_best_checkpoint(root, run_dir, name),
+        ) as root, self._handing_over("_staging_root", root):  # fmt: skip
+            self._write_checkpoint(model, trial)  # HF and TRL write (and rotate) inside the staging folder
         if self.args.should_save:
-            checkpoint_files.discard(root)  # a torn write of this step by an earlier, killed run
-        self.accelerator.wait_for_everyone()
-        self._staging_root = root  # HF and TRL write (and rotate) inside the staging folder (`_get_output_dir`)
-        try:
-            self._write_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                self._unstage_best_checkpoint(root, run_dir, name)
-                checkpoint_files.seal(os.path.join(root, name), self.state.global_step)
-        except Exception as err:
-            if self.args.should_save:
-                checkpoint_files.discard(root)
-            if checkpoint_files.is_disk_full(err, run_dir):
-                raise checkpoint_files.disk_full_error(name, run_dir) from err
-            raise
-        finally:
-            self._staging_root = None
-        if self.args.should_save:
-            checkpoint_files.publish(os.path.join(root, name), os.path.join(run_dir, name))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
         self.accelerator.wait_for_everyone()
