@@ -318,8 +318,8 @@ def test_brts_batch_carries_the_selected_trajectory_and_its_teacher_topk(tokeniz
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="brts", teacher_rollouts=2,
                             distill_overlap_k=5)  # fmt: skip
     _, batch = rollout_batch(trainer)
-    ids, mask = batch["rlsd_rollout_ids"], batch["rlsd_rollout_mask"]
-    logps, top = batch["rlsd_rollout_topk_logps"], batch["rlsd_rollout_topk_ids"]
+    ids, mask = batch["rlsd_term_ids"], batch["rlsd_term_mask"]
+    logps, top = batch["rlsd_term_topk_logps"], batch["rlsd_term_topk_ids"]
     assert ids.shape == mask.shape and ids.size(0) == 4 and ids.size(1) <= 8
     assert logps.shape == top.shape == (*ids.shape, 5)
     assert all(torch.equal(ids[0], row) for row in ids)  # one prompt: its four rows share the kept trajectory
@@ -361,7 +361,7 @@ def test_brts_learns_each_kept_trajectory_once_with_the_same_term_as_on_every_ro
     equals the one over every row of the group carrying it (duplicates do not move a mean)."""
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="brts", teacher_rollouts=2)
     _, batch = rollout_batch(trainer)
-    every = dict(batch, rlsd_rollout_mask=batch["rlsd_rollout_mask"][0].expand_as(batch["rlsd_rollout_mask"]))
+    every = dict(batch, rlsd_term_mask=batch["rlsd_term_mask"][0].expand_as(batch["rlsd_term_mask"]))
     (once, on_every_row), seen = rollout_terms_and_forward_rows(trainer, batch, every)
     assert seen == [1, 4]
     assert float(once) > 0 and torch.allclose(once, on_every_row, atol=1e-6)
@@ -383,7 +383,7 @@ def test_pbsd_scores_each_distinct_teacher_sample_once_with_the_same_loss(tokeni
     _, batch = rollout_batch(trainer)
     (term,), seen = rollout_terms_and_forward_rows(trainer, batch)
     assert seen == [2]
-    ids, mask = batch["rlsd_rollout_ids"], batch["rlsd_rollout_mask"]
+    ids, mask = batch["rlsd_term_ids"], batch["rlsd_term_mask"]
     positive = []
     for row in range(ids.size(0)):  # each pair's log pi(y+ | x), one plain forward per row
         prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
@@ -392,20 +392,20 @@ def test_pbsd_scores_each_distinct_teacher_sample_once_with_the_same_loss(tokeni
             logits = trainer.model(input_ids=torch.cat([prompt, sample]).unsqueeze(0)).logits[0]
         logits = logits[prompt.size(0) - 1 : -1]
         positive.append(torch.log_softmax(logits / trainer.temperature, -1).gather(-1, sample[:, None]).sum())
-    losses, _ = pbsd_loss(torch.stack(positive), batch["rlsd_rollout_ref_logps"], torch.zeros(ids.size(0)),
-                          batch["rlsd_rollout_neg_ref_logps"], trainer.args.pbsd_beta)  # fmt: skip
+    losses, _ = pbsd_loss(torch.stack(positive), batch["rlsd_term_ref_logps"], torch.zeros(ids.size(0)),
+                          batch["rlsd_term_neg_ref_logps"], trainer.args.pbsd_beta)  # fmt: skip
     assert torch.allclose(term, trainer.args.teacher_rollout_coef * losses.mean(), atol=1e-5)
 
 
 def test_pbsd_pairs_each_completion_with_a_teacher_sample_and_scores_both_under_the_teacher(tokenizer, tmp_path):
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd", teacher_rollouts=2)
     _, batch = rollout_batch(trainer)
-    ids, mask = batch["rlsd_rollout_ids"], batch["rlsd_rollout_mask"]
+    ids, mask = batch["rlsd_term_ids"], batch["rlsd_term_mask"]
     assert torch.equal(ids[0], ids[2]) and torch.equal(ids[1], ids[3])  # student j <-> teacher sample j mod 2
     # log pi_T(y- | x_T) equals the teacher's scoring pass on the completions
     scores = trainer.teacher_scores([make_dataset()[0]] * 4, batch, "train").logps
     expected = (scores * batch["completion_mask"]).sum(-1)
-    assert torch.allclose(batch["rlsd_rollout_neg_ref_logps"], expected, atol=1e-5)
+    assert torch.allclose(batch["rlsd_term_neg_ref_logps"], expected, atol=1e-5)
     # log pi_T(y+ | x_T) equals a direct forward of the teacher on [teacher prompt ; its sample]
     prompt = trainer.teacher_inputs([make_dataset()[0]], {"prompt_ids": None}, "train")[0][0]
     length = int(mask[0].sum())
@@ -413,7 +413,7 @@ def test_pbsd_pairs_each_completion_with_a_teacher_sample_and_scores_both_under_
     with torch.no_grad():
         logits = trainer.teacher.model(input_ids=sequence).logits[0, prompt.size(0) - 1 : -1] / trainer.temperature
     direct = torch.log_softmax(logits, -1).gather(-1, ids[0, :length].unsqueeze(-1)).sum()
-    assert batch["rlsd_rollout_ref_logps"][0].item() == pytest.approx(direct.item(), abs=1e-4)
+    assert batch["rlsd_term_ref_logps"][0].item() == pytest.approx(direct.item(), abs=1e-4)
 
 
 def test_teacher_generation_follows_the_run_generation_config(tokenizer, tmp_path):
@@ -421,7 +421,7 @@ def test_teacher_generation_follows_the_run_generation_config(tokenizer, tmp_pat
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd", teacher_rollouts=2,
                             top_k=1, max_completion_length=6)  # fmt: skip
     prompt = trainer.teacher_inputs([make_dataset()[0]], {"prompt_ids": None}, "train")[0]
-    ids, mask = trainer.rollout_term.generate(prompt, torch.ones_like(prompt), 2)
+    ids, mask = trainer.rollout_term.rollouts.generate(prompt, torch.ones_like(prompt), 2)
     greedy = trainer.teacher.model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -18,6 +18,12 @@ from torch import Tensor
 
 PREFIX = "rlsd_"
 TEACHER_TYPES_PREFIX = "teacher_types_"
+DICT_PREFIXES = {
+    "teacher_types": PREFIX + TEACHER_TYPES_PREFIX,
+    "state_values": PREFIX + "state_",
+    "term": PREFIX + "term_",
+}
+"""The dict fields of `RLSDEntries`: each entry travels flattened, as `<prefix><key>` (`rlsd_term_ids`)."""
 
 
 @dataclass
@@ -29,8 +35,10 @@ class RLSDEntries:
     privileged context. Distillation: each row's weight in the distillation term; SDPG's reference log-probs.
     Deferred credit (only when the student's log-probs come from the loss's own forward): the sequence advantages,
     the teacher's log-probs (and entropy), which rows the rule scores, lam and the rule state's values.
-    Teacher rollouts (`teacher_rollout_loss`): each row's teacher trajectory (BRTS: its prompt's kept one; PBSD: its
-    paired sample), and BRTS's teacher top-K on it or PBSD's teacher sequence log-probs.
+    Teacher rollouts (`teacher_rollout_loss`): the per-row tensors the run's loss term returned at rollout time
+    (`rlsd.rollout_term.LossTerm.add`; BRTS: each row's kept teacher trajectory and the teacher's top-K on it; PBSD:
+    its paired teacher sample and the teacher's sequence log-probs), by the term's own keys, so that a new term needs
+    no field here.
     """
 
     has_context: Tensor | None = None  # (B,) bool
@@ -45,12 +53,7 @@ class RLSDEntries:
     scored: Tensor | None = None  # (B,) bool: the rows a multiplicative rule scores (A_i != 0)
     lam: Tensor | None = None  # 0-dim float64
     state_values: dict[str, Tensor] = field(default_factory=dict)  # 0-dim float64 by parameter name
-    rollout_ids: Tensor | None = None  # (B, L) the teacher trajectory a row learns from (BRTS, PBSD)
-    rollout_mask: Tensor | None = None  # (B, L)
-    rollout_topk_logps: Tensor | None = None  # (B, L, K) BRTS: the teacher's top-K log-probs on its trajectory
-    rollout_topk_ids: Tensor | None = None  # (B, L, K) BRTS: their token ids
-    rollout_ref_logps: Tensor | None = None  # (B,) PBSD: log pi_T(y+ | x_T), the teacher on its own sample
-    rollout_neg_ref_logps: Tensor | None = None  # (B,) PBSD: log pi_T(y- | x_T), the teacher on the completion
+    term: dict[str, Tensor] = field(default_factory=dict)  # (B, ...) the teacher-rollout term's tensors by its key
 
     @property
     def deferred(self) -> bool:
@@ -63,10 +66,8 @@ class RLSDEntries:
         entries: dict[str, Tensor] = {}
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name == "teacher_types":
-                entries.update({f"{PREFIX}{TEACHER_TYPES_PREFIX}{key}": v for key, v in value.items()})
-            elif item.name == "state_values":
-                entries.update({f"{PREFIX}state_{key}": v for key, v in value.items()})
+            if item.name in DICT_PREFIXES:
+                entries.update({DICT_PREFIXES[item.name] + key: v for key, v in value.items()})
             elif value is not None:
                 entries[PREFIX + item.name] = value
         return entries
@@ -74,11 +75,9 @@ class RLSDEntries:
     @classmethod
     def from_batch(cls, batch: dict[str, Any]) -> RLSDEntries:
         """Read the entries back from a (micro-)batch."""
-        plain = {item.name for item in fields(cls)} - {"teacher_types", "state_values"}
-        values: dict[str, Any] = {name: batch.get(PREFIX + name) for name in plain}
-        types_prefix, state_prefix = PREFIX + TEACHER_TYPES_PREFIX, PREFIX + "state_"
-        values["teacher_types"] = {k[len(types_prefix) :]: v for k, v in batch.items() if k.startswith(types_prefix)}
-        values["state_values"] = {k[len(state_prefix) :]: v for k, v in batch.items() if k.startswith(state_prefix)}
+        values: dict[str, Any] = {item.name: batch.get(PREFIX + item.name) for item in fields(cls)}
+        for name, prefix in DICT_PREFIXES.items():
+            values[name] = {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}
         return cls(**values)
 
 

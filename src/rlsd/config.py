@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar
 
@@ -15,6 +15,7 @@ from trl import GRPOConfig
 from rlsd.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.privileged import SOURCES, get_source, validate_teacher_template
 from rlsd.rewards import DEFAULT_REWARD_TIMEOUT_S
+from rlsd.rollout_term import TERM_KNOBS, TERMS
 from rlsd.rules import KNOBS, RULES, Knob, check_knobs, check_rule_options
 from rlsd.stages import STAGE_FIELDS, check_stages, parse_stages, reachable, stage_values
 from rlsd.teacher import DEFAULT_TEACHER, EXTERNAL_TEACHER, TEACHER_KINDS, teacher_modes
@@ -28,10 +29,10 @@ DISTILL_LOSSES = ("none", *LOSSES)
 (the command line's choices; validation reads the registry itself, so a loss registered later is accepted too)."""
 POSITIVE_FIELDS = ("max_completion_length", "num_generations", "per_device_train_batch_size")
 """Counts that must be >= 1 (checked up front: 0 fails deep inside TRL or generation otherwise)."""
-ROLLOUT_LOSSES = ("none", "brts", "pbsd")
-"""`teacher_rollout_loss`: the terms learned from teacher rollouts (`rlsd.teacher_rollouts`)."""
-ROLLOUT_COEF_DEFAULTS = {"brts": 0.05, "pbsd": 1.0}
-"""`teacher_rollout_coef` when left unset: BRTS's lambda = 0.05; DPO's unscaled loss for PBSD."""
+ROLLOUT_LOSSES = ("none", *TERMS)
+"""`teacher_rollout_loss`: "none" and the terms registered in `rlsd.rollout_term` (`@loss_term`) when this module was
+imported (the command line's choices; validation reads the registry itself, so a term registered later is accepted
+too)."""
 
 
 def _knob_fields(name: str, knobs: dict[str, Knob]) -> type:
@@ -42,10 +43,15 @@ def _knob_fields(name: str, knobs: dict[str, Knob]) -> type:
 
 if set(KNOBS) & set(LOSS_KNOBS):
     raise ValueError(f"knob(s) {sorted(set(KNOBS) & set(LOSS_KNOBS))} are declared by a credit rule and a loss")
+if (set(KNOBS) | set(LOSS_KNOBS)) & set(TERM_KNOBS):
+    shared = sorted((set(KNOBS) | set(LOSS_KNOBS)) & set(TERM_KNOBS))
+    raise ValueError(f"knob(s) {shared} are declared by a teacher-rollout term and a credit rule or loss")
 RuleKnobs = _knob_fields("RuleKnobs", KNOBS)
 """The credit rules' own knobs as config fields: each is declared once, with its rule (`rlsd.rules.credit_rule`)."""
 DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
 """The distillation losses' knobs as config fields, declared with their loss (`rlsd.distill.distill_loss`)."""
+TermKnobs = _knob_fields("TermKnobs", TERM_KNOBS)
+"""The teacher-rollout terms' knobs as config fields, declared with their term (`rlsd.rollout_term.loss_term`)."""
 
 
 def _distill_losses() -> tuple[str, ...]:
@@ -58,8 +64,14 @@ def _distill_coef_default(loss: str) -> float:
     return LOSSES[loss].default_coef if loss in LOSSES else 1.0
 
 
+def _rollout_losses() -> tuple[str, ...]:
+    """`teacher_rollout_loss`'s values now: "none" and every registered term (also those registered after this
+    import)."""
+    return ("none", *TERMS)
+
+
 @dataclass
-class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
+class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs):
     r"""
     Configuration for [`RLSDTrainer`]. Every field of TRL's `GRPOConfig` applies unchanged; the fields below add the
     credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
@@ -183,44 +195,23 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
             Weight of TRL's loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains
             on the distillation term alone (full OPSD).
         teacher_rollout_loss (`str`, *optional*, defaults to `"none"`):
-            A term learned from teacher *rollouts* (`rlsd.teacher_rollouts`; both methods are the project's
+            A term learned from teacher *rollouts*, one of those registered in `rlsd.rollout_term` with `@loss_term`
+            (listed below with their knobs and default coefficients; `"brts"` and `"pbsd"` are the project's
             reconstructions from their descriptions): at each training rollout the teacher (the self-teacher in any
             mode, or `teacher_model`) generates `teacher_rollouts` completions per prompt from its teacher prompt,
             with the student's generation settings (transformers `generate`, `temperature` / `top_p` / `top_k`,
-            `max_completion_length`), and `teacher_rollout_coef` times the term is added to the policy loss.
-            `"brts"` (best-of-N rollout teacher selection): the N are scored with the run's reward functions and one
-            is kept per prompt: the best weighted total reward first (with 0/1 rewards: a correct one, reward > 0),
-            then the most student-aligned (mean |TopK(p_S) & TopK(p_T)| / K over its tokens, K =
-            `distill_overlap_k`, the student on the plain prompt); when none of the N has reward > 0 the teacher
-            retries N more with the reference answer shown (the `"answer"` source's template) and the same choice is
-            made among them; if still none is correct, the most aligned of all 2N is kept (logged, never dropped).
-            With `privileged_source="answer"` the first N already see the answer, so there is no retry (it would
-            re-sample the same prompt): the retry is what `privileged_source="none"` adds.
-            The term is the token mean of KL(p_T^K || p_S^K) over the teacher's top K tokens (both renormalized over
-            those K) at each token of the kept trajectory, the student teacher-forced on it after the plain prompt.
-            `"pbsd"` (preference-based self-distillation): student completion j of a group is paired with teacher
-            sample j mod N, and the term is the mean over completions of DPO's -log sigmoid(`pbsd_beta` *
-            [(log pi(y+|x) - log pi_T(y+|x_T)) - (log pi(y-|x) - log pi_T(y-|x_T))]) with y+ the teacher sample,
-            y- the student's completion, pi the student on the plain prompt x (sequence log-probs, with gradient)
-            and pi_T the teacher on its teacher prompt x_T (no gradient). Cost per step: one teacher generation of
-            N per prompt (BRTS: 2N when the retry runs, which then runs on every process), two no-grad forwards per
-            candidate (BRTS: teacher and student; PBSD: the teacher on its samples and on the completions) and one
-            more student forward with gradient per micro-batch on the teacher trajectories. Needs
-            `privileged_source` `"answer"` or `"none"` (a sibling is chosen per completion, not per prompt); refused
-            with `use_vllm` (teacher generation uses transformers; the vLLM path is not implemented, as it cannot
-            be tested here), `stages`, `mad_opd_teachers`, tools, environments, rollout functions, images, FSDP
-            and DeepSpeed. Logs `rlsd/teacher_rollout_loss`, `rlsd/teacher_rollout_time_s`, and for BRTS
-            `rlsd/teacher_rollout_correct` (share of kept trajectories that are correct),
-            `rlsd/teacher_rollout_retry` (share of prompts that needed the retry) and
-            `rlsd/teacher_rollout_alignment`, for PBSD `rlsd/pbsd_margin` (mean of the beta-scaled margin m).
+            `max_completion_length`); the term turns them into what its loss needs, and `teacher_rollout_coef`
+            times the term is added to the policy loss. Needs `privileged_source` `"answer"` or `"none"` (a sibling
+            is chosen per completion, not per prompt); refused with `use_vllm` (teacher generation uses
+            transformers; the vLLM path is not implemented, as it cannot be tested here), `stages`,
+            `mad_opd_teachers`, tools, environments, rollout functions, images, FSDP and DeepSpeed. Logs
+            `rlsd/teacher_rollout_loss` and `rlsd/teacher_rollout_time_s`, and the term's own metrics.
         teacher_rollouts (`int`, *optional*, defaults to `4`):
             N, the teacher completions generated per prompt (BRTS's candidates, PBSD's positives). Must be >= 1.
         teacher_rollout_coef (`float` or `None`, *optional*, defaults to `None`):
-            Weight of the teacher-rollout term; `None` means 0.05 for `"brts"` (the paper's lambda) and 1.0 for
-            `"pbsd"` (DPO's loss unscaled, as DPO uses it: its gradient on each sequence log-prob is already at
-            most `pbsd_beta`). 0 computes the term but leaves the loss and its gradient unchanged.
-        pbsd_beta (`float`, *optional*, defaults to `0.1`):
-            PBSD's beta, the inverse temperature of its DPO margin. Must be > 0.
+            Weight of the teacher-rollout term; `None` means the term's declared default (listed below: 0.05 for
+            `"brts"`, the paper's lambda; 1.0 for `"pbsd"`). 0 computes the term but leaves the loss and its
+            gradient unchanged.
         stages (`list[dict]`, `str` or `None`, *optional*, defaults to `None`):
             Sparse-to-Dense's stage schedule (`rlsd.stages`): a list (a JSON string on the command line) of dicts
             `{"until_step": N, <field>: <value>, ...}` whose fields (`credit`, `distill_loss`, `distill_coef`,
@@ -354,13 +345,15 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
     policy_loss_coef: float = field(default=1.0, metadata={"help": "Weight of TRL's loss (0: distillation only)."})
     teacher_rollout_loss: str = field(
         default="none",
-        metadata={"help": "Term learned from teacher rollouts: none, brts or pbsd.", "choices": list(ROLLOUT_LOSSES)},
+        metadata={
+            "help": f"Term learned from teacher rollouts: {', '.join(ROLLOUT_LOSSES)}.",
+            "choices": list(ROLLOUT_LOSSES),
+        },
     )
     teacher_rollouts: int = field(default=4, metadata={"help": "N: teacher completions generated per prompt."})
     teacher_rollout_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the teacher-rollout term (None: 0.05 for brts, 1.0 for pbsd)."}
+        default=None, metadata={"help": "Weight of the teacher-rollout term (None: the term's default)."}
     )
-    pbsd_beta: float = field(default=0.1, metadata={"help": "PBSD: beta of the DPO margin."})
     stages: list[dict[str, Any]] | str | None = field(
         default=None,
         metadata={
@@ -399,9 +392,9 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
     )
 
     def __getattr__(self, name: str) -> Any:
-        """A knob registered after this class was built (a rule or loss declared in user code) that this config was
-        not given: its declared default, so that every reader sees every registered knob."""
-        knob = KNOBS.get(name) or LOSS_KNOBS.get(name)
+        """A knob registered after this class was built (a rule, loss or teacher-rollout term declared in user code)
+        that this config was not given: its declared default, so that every reader sees every registered knob."""
+        knob = KNOBS.get(name) or LOSS_KNOBS.get(name) or TERM_KNOBS.get(name)
         if knob is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return knob.default
@@ -451,21 +444,25 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
         self._check_teacher_rollouts()
 
     def _check_teacher_rollouts(self) -> None:
-        """`teacher_rollout_loss` and its knobs checked, its coefficient defaulted, and the combinations it cannot
-        run with refused."""
+        """`teacher_rollout_loss` (a registered term, read now: one registered after import is accepted), the knobs
+        of every term and the shared ones checked, its coefficient defaulted, the combinations no teacher-rollout term
+        can run with refused, then the term's own checks (`LossTerm.check_config`)."""
         flag = "--teacher_rollout_loss"
-        if self.teacher_rollout_loss not in ROLLOUT_LOSSES:
-            raise ConfigError(flag, f"is {self.teacher_rollout_loss!r}", f"use one of {', '.join(ROLLOUT_LOSSES)}")
+        if self.teacher_rollout_loss not in _rollout_losses():
+            raise ConfigError(flag, f"is {self.teacher_rollout_loss!r}", f"use one of {', '.join(_rollout_losses())}")
         if self.teacher_rollouts < 1:
             raise ConfigError("--teacher_rollouts", f"must be >= 1, got {self.teacher_rollouts}", "pass e.g. 4")
-        if not self.pbsd_beta > 0.0:
-            raise ConfigError("--pbsd_beta", f"must be > 0, got {self.pbsd_beta}", "pass e.g. 0.1")
-        if self.teacher_rollout_coef is None and self.teacher_rollout_loss != "none":
-            self.teacher_rollout_coef = ROLLOUT_COEF_DEFAULTS[self.teacher_rollout_loss]
+        for key, knob in TERM_KNOBS.items():
+            problem = knob.check(getattr(self, key)) if knob.check else None
+            if problem:
+                raise ConfigError(f"--{key}", problem, f"pass e.g. {knob.default}")
+        term = TERMS.get(self.teacher_rollout_loss)  # None: "none"
+        if self.teacher_rollout_coef is None and term is not None:
+            self.teacher_rollout_coef = term.default_coef
         if self.teacher_rollout_coef is not None and self.teacher_rollout_coef < 0.0:
             raise ConfigError("--teacher_rollout_coef", f"must be >= 0, got {self.teacher_rollout_coef}",
                               "pass e.g. 0.05")  # fmt: skip
-        if self.teacher_rollout_loss == "none":
+        if term is None:
             return
         refused = {
             "use_vllm": "the teacher generates with transformers; a vLLM path is not implemented (it cannot be tested "
@@ -480,9 +477,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs):
             raise ConfigError(flag, f"is {self.teacher_rollout_loss!r} with privileged_source="
                               f"{self.privileged_source!r}", "a sibling is chosen per student completion, but the "
                               "teacher rolls out once per prompt: use 'answer' or 'none'")  # fmt: skip
-        if self.teacher_rollout_loss == "brts" and self.distill_overlap_k < 1:
-            raise ConfigError("--distill_overlap_k", "is 0 with teacher_rollout_loss='brts'",
-                              "BRTS's K (alignment and top-K loss) is distill_overlap_k: pass e.g. 16")  # fmt: skip
+        term.cls.check_config(self)
 
     def _check_teacher_aligned_prompts(self) -> None:
         """`teacher_aligned_prompts` is 0 or a fraction in (0, 1], and needs a teacher whose prompt exists before
@@ -591,33 +586,39 @@ def _knob_docs(knobs: dict[str, Knob]) -> str:
     )
 
 
-def _loss_docs() -> str:
-    """The docstring entries of the registered distillation losses: description, knobs, default coefficient."""
+def _registry_docs(registry: Mapping[str, Any], coef: str) -> str:
+    """The docstring entries of the registered distillation losses or teacher-rollout terms: description, knobs, the
+    default of their coefficient `coef`."""
     return "".join(
         f'        "{name}":\n'
-        + textwrap.fill(f"{loss.doc} Knobs: {', '.join(loss.knobs) or 'none'}; distill_coef defaults to "
-                        f"{loss.default_coef}.", 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
+        + textwrap.fill(f"{item.doc} Knobs: {', '.join(item.knobs) or 'none'}; {coef} defaults to "
+                        f"{item.default_coef}.", 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
         + "\n"
-        for name, loss in LOSSES.items()
+        for name, item in registry.items()
     )  # fmt: skip
 
 
 RLSDConfig.__doc__ = (RLSDConfig.__doc__ or "").rstrip() + "\n\n    Rule knobs (declared in `rlsd.rules`):\n"
 RLSDConfig.__doc__ += _knob_docs(KNOBS)
-RLSDConfig.__doc__ += "\n    Distillation losses (`distill_loss`, declared in `rlsd.distill`):\n" + _loss_docs()
+RLSDConfig.__doc__ += "\n    Distillation losses (`distill_loss`, declared in `rlsd.distill`):\n"
+RLSDConfig.__doc__ += _registry_docs(LOSSES, "distill_coef")
 RLSDConfig.__doc__ += "\n    Distillation knobs (declared with their loss):\n" + _knob_docs(LOSS_KNOBS)
+RLSDConfig.__doc__ += "\n    Teacher-rollout terms (`teacher_rollout_loss`, declared in `rlsd.rollout_term`):\n"
+RLSDConfig.__doc__ += _registry_docs(TERMS, "teacher_rollout_coef")
+RLSDConfig.__doc__ += "\n    Teacher-rollout knobs (declared with their term):\n" + _knob_docs(TERM_KNOBS)
 _FIELDS = frozenset(item.name for item in dataclasses.fields(RLSDConfig))
 
 
 def _taking_late_knobs(init: Callable[..., None]) -> Callable[..., None]:
     """`RLSDConfig.__init__` that also takes, as keyword arguments, the knobs registered after the class was built
-    (rules and losses declared in user code, which imports `rlsd` and so this module first): each is set as an
+    (rules, losses and terms declared in user code, which imports `rlsd` and so this module first): each is set as an
     attribute before the dataclass fields, so that `__post_init__` checks it with the others. Not a dataclass
     field: the command line, `to_dict` and `dataclasses.replace` do not carry it."""
 
     @functools.wraps(init)
     def __init__(self: RLSDConfig, *args: Any, **kwargs: Any) -> None:
-        for key in [key for key in kwargs if key not in _FIELDS and (key in KNOBS or key in LOSS_KNOBS)]:
+        registered = KNOBS.keys() | LOSS_KNOBS.keys() | TERM_KNOBS.keys()
+        for key in [key for key in kwargs if key not in _FIELDS and key in registered]:
             setattr(self, key, kwargs.pop(key))
         init(self, *args, **kwargs)
 

@@ -37,7 +37,7 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_deferred_credit_without_the_scoring_hook_raises`, `test_a_training_step_runs_under_every_loss_type`.
 - `_get_per_token_logps_and_entropies` (override, called): `(model, input_ids, attention_mask, logits_to_keep,
   batch_size, compute_entropy, **vision)` -> (logps, entropies, aux); uses the fused head installed by
-  `add_fused_lm_head`; TRL's own (not the override) is handed to `rlsd.scorer.Scorer` and `TeacherRolloutTerm` as
+  `add_fused_lm_head`; TRL's own (not the override) is handed to `rlsd.scorer.Scorer` and `TeacherRollouts` as
   the partial `trl_logps`. Guarded by `test_teacher_logps_align_with_a_direct_forward`,
   `test_rlsd_adds_exactly_one_forward_pass_per_step`.
 - `_tokenize_prompts` (called): renders and tokenizes prompts as the rollout does (chat template, processor with
@@ -250,17 +250,17 @@ class RLSDTrainer(GRPOTrainer):
             group_size=self.scorer.group_size, decode_tokens=self._tokenizer.batch_decode,
             vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
         )  # fmt: skip
-        # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): a term handed what it reads, never the trainer
+        # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): the registered term it names, over one context
+        # (`rlsd.rollout_term.TeacherRollouts`) handed what the terms read, never the trainer
         self.rollout_term: TeacherRolloutTerm | NoTeacherRollouts = NoTeacherRollouts()
         if args.teacher_rollout_loss != "none":
-            self.rollout_term = TeacherRolloutTerm(
+            self.rollout_term = TeacherRolloutTerm.build(
                 accelerator=self.accelerator, args=args, source=self.source, tokenizer=self._tokenizer,
                 generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
                 temperature=self.temperature, reward_weights=self.reward_weights,
                 tokenize_prompts=self._tokenize_prompts,
                 teacher_inputs=lambda *a: self.prompts.build(*a, distill=self.plan.distill_fn is not None),
-                scoring_model=self.scorer.scoring_model, score=self.scorer.score,
-                trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
+                scoring_model=self.scorer.scoring_model, score=self.scorer.score, trl_logps=self.scorer.trl_logps,
                 trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
                 log=self._log_across_processes, group_size=self.scorer.group_size,
                 scoring_batch_size=self.scorer.scoring_batch_size, training=lambda: self.model.training,
@@ -453,7 +453,7 @@ class RLSDTrainer(GRPOTrainer):
         log-probs when `teacher_at_loss`) and the distillation term (and SDPG's anchor) from the same forward is
         added."""
         entries = RLSDEntries.from_batch(inputs)
-        if not entries.deferred and self.plan.distill_fn is None and entries.rollout_ids is None:
+        if not entries.deferred and self.plan.distill_fn is None and not entries.term:
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered rollout batch stays untouched for later iterations
         rule_reads_pass = entries.deferred and entries.teacher_logps is None

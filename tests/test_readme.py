@@ -1,0 +1,52 @@
+"""The README's extension examples run as written: each registers into its registry and the config accepts them."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+
+import rlsd
+from rlsd.data import detect_format
+from rlsd.distill import LOSS_KNOBS, LOSSES
+from rlsd.formats import FORMATS
+from rlsd.privileged import SOURCES
+from rlsd.rules import KNOBS, RULES
+from rlsd.transforms import TRANSFORMS
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def extending_block() -> str:
+    """The first python block after the README's **Extending.** paragraph."""
+    text = README.read_text()
+    start = text.index("**Extending.**")
+    return re.search(r"```python\n(.*?)```", text[start:], re.DOTALL).group(1)
+
+
+@pytest.fixture
+def registries():
+    """Registrations made by the example are undone afterwards (the registries are module-level dicts)."""
+    registries = (RULES, KNOBS, LOSSES, LOSS_KNOBS, SOURCES, TRANSFORMS, FORMATS)
+    saved = [(registry, dict(registry)) for registry in registries]
+    yield
+    for registry, items in saved:
+        registry.clear()
+        registry.update(items)
+
+
+def test_the_extending_examples_register_and_configure(tmp_path, registries, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # the example is written for a GPU machine (bf16 by default): on this CPU-only one, its config runs on the CPU
+    monkeypatch.setattr(rlsd, "RLSDConfig", functools.partial(rlsd.RLSDConfig, use_cpu=True))
+    namespace: dict = {}
+    exec(compile(extending_block(), "README.md", "exec"), namespace)
+    config = namespace["config"]
+    assert {"my_shifted"} <= set(RULES) and {"my_scaled_kl"} <= set(LOSSES) and "my_reflection" in SOURCES
+    assert "my_hint" in TRANSFORMS and "my_qa" in FORMATS
+    assert (config.credit, config.my_shift, config.distill_loss, config.my_kl_scale) == ("my_shifted", 0.5,
+                                                                                         "my_scaled_kl", 2.0)
+    assert config.teacher_template == SOURCES["my_reflection"].default_template
+    assert detect_format(["question", "final"]) == "my_qa"
