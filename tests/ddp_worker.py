@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsd import RLSDConfig, RLSDTrainer
-from rlsd.assign import CreditAssembler
-from rlsd.data import load_rlsd_dataset
-from rlsd.rewards import completion_text, resolve_reward
+from rlsd.data.datasets import load_rlsd_dataset
+from rlsd.data.rewards import completion_text, resolve_reward
+from rlsd.step.assign import CreditAssembler
 
 
 def checksum_reward(completions, **kwargs):

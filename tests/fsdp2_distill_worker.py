@@ -1,5 +1,5 @@
 """Run by `torchrun --nproc_per_node 2` in test_fsdp2_distill (gloo, CPU): a tiny FSDP2 (`fully_shard`) language
-model trains a cross-entropy loss plus the distillation term through `rlsd.distill.selected_token_loss`, the path
+model trains a cross-entropy loss plus the distillation term through `rlsd.core.distill.selected_token_loss`, the path
 the trainer uses, with a different number of selected tokens on each rank (none on one of them). Every parameter's
 gradient must equal the single-process gradient of the loss averaged over ranks, as data-parallel training gives.
 Prints "rank R: ok" at the end; any mismatch raises, and a collective out of step times out."""
@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from rlsd.distill import generalized_jsd, selected_token_loss
+from rlsd.core.distill import generalized_jsd, selected_token_loss
 
 HIDDEN, VOCAB, LENGTH, TEMPERATURE, CHUNK = 6, 11, 7, 0.7, 2  # 11 rows: uneven shards over two ranks
 

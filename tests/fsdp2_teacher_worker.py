@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
-from rlsd.teacher import TEACHER_WEIGHTS_FILE, SelfTeacher
+from rlsd.teachers import TEACHER_WEIGHTS_FILE, SelfTeacher
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_config
 
-from rlsd.assign import CreditAssembler, rule_on_rows
-from rlsd.batch import RLSDEntries
-from rlsd.rules import Signals, get_rule, rule_params
+from rlsd.core.rules import Signals, get_rule, rule_params
+from rlsd.step.assign import CreditAssembler, rule_on_rows
+from rlsd.step.batch import RLSDEntries
 
 
 class OneProcess:

@@ -24,11 +24,11 @@ from datasets import Dataset
 from test_data_rewards import GSM8K
 
 from rlsd import RLSDConfig, RLSDTrainer
-from rlsd.checkpoint import MANIFEST_FILE, PARTIAL_PREFIX, DiskFullError
-from rlsd.cli import main as cli_main
-from rlsd.data import load_rlsd_dataset, to_rlsd_rows
-from rlsd.rewards import format_reward, guard_reward, math_accuracy, resolve_reward
-from rlsd.validate import (
+from rlsd.commands.cli import main as cli_main
+from rlsd.data.datasets import load_rlsd_dataset, to_rlsd_rows
+from rlsd.data.rewards import format_reward, guard_reward, math_accuracy, resolve_reward
+from rlsd.infra.checkpoint import MANIFEST_FILE, PARTIAL_PREFIX, DiskFullError
+from rlsd.infra.validate import (
     CheckpointError,
     ConfigError,
     DatasetError,
@@ -272,7 +272,8 @@ def test_eval_writes_generations_as_it_goes(tmp_path, tiny_model_dir, monkeypatc
             raise ValueError("scorer crashed")
         return [0.0] * len(completions)
 
-    monkeypatch.setattr("rlsd.evaluate.resolve_reward", lambda name: guard_reward(fails_on_second_batch, None))
+    failing = guard_reward(fails_on_second_batch, None)
+    monkeypatch.setattr("rlsd.commands.evaluate.resolve_reward", lambda name: failing)
     data = tmp_path / "d.jsonl"
     data.write_bytes(GOOD)
     out = tmp_path / "eval"
@@ -490,7 +491,7 @@ def test_full_disk_is_reported_as_such_and_leaves_the_previous_checkpoint(tokeni
     monkeypatch.setattr(torch, "save", save)
     if failure == "iostream":  # torch's writer loses the errno: the free space tells
         real_usage = shutil.disk_usage
-        monkeypatch.setattr("rlsd.checkpoint.shutil.disk_usage", lambda p: real_usage(p)._replace(free=4096))
+        monkeypatch.setattr("rlsd.infra.checkpoint.shutil.disk_usage", lambda p: real_usage(p)._replace(free=4096))
     trainer = build(tokenizer, tmp_path, **RESUME)
     with pytest.raises(DiskFullError, match=r"no space left on the device while writing checkpoint-4") as info:
         trainer.train()

@@ -14,9 +14,9 @@ import yaml
 from datasets import Dataset
 from test_data_rewards import GSM8K, MATH
 
-from rlsd.cli import main as cli_main
-from rlsd.evaluate import GENERATION_KEYS, SUMMARY_KEYS, pass_at_k, summarize
-from rlsd.train import make_parser
+from rlsd.commands.cli import main as cli_main
+from rlsd.commands.evaluate import GENERATION_KEYS, SUMMARY_KEYS, pass_at_k, summarize
+from rlsd.commands.train import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

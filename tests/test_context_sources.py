@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import build_trainer, make_config, make_dataset
 
-from rlsd.privileged import SOURCES, Context, PrivilegedSource, RolloutView, privileged_source
-from rlsd.prompts import RolloutTap, TeacherPrompts
+from rlsd.context.prompts import RolloutTap, TeacherPrompts
+from rlsd.context.sources import SOURCES, Context, PrivilegedSource, RolloutView, privileged_source
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_config, make_dataset, parity_reward
 
-from rlsd.cli import main as cli_main
-from rlsd.convert import ConversionError, convert_gguf, load_gguf, plain_model, smollm2_gguf
+from rlsd.commands.cli import main as cli_main
+from rlsd.commands.convert import ConversionError, convert_gguf, load_gguf, plain_model, smollm2_gguf
 from rlsd.experiments.tiny import build_char_tokenizer
-from rlsd.validate import OutputDirError
+from rlsd.infra.validate import OutputDirError
 
 gguf = pytest.importorskip("gguf", reason='the gguf package is missing: pip install -e ".[dev]" (or make test)')
 

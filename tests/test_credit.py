@@ -1,4 +1,4 @@
-"""Hand-computed values for every credit function in `rlsd.credit`."""
+"""Hand-computed values for every credit function in `rlsd.core.credit`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlsd.credit import (
+from rlsd.core.credit import (
     DELTA_BOUND,
     grpo_advantages,
     grpo_opsd_advantages,

@@ -7,8 +7,8 @@ import time
 import pytest
 from datasets import Dataset
 
-from rlsd.data import detect_format, load_rlsd_dataset, to_rlsd_rows
-from rlsd.rewards import format_reward, integer_match, last_boxed, math_accuracy, resolve_reward
+from rlsd.data.datasets import detect_format, load_rlsd_dataset, to_rlsd_rows
+from rlsd.data.rewards import format_reward, integer_match, last_boxed, math_accuracy, resolve_reward
 
 GSM8K = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},

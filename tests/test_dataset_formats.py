@@ -1,5 +1,5 @@
-"""The dataset-format registry: a format registered by code outside `rlsd.data` with `@dataset_format` is detected
-ahead of lower priorities, converted by `load_rlsd_dataset`, and offered by `rlsd train` and `rlsd eval`; the
+"""The dataset-format registry: a format registered by code outside `rlsd.data.datasets` with `@dataset_format` is
+detected ahead of lower priorities, converted by `load_rlsd_dataset`, and offered by `rlsd train` and `rlsd eval`; the
 built-in text and image formats keep their names and detection order."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from datasets import Dataset
 
-from rlsd import evaluate, train
-from rlsd.data import detect_format, load_cli_dataset, load_rlsd_dataset, to_rlsd_rows
-from rlsd.formats import FORMATS, dataset_format, format_names
-from rlsd.validate import text_cell
+from rlsd.commands import evaluate, train
+from rlsd.data.datasets import detect_format, load_cli_dataset, load_rlsd_dataset, to_rlsd_rows
+from rlsd.data.formats import FORMATS, dataset_format, format_names
+from rlsd.infra.validate import text_cell
 
 GRADED = [
     {"question": "What is 2 + 3?", "answer": "5", "grader": "exact"},

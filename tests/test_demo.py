@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlsd.cli import main as cli_main
+from rlsd.commands.cli import main as cli_main
 from rlsd.experiments.task import TaskConfig, sample_problems
 from rlsd.experiments.warmstart import WarmStartConfig, generate, warm_start
 

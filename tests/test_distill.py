@@ -8,7 +8,7 @@ import pytest
 import torch
 from trl.experimental.gkd import GKDTrainer
 
-from rlsd.distill import (
+from rlsd.core.distill import (
     _with_tail,
     chunked_token_loss,
     generalized_jsd,

@@ -13,12 +13,12 @@ import torch
 from conftest import build_trainer, make_config
 
 from rlsd import RLSDConfig
-from rlsd.batch import scalar
 from rlsd.config import DISTILL_LOSSES
-from rlsd.distill import LOSS_KNOBS, LOSSES, distill_loss, generalized_jsd, token_loss_fn, topk_jsd
-from rlsd.rules import KNOBS, RULES, Knob, Signals, credit_rule, get_rule, rule_params
-from rlsd.stages import STAGE_FIELDS
-from rlsd.validate import ConfigError
+from rlsd.core.distill import LOSS_KNOBS, LOSSES, distill_loss, generalized_jsd, token_loss_fn, topk_jsd
+from rlsd.core.rules import KNOBS, RULES, Knob, Signals, credit_rule, get_rule, rule_params
+from rlsd.core.stages import STAGE_FIELDS
+from rlsd.infra.validate import ConfigError
+from rlsd.step.batch import scalar
 
 
 def logits(seed: int) -> torch.Tensor:

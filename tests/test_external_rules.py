@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import build_trainer, make_dataset, make_model
 
-from rlsd.batch import scalar
-from rlsd.teacher_prompt import render_teacher_prompts
+from rlsd.context.templates import render_teacher_prompts
+from rlsd.step.batch import scalar
 
 TEMPERATURE = 0.7
 GROUP = 4

@@ -11,9 +11,9 @@ from conftest import build_trainer, make_config, make_dataset
 from transformers import Qwen2Tokenizer
 
 from rlsd.config import DISTILL_LOSSES
+from rlsd.context.templates import render_teacher_prompts
 from rlsd.experiments.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TAG_TOKENS, build_tiny_qwen2
-from rlsd.teacher import ExternalTeacher
-from rlsd.teacher_prompt import render_teacher_prompts
+from rlsd.teachers import ExternalTeacher
 
 TEMPERATURE = 0.7
 
@@ -95,7 +95,7 @@ def test_a_training_step_runs_with_an_external_teacher(tokenizer, tmp_path, teac
 
 
 def teacher_rules() -> list[str]:
-    from rlsd.rules import RULES, get_rule
+    from rlsd.core.rules import RULES, get_rule
 
     return [name for name in RULES if "teacher_logps" in get_rule(name).needs]
 
@@ -246,7 +246,7 @@ def test_the_opd_catalogue_entries_train_with_a_teacher_path_and_are_refused_wit
 
 # ------------------------------------------------------------------------------------- Rethinking-OPD diagnostic
 def test_topk_overlap_by_hand():
-    from rlsd.distill import topk_overlap
+    from rlsd.core.distill import topk_overlap
 
     student = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [0.0, 0.5, 9.0, 8.0, 1.0]])
     teacher = torch.tensor([[1.0, 5.0, 4.0, 0.0, 0.5], [9.0, 8.0, 0.0, 0.5, 1.0]])
@@ -258,7 +258,7 @@ def test_topk_overlap_by_hand():
 
 
 def test_the_overlap_probe_sees_each_chunk_once_through_the_checkpointed_backward():
-    from rlsd.distill import OverlapProbe, chunked_token_loss, generalized_jsd, topk_overlap
+    from rlsd.core.distill import OverlapProbe, chunked_token_loss, generalized_jsd, topk_overlap
 
     torch.manual_seed(0)
     student_head, teacher_head = torch.nn.Linear(6, 11, bias=False), torch.nn.Linear(5, 11, bias=False)

@@ -10,8 +10,8 @@ from conftest import build_trainer, make_config, make_dataset, make_model
 from datasets import Dataset
 
 from rlsd.config import DISTILL_LOSSES
-from rlsd.distill import generalized_jsd
-from rlsd.teacher_prompt import NO_SIBLING_TEXT, pick_siblings, render_teacher_prompts
+from rlsd.context.templates import NO_SIBLING_TEXT, pick_siblings, render_teacher_prompts
+from rlsd.core.distill import generalized_jsd
 
 LOSSES = [name for name in DISTILL_LOSSES if name != "none"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd.distill import generalized_jsd, head_logits, selected_token_loss
+from rlsd.core.distill import generalized_jsd, head_logits, selected_token_loss
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.data import load_rlsd_dataset
-from rlsd.gsm_symbolic import INSTALL, gsm_symbolic_rows, is_gsm_symbolic, package_templates, parse_options
-from rlsd.rewards import math_accuracy
-from rlsd.validate import DatasetError
+from rlsd.data.datasets import load_rlsd_dataset
+from rlsd.data.gsm_symbolic import INSTALL, gsm_symbolic_rows, is_gsm_symbolic, package_templates, parse_options
+from rlsd.data.rewards import math_accuracy
+from rlsd.infra.validate import DatasetError
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "gsm_symbolic")
 APPLES = re.compile(r"has (\d+) apples and shares them equally among (\d+) friends")

@@ -12,10 +12,10 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-from rlsd.cli import main as cli_main
-from rlsd.data import load_rlsd_dataset, to_rlsd_rows
-from rlsd.image_data import CHOICE_INSTRUCTION, detect_image_format, load_processor
-from rlsd.validate import DatasetError
+from rlsd.commands.cli import main as cli_main
+from rlsd.data.datasets import load_rlsd_dataset, to_rlsd_rows
+from rlsd.data.images import CHOICE_INSTRUCTION, detect_image_format, load_processor
+from rlsd.infra.validate import DatasetError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_train_on_mmfinereason_then_eval_on_mathvista(tmp_path, tiny_vl_dir):
 
 
 def test_eval_refuses_vllm_for_images(tmp_path, tiny_vl_dir):
-    from rlsd.validate import ConfigError
+    from rlsd.infra.validate import ConfigError
 
     eval_data = copy_fixture("mathvista", tmp_path)
     with pytest.raises(ConfigError, match=r"--backend vllm: is text-only in rlsd eval"):

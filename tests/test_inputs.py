@@ -8,9 +8,9 @@ from conftest import make_config, make_dataset, make_model, parity_reward
 from datasets import Dataset
 
 from rlsd import RLSDConfig, RLSDTrainer
-from rlsd.scorer import Scorer
-from rlsd.scoring import ScoreResult
-from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, render_teacher_prompt, render_teacher_prompts
+from rlsd.context.templates import PAPER_TEACHER_TEMPLATE, render_teacher_prompt, render_teacher_prompts
+from rlsd.step.scorer import Scorer
+from rlsd.step.scoring import ScoreResult
 
 
 def test_missing_privileged_column_names_it_and_lists_the_columns(tokenizer, tmp_path):

@@ -26,7 +26,7 @@ def library_modules() -> list[str]:
 
 def test_the_library_never_imports_the_experiments():
     modules = library_modules()
-    assert "rlsd.trainer" in modules and "rlsd.rewards" in modules
+    assert "rlsd.trainer" in modules and "rlsd.data.rewards" in modules
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"
@@ -67,7 +67,7 @@ def test_the_seams_table_lists_every_override_and_every_trl_attribute_read():
     # are handed what they read, so their TRL reads are the trainer file's, where each is built
     ours = [cls for cls in RLSDTrainer.__mro__ if cls.__module__.startswith("rlsd.")]
     assert ours == [RLSDTrainer], "an rlsd mixin entered RLSDTrainer's MRO: make it a collaborator (COLLABORATORS)"
-    assert sorted(Path(rlsd.__file__).parent.glob("*_mixin.py")) == []
+    assert sorted(Path(rlsd.__file__).parent.rglob("*_mixin.py")) == []
     for module in COLLABORATORS:
         assert trainer_reads(module_files()[module].read_text()) == set(), f"{module} reads the trainer"
     defined = set().union(*(vars(cls) for cls in ours))
@@ -85,14 +85,14 @@ def test_the_seams_table_lists_every_override_and_every_trl_attribute_read():
 
 
 COLLABORATORS = (
-    "rlsd.rollout_term",
-    "rlsd.aligned_prompts",
-    "rlsd.assign",
-    "rlsd.prompts",
-    "rlsd.scorer",
-    "rlsd.distill_term",
-    "rlsd.guards",
-    "rlsd.checkpoint",
+    "rlsd.step.rollout_term",
+    "rlsd.step.aligned_prompts",
+    "rlsd.step.assign",
+    "rlsd.context.prompts",
+    "rlsd.step.scorer",
+    "rlsd.step.distill_term",
+    "rlsd.infra.guards",
+    "rlsd.infra.checkpoint",
 )
 """The modules of what the trainer builds from values and callables, never from itself (`TeacherRolloutTerm`,
 `select_aligned_prompts`, `CreditAssembler`, `TeacherPrompts`, `Scorer`, `DistillationTerm`, the guards' and
@@ -152,10 +152,16 @@ def test_every_test_named_in_the_seams_table_exists():
     assert named and named - defined == set()
 
 
+def library_files() -> list[Path]:
+    """Every module of the library: the `rlsd` source tree without the experiments wing."""
+    root = Path(rlsd.__file__).parent
+    return [path for path in sorted(root.rglob("*.py")) if "experiments" not in path.relative_to(root).parts]
+
+
 def trl_helpers() -> set[str]:
     """The TRL names the library (not the experiments) imports, besides TRL's public trainer and config API."""
     imported = set()
-    for path in Path(rlsd.__file__).parent.glob("*.py"):
+    for path in library_files():
         for names in re.findall(r"^\s*from trl[\w.]* import ([\w, ]+)", path.read_text(), flags=re.MULTILINE):
             imported |= {name.strip() for name in names.split(",")}
     return imported - {"GRPOConfig", "GRPOTrainer", "ModelConfig", "TrlParser", "get_peft_config"}
@@ -296,7 +302,7 @@ def trainer_assignments() -> set[str]:
 
     ours = [cls for cls in RLSDTrainer.__mro__ if cls.__module__.startswith("rlsd.")]
     names = set().union(*(assigned_on(class_tree(cls), is_self) for cls in ours))
-    for path in Path(rlsd.__file__).parent.glob("*.py"):
+    for path in library_files():
         names |= assigned_on(ast.parse(path.read_text()), is_trainer)
     return names
 
@@ -345,17 +351,17 @@ def test_the_assignment_check_fails_without_the_train_dataset_row(monkeypatch):
 
 
 def test_only_rlsd_entries_names_the_rlsd_batch_keys():
-    """What travels from rollout to loss is read and written through `RLSDEntries` (`rlsd.batch`) alone: no other
+    """What travels from rollout to loss is read and written through `RLSDEntries` (`rlsd.step.batch`) alone: no other
     library module names one of its `rlsd_*` keys (as `inputs["rlsd_distill_weight"]` once did)."""
     from dataclasses import fields
 
-    from rlsd.batch import PREFIX, RLSDEntries
+    from rlsd.step.batch import PREFIX, RLSDEntries
 
     keys = {PREFIX + item.name for item in fields(RLSDEntries)}
     named = {
         (name, key)
         for name, path in module_files().items()
         for key in keys
-        if name != "rlsd.batch" and re.search(rf"\b{key}\b", path.read_text())
+        if name != "rlsd.step.batch" and re.search(rf"\b{key}\b", path.read_text())
     }
     assert "rlsd_distill_weight" in keys and named == set()

@@ -9,8 +9,8 @@ import pytest
 from conftest import build_trainer, make_dataset
 from transformers import set_seed
 
-from rlsd.assign import CreditAssembler
-from rlsd.scorer import Scorer
+from rlsd.step.assign import CreditAssembler
+from rlsd.step.scorer import Scorer
 
 SAME_TEACHER = dict(credit="rlsd", teacher="live", privileged_source="none", rlsd_lambda_decay_steps=0)
 

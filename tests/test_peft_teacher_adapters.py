@@ -8,7 +8,7 @@ import torch
 from conftest import make_model
 from torch import nn
 
-from rlsd.teacher import (
+from rlsd.teachers import (
     INITIAL_ADAPTER,
     TEACHER_ADAPTER,
     TEACHER_WEIGHTS_FILE,

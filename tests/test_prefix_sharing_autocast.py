@@ -7,7 +7,7 @@ import torch
 from conftest import build_trainer, make_dataset
 from transformers import set_seed
 
-from rlsd.scoring import score_tokens
+from rlsd.step.scoring import score_tokens
 
 
 def test_prefix_sharing_scores_under_the_trainers_autocast(tokenizer, tmp_path):

@@ -1,5 +1,5 @@
-"""Teacher-aligned prompt selection (`teacher_aligned_prompts`, `rlsd.prompt_selection`): the ranking, the score on
-hand-made bigram models, the batched score against an unbatched greedy reference, the trainer's selection and the
+"""Teacher-aligned prompt selection (`teacher_aligned_prompts`, `rlsd.core.prompt_selection`): the ranking, the score
+on hand-made bigram models, the batched score against an unbatched greedy reference, the trainer's selection and the
 refusals."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from rlsd.aligned_prompts import select_aligned_prompts
+from rlsd.context.sources import AnswerSource
+from rlsd.context.templates import render_teacher_prompts
+from rlsd.core.prompt_selection import alignment_scores, select_aligned
 from rlsd.experiments.tiny import build_tiny_qwen2
-from rlsd.privileged import AnswerSource
-from rlsd.prompt_selection import alignment_scores, select_aligned
-from rlsd.teacher_prompt import render_teacher_prompts
-from rlsd.validate import ConfigError
+from rlsd.infra.validate import ConfigError
+from rlsd.step.aligned_prompts import select_aligned_prompts
 
 PAD, EOS = 0, 5
 

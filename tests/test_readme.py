@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import rlsd
-from rlsd.data import detect_format
-from rlsd.distill import LOSS_KNOBS, LOSSES
-from rlsd.formats import FORMATS
-from rlsd.privileged import SOURCES
-from rlsd.rules import KNOBS, RULES
-from rlsd.transforms import TRANSFORMS
+from rlsd.context.sources import SOURCES
+from rlsd.context.transforms import TRANSFORMS
+from rlsd.core.distill import LOSS_KNOBS, LOSSES
+from rlsd.core.rules import KNOBS, RULES
+from rlsd.data.datasets import detect_format
+from rlsd.data.formats import FORMATS
 
 README = Path(__file__).parent.parent / "README.md"
 

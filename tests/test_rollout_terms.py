@@ -1,4 +1,4 @@
-"""The `@loss_term` registry of teacher-rollout terms (`rlsd.rollout_term`): a term registered in test code (after
+"""The `@loss_term` registry of teacher-rollout terms (`rlsd.step.rollout_term`): a term registered in test code (after
 `rlsd.config` is imported, as user code always is) with its own knob is configured by name, checked, trained with, and
 its value pinned by a direct computation; unknown names, malformed classes and per-row violations are refused; its
 tensors travel through `RLSDEntries.term` as `rlsd_term_<key>`."""
@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import build_trainer, make_config, make_dataset, make_model
 
-from rlsd.batch import RLSDEntries
-from rlsd.rollout_term import (
+from rlsd.core.rules import Knob
+from rlsd.infra.validate import ConfigError
+from rlsd.step.batch import RLSDEntries
+from rlsd.step.rollout_term import (
     TERM_KNOBS,
     TERMS,
     LossTerm,
@@ -23,8 +25,6 @@ from rlsd.rollout_term import (
     get_loss_term,
     loss_term,
 )
-from rlsd.rules import Knob
-from rlsd.validate import ConfigError
 
 
 def logged(trainer, key: str) -> float:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlsd.rules import RULES, AntiSDGate, RuleParams, Signals, get_rule
+from rlsd.core.rules import RULES, AntiSDGate, RuleParams, Signals, get_rule
 
 F64 = torch.float64
 DELTAS = [math.log(1.1), math.log(2.0), math.log(0.5), 0.0]

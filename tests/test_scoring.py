@@ -1,5 +1,5 @@
-"""`rlsd.scoring.score_tokens`: the plain path against TRL and a hand-written forward, the prefix-reuse path against
-the plain one, the prompt run once per group, and the fallbacks."""
+"""`rlsd.step.scoring.score_tokens`: the plain path against TRL and a hand-written forward, the prefix-reuse path
+against the plain one, the prompt run once per group, and the fallbacks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_model
 
-from rlsd.scoring import ScoreResult, prefix_reuse_blocker, score_tokens
+from rlsd.step.scoring import ScoreResult, prefix_reuse_blocker, score_tokens
 
 GROUP = 4
 ROWS = 12
@@ -270,13 +270,13 @@ def test_mask_derived_positions_take_the_plain_path(tokenizer, fused_head):
 
 
 def test_a_blocked_prefix_path_is_logged_once(tokenizer, monkeypatch, caplog):
-    import rlsd.scoring as scoring
+    import rlsd.step.scoring as scoring
 
     monkeypatch.setattr(scoring, "_LOGGED_FALLBACKS", set())
     model, batch = make_tiny_opt(tokenizer), make_batch(tokenizer)
-    with caplog.at_level("WARNING", logger="rlsd.scoring"):
+    with caplog.at_level("WARNING", logger="rlsd.step.scoring"):
         for _ in range(2):
             score_tokens(model, **batch, temperature=1.0, batch_size=ROWS, group_size=GROUP)
-    messages = [record.getMessage() for record in caplog.records if record.name == "rlsd.scoring"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "rlsd.step.scoring"]
     assert len(messages) == 1
     assert "OPTForCausalLM" in messages[0] and "positions derived from the attention mask" in messages[0]

@@ -1,5 +1,5 @@
-"""Issue 14's last follow-ups: Sparse-to-Dense's stage schedule (`rlsd.stages`, `RLSDConfig.stages`) and MAD-OPD's
-confidence-weighted sum over several teachers (`rlsd.distill.mad_opd_*`), with hand-computed values."""
+"""Issue 14's last follow-ups: Sparse-to-Dense's stage schedule (`rlsd.core.stages`, `RLSDConfig.stages`) and MAD-OPD's
+confidence-weighted sum over several teachers (`rlsd.core.distill.mad_opd_*`), with hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import build_trainer, make_config, make_model
 
-from rlsd.distill import generalized_jsd, mad_opd_token_loss, mad_opd_weights, teacher_confidence
-from rlsd.stages import reachable, stage_index, stage_values
-from rlsd.teacher import ExternalTeacher
-from rlsd.validate import ConfigError
+from rlsd.core.distill import generalized_jsd, mad_opd_token_loss, mad_opd_weights, teacher_confidence
+from rlsd.core.stages import reachable, stage_index, stage_values
+from rlsd.infra.validate import ConfigError
+from rlsd.teachers import ExternalTeacher
 
 WARMUP_OPD_GRPO = [
     {"until_step": 1, "credit": "grpo", "distill_loss": "jsd", "distill_jsd_beta": 0.0, "policy_loss_coef": 0.0},

@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import build_trainer, make_config, make_dataset, parity_reward
 
-from rlsd.rollout_term import TeacherRolloutTerm
-from rlsd.teacher_rollouts import (
+from rlsd.core.rollout_losses import (
     Candidates,
     chunked_sampled_logps,
     chunked_topk_kl,
@@ -25,7 +24,8 @@ from rlsd.teacher_rollouts import (
     topk_trajectory_kl,
     trajectory_alignment,
 )
-from rlsd.validate import ConfigError, RewardError
+from rlsd.infra.validate import ConfigError, RewardError
+from rlsd.step.rollout_term import TeacherRolloutTerm
 
 NAN = math.nan
 
@@ -338,8 +338,8 @@ def test_brts_batch_carries_the_selected_trajectory_and_its_teacher_topk(tokeniz
 def rollout_terms_and_forward_rows(trainer, *batches):
     """The loss-time teacher-rollout term of each batch (TRL's own student log-probs taken as 0) and the rows of
     every student backbone forward it ran."""
-    from rlsd.batch import RLSDEntries
-    from rlsd.teacher import backbone_and_head
+    from rlsd.step.batch import RLSDEntries
+    from rlsd.teachers import backbone_and_head
 
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
     backbone, _ = backbone_and_head(trainer.model)
@@ -377,7 +377,7 @@ def test_distinct_rows_by_hand():
 def test_pbsd_scores_each_distinct_teacher_sample_once_with_the_same_loss(tokenizer, tmp_path):
     """G = 4 completions share N = 2 teacher samples: the student's forward runs on the 2 distinct [prompt ; sample]
     rows, and the term equals the DPO loss over the four pairs from per-row student log-probs."""
-    from rlsd.teacher_rollouts import pbsd_loss
+    from rlsd.core.rollout_losses import pbsd_loss
 
     trainer = build_trainer(tokenizer, tmp_path, credit="grpo", teacher_rollout_loss="pbsd", teacher_rollouts=2)
     _, batch = rollout_batch(trainer)

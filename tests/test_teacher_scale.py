@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import build_trainer, make_dataset, make_model
 
-from rlsd.teacher import TEACHER_ADAPTER, TEACHER_SHADOW_FILE, TEACHER_WEIGHTS_FILE, SelfTeacher
-from rlsd.teacher_prompt import render_teacher_prompts
+from rlsd.context.templates import render_teacher_prompts
+from rlsd.teachers import TEACHER_ADAPTER, TEACHER_SHADOW_FILE, TEACHER_WEIGHTS_FILE, SelfTeacher
 
 WORKER = Path(__file__).with_name("fsdp2_teacher_worker.py")
 TEACHER_KW = dict(sync_steps=1, ema_decay=0.5, temperature=1.0)

@@ -1,4 +1,4 @@
-"""Teacher kinds are a registry behind the `Teacher` protocol (`rlsd.teacher`): a kind registered from user code is
+"""Teacher kinds are a registry behind the `Teacher` protocol (`rlsd.teachers`): a kind registered from user code is
 accepted by the config and trained with, without editing `config.py` or `trainer.py`; what the trainer does with a
 kind (the sync callback, placement) follows what the kind declares, never its name."""
 
@@ -13,7 +13,8 @@ from conftest import build_trainer, make_config, make_model
 from torch import nn
 
 import rlsd.config
-from rlsd.teacher import (
+from rlsd.infra.validate import ConfigError
+from rlsd.teachers import (
     TEACHER_KINDS,
     TEACHER_MODES,
     ExternalTeacher,
@@ -25,7 +26,6 @@ from rlsd.teacher import (
     build_teachers,
     teacher_kind,
 )
-from rlsd.validate import ConfigError
 
 TEACHER_KW = dict(sync_steps=1, ema_decay=0.5, temperature=1.0)
 

@@ -8,7 +8,7 @@ from conftest import build_trainer, config_kwargs, make_dataset, make_model, par
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from rlsd.teacher_prompt import render_teacher_prompts
+from rlsd.context.templates import render_teacher_prompts
 
 build = build_trainer
 

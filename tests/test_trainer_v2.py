@@ -171,7 +171,7 @@ def accelerator():
 
 
 def test_bf16_ema_teacher_moves_as_far_as_the_exact_ema(tokenizer, accelerator):
-    from rlsd.teacher import SelfTeacher
+    from rlsd.teachers import SelfTeacher
 
     start = make_model(tokenizer).to(torch.bfloat16)
     teacher = SelfTeacher("ema", start, sync_steps=1, ema_decay=0.95, temperature=1.0)
@@ -195,7 +195,7 @@ def test_bf16_ema_teacher_moves_as_far_as_the_exact_ema(tokenizer, accelerator):
 
 
 def test_ema_shadow_survives_a_checkpoint(tokenizer, tmp_path, accelerator):
-    from rlsd.teacher import SelfTeacher
+    from rlsd.teachers import SelfTeacher
 
     start = make_model(tokenizer).to(torch.bfloat16)
     straight = SelfTeacher("ema", start, sync_steps=1, ema_decay=0.95, temperature=1.0)
@@ -233,7 +233,7 @@ def test_eval_rollouts_do_not_move_the_antisd_gate(tokenizer, tmp_path):
     ],
 )
 def test_lambda_warmup_reaches_lam0_once_and_decays_from_the_next_step(warmup, decay, expected):
-    from rlsd.credit import rlsd_lambda
+    from rlsd.core.credit import rlsd_lambda
 
     values = [rlsd_lambda(k, lam0=0.5, warmup_steps=warmup, decay_steps=decay) for k in range(1, warmup + 4)]
     assert values == pytest.approx(expected[: warmup + 3], abs=1e-12)
@@ -314,7 +314,7 @@ def test_attention_dropout_with_a_teacher_is_refused(tokenizer, tmp_path):
 
 
 def test_think_span_mask_by_hand():
-    from rlsd.credit import think_span_mask
+    from rlsd.core.credit import think_span_mask
 
     pieces = [
         ["<think>", "a", "b", "</think>", "c"],  # the tags' tokens are outside the span
@@ -373,7 +373,7 @@ def test_rules_that_cannot_honour_negative_only_or_the_span_refuse_them(tmp_path
 def test_entropy_gated_rules_honour_negative_only(credit):
     import math
 
-    from rlsd.rules import RuleParams, Signals, get_rule
+    from rlsd.core.rules import RuleParams, Signals, get_rule
 
     entropy = torch.full((2, 2), math.log(100) / 2, dtype=torch.float64)  # gate 0.5 everywhere
     student = torch.full((2, 2), -1.0, dtype=torch.float64)
@@ -436,7 +436,7 @@ def zero3_partitioned(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("mode", ["synced", "ema", "initial"])
 def test_copy_teachers_of_a_zero3_partitioned_policy_are_refused(tokenizer, mode):
-    from rlsd.teacher import SelfTeacher
+    from rlsd.teachers import SelfTeacher
 
     policy = zero3_partitioned(make_model(tokenizer))
     with pytest.raises(ValueError, match=r"ZeRO-3 partitioned.*teacher='live'"):
@@ -454,7 +454,7 @@ def test_the_zero3_recipe_uses_a_teacher_without_a_copy():
 
 # ------------------------------------------------------------------ defect 8: Uni-OPD groups on TRL's global layout
 def test_uni_opd_groups_straddling_processes_follow_the_global_layout(tokenizer, tmp_path, monkeypatch):
-    from rlsd.rules import RuleParams, Signals, get_rule
+    from rlsd.core.rules import RuleParams, Signals, get_rule
 
     trainer = build(tokenizer, tmp_path, credit="uni-opd", teacher="live")  # groups of 4
     width = 3
@@ -525,7 +525,7 @@ def test_a_live_teacher_asks_the_fused_head_only_for_what_the_rule_reads(tokeniz
 
 # ------------------------------------------------------------- cost: the teacher prompt computed once per group
 def test_prefix_sharing_scores_like_the_plain_pass_and_runs_each_teacher_prompt_once(tokenizer, tmp_path):
-    from rlsd.scorer import whole_groups
+    from rlsd.step.scorer import whole_groups
 
     plain = build(tokenizer, tmp_path / "plain", teacher="live")
     shared = build(tokenizer, tmp_path / "shared", teacher="live", teacher_prefix_sharing=True)

@@ -17,7 +17,7 @@ from test_vision import (
     teacher_pass,
 )
 
-from rlsd.transforms import TRANSFORMS, teacher_transform
+from rlsd.context.transforms import TRANSFORMS, teacher_transform
 
 
 @pytest.fixture

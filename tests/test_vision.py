@@ -12,8 +12,8 @@ from transformers import Qwen2VLForConditionalGeneration
 from trl import GRPOConfig, GRPOTrainer
 
 from rlsd import RLSDTrainer
+from rlsd.context.templates import PAPER_TEACHER_TEMPLATE, has_image_blocks, render_teacher_prompt
 from rlsd.experiments.tiny_vlm import ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE, has_image_blocks, render_teacher_prompt
 
 COLOURS = [(220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 30)]
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rlsd.cli import main as cli_main
+from rlsd.commands.cli import main as cli_main
 from rlsd.experiments.task import TaskConfig, sample_problems
 from rlsd.experiments.tiny_vlm import CELL, build_vl_processor
 from rlsd.experiments.vision_task import (

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from real_reward import last_integer
 
 from rlsd import RLSDConfig, RLSDTrainer
-from rlsd.data import load_rlsd_dataset
-from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE
+from rlsd.context.templates import PAPER_TEACHER_TEMPLATE
+from rlsd.data.datasets import load_rlsd_dataset
 
 TEMPLATES = {
     "paper": PAPER_TEACHER_TEMPLATE,

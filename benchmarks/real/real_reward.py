@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rlsd.rewards import completion_text
+from rlsd.data.rewards import completion_text
 
 _INTEGER = re.compile(r"-?\d+")
 

@@ -1,8 +1,8 @@
 """One `StepPlan` per Sparse-to-Dense stage: what a rollout and its loss compute, decided once, never by mutating
 the config.
 
-A plan holds the stage's field values (`rlsd.stages.STAGE_FIELDS`, the config's own where the stage is silent), the
-credit rule and distillation loss built from them, and the two decisions that follow: whether the teacher may skip
+A plan holds the stage's field values (`rlsd.core.stages.STAGE_FIELDS`, the config's own where the stage is silent),
+the credit rule and distillation loss built from them, and the two decisions that follow: whether the teacher may skip
 rows whose credit is known (A_i = 0 under a multiplicative rule), and whether the rule's teacher log-probs may come
 from the distillation's loss-time teacher pass. Without `stages` there is one plan; `Stages` builds and caches one per
 stage index and answers which plan an optimizer step runs."""
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from rlsd.distill import LOSS_KNOBS, token_loss_fn
-from rlsd.rules import CreditRule, get_rule
-from rlsd.stages import STAGE_FIELDS, reachable, stage_index, stage_values
+from rlsd.core.distill import LOSS_KNOBS, token_loss_fn
+from rlsd.core.rules import CreditRule, get_rule
+from rlsd.core.stages import STAGE_FIELDS, reachable, stage_index, stage_values
 
 
 @dataclass(frozen=True)

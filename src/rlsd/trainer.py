@@ -1,23 +1,24 @@
 """`RLSDTrainer`: TRL's `GRPOTrainer` with token-level credit from a privileged self-teacher.
 
 The trainer only gathers log-probs and hands (B, T) token advantages to TRL's own loss:
-1. after TRL's rollout and scoring, the privileged source (`rlsd.privileged`) fills the teacher template of each
-   row and one no-grad teacher pass (`rlsd.scorer.Scorer`, every scoring pass) scores [teacher prompt ; completion];
+1. after TRL's rollout and scoring, the privileged source (`rlsd.context.sources`) fills the teacher template of each
+   row and one no-grad teacher pass (`rlsd.step.scorer.Scorer`, every scoring pass) scores [teacher prompt ;
+   completion];
 2. the student's sampled-token log-probs are TRL's old log-probs when TRL computes them, else the detached
    log-probs of the loss's own forward (no extra pass);
-3. a credit rule (`rlsd.rules`) turns (A_i, teacher, student, mask, ...) into A_it.
+3. a credit rule (`rlsd.core.rules`) turns (A_i, teacher, student, mask, ...) into A_it.
 With a distillation loss (`distill_loss`), the teacher runs once, at loss time: its last hidden states feed the
-distillation term (`rlsd.distill_term.DistillationTerm`; the kernels, a chunk of tokens at a time, in `rlsd.distill`)
-and, when the rule needs nothing else from the rollout, the rule's teacher log-probs; the student's hidden states are
-captured from the loss's own forward.
-Vision-language models: the teacher prompt keeps the image blocks and every forward gets the rollout's vision
-tensors (`rlsd.vision`). What travels from rollout to loss is `rlsd.batch.RLSDEntries`. With `stages` (Sparse-to-Dense,
-`rlsd.stages`) each training rollout first enters the stage of its step (rule and loss rebuilt); with
-`mad_opd_teachers` (MAD-OPD) every teacher runs the loss-time pass and the term is their confidence-weighted sum.
-With `teacher_rollout_loss` (BRTS, PBSD) the teacher also generates completions after TRL's rollout, and the loss adds
-a term on those trajectories (`rlsd.rollout_term.TeacherRolloutTerm`, the math in
-`rlsd.teacher_rollouts`). With `teacher_aligned_prompts` the training prompts are ranked by student-teacher agreement
-at construction and the most aligned kept (`rlsd.aligned_prompts`, the math in `rlsd.prompt_selection`).
+distillation term (`rlsd.step.distill_term.DistillationTerm`; the kernels, a chunk of tokens at a time, in
+`rlsd.core.distill`) and, when the rule needs nothing else from the rollout, the rule's teacher log-probs; the
+student's hidden states are captured from the loss's own forward. Vision-language models: the teacher prompt keeps the
+image blocks and every forward gets the rollout's vision tensors (`rlsd.context.vision`). What travels from rollout to
+loss is `rlsd.step.batch.RLSDEntries`. With `stages` (Sparse-to-Dense, `rlsd.core.stages`) each training rollout first
+enters the stage of its step (rule and loss rebuilt); with `mad_opd_teachers` (MAD-OPD) every teacher runs the
+loss-time pass and the term is their confidence-weighted sum. With `teacher_rollout_loss` (BRTS, PBSD) the teacher also
+generates completions after TRL's rollout, and the loss adds a term on those trajectories
+(`rlsd.step.rollout_term.TeacherRolloutTerm`, the math in `rlsd.core.rollout_losses`). With `teacher_aligned_prompts`
+the training prompts are ranked by student-teacher agreement at construction and the most aligned kept
+(`rlsd.step.aligned_prompts`, the math in `rlsd.core.prompt_selection`).
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
@@ -37,7 +38,7 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_deferred_credit_without_the_scoring_hook_raises`, `test_a_training_step_runs_under_every_loss_type`.
 - `_get_per_token_logps_and_entropies` (override, called): `(model, input_ids, attention_mask, logits_to_keep,
   batch_size, compute_entropy, **vision)` -> (logps, entropies, aux); uses the fused head installed by
-  `add_fused_lm_head`; TRL's own (not the override) is handed to `rlsd.scorer.Scorer` and `TeacherRollouts` as
+  `add_fused_lm_head`; TRL's own (not the override) is handed to `rlsd.step.scorer.Scorer` and `TeacherRollouts` as
   the partial `trl_logps`. Guarded by `test_teacher_logps_align_with_a_direct_forward`,
   `test_rlsd_adds_exactly_one_forward_pass_per_step`.
 - `_tokenize_prompts` (called): renders and tokenizes prompts as the rollout does (chat template, processor with
@@ -82,11 +83,11 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 - `train` (override): HF's public loop; the checkpoint is verified first. Guarded by
   `test_damaged_checkpoint_is_refused_naming_the_file`.
 - `train_dataset` (assigned): replaced after construction by the rows `teacher_aligned_prompts` keeps
-  (`rlsd.aligned_prompts`); TRL's dataloader reads it in `get_train_dataloader` / `_get_train_sampler` when training
-  starts. Guarded by `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
+  (`rlsd.step.aligned_prompts`); TRL's dataloader reads it in `get_train_dataloader` / `_get_train_sampler` when
+  training starts. Guarded by `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
 - `add_fused_lm_head`, `use_adapter`, `SyncRefModelCallback`, `create_model_from_path`, `prepare_deepspeed`,
   `prepare_fsdp`, `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad` (TRL helpers called, the
-  first four by `rlsd.teacher`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA
+  first four by `rlsd.teachers`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA
   of the reference model, loading a model by name or path as TRL loads its reference model (the external teacher,
   `dtype` strings and device_map included), frozen-model placement, image blocks placed as the rollout places them,
   left padding. Guarded by
@@ -115,25 +116,32 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
-from rlsd import checkpoint as checkpoint_files
-from rlsd import vision
-from rlsd.aligned_prompts import select_aligned_prompts
-from rlsd.assign import CreditAssembler
-from rlsd.batch import RLSDEntries, loss_mask, scalar
 from rlsd.config import RLSDConfig
-from rlsd.credit import grpo_advantages, rlsd_lambda
-from rlsd.distill_term import DistillationTerm
-from rlsd.guards import RunFacts, check_before_deepspeed, check_run_supported, first_nonfinite_grad, nonfinite_fix
-from rlsd.metrics import reduce_metrics
+from rlsd.context import vision
+from rlsd.context.prompts import RolloutTap, TeacherInputs, TeacherPrompts
+from rlsd.context.sources import get_source, validate_teacher_template
+from rlsd.core.credit import grpo_advantages, rlsd_lambda
+from rlsd.core.rules import rule_params
+from rlsd.data.rewards import guard_rewards, reward_totals
+from rlsd.infra import checkpoint as checkpoint_files
+from rlsd.infra.guards import (
+    RunFacts,
+    check_before_deepspeed,
+    check_run_supported,
+    first_nonfinite_grad,
+    nonfinite_fix,
+)
+from rlsd.infra.validate import NonFiniteError
 from rlsd.plan import Stages, StepPlan
-from rlsd.privileged import get_source, validate_teacher_template
-from rlsd.prompts import RolloutTap, TeacherInputs, TeacherPrompts
-from rlsd.rewards import guard_rewards, reward_totals
-from rlsd.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
-from rlsd.rules import rule_params
-from rlsd.scorer import Scorer, captured_output
-from rlsd.scoring import ScoreResult
-from rlsd.teacher import (
+from rlsd.step.aligned_prompts import select_aligned_prompts
+from rlsd.step.assign import CreditAssembler
+from rlsd.step.batch import RLSDEntries, loss_mask, scalar
+from rlsd.step.distill_term import DistillationTerm
+from rlsd.step.metrics import reduce_metrics
+from rlsd.step.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
+from rlsd.step.scorer import Scorer, captured_output
+from rlsd.step.scoring import ScoreResult
+from rlsd.teachers import (
     Teacher,
     TeacherBuild,
     TeacherSyncCallback,
@@ -141,7 +149,6 @@ from rlsd.teacher import (
     build_teachers,
     get_teacher_kind,
 )
-from rlsd.validate import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +258,7 @@ class RLSDTrainer(GRPOTrainer):
             vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
         )  # fmt: skip
         # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): the registered term it names, over one context
-        # (`rlsd.rollout_term.TeacherRollouts`) handed what the terms read, never the trainer
+        # (`rlsd.step.rollout_term.TeacherRollouts`) handed what the terms read, never the trainer
         self.rollout_term: TeacherRolloutTerm | NoTeacherRollouts = NoTeacherRollouts()
         if args.teacher_rollout_loss != "none":
             self.rollout_term = TeacherRolloutTerm.build(
@@ -443,7 +450,8 @@ class RLSDTrainer(GRPOTrainer):
         return self.credit.assign(self.plan.rule, RLSDEntries.from_batch(batch), batch, student_logps, mode)
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:
-        """`rlsd.metrics.reduce_metrics` into TRL's `_metrics`: the `log` callable every collaborator is handed."""
+        """`rlsd.step.metrics.reduce_metrics` into TRL's `_metrics`: the `log` callable every collaborator is
+        handed."""
         reduce_metrics(self.accelerator, self._metrics, mode, metrics)
 
     # -------------------------------------------------------------------------------------------------- loss
@@ -541,7 +549,8 @@ class RLSDTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
-        """TRL's training loop; a checkpoint to resume from is verified first, file by file (`rlsd.checkpoint`)."""
+        """TRL's training loop; a checkpoint to resume from is verified first, file by file
+        (`rlsd.infra.checkpoint`)."""
         expected = checkpoint_files.hf_state_files(
             save_only_model=self.args.save_only_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
             world_size=self.args.world_size, process_index=self.args.process_index,
@@ -553,8 +562,8 @@ class RLSDTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=self._resume.checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        """`_write_checkpoint` staged, sealed and renamed into place (`rlsd.checkpoint.staged`: a killed save leaves
-        no `checkpoint-N` that looks complete), then HF's rotation."""
+        """`_write_checkpoint` staged, sealed and renamed into place (`rlsd.infra.checkpoint.staged`: a killed save
+        leaves no `checkpoint-N` that looks complete), then HF's rotation."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         with checkpoint_files.staged(

@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer.utils import pad
 
 from rlsd.config import RLSDConfig
-from rlsd.credit import rlsd_advantages
+from rlsd.core.credit import rlsd_advantages
 from rlsd.experiments.methods import CATALOGUE, check_known
 from rlsd.experiments.task import (
     TEACHER_TEMPLATE,
@@ -39,7 +39,7 @@ from rlsd.experiments.warmstart import (
     load_warm_start,
     warm_start,
 )
-from rlsd.scoring import score_tokens
+from rlsd.step.scoring import score_tokens
 from rlsd.trainer import RLSDTrainer
 
 
@@ -438,7 +438,7 @@ def _rollout_of(tokenizer, rows: list[dict[str, Any]], completions: list[str], m
 
 def _sequence_logps(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> torch.Tensor:
     """(1, T) log-probs of the completion tokens after the prompt, temperature-scaled as in sampling, by the
-    library's scorer (`rlsd.scoring.score_tokens`)."""
+    library's scorer (`rlsd.step.scoring.score_tokens`)."""
     scores = score_tokens(model, torch.tensor([prompt_ids]), torch.ones(1, len(prompt_ids), dtype=torch.long),
                           torch.tensor([completion_ids]), torch.ones(1, len(completion_ids), dtype=torch.long),
                           temperature=temperature, batch_size=1)  # fmt: skip

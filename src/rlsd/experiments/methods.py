@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlsd.context.templates import PAPER_TEACHER_TEMPLATE
 from rlsd.experiments.task import SIBLING_TEMPLATE
-from rlsd.teacher_prompt import PAPER_TEACHER_TEMPLATE
 
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
 _SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}

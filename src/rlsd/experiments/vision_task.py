@@ -437,7 +437,7 @@ def sequence_logps(model, processor, image: Image.Image, text: str, completion_i
 def vision_credit_examples(trainer, processor, problems: list[Problem], config: VisionDemoConfig) -> dict[str, Any]:
     """A correct and a wrong sampled completion of the trained policy, each token with its Delta (the teacher sees
     the same image and the answer) and RLSD weight, and the image as a PNG data URI, for the viewer."""
-    from rlsd.credit import rlsd_advantages
+    from rlsd.core.credit import rlsd_advantages
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     teacher = getattr(trainer.teacher, "model", None) or model

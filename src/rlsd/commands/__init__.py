@@ -1,0 +1,1 @@
+"""The `rlsd` command line: train, eval, model conversion."""

@@ -1,0 +1,142 @@
+"""The `rlsd` command line: `rlsd demo`, `rlsd train`, `rlsd eval`, `rlsd bench`, `rlsd model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = {
+    "demo": "GRPO, RLSD and OPSD on the embedded task (--task vision: in images), offline on a CPU (minutes).",
+    "train": "Train a model with RLSDTrainer (TRL-style: --config recipe.yaml and flags).",
+    "eval": "Evaluate a model on a dataset: pass@1, avg@n, pass@k, lengths.",
+    "bench": "Benchmarks: `rlsd bench methods` and `rlsd bench cost`.",
+    "model": "Convert a GGUF file (`rlsd model gguf FILE`, `rlsd model smollm2`) into a trainable model folder.",
+}
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    from rlsd.experiments.demo import DemoConfig
+    from rlsd.experiments.methods import CATALOGUE
+
+    defaults = DemoConfig()
+    parser = argparse.ArgumentParser(
+        prog="rlsd demo",
+        description=SUBCOMMANDS["demo"],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(defaults.methods),
+        help=f"comma-separated methods among {', '.join(name for name, o in CATALOGUE.items() if o is not None)}",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=defaults.steps, help="optimizer steps per method (--task vision: 80 unless given)"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, sampling and warm start")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
+    parser.add_argument(
+        "--task", choices=("text", "vision"), default="text",
+        help="text: the arithmetic task as text; vision: the expression only in an image, a tiny Qwen2-VL",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="output folder (runs/demo, runs/vision-demo)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (CI): small model, few steps")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def run_demo_command(argv: list[str]) -> int:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from rlsd.experiments.demo import DemoConfig, quick_config, run_demo, with_overrides
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    args = demo_parser().parse_args(argv)
+    explicit = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    overrides = dict(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        steps=args.steps if "--steps" in explicit else None,
+        eval_every=args.eval_every if "--eval-every" in explicit else None,
+    )
+    if args.task == "vision":
+        return run_vision_demo_command(args, overrides)
+    out = args.out or DemoConfig().out
+    base = quick_config(out, seed=args.seed) if args.quick else DemoConfig(out=out, seed=args.seed)
+    if not args.quick:
+        overrides.update(steps=args.steps, eval_every=args.eval_every)
+    config = with_overrides(base, **overrides)
+    summary = run_demo(config, progress=not args.no_progress)
+    print_summary(summary, config.out)
+    return 0
+
+
+def run_vision_demo_command(args: argparse.Namespace, overrides: dict) -> int:
+    """`rlsd demo --task vision`: the same comparison on the image version of the task (its own step defaults)."""
+    from rlsd.experiments.vision_task import (
+        VisionDemoConfig,
+        run_vision_demo,
+        vision_quick_config,
+        with_vision_overrides,
+    )
+
+    out = args.out or VisionDemoConfig().out
+    base = vision_quick_config(out, seed=args.seed) if args.quick else VisionDemoConfig(out=out, seed=args.seed)
+    config = with_vision_overrides(base, **overrides)
+    summary = run_vision_demo(config, progress=not args.no_progress)
+    print_summary(summary, config.out)
+    return 0
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The end-of-run table."""
+    print(f"\nwarm start: {summary['warm_start_seconds']:.0f} s; total: {summary['total_seconds']:.0f} s")
+    header = f"{'method':<10} {'initial':>8} {'final':>8} {'peak':>8} {'leakage':>8} {'s/step':>7}"
+    print(header)
+    print("-" * len(header))
+    for method, s in summary["methods"].items():
+        print(
+            f"{method:<10} {100 * s['initial_pass_at_1']:>7.1f}% {100 * s['final_pass_at_1']:>7.1f}% "
+            f"{100 * s['peak_pass_at_1']:>7.1f}% {100 * s['final_leakage_rate']:>7.1f}% {s['seconds_per_step']:>7.2f}"
+        )
+    print(f"\nwrote {out}/metrics.jsonl, summary.json, curves.png, report.html")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: rlsd {" + ",".join(SUBCOMMANDS) + "} [options]\n")
+        for name, text in SUBCOMMANDS.items():
+            print(f"  {name:<6} {text}")
+        print("\n`rlsd SUBCOMMAND --help` lists every option with its default.")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        return run_demo_command(rest)
+    if command == "train":
+        from rlsd.commands.train import main as train_main
+
+        return train_main(rest)
+    if command == "eval":
+        from rlsd.commands.evaluate import main as eval_main
+
+        return eval_main(rest)
+    if command == "bench":
+        from rlsd.experiments.bench import main as bench_main
+
+        return bench_main(rest)
+    if command == "model":
+        from rlsd.commands.convert import main as model_main
+
+        return model_main(rest)
+    print(f"rlsd: unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""`rlsd train`: TRL-style training script over (script arguments, RLSDConfig, ModelConfig).
+
+Every field is settable from `--config recipe.yaml` and from flags (flags win); the script runs unchanged under
+`accelerate launch` with any accelerate config (DDP, DeepSpeed ZeRO-2/3, FSDP2).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from rlsd.config import RLSDConfig
+from rlsd.data.datasets import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
+from rlsd.data.formats import format_help, format_names
+from rlsd.data.rewards import REWARDS, resolve_reward
+from rlsd.infra.validate import check_model_folder, check_output_dir, check_positive
+
+RESUME_LATEST = ("true", "latest")
+RESUME_NONE = ("", "false", "none")
+
+
+@dataclass
+class TrainScriptArguments:
+    """Data and reward options of `rlsd train`.
+
+    Parameters:
+        dataset_name (`str`): Hub dataset name, or a local .jsonl / .json / .parquet / .csv file.
+        dataset_config (`str`, *optional*): Hub dataset configuration (e.g. `main` for GSM8K).
+        dataset_train_split (`str`, defaults to `"train"`): Split to train on.
+        dataset_format (`str`, *optional*): A format of `rlsd.data.formats.format_names()` (those registered with
+            `@dataset_format`, and `generic`); detected when not given.
+        prompt_column / answer_column (`str`, *optional*): Columns of the generic format.
+        system_prompt (`str`): System turn of every prompt ("" for none).
+        instruction (`str`): Answer-format instruction appended to every question.
+        reward_funcs (`list[str]`, defaults to `["math_accuracy"]`): Reward names or dotted import paths.
+        max_train_samples (`int`, *optional*): Keep only the first N rows (smoke runs).
+        overwrite_output_dir (`bool`, defaults to `False`): Replace a previous run found in `--output_dir` (its
+            checkpoints and final model are deleted first); without it such a folder is refused unless resuming.
+    """
+
+    dataset_name: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet/.csv file."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_format: str | None = field(
+        default=None, metadata={"help": "Dataset format (default: detected); `make_parser` lists the registered ones."}
+    )
+    prompt_column: str | None = field(default=None, metadata={"help": "Question column of the generic format."})
+    answer_column: str | None = field(default=None, metadata={"help": "Answer column of the generic format."})
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System turn ('' for none)."})
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Answer-format instruction."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["math_accuracy"],
+        metadata={"help": f"Reward names ({', '.join(REWARDS)}) or dotted import paths."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete a previous run found in --output_dir instead of refusing it."}
+    )
+
+
+def make_parser() -> TrlParser:
+    """The `rlsd train` parser; `--dataset_format` takes and lists the formats registered when it is built."""
+    parser = TrlParser((TrainScriptArguments, RLSDConfig, ModelConfig), prog="rlsd train")
+    action = parser._option_string_actions["--dataset_format"]  # built from the dataclass: set what it cannot know
+    action.choices, action.help = format_names(), format_help()
+    return parser
+
+
+def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args: ModelConfig) -> str:
+    """Check every input (model folder, counts, output folder, rewards, dataset) before any model is loaded, then
+    train and save the final model; returns the output folder."""
+    from rlsd.trainer import RLSDTrainer
+
+    resume = resume_value(training_args.resume_from_checkpoint)
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required (a hub name or a local folder)")
+    check_model_folder(model_args.model_name_or_path)
+    check_positive({"--max_train_samples": script_args.max_train_samples})
+    previous = check_output_dir(
+        training_args.output_dir,
+        resuming=resume is not None,
+        overwrite=script_args.overwrite_output_dir,
+        overwrite_flag="--overwrite_output_dir",
+    )
+    reward_funcs = [resolve_reward(name, training_args.reward_timeout) for name in script_args.reward_funcs]
+    dataset = load_cli_dataset(script_args, script_args.dataset_name, script_args.dataset_train_split)
+    if script_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    processor = image_processor_for(model_args.model_name_or_path, dataset)
+    if previous and resume is None and training_args.should_save:
+        remove_previous_run(Path(training_args.output_dir), previous)
+    model_init_kwargs = dict(training_args.model_init_kwargs or {})
+    model_init_kwargs.setdefault("dtype", model_args.dtype)
+    if model_args.attn_implementation is not None:
+        model_init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    if model_args.model_revision is not None:
+        model_init_kwargs.setdefault("revision", model_args.model_revision)
+    training_args.model_init_kwargs = model_init_kwargs
+    trainer = RLSDTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    return training_args.output_dir
+
+
+def image_processor_for(model: str, dataset) -> object | None:
+    """The model's processor (`AutoProcessor`) when the dataset carries images, checked before training starts so
+    that a folder without one fails with its name; None for text (TRL then loads the tokenizer)."""
+    if not {"image", "images"} & set(dataset.column_names):
+        return None
+    from rlsd.data.images import load_processor
+
+    return load_processor(model)
+
+
+def resume_value(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint`: `true` / `latest` resume from the newest checkpoint of the output folder (as
+    `Trainer.train(True)` does), `false` / empty not at all, anything else is a checkpoint path."""
+    if isinstance(value, str) and value.strip().lower() in RESUME_LATEST:
+        return True
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in RESUME_NONE):
+        return None
+    return value
+
+
+def remove_previous_run(folder: Path, entries: list[str]) -> None:
+    """--overwrite_output_dir: delete the previous run's checkpoints and final files so the two runs never mix."""
+    for name in entries:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    run(script_args, training_args, model_args)
+    return 0

@@ -1,0 +1,173 @@
+"""`TeacherPrompts`: what the teacher is shown, built from a rollout. The privileged source fills the teacher template
+of each row from what the rollout used and scored (`RolloutTap`); the teacher transform, if any, rewrites the prompt
+and images; the result is tokenized and left-padded (`TeacherInputs`). Built by `RLSDTrainer` from values and
+callables, never the trainer: the TRL attributes and methods behind them are read where the trainer builds it
+(`rlsd.trainer`'s seams table)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.utils import pad
+
+from rlsd.context import vision
+from rlsd.context.sources import PrivilegedSource, RolloutView, TextGenerator
+from rlsd.context.templates import has_image_blocks, render_teacher_prompts
+from rlsd.context.transforms import get_transform
+
+TokenizePrompts = Callable[[list[Any]], tuple[list[list[int]], Any, Any]]
+"""TRL's `_tokenize_prompts`: prompts rendered and tokenized as the rollout does -> (ids, images, fields)."""
+
+
+@dataclasses.dataclass
+class RolloutTap:
+    """What TRL's rollout used and scored, handed to this trainer's rollout by `_calculate_rewards` while it runs:
+    this process's prompts as the rollout sent them to the model (an environment's `reset` observation included),
+    and the weighted total rewards of every process's rows (B_global,), NaN where every function abstained."""
+
+    prompts: list[Any] | None = None
+    rewards: torch.Tensor | None = None
+
+
+class TeacherInputs(NamedTuple):
+    """The teacher prompts of a rollout's scored rows, left-padded (ids, mask, token types by processor key), and
+    which of all its rows have privileged context."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    token_types: dict[str, torch.Tensor]
+    has_context: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherPrompts:
+    """The teacher prompts of a rollout's rows (`build`): privileged context, transform, template, tokens. Built once
+    by the trainer from what these read; the group size and the config's teacher users are read at each call."""
+
+    accelerator: Accelerator
+    source: PrivilegedSource  # the run's privileged source: fills the template fields of each row
+    teacher_template: str  # the template the fields fill (`RLSDConfig.teacher_template`)
+    teacher_transform: str | None  # what the teacher sees instead of the student's input (`rlsd.context.transforms`)
+    privileged_source: str  # the source's name, for error messages
+    tokenizer: Any  # the text tokenizer (pad id, decoding the completions a source reads)
+    tokenize_prompts: TokenizePrompts
+    is_vlm: bool  # whether the processing class is a processor (images allowed)
+    image_pad_token_id: int | None  # the image-pad token id: teacher and student prompts must hold as many
+    processing_class: Any  # its `image_processor` processes the images a transform shows the teacher
+    group_size: Callable[[], int]  # completions per prompt in the current mode
+    generate: TextGenerator  # `RolloutView.generate`, for a source that `needs_generator`
+    log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics
+    teacher_use: Callable[[], str]  # what in the config (of the active stage) uses the teacher, for error messages
+
+    def build(
+        self,
+        inputs: list[dict[str, Any]],
+        output: dict[str, Any],
+        mode: str = "train",
+        rows: torch.Tensor | None = None,
+        rollout: RolloutTap | None = None,
+        *,
+        distill: bool = False,
+    ) -> TeacherInputs:
+        """The teacher prompts of `rows` (all rows when None) from the privileged source, tokenized and left-padded
+        (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
+        `rows` are neither rendered nor tokenized. The teacher's prompt is built from the prompt the rollout used
+        (`rollout.prompts`; the dataset rows' without it), and a source that reads rewards gets `rollout.rewards`.
+        `distill`: whether the active stage has a distillation loss (its teacher pass runs at loss time)."""
+        rollout = rollout or RolloutTap()
+        selected = list(range(len(inputs))) if rows is None else rows.tolist()
+        context = self.source.context(self.rollout_view(inputs, output, rollout.rewards), selected)
+        self.log(mode, context.metrics)
+        device = self.accelerator.device
+        has_context = torch.ones(len(inputs), dtype=torch.bool, device=device)
+        has_context[selected] = torch.tensor(context.has_context, dtype=torch.bool, device=device)
+        images = vision.batch_images(inputs)
+        # the prompt the rollout used (an environment's observation included); with images, the dataset row's, whose
+        # image blocks are placed below as TRL places them (the rollout's carry the student's image payloads)
+        used = rollout.prompts if rollout.prompts is not None and images is None else [row["prompt"] for row in inputs]
+        prompts = [used[i] for i in selected]
+        if images is None and any(has_image_blocks(prompt) for prompt in prompts):
+            raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where="a rollout batch"))
+        if images is not None and not self.is_vlm:
+            raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=self.teacher_use()))
+        row_images = [images[i] for i in selected] if images is not None else [None] * len(selected)
+        if self.teacher_transform is not None:  # what the teacher sees instead of the student's input
+            prompts, row_images = self.transformed(prompts, row_images, distill)
+        if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
+            prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, row_images, strict=True)]
+        teacher_prompts = render_teacher_prompts(prompts, self.teacher_template, context.fields)
+        if not teacher_prompts:  # no row needs the teacher
+            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
+            return TeacherInputs(empty, empty, {}, has_context)
+        prompt_ids_list, _, fields = self.tokenize_prompts(teacher_prompts)
+        pad_id = self.tokenizer.pad_token_id
+        prompt_ids = pad([torch.tensor(ids) for ids in prompt_ids_list], padding_value=pad_id, padding_side="left")
+        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0,
+                          padding_side="left")  # fmt: skip
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        types = self.token_types(fields, prompt_ids, output) if images is not None else {}
+        if images is not None and self.teacher_transform is not None:  # the teacher's own images, processed
+            flat = [image for row in row_images if row for image in row]  # as TRL processes the student's
+            processed = self.processing_class.image_processor(images=flat, return_tensors="pt")
+            types.update({key: value.to(device) for key, value in processed.items() if key in vision.IMAGE_KEYS})
+        return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
+
+    def transformed(self, prompts: list[Any], images: list[Any], distill: bool) -> tuple[list[Any], list[Any]]:
+        """Each row's prompt and images after `teacher_transform`; images changed for a loss-time teacher pass
+        (`distill`: whose inputs TRL would have to split by rows) are refused."""
+        transform = get_transform(self.teacher_transform)
+        pairs = [transform(prompt, row) for prompt, row in zip(prompts, images, strict=True)]
+        new_images = [row for _, row in pairs]
+        if distill and any(row is not None for row in new_images):
+            raise NotImplementedError(
+                f"teacher_transform={self.teacher_transform!r} on images with distill_loss: the loss-time "
+                "teacher pass reads the student's images; use a token-advantage rule (credit=...) with this transform"
+            )
+        return [prompt for prompt, _ in pairs], new_images
+
+    def rollout_view(
+        self, inputs: list[dict[str, Any]], output: dict[str, Any], rewards: torch.Tensor | None
+    ) -> RolloutView:
+        """What the privileged source may read; completion texts and rewards are gathered over processes only for
+        a source that reads them (a collective: every process builds the view for the same batches)."""
+        group_size = self.group_size()
+        generate = self.generate if self.source.needs_generator else None
+        if not self.source.needs_completions:
+            return RolloutView(inputs, group_size, generate=generate)
+        ids, keep = output["completion_ids"], output["completion_mask"]
+        texts = self.tokenizer.batch_decode(
+            [row[mask.bool()] for row, mask in zip(ids, keep, strict=True)], skip_special_tokens=True
+        )
+        offset = self.accelerator.process_index * len(texts)
+        if rewards is None:
+            raise ValueError(f"privileged_source={self.privileged_source!r} reads the rollout's rewards: pass "
+                             "the weighted totals (`rewards`) with the rollout")  # fmt: skip
+        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards.tolist(), generate)
+
+    def token_types(
+        self, fields: dict[str, Any], prompt_ids: torch.Tensor, output: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The processor's token-type ids of the teacher prompts (left-padded like the ids), after checking that
+        each teacher prompt holds as many image tokens as the student's."""
+        pad_id = self.image_pad_token_id
+        if pad_id is not None:
+            teacher_count = (prompt_ids == pad_id).sum(1)
+            student_count = ((output["prompt_ids"] == pad_id) & output["prompt_mask"].bool()).sum(1)
+            if not torch.equal(teacher_count, student_count):
+                raise RuntimeError(
+                    f"the teacher prompts hold {teacher_count.tolist()} image tokens per row but the student's hold "
+                    f"{student_count.tolist()}: the teacher would not see the same images; check the chat template"
+                )
+        types = {}
+        for key in vision.TOKEN_TYPE_KEYS:
+            if key in fields:
+                rows = [torch.as_tensor(row, dtype=torch.long) for row in fields[key]]
+                types[key] = pad(rows, padding_value=0, padding_side="left").to(prompt_ids.device)
+        return types

@@ -1,0 +1,229 @@
+"""Privileged-context sources: what the self-teacher is shown beside the student's prompt.
+
+A source is one class registered with `@privileged_source`: the template fields it fills, its default teacher
+template, the dataset check it needs at construction, and `context`, which fills those fields for the rows of a
+rollout batch (and says which rows have any context at all). `RLSDConfig.privileged_source` selects one by name;
+adding a source is one new class, in this file or in the user's code (its new template fields are known from then on).
+
+The context is computed after TRL's rollout and rewards: a source that reads them (`needs_completions`) sees every
+completion's text and weighted total reward, and a source that makes its context with a model (`needs_generator`: a
+reflection on a failed attempt, a harness's plan, an annotator's marks) gets `RolloutView.generate`, which completes
+prompts with the policy or the teacher under the run's generation settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from datasets import Dataset, IterableDatasetDict
+
+from rlsd.context.templates import (
+    BOTH_TEACHER_TEMPLATE,
+    NO_SIBLING_TEXT,
+    PAPER_TEACHER_TEMPLATE,
+    SIBLING_TEACHER_TEMPLATE,
+    check_template_fields,
+    is_empty_answer,
+    pick_siblings,
+)
+from rlsd.core.credit import TokenMean
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """What a source may read about one rollout batch. `rows` are this process's dataset rows; with
+    `needs_completions`, `completion_texts` and `rewards` (weighted totals) cover every process's rows in TRL's
+    gathered order, of which this process's start at `offset`."""
+
+    rows: Sequence[dict[str, Any]]
+    group_size: int
+    offset: int = 0
+    completion_texts: Sequence[str] | None = None
+    rewards: Sequence[float] | None = None
+    generate: TextGenerator | None = None  # with `needs_generator`: complete prompts (see `TextGenerator`)
+
+
+class TextGenerator(Protocol):
+    """Completes prompts (strings or chat messages) with `model` ("policy" or "teacher": its current weights) under
+    the run's generation settings, one text per prompt; every process must call it for the same number of batches
+    (a sharded model generates collectively)."""
+
+    def __call__(self, prompts: Sequence[Any], model: str = "policy") -> list[str]: ...
+
+
+@dataclass
+class Context:
+    """The template fields of every local row (`fields[name][i]`), which rows have privileged context at all, and
+    metrics for `rlsd/` (combined over processes by the trainer)."""
+
+    fields: dict[str, list[Any]]
+    has_context: list[bool]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class PrivilegedSource:
+    """The interface of a privileged-context source (see the module docstring)."""
+
+    name: ClassVar[str]
+    fills: ClassVar[tuple[str, ...]]  # template fields besides {prompt}
+    default_template: ClassVar[str]
+    needs_completions: ClassVar[bool] = False  # the trainer gathers completion texts and rewards for `context`
+    needs_generator: ClassVar[bool] = False  # the trainer hands `context` a text generator (`RolloutView.generate`)
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+
+    def check_dataset(self, dataset: Any, split_name: str) -> None:
+        """Refuse, at construction, a dataset this source cannot read."""
+
+    def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
+        """The fields of the local rows `rows` (indices into `view.rows`)."""
+        raise NotImplementedError
+
+
+SOURCES: dict[str, type[PrivilegedSource]] = {}
+"""Every registered source by name: what `RLSDConfig.privileged_source` selects from."""
+
+
+def privileged_source(cls: type[PrivilegedSource]) -> type[PrivilegedSource]:
+    """Register a source class under its `name`."""
+    if cls.name in SOURCES:
+        raise ValueError(f"privileged source {cls.name!r} is registered twice")
+    SOURCES[cls.name] = cls
+    return cls
+
+
+@privileged_source
+class AnswerSource(PrivilegedSource):
+    """The reference answer of each row, from `args.privileged_column` (the paper's teacher, section 2.3)."""
+
+    name = "answer"
+    fills = ("answer",)
+    default_template = PAPER_TEACHER_TEMPLATE
+
+    def check_dataset(self, dataset: Any, split_name: str) -> None:
+        check_privileged_column(dataset, self.args.privileged_column, split_name)
+
+    def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
+        column = self.args.privileged_column
+        for i in rows:
+            if column not in view.rows[i]:
+                raise KeyError(f"rollout row {i} has no privileged column {column!r}; it has {sorted(view.rows[i])}")
+        return Context({"answer": [view.rows[i][column] for i in rows]}, [True] * len(rows))
+
+
+@privileged_source
+class SiblingSource(PrivilegedSource):
+    """SDPO's context: the first other completion of the row's group whose total reward reaches
+    `sibling_reward_threshold` (groups may span processes); a row without one has no context."""
+
+    name = "sibling"
+    fills = ("sibling",)
+    default_template = SIBLING_TEACHER_TEMPLATE
+    needs_completions = True
+
+    def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
+        texts, found = self.siblings(view)
+        return Context({"sibling": [texts[i] for i in rows]}, [found[i] for i in rows], self._metrics(found, found))
+
+    def siblings(self, view: RolloutView) -> tuple[list[str], list[bool]]:
+        """Every local row's sibling text (`NO_SIBLING_TEXT` when none succeeded) and whether it has one."""
+        picks = pick_siblings(list(view.rewards), view.group_size, self.args.sibling_reward_threshold)
+        local = picks[view.offset : view.offset + len(view.rows)]
+        return [NO_SIBLING_TEXT if j is None else view.completion_texts[j] for j in local], [
+            j is not None for j in local
+        ]
+
+    @staticmethod
+    def _metrics(found: list[bool], has_context: list[bool]) -> dict[str, float]:
+        """`no_sibling_count` (summed over processes) and `no_context_frac` (the row mean over processes)."""
+        rows = max(len(has_context), 1)
+        return {
+            "no_sibling_count": float(sum(not f for f in found)),
+            "no_context_frac": TokenMean(sum(not h for h in has_context) / rows, len(has_context)),
+        }
+
+
+@privileged_source
+class AnswerAndSiblingSource(SiblingSource):
+    """The reference answer and, when one succeeded, a sibling (`NO_SIBLING_TEXT` otherwise): every row has
+    context."""
+
+    name = "both"
+    fills = ("answer", "sibling")
+    default_template = BOTH_TEACHER_TEMPLATE
+
+    def check_dataset(self, dataset: Any, split_name: str) -> None:
+        check_privileged_column(dataset, self.args.privileged_column, split_name)
+
+    def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
+        answers = AnswerSource(self.args).context(view, rows)
+        texts, found = self.siblings(view)
+        everyone = [True] * len(view.rows)
+        fields = {**answers.fields, "sibling": [texts[i] for i in rows]}
+        return Context(fields, [True] * len(rows), self._metrics(found, everyone))
+
+
+@privileged_source
+class NoContextSource(PrivilegedSource):
+    """No privileged context: the teacher prompt is the student's prompt (template `"{prompt}"`), every row counts as
+    having context. For an external teacher (`teacher_model`, OPD); a self-teacher shown nothing differs from the
+    student only by its weights (a live one gives Delta = 0)."""
+
+    name = "none"
+    fills = ()
+    default_template = "{prompt}"
+
+    def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
+        return Context({}, [True] * len(rows))
+
+
+def get_source(name: str) -> type[PrivilegedSource]:
+    """The registered source `name`; an unknown name is refused with the known ones listed."""
+    if name not in SOURCES:
+        raise ValueError(f"privileged_source={name!r} is not one of {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+def known_template_fields() -> tuple[str, ...]:
+    """`{prompt}` and every field a registered source fills: what a teacher template may name."""
+    fills = dict.fromkeys(name for cls in SOURCES.values() for name in cls.fills)
+    return ("prompt", *fills)
+
+
+def validate_teacher_template(template: str, source: str = "answer") -> None:
+    """Reject a template with an unknown field, a field the source does not fill, or without `{prompt}` and every
+    field the source fills."""
+    check_template_fields(template, source, ("prompt", *get_source(source).fills), known_template_fields())
+
+
+def check_privileged_column(dataset: Any, column: str, split_name: str) -> None:
+    """Fail at construction when the privileged column is missing or holds empty answers."""
+    if dataset is None:
+        return
+    for part in _splits(dataset):
+        names = getattr(part, "column_names", None)
+        if names is None:
+            continue
+        if column not in names:
+            raise ValueError(
+                f"{split_name} has no privileged column {column!r} (set privileged_column); "
+                f"its columns are {sorted(names)}"
+            )
+        if isinstance(part, Dataset):
+            if len(part) == 0:
+                raise ValueError(f"{split_name} is empty")
+            empty = [i for i, answer in enumerate(part[column]) if is_empty_answer(answer)]
+            if empty:
+                shown = ", ".join(str(i) for i in empty[:10])
+                raise ValueError(
+                    f"{split_name} column {column!r} is empty in {len(empty)} row(s): {shown}"
+                    + (" ..." if len(empty) > 10 else "")
+                )
+
+
+def _splits(dataset: Any) -> list[Any]:
+    """The splits of a dataset dict, or the dataset itself."""
+    return list(dataset.values()) if isinstance(dataset, dict | IterableDatasetDict) else [dataset]

@@ -1,0 +1,1 @@
+"""Datasets, their formats, GSM-Symbolic templates and reward functions."""

@@ -1,0 +1,356 @@
+"""Verifiable rewards with TRL's signature `f(completions, solution, **kwargs) -> list[float]`.
+
+Each is usable by name on the command line (`--reward_funcs math_accuracy format`) or by dotted import path.
+`guard_reward` wraps any reward so that an exception, a hang past its time bound or a malformed output (a scalar,
+strings, NaN, inf) stops the run naming the function (and the row).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import numbers
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlsd.infra.validate import MAX_ANSWER_CHARS, RewardError
+
+RewardFunc = Callable[..., list[float | None]]
+
+MAX_PARSE_CHARS = 4000
+"""math-verify only reads the last MAX_PARSE_CHARS characters of a completion: the answer is at the end, and a
+bounded input keeps a pathological completion from dominating the step."""
+PARSE_TIMEOUT_S = 2
+"""Bound on each of math-verify's parse and compare calls. math-verify bounds them with signals, which only the main
+thread can use; off the main thread `math_accuracy` calls it without them and the call as a whole is bounded by
+`guard_reward`'s time bound instead."""
+DEFAULT_REWARD_TIMEOUT_S = 600.0
+"""Default bound, in seconds, on one call of a reward function (`RLSDConfig.reward_timeout`; 0: none)."""
+
+logger = logging.getLogger(__name__)
+
+_BOXED = "\\boxed{"
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_THEN_ANSWER_RE = re.compile(r"</think>\s*<answer>")
+_INTEGER_RE = re.compile(r"[-+]?\d[\d,]{0,40}")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a plain-text or conversational completion."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(message.get("content", "") for message in completion if isinstance(message.get("content"), str))
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`, braces balanced; None when there is none or it is not closed."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, index = 1, start + len(_BOXED)
+    for position in range(index, len(text)):
+        char = text[position]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[index:position]
+    return None
+
+
+def math_accuracy(completions: list[Any], solution: list[str], **kwargs: Any) -> list[float]:
+    """1.0 when math-verify finds the completion's final answer equal to the reference, else 0.0.
+
+    A completion with no parseable answer scores 0 and is counted in the `rewards/math_unparseable` metric
+    (through TRL's `log_metric`); math-verify's own errors and time-outs count as unparseable, never raise. A
+    reference answer longer than `MAX_ANSWER_CHARS` is not parsed (it scores 0, counted, with a warning). Works in
+    any thread: off the main thread, math-verify runs without its signal-based bounds and `guard_reward` bounds the
+    whole call.
+    """
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    log_metric = kwargs.get("log_metric")
+    bound = PARSE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    rewards, unparseable = [], 0
+    for row, (completion, reference) in enumerate(zip(completions, solution, strict=True)):
+        text = completion_text(completion)[-MAX_PARSE_CHARS:]
+        if len(str(reference)) > MAX_ANSWER_CHARS:
+            logger.warning("math_accuracy: the reference answer of batch row %d is %d characters long; scored 0",
+                           row, len(str(reference)))  # fmt: skip
+            gold = []
+        else:
+            gold = parse(_as_latex(reference), parsing_timeout=bound)
+        predicted = parse(text, extraction_config=[LatexExtractionConfig()], parsing_timeout=bound) if gold else []
+        if gold and not predicted:
+            tag = _ANSWER_TAG_RE.findall(text)
+            predicted = parse(_as_latex(tag[-1]), parsing_timeout=bound) if tag else []
+        if not predicted or not gold:
+            unparseable += 1
+            rewards.append(0.0)
+            continue
+        rewards.append(1.0 if verify(gold, predicted, timeout_seconds=bound) else 0.0)
+    if log_metric is not None:
+        log_metric("rewards/math_unparseable", unparseable / max(1, len(rewards)))
+    return rewards
+
+
+def _as_latex(answer: Any) -> str:
+    """A reference answer wrapped for math-verify's LaTeX extractor."""
+    text = str(answer).strip()
+    return text if text.startswith("$") or _BOXED in text else f"${text}$"
+
+
+def integer_match(completions: list[Any], solution: list[str], **kwargs: Any) -> list[float]:
+    """1.0 when the final answer (last `\\boxed{}`, else `<answer>`, else `####`) is the reference integer."""
+    rewards = []
+    for completion, reference in zip(completions, solution, strict=True):
+        answer = extract_final_answer(completion_text(completion))
+        expected = _to_int(str(reference))
+        matched = answer is not None and expected is not None and _to_int(answer) == expected
+        rewards.append(1.0 if matched else 0.0)
+    return rewards
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The last `\\boxed{}` content, else the last `<answer>` content, else what follows the last `####`."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    tags = _ANSWER_TAG_RE.findall(text)
+    if tags:
+        return tags[-1]
+    if "####" in text:
+        return text.rsplit("####", 1)[1]
+    return None
+
+
+def _to_int(text: str) -> int | None:
+    """An integer written with optional sign and thousands separators; None otherwise."""
+    text = text.strip().rstrip(".").replace("$", "")
+    if not _INTEGER_RE.fullmatch(text):
+        return None
+    return int(text.replace(",", ""))
+
+
+def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """1.0 for `<think>...</think>` followed by a `\\boxed{}` or an `<answer>...</answer>`, else 0.0."""
+    return [1.0 if well_formatted(completion_text(c)) else 0.0 for c in completions]
+
+
+def well_formatted(text: str) -> bool:
+    """`<think>...</think>`, then a `\\boxed{` closed by the final `}` or an `<answer>...</answer>` at the end: the
+    language of the former regex, decided with linear scans (the regex backtracked cubically: 88 s on 60 KB)."""
+    body = text.strip()
+    if not body.startswith("<think>"):
+        return False
+    first_end = body.find("</think>", len("<think>"))
+    if first_end < 0:
+        return False
+    # a \boxed{ after the first </think> that the final } closes: the first </think> leaves the most room
+    if body.endswith("}") and body.rfind(_BOXED, first_end + len("</think>"), len(body) - 1) >= 0:
+        return True
+    if not body.endswith("</answer>"):
+        return False
+    return any(m.end() <= len(body) - len("</answer>") for m in _THINK_THEN_ANSWER_RE.finditer(body, first_end))
+
+
+math_accuracy._rlsd_self_bounded = True  # on the main thread every parse and compare is bounded
+
+REWARDS: dict[str, RewardFunc] = {
+    "math_accuracy": math_accuracy,
+    "integer_match": integer_match,
+    "format": format_reward,
+}
+
+
+def resolve_reward(name: str, timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S) -> RewardFunc:
+    """A registered reward by name, or any function by dotted import path (`my_pkg.rewards.fn`), guarded."""
+    if name in REWARDS:
+        return guard_reward(REWARDS[name], timeout_s)
+    if "." not in name:
+        raise ValueError(f"unknown reward {name!r}; use one of {', '.join(REWARDS)} or a dotted import path")
+    module_path, attribute = name.rsplit(".", 1)
+    try:
+        module = import_user_module(module_path)
+    except ImportError as err:
+        raise ValueError(f"reward {name!r}: cannot import module {module_path!r} ({err})") from err
+    if not hasattr(module, attribute):
+        raise ValueError(f"reward {name!r}: module {module_path!r} has no attribute {attribute!r}")
+    return guard_reward(getattr(module, attribute), timeout_s)
+
+
+def import_user_module(module_path: str) -> Any:
+    """Import a user's module: an installed one as usual, else one in the current folder, loaded by its file alone.
+    `sys.path` is left as it is, so a file planted in the current folder (a `math_verify.py`) never shadows an
+    installed package, neither now nor for later imports."""
+    top = module_path.split(".", 1)[0]
+    if top not in sys.modules and importlib.util.find_spec(top) is None:
+        folder = os.getcwd()
+        package = os.path.join(folder, top, "__init__.py")
+        path = package if os.path.exists(package) else os.path.join(folder, f"{top}.py")
+        if os.path.exists(path):
+            locations = [os.path.dirname(path)] if path == package else None
+            spec = importlib.util.spec_from_file_location(top, path, submodule_search_locations=locations)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[top] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(top, None)
+                raise
+    return importlib.import_module(module_path)
+
+
+def guard_reward(func: RewardFunc, timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S) -> RewardFunc:
+    """Wrap a reward so that an exception names the function, the first failing row and the error; a call that
+    takes longer than `timeout_s` seconds (None or 0: no bound) stops the run naming the function; and an output
+    that is not one finite number (or None) per completion is refused. Guarding a guarded reward re-bounds it."""
+    if getattr(func, "_rlsd_guarded", False):
+        if func._rlsd_timeout_s == timeout_s:
+            return func
+        func = func.__wrapped__
+    name = getattr(func, "__name__", repr(func))
+
+    @functools.wraps(func)
+    def guarded(completions: list[Any], **kwargs: Any) -> list[float | None]:
+        try:
+            output = call_bounded(func, name, timeout_s, completions, kwargs)
+        except RewardError:
+            raise
+        except Exception as err:
+            row = _first_failing_row(func, name, timeout_s, completions, kwargs)
+            where = f"row {row}" if row is not None else "the batch (no single row fails alone)"
+            raise RewardError(name, f"raised on {where}: {type(err).__name__}: {err}", _thread_hint(err)) from err
+        return checked_rewards(output, name, len(completions))
+
+    guarded._rlsd_guarded = True
+    guarded._rlsd_timeout_s = timeout_s
+    return guarded
+
+
+def guard_rewards(reward_funcs: Any, timeout_s: float | None) -> Any:
+    """A trainer's `reward_funcs` (one or a list) with every plain reward function wrapped by `guard_reward`; model
+    names, reward models and async functions pass unchanged (TRL calls those itself)."""
+
+    def guard(func: Any) -> Any:
+        if isinstance(func, str | torch.nn.Module) or not callable(func) or inspect.iscoroutinefunction(func):
+            return func
+        return guard_reward(func, timeout_s)
+
+    return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
+
+
+def call_bounded(
+    func: RewardFunc, name: str, timeout_s: float | None, completions: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """`func(completions, **kwargs)` in a daemon worker thread, waited for at most `timeout_s` seconds (no signals:
+    this works from any thread). A function that overruns is left behind and the run stops naming it. Without a
+    bound, and for `math_accuracy` on the main thread (which bounds each parse itself), it runs in this thread."""
+    on_main = threading.current_thread() is threading.main_thread()
+    if not timeout_s or (on_main and getattr(func, "_rlsd_self_bounded", False)):
+        return func(completions, **kwargs)
+    import torch
+
+    grad_enabled = torch.is_grad_enabled()
+    context = contextvars.copy_context()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            with torch.set_grad_enabled(grad_enabled):
+                box["value"] = context.run(func, completions, **kwargs)
+        except BaseException as err:
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"reward-{name}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise RewardError(
+            name,
+            f"did not return within {timeout_s:g} s ({len(completions)} completions)",
+            "make it faster, or raise the bound with --reward_timeout (0: no bound)",
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def checked_rewards(output: Any, name: str, expected: int) -> list[float | None]:
+    """A reward function's output as a list of floats (None kept: not applicable); a scalar, a wrong length, or a
+    string, NaN or inf value is refused naming the function and the row."""
+    if hasattr(output, "tolist") and not isinstance(output, list | tuple):
+        output = output.tolist()
+    if not isinstance(output, list | tuple):
+        raise RewardError(
+            name,
+            f"returned a {type(output).__name__} ({output!r:.40}), not a list of one reward per completion",
+            "return a list with one float (or None) per completion",
+        )
+    if len(output) != expected:
+        raise RewardError(name, f"returned {len(output)} rewards for {expected} completions", "return one each")
+    rewards: list[float | None] = []
+    for row, value in enumerate(output):
+        if value is None:
+            rewards.append(None)
+            continue
+        if isinstance(value, str) or not isinstance(value, numbers.Real):
+            raise RewardError(
+                name, f"returned a {type(value).__name__} ({value!r:.40}) at row {row}", "return floats (or None)"
+            )
+        if not math.isfinite(value):
+            raise RewardError(
+                name, f"returned {value} at row {row}", "return a finite float, or None when it does not apply"
+            )
+        rewards.append(float(value))
+    return rewards
+
+
+def _thread_hint(err: Exception) -> str:
+    """A fix for rewards that only work on the main thread (signal-based time-outs, such as math-verify's)."""
+    text = str(err)
+    if isinstance(err, ValueError) and ("signal" in text or "thread" in text):
+        return (
+            "it needs the main thread (signals); disable its own time-outs (math-verify: parsing_timeout=None, "
+            "timeout_seconds=None), RLSD bounds the call with --reward_timeout, or pass --reward_timeout 0"
+        )
+    return ""
+
+
+def _first_failing_row(
+    func: RewardFunc, name: str, timeout_s: float | None, completions: list[Any], kwargs: dict[str, Any]
+) -> int | None:
+    """Re-run the reward one row at a time (each call bounded too) to find the row that raises."""
+    for index in range(len(completions)):
+        row_kwargs = {
+            key: [value[index]] if isinstance(value, list) and len(value) == len(completions) else value
+            for key, value in kwargs.items()
+        }
+        try:
+            call_bounded(func, name, timeout_s, [completions[index]], row_kwargs)
+        except RewardError:
+            return None
+        except Exception:
+            return index
+    return None
+
+
+def reward_totals(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted total reward of each row of TRL's (B, n_funcs) rewards: NaN entries (a function abstained) count
+    as 0, and a row where every function abstained stays NaN."""
+    totals = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    totals[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+    return totals

@@ -1,0 +1,1 @@
+"""Input validation, construction-time refusals and guards, sealed and verified checkpoints."""

@@ -1,0 +1,328 @@
+"""Checkpoints that cannot lie: written under a temporary name, sealed with a manifest of every file and its size,
+then renamed into place; verified file by file before a run resumes from one. Also the files RLSD adds to a
+checkpoint (the teacher's state and weights, the rule's state), written and restored from values, never the
+trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
+from trl.trainer.callbacks import SyncRefModelCallback
+
+from rlsd.core.rules import RuleState
+from rlsd.infra.validate import CheckpointError
+from rlsd.teachers import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, Teacher, Unwrap
+
+MANIFEST_FILE = "rlsd_checkpoint.json"
+"""Written last, atomically: a checkpoint folder without it was interrupted while being written."""
+PARTIAL_PREFIX = ".rlsd-partial-"
+"""Checkpoints are written into `<output_dir>/.rlsd-partial-checkpoint-N/checkpoint-N`, a name that neither
+`get_last_checkpoint` nor checkpoint rotation picks up, and renamed to `<output_dir>/checkpoint-N` once sealed."""
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+"""Any one of these holds a checkpoint's weights."""
+DISK_FULL_FREE_BYTES = 16 * 2**20
+"""A failed write with less free space than this is reported as a full disk (torch's writer loses the errno)."""
+RESUME_FLAGS = "resume from an earlier checkpoint, or pass --resume_weights_only true to load only its weights"
+RULE_STATE_FILE = "rlsd_rule_state.json"
+"""A stateful rule's state (`RuleState.state_dict`) in a checkpoint."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint write failed because the disk (or quota) is full."""
+
+
+def staging_root(run_dir: str, name: str) -> str:
+    """The temporary folder that holds checkpoint `name` while it is being written."""
+    return os.path.join(run_dir, PARTIAL_PREFIX + name)
+
+
+def seal(folder: str, step: int) -> None:
+    """Flush every file of a written checkpoint to disk, then write the manifest (temporary name, rename)."""
+    files = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name != MANIFEST_FILE:
+            _fsync(path)
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    temporary = os.path.join(folder, MANIFEST_FILE + ".tmp")
+    with open(temporary, "w") as f:
+        json.dump({"format": 1, "global_step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, os.path.join(folder, MANIFEST_FILE))
+
+
+def publish(staged: str, final: str) -> None:
+    """Rename a sealed checkpoint into place; a previous folder of the same name is moved aside first, then
+    removed (a rename cannot replace a non-empty folder)."""
+    root = os.path.dirname(staged)
+    if os.path.exists(final):
+        replaced = os.path.join(root, "replaced")
+        os.rename(final, replaced)
+    os.rename(staged, final)
+    _fsync_dir(os.path.dirname(final))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(
+    run_dir: str,
+    name: str,
+    step: int,
+    *,
+    should_save: bool,
+    barrier: Callable[[], None],
+    before_seal: Callable[[str], None] = lambda root: None,
+) -> Iterator[str]:
+    """Checkpoint `name` of `run_dir` written inside the block under a temporary root (yielded), then, once every
+    process is done (`barrier`), `before_seal(root)`, sealed with a manifest and renamed into place: a run killed
+    while saving leaves no `checkpoint-N` that looks complete. A failed write is removed; a full disk is reported
+    as one. `should_save`: this process writes files (the main one)."""
+    root = staging_root(run_dir, name)
+    if should_save:
+        discard(root)  # a torn write of this step by an earlier, killed run
+    barrier()
+    try:
+        yield root
+        barrier()
+        if should_save:
+            before_seal(root)
+            seal(os.path.join(root, name), step)
+    except Exception as err:
+        if should_save:
+            discard(root)
+        if is_disk_full(err, run_dir):
+            raise disk_full_error(name, run_dir) from err
+        raise
+    if should_save:
+        publish(os.path.join(root, name), os.path.join(run_dir, name))
+
+
+def discard(root: str) -> None:
+    """Remove a temporary checkpoint folder (a failed or torn write)."""
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file's data to the device."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: str) -> None:
+    """Flush a folder's entries (the rename) where the platform allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def is_disk_full(error: BaseException, folder: str) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT anywhere in the chain, or (for writers that lose the
+    errno, such as torch's) almost no free space left under `folder`."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_FREE_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_error(name: str, run_dir: str) -> DiskFullError:
+    """The error that reports a full disk, with the free space left."""
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on the device while writing {name} into {run_dir} ({free}); the partial checkpoint was "
+        "removed and the previous ones are intact: free space, lower --save_total_limit, or choose another "
+        "--output_dir, then resume",
+    )
+
+
+def verify(folder: str, *, required: Iterable[str], expected: Iterable[str], weights_only: bool) -> list[str]:
+    """Check a checkpoint before resuming: sealed, every file of its manifest present with its written size and
+    readable, plus the files this run needs (`required` always; `expected` unless `weights_only`). Returns what a
+    weights-only resume starts fresh; anything else wrong raises `CheckpointError` naming the file."""
+    where = f"checkpoint {folder}"
+    if not os.path.isdir(folder):
+        raise CheckpointError(where, "no such folder", "pass a checkpoint-N folder, or true for the latest one")
+    manifest = _read_manifest(folder, weights_only)
+    files = dict(manifest["files"]) if manifest else {}
+    if not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES) and not _has_sharded_state(folder):
+        raise CheckpointError(where, f"holds no model weights ({', '.join(WEIGHT_FILES[:2])}, ...)", RESUME_FLAGS)
+    fresh = []
+    for name in sorted({*files, *required, *expected}):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            if weights_only and name not in required:
+                fresh.append(name)
+                continue
+            raise CheckpointError(where, f"{name} is missing", RESUME_FLAGS)
+        _check_file(where, path, name, files.get(name))
+    return fresh
+
+
+def _read_manifest(folder: str, weights_only: bool) -> dict | None:
+    """The checkpoint's manifest; a missing one is refused unless the resume is weights-only."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.exists(path):
+        if weights_only:
+            return None
+        raise CheckpointError(
+            f"checkpoint {folder}",
+            f"is incomplete: it has no {MANIFEST_FILE}, which RLSD writes last, so it was interrupted while being "
+            "written (or was not written by RLSDTrainer)",
+            RESUME_FLAGS,
+        )
+    _check_file(f"checkpoint {folder}", path, MANIFEST_FILE, None)
+    with open(path) as f:
+        return json.load(f)
+
+
+def _has_sharded_state(folder: str) -> bool:
+    """FSDP and DeepSpeed checkpoints keep their weights in sub-folders."""
+    return any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in os.listdir(folder))
+
+
+def _check_file(where: str, path: str, name: str, size: int | None) -> None:
+    """One file of a checkpoint: the size written, not empty, and for JSON and torch files, readable."""
+    if os.path.isdir(path):
+        return
+    actual = os.path.getsize(path)
+    if size is not None and actual != size:
+        raise CheckpointError(
+            where, f"{name} is {actual:,} bytes, but {size:,} were written: it was truncated or replaced", RESUME_FLAGS
+        )
+    if actual == 0:
+        raise CheckpointError(where, f"{name} is empty (0 bytes)", RESUME_FLAGS)
+    if name.endswith(".json"):
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(where, f"{name} is not valid JSON ({err})", RESUME_FLAGS) from None
+    elif name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):
+        raise CheckpointError(where, f"{name} is not a readable torch file (truncated?)", RESUME_FLAGS)
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+@dataclass(frozen=True)
+class ResumePlan:
+    """What `RLSDTrainer.train` verified before HF's loop starts, for its `_load_optimizer_and_scheduler`: the
+    checkpoint to resume from (None: no resume) and the state files a weights-only resume starts fresh."""
+
+    checkpoint: str | None = None
+    fresh: frozenset[str] = frozenset()
+
+
+def resume_plan(
+    resume: str | bool | None,
+    output_dir: str,
+    *,
+    expected: list[str],
+    weights_only: bool,
+    log_to: logging.Logger | None,
+) -> ResumePlan:
+    """The checkpoint to resume from (True: the latest `checkpoint-N` of `output_dir`), refused when it is torn, misses
+    a file (HF's trainer state; `expected` unless `weights_only`) or holds an unreadable one; a weights-only resume
+    names what it starts fresh in a warning on `log_to` (the trainer's logger on the main process, else None)."""
+    if resume is None or resume is False:
+        return ResumePlan()
+    if resume is True:
+        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if resume is None:
+            raise CheckpointError(f"output folder {output_dir}", "holds no checkpoint-N folder to resume from",
+                                  "train without resuming, or pass the path of a checkpoint")  # fmt: skip
+    fresh = verify(str(resume), required=[TRAINER_STATE_NAME], expected=expected, weights_only=weights_only)
+    if fresh and log_to is not None:
+        log_to.warning("resume_weights_only: %s lacks %s; that state starts fresh", resume, ", ".join(fresh))
+    return ResumePlan(str(resume), frozenset(fresh))
+
+
+def hf_state_files(*, save_only_model: bool, sharded: bool, world_size: int, process_index: int) -> list[str]:
+    """The optimizer, scheduler and RNG files HF writes into a checkpoint of a run (none with `save_only_model`;
+    DeepSpeed and FSDP, `sharded`, keep theirs in sub-folders, which the manifest covers)."""
+    if save_only_model or sharded:
+        return []
+    rng = "rng_state.pth" if world_size <= 1 else f"rng_state_{process_index}.pth"
+    return ["optimizer.pt", "scheduler.pt", rng]
+
+
+def rlsd_state_files(teacher: Teacher | None, rule_state: RuleState | None) -> list[str]:
+    """The files RLSD adds to a checkpoint of a run: the teacher's state and weights, the rule's state."""
+    files = []
+    if teacher is not None:
+        files.append(TEACHER_STATE_FILE)
+        if teacher.has_weights:
+            files.append(TEACHER_WEIGHTS_FILE)
+    if rule_state is not None:
+        files.append(RULE_STATE_FILE)
+    return files
+
+
+def save_rlsd_state(
+    folder: str, teacher: Teacher | None, rule_state: RuleState | None, unwrap: Unwrap, *, write: bool
+) -> None:
+    """Write the teacher's weights and sync state and the rule's state into checkpoint `folder`; every process calls
+    it (gathering a sharded, FSDP2, teacher is a collective), only those with `write` write."""
+    if teacher is not None:
+        teacher.save(folder, unwrap, write=write)
+    if rule_state is not None and write:
+        with open(os.path.join(folder, RULE_STATE_FILE), "w") as f:
+            json.dump(rule_state.state_dict(), f)
+
+
+def load_rlsd_state(
+    checkpoint: str | None,
+    teacher: Teacher | None,
+    rule_state: RuleState | None,
+    *,
+    fresh: frozenset[str],
+    policy: nn.Module,
+    unwrap: Unwrap,
+) -> None:
+    """Restore the teacher and the rule state from `checkpoint` (verified before, `resume_plan`); what a weights-only
+    resume starts `fresh` is skipped, and a missing teacher restarts from the resumed `policy` (unwrapped)."""
+    if teacher is not None and checkpoint is not None:
+        if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
+            if teacher.model is not None and teacher.has_weights:
+                SyncRefModelCallback.sync_target_model(policy, teacher.model, alpha=1.0)
+            else:  # a PEFT policy's teacher adapter, if any (an external teacher: nothing)
+                teacher.follow(policy)
+        else:
+            teacher.load(checkpoint, unwrap)
+    if rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
+        with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
+            rule_state.load_state_dict(json.load(f))

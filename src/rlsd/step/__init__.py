@@ -1,0 +1,1 @@
+"""The rollout-to-loss path: collaborators of `RLSDTrainer` handed values and callables, never the trainer."""

@@ -1,0 +1,97 @@
+"""`DistillationTerm`: the loss-time distillation term of `RLSDTrainer` (`distill_loss`), MAD-OPD's weighted sum of
+teachers (`mad_opd_teachers`) and SDPG's reference anchor (`sdpg_ref_coef`), with their `rlsd/` metrics. The kernels
+(chunked losses, heads, MAD-OPD weights, the overlap probe) are in `rlsd.core.distill`; this term turns them into one
+micro-batch's loss. It receives values and callables, never the trainer, and reads what travelled from the rollout
+through `RLSDEntries` (`distill_weight`, `ref_logps`), never raw `rlsd_*` keys."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlsd.config import RLSDConfig
+from rlsd.core.credit import TokenMean
+from rlsd.core.distill import OverlapProbe, sdpg_ref_penalty, selected_mad_opd_loss, selected_token_loss
+from rlsd.plan import StepPlan
+from rlsd.step.batch import RLSDEntries, loss_mask
+
+Hidden = tuple[torch.Tensor, torch.nn.Module]
+"""Hidden states at the completion positions (B, T, H) and the LM head that projects them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillationTerm:
+    """distill_coef * the distillation loss's token mean (+ SDPG's anchor) of a micro-batch, scaled for gradient
+    accumulation. Built once by the trainer; the loss and its coefficient come from the active stage's plan."""
+
+    args: RLSDConfig  # the fields no stage sets: `distill_overlap_k`, `distill_chunk_tokens`, MAD, SDPG
+    temperature: float  # divides the logits of both heads, as in every scoring forward
+    log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics
+    training: Callable[[], bool]  # whether the policy is in training mode
+    accumulation: Callable[[], int]  # HF's `current_gradient_accumulation_steps`
+
+    def term(
+        self,
+        inputs: dict[str, Any],
+        entries: RLSDEntries,
+        plan: StepPlan,
+        student: Hidden,
+        teacher: Hidden,
+        student_logps: torch.Tensor,
+        others: list[Hidden] | None = None,
+    ) -> torch.Tensor:
+        """The term of micro-batch `inputs` under the loss and coefficient of `plan`: rows without context (or
+        gated out, `entries.distill_weight` = 0) contribute zero. With MAD-OPD's further teachers (`others`), the loss
+        is their confidence-weighted sum with `teacher`'s (`rlsd.core.distill.selected_mad_opd_loss`); with SDPG's
+        reference log-probs (`entries.ref_logps`), its anchor on `student_logps` is added."""
+        args, distill_fn = self.args, plan.distill_fn
+        mode = "train" if self.training() else "eval"
+        token_mask = loss_mask(inputs).float()
+        weights = token_mask * entries.distill_weight.unsqueeze(1)
+        selected = weights > 0
+        tokens = token_mask.sum().clamp(min=1.0)
+        accumulation = self.accumulation() if mode == "train" else 1
+        (student_hidden, student_head), (teacher_hidden, teacher_head) = student, teacher
+        # the same keys on every process (NaN where nothing was distilled): metrics are gathered
+        metrics = {
+            "distill_token_frac": TokenMean((selected.sum() / tokens).item(), token_mask.sum().item()),
+            "distill_loss": TokenMean(math.nan, 0),
+        }
+        probe = OverlapProbe(args.distill_overlap_k) if args.distill_overlap_k > 0 and not others else None
+        if probe is not None:
+            metrics["topk_overlap"] = TokenMean(math.nan, 0)
+        # every process gathers FSDP2-sharded heads and runs the backward, also with no selected token (then 0)
+        if others:
+            per_token, mad_weights = selected_mad_opd_loss(
+                distill_fn, student_hidden, [teacher_hidden, *(hidden for hidden, _ in others)], selected,
+                (student_head, [teacher_head, *(head for _, head in others)]), self.temperature,
+                inputs["completion_ids"], confidence=args.mad_opd_confidence, mad_temperature=args.mad_opd_temperature,
+                chunk_tokens=args.distill_chunk_tokens,
+            )  # fmt: skip
+            for index, row in enumerate(mad_weights):
+                mean = row.mean().item() if row.numel() else math.nan
+                metrics[f"mad_weight_{index}"] = TokenMean(mean, row.numel())
+        else:
+            per_token = selected_token_loss(
+                distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
+                self.temperature, chunk_tokens=args.distill_chunk_tokens, overlap=probe,
+            )  # fmt: skip
+        if probe is not None and per_token.numel():
+            metrics["topk_overlap"] = TokenMean(probe.values().mean().item(), per_token.numel())
+        distill = (per_token * weights[selected]).sum() / tokens
+        if per_token.numel():
+            mass = weights[selected].sum()
+            metrics["distill_loss"] = TokenMean(
+                ((per_token.detach() * weights[selected]).sum() / mass).item(), mass.item()
+            )
+        term = plan.distill_coef * distill
+        if entries.ref_logps is not None:
+            penalty = (sdpg_ref_penalty(student_logps, entries.ref_logps) * token_mask).sum() / tokens
+            metrics["ref_penalty"] = TokenMean(penalty.item(), token_mask.sum().item())
+            term = term + args.sdpg_ref_coef * penalty
+        self.log(mode, metrics)
+        return term / accumulation
