@@ -111,3 +111,24 @@ def teacher_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def registries():
+    """Every extension registry (rules, losses, terms, sources, transforms, formats, teacher kinds and their knobs)
+    restored after the test: registrations made by test code, as a user would make them, are undone."""
+    from rlsd.context.sources import SOURCES
+    from rlsd.context.transforms import TRANSFORMS
+    from rlsd.core.distill import LOSS_KNOBS, LOSSES
+    from rlsd.core.rules import KNOBS, RULES
+    from rlsd.data.formats import FORMATS
+    from rlsd.step.rollout_term import TERM_KNOBS, TERMS
+    from rlsd.teachers import TEACHER_KINDS
+
+    tables = (RULES, KNOBS, LOSSES, LOSS_KNOBS, TERMS, TERM_KNOBS, SOURCES, TRANSFORMS, FORMATS, TEACHER_KINDS)
+    saved = [(table, dict(table)) for table in tables]
+    yield
+    for table, items in saved:
+        table.clear()
+        table.update(items)
+

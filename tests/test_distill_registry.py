@@ -14,8 +14,8 @@ from conftest import build_trainer, make_config
 
 from rlsd import RLSDConfig
 from rlsd.config import DISTILL_LOSSES
-from rlsd.core.distill import LOSS_KNOBS, LOSSES, distill_loss, generalized_jsd, token_loss_fn, topk_jsd
-from rlsd.core.rules import KNOBS, RULES, Knob, Signals, credit_rule, get_rule, rule_params
+from rlsd.core.distill import distill_loss, generalized_jsd, token_loss_fn, topk_jsd
+from rlsd.core.rules import Knob, Signals, credit_rule, get_rule, rule_params
 from rlsd.core.stages import STAGE_FIELDS
 from rlsd.infra.validate import ConfigError
 from rlsd.step.batch import scalar
@@ -34,16 +34,6 @@ def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def _positive(value: float) -> str | None:
     return None if isinstance(value, float | int) and value > 0 else f"must be > 0, got {value!r}"
-
-
-@pytest.fixture
-def registries():
-    """Registrations made by a test are undone after it (the registries are module-level dicts)."""
-    saved = [(registry, dict(registry)) for registry in (RULES, KNOBS, LOSSES, LOSS_KNOBS)]
-    yield
-    for registry, items in saved:
-        registry.clear()
-        registry.update(items)
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ import functools
 import re
 from pathlib import Path
 
-import pytest
-
 import rlsd
 from rlsd.context.sources import SOURCES
 from rlsd.context.transforms import TRANSFORMS
-from rlsd.core.distill import LOSS_KNOBS, LOSSES
-from rlsd.core.rules import KNOBS, RULES
+from rlsd.core.distill import LOSSES
+from rlsd.core.rules import RULES
 from rlsd.data.datasets import detect_format
 from rlsd.data.formats import FORMATS
 
@@ -24,17 +22,6 @@ def extending_block() -> str:
     text = README.read_text()
     start = text.index("**Extending.**")
     return re.search(r"```python\n(.*?)```", text[start:], re.DOTALL).group(1)
-
-
-@pytest.fixture
-def registries():
-    """Registrations made by the example are undone afterwards (the registries are module-level dicts)."""
-    registries = (RULES, KNOBS, LOSSES, LOSS_KNOBS, SOURCES, TRANSFORMS, FORMATS)
-    saved = [(registry, dict(registry)) for registry in registries]
-    yield
-    for registry, items in saved:
-        registry.clear()
-        registry.update(items)
 
 
 def test_the_extending_examples_register_and_configure(tmp_path, registries, monkeypatch):

@@ -15,7 +15,6 @@ from rlsd.core.rules import Knob
 from rlsd.infra.validate import ConfigError
 from rlsd.step.batch import RLSDEntries
 from rlsd.step.rollout_term import (
-    TERM_KNOBS,
     TERMS,
     LossTerm,
     TeacherRollouts,
@@ -36,17 +35,7 @@ def _positive(value: Any) -> str | None:
 
 
 @pytest.fixture
-def registry():
-    """Registrations made by a test are undone after it (the registries are module-level dicts)."""
-    saved = [(table, dict(table)) for table in (TERMS, TERM_KNOBS)]
-    yield
-    for table, items in saved:
-        table.clear()
-        table.update(items)
-
-
-@pytest.fixture
-def first_nll(registry):
+def first_nll(registries):
     """A term declared here, as a user would: `test_nll_scale` * the token mean of -log pi(y | x) over the teacher's
     first trajectory y of each row's prompt (x the plain prompt), its coefficient defaulting to 0.5. It keeps what it
     added, so that the test can recompute its value."""
@@ -119,7 +108,7 @@ def test_an_unknown_term_is_refused_listing_the_registered_ones(tmp_path, first_
     assert get_loss_term("test_first_nll").cls is first_nll
 
 
-def test_the_registry_refuses_duplicates_incomplete_classes_and_shared_knobs(registry):
+def test_the_registry_refuses_duplicates_incomplete_classes_and_shared_knobs(registries):
     class Complete(LossTerm):
         def add(self, samples, pass_logps):
             return TermRows({}, {})
@@ -144,14 +133,14 @@ def test_the_registry_refuses_duplicates_incomplete_classes_and_shared_knobs(reg
 
     with pytest.raises(TypeError, match="does not define check_config, check_supported"):
         loss_term("test_unrelated")(Unrelated)
-    with pytest.raises(ValueError, match=r"'distill_jsd_beta'.*already a rule's or loss's knob"):
+    with pytest.raises(ValueError, match=r"'distill_jsd_beta'.*already another extension's knob"):
         loss_term("test_shared", knobs={"distill_jsd_beta": Knob(0.5, "shared")})(Complete)
     with pytest.raises(ValueError, match=r"'pbsd_beta'.*differs from its earlier declaration"):
         loss_term("test_beta", knobs={"pbsd_beta": Knob(0.2, "another beta")})(Complete)
     assert "test_no_term" not in TERMS and "test_shared" not in TERMS and "test_beta" not in TERMS
 
 
-def test_a_term_whose_tensors_are_not_per_row_is_named(tokenizer, tmp_path, registry):
+def test_a_term_whose_tensors_are_not_per_row_is_named(tokenizer, tmp_path, registries):
     @loss_term("test_scalar")
     class Scalar(LossTerm):
         def __init__(self, rollouts: TeacherRollouts) -> None:

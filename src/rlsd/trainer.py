@@ -111,6 +111,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
@@ -405,48 +406,27 @@ class RLSDTrainer(GRPOTrainer):
             self._rollout_tap.rewards = reward_totals(rewards_per_func, self.reward_weights)
         return rewards_per_func
 
-    def teacher_inputs(
-        self,
-        inputs: list[dict[str, Any]],
-        output: dict[str, Any],
-        mode: str = "train",
-        rows: torch.Tensor | None = None,
-        rollout: RolloutTap | None = None,
-    ) -> TeacherInputs:
-        """The teacher prompts of `rows` (all rows when None) from the privileged source, tokenized and left-padded
-        (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
-        `rows` are neither rendered nor tokenized. The teacher's prompt is built from the prompt the rollout used
-        (`rollout.prompts`; the dataset rows' without it), and a source that reads rewards gets `rollout.rewards`
-        (public for diagnostics and tests; `TeacherPrompts.build`)."""
+    # ------------------------------------------------------------------ public diagnostics (credit viewer, tests)
+    def teacher_inputs(self, inputs, output, mode="train", rows=None, rollout=None) -> TeacherInputs:
+        """`TeacherPrompts.build` under the active plan: the teacher prompts of a rollout's `rows`."""
         return self.prompts.build(inputs, output, mode, rows, rollout, distill=self.plan.distill_fn is not None)
 
-    def teacher_scores(
-        self,
-        inputs: list[dict[str, Any]],
-        output: dict[str, Any],
-        mode: str = "train",
-        rows: torch.Tensor | None = None,
-        rollout: RolloutTap | None = None,
-    ) -> ScoreResult:
-        """The teacher's log-probs (and entropy, when the rule reads it) of a rollout's completions: the privileged
-        context of `inputs`, the teacher prompts and one scoring pass, as the rollout computes them (public for
-        diagnostics such as the credit viewer, and for tests)."""
-        prompt_ids, prompt_mask, types, _ = self.prompts.build(inputs, output, mode, rows, rollout,
-                                                               distill=self.plan.distill_fn is not None)  # fmt: skip
+    def teacher_scores(self, inputs, output, mode="train", rows=None, rollout=None) -> ScoreResult:
+        """The teacher's log-probs (and entropy, when the rule reads it) of a rollout's completions, as the rollout's
+        teacher pass computes them."""
+        prompt_ids, prompt_mask, types, _ = self.teacher_inputs(inputs, output, mode, rows, rollout)
         entropy = "teacher_entropy" in self.plan.rule.needs
         return self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
 
     def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
         """The log-probs of a rollout's completions after the student's own prompts under `which` ("student" or
-        "reference"), with the rollout's vision inputs: the re-scoring passes (public for diagnostics and tests)."""
-        return self.scorer.score(which, output["prompt_ids"], output["prompt_mask"], output,
-                           vision.student_vision_kwargs(output))  # fmt: skip
+        "reference"), with the rollout's vision inputs (the re-scoring passes)."""
+        kwargs = vision.student_vision_kwargs(output)
+        return self.scorer.score(which, output["prompt_ids"], output["prompt_mask"], output, kwargs)
 
-    def token_advantages(
-        self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str = "train"
-    ) -> torch.Tensor:
-        """The (B, T) token advantages of a batch that carries deferred credit (`rlsd_*` entries), given the
-        student's log-probs (public for diagnostics and tests; the loss calls the same code)."""
+    def token_advantages(self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str = "train") -> Tensor:
+        """The (B, T) token advantages of a batch that carries deferred credit, given the student's log-probs (the
+        loss's own computation)."""
         return self.credit.assign(self.plan.rule, RLSDEntries.from_batch(batch), batch, student_logps, mode)
 
     def _log_across_processes(self, mode: str, metrics: dict[str, float]) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial
 from torch.utils.checkpoint import checkpoint
 
-from rlsd.core.rules import KNOBS, Knob
+from rlsd.core.rules import KNOBS, Knob, declare_knobs
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
@@ -164,12 +164,7 @@ def distill_loss(
     def register(build: Callable[..., TokenLoss]) -> Callable[..., TokenLoss]:
         if name in LOSSES or name == "none":
             raise ValueError(f"distillation loss {name!r} is registered twice (or is 'none')")
-        for key, knob in (knobs or {}).items():
-            if key in KNOBS:
-                raise ValueError(f"knob {key!r} of distillation loss {name!r} is already a credit rule's knob")
-            if LOSS_KNOBS.get(key, knob) != knob:
-                raise ValueError(f"knob {key!r} of distillation loss {name!r} differs from its earlier declaration")
-        LOSS_KNOBS.update(knobs or {})
+        declare_knobs(f"distillation loss {name!r}", knobs, LOSS_KNOBS, KNOBS)
         summary = doc or " ".join((build.__doc__ or "").split())
         LOSSES[name] = DistillLoss(name, build, tuple(knobs or {}), default_coef, summary)
         return build

@@ -126,6 +126,17 @@ TEACHER = frozenset({"teacher_logps", "student_logps"})
 RLSD_OPTIONS = frozenset({"negative_only", "span"})
 
 
+def declare_knobs(owner: str, knobs: dict[str, Knob] | None, into: dict[str, Knob], *others: dict[str, Knob]) -> None:
+    """Add `owner`'s knobs (each an `RLSDConfig` field) to the registry `into`: a name another registry (`others`)
+    already declares is refused, and a name `into` holds may be declared again only identically."""
+    for key, knob in (knobs or {}).items():
+        if any(key in other for other in others):
+            raise ValueError(f"knob {key!r} of {owner} is already another extension's knob")
+        if into.get(key, knob) != knob:
+            raise ValueError(f"knob {key!r} of {owner} differs from its earlier declaration")
+    into.update(knobs or {})
+
+
 def credit_rule(
     name: str,
     *,
@@ -144,10 +155,7 @@ def credit_rule(
     def register(fn: RuleFn) -> RuleFn:
         if name in RULES:
             raise ValueError(f"credit rule {name!r} is registered twice")
-        for key, knob in (knobs or {}).items():
-            if KNOBS.get(key, knob) != knob:
-                raise ValueError(f"knob {key!r} of rule {name!r} differs from its earlier declaration")
-            KNOBS[key] = knob
+        declare_knobs(f"rule {name!r}", knobs, KNOBS)
         RULES[name] = CreditRule(name, fn, frozenset(needs), source, exact, multiplicative, grpo_when_lambda_zero,
                                  frozenset(options), tuple(knobs or {}), state)  # fmt: skip
         return fn

@@ -45,7 +45,7 @@ from rlsd.core.rollout_losses import (
     teacher_topk,
     trajectory_alignment,
 )
-from rlsd.core.rules import KNOBS, Knob
+from rlsd.core.rules import KNOBS, Knob, declare_knobs
 from rlsd.data.rewards import reward_totals
 from rlsd.infra.guards import check_plain_lm_head
 from rlsd.infra.validate import ConfigError
@@ -325,12 +325,7 @@ def loss_term(
         missing += [m for m in ("add", "term") if getattr(cls, m, None) is getattr(LossTerm, m)]
         if missing:
             raise TypeError(f"teacher-rollout term {name!r} does not define {', '.join(missing)} (see LossTerm)")
-        for key, knob in (knobs or {}).items():
-            if key in KNOBS or key in LOSS_KNOBS:
-                raise ValueError(f"knob {key!r} of teacher-rollout term {name!r} is already a rule's or loss's knob")
-            if TERM_KNOBS.get(key, knob) != knob:
-                raise ValueError(f"knob {key!r} of teacher-rollout term {name!r} differs from its earlier declaration")
-        TERM_KNOBS.update(knobs or {})
+        declare_knobs(f"teacher-rollout term {name!r}", knobs, TERM_KNOBS, KNOBS, LOSS_KNOBS)
         summary = doc or " ".join((cls.__doc__ or "").split())
         TERMS[name] = LossTermSpec(name, cls, tuple(knobs or {}), default_coef, summary)
         return cls
