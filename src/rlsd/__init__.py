@@ -4,4 +4,4 @@ from rlsd.config import RLSDConfig
 from rlsd.trainer import RLSDTrainer
 
 __all__ = ["RLSDConfig", "RLSDTrainer"]
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
