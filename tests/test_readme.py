@@ -13,6 +13,8 @@ from rlsd.core.distill import LOSSES
 from rlsd.core.rules import RULES
 from rlsd.data.datasets import detect_format
 from rlsd.data.formats import FORMATS
+from rlsd.step.rollout_term import TERMS
+from rlsd.teachers import TEACHER_KINDS
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -33,7 +35,11 @@ def test_the_extending_examples_register_and_configure(tmp_path, registries, mon
     config = namespace["config"]
     assert {"my_shifted"} <= set(RULES) and {"my_scaled_kl"} <= set(LOSSES) and "my_reflection" in SOURCES
     assert "my_hint" in TRANSFORMS and "my_qa" in FORMATS
+    assert "my_live_copy" in TEACHER_KINDS and "my_first_nll" in TERMS
     assert (config.credit, config.my_shift, config.distill_loss, config.my_kl_scale) == ("my_shifted", 0.5,
                                                                                          "my_scaled_kl", 2.0)
     assert config.teacher_template == SOURCES["my_reflection"].default_template
+    rollouts = namespace["with_rollouts"]
+    assert (rollouts.teacher, rollouts.teacher_rollout_loss, rollouts.my_nll_scale) == ("my_live_copy",
+                                                                                     "my_first_nll", 1.0)
     assert detect_format(["question", "final"]) == "my_qa"

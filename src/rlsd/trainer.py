@@ -1,24 +1,21 @@
 """`RLSDTrainer`: TRL's `GRPOTrainer` with token-level credit from a privileged self-teacher.
 
-The trainer only gathers log-probs and hands (B, T) token advantages to TRL's own loss:
-1. after TRL's rollout and scoring, the privileged source (`rlsd.context.sources`) fills the teacher template of each
-   row and one no-grad teacher pass (`rlsd.step.scorer.Scorer`, every scoring pass) scores [teacher prompt ;
-   completion];
+The trainer only overrides TRL's hooks and hands each job to a collaborator built in `__init__` from values and
+callables, never the trainer (`tests/test_layout.py` checks both):
+1. after TRL's rollout and rewards, `TeacherPrompts` (`rlsd.context.prompts`) builds each row's teacher prompt from the
+   prompt the rollout used and the privileged source's context (`rlsd.context.sources`, which may be computed after
+   the rewards and call a model), and the `Scorer` (`rlsd.step.scorer`, every no-grad pass) scores
+   [teacher prompt ; completion];
 2. the student's sampled-token log-probs are TRL's old log-probs when TRL computes them, else the detached
    log-probs of the loss's own forward (no extra pass);
-3. a credit rule (`rlsd.core.rules`) turns (A_i, teacher, student, mask, ...) into A_it.
-With a distillation loss (`distill_loss`), the teacher runs once, at loss time: its last hidden states feed the
-distillation term (`rlsd.step.distill_term.DistillationTerm`; the kernels, a chunk of tokens at a time, in
-`rlsd.core.distill`) and, when the rule needs nothing else from the rollout, the rule's teacher log-probs; the
-student's hidden states are captured from the loss's own forward. Vision-language models: the teacher prompt keeps the
-image blocks and every forward gets the rollout's vision tensors (`rlsd.context.vision`). What travels from rollout to
-loss is `rlsd.step.batch.RLSDEntries`. With `stages` (Sparse-to-Dense, `rlsd.core.stages`) each training rollout first
-enters the stage of its step (rule and loss rebuilt); with `mad_opd_teachers` (MAD-OPD) every teacher runs the
-loss-time pass and the term is their confidence-weighted sum. With `teacher_rollout_loss` (BRTS, PBSD) the teacher also
-generates completions after TRL's rollout, and the loss adds a term on those trajectories
-(`rlsd.step.rollout_term.TeacherRolloutTerm`, the math in `rlsd.core.rollout_losses`). With `teacher_aligned_prompts`
-the training prompts are ranked by student-teacher agreement at construction and the most aligned kept
-(`rlsd.step.aligned_prompts`, the math in `rlsd.core.prompt_selection`).
+3. the `CreditAssembler` (`rlsd.step.assign`) runs the credit rule (`rlsd.core.rules`) and hands TRL (B, T) token
+   advantages.
+What a step computes is its stage's `StepPlan` (`rlsd.plan`; Sparse-to-Dense stages switch plans, the config is never
+changed). With a distillation loss the teacher runs once, at loss time, and `DistillationTerm`
+(`rlsd.step.distill_term`) adds its term (the rule then reads the same pass when the student's log-probs come from the
+loss's forward too); with `teacher_rollout_loss` a registered loss term (`rlsd.step.rollout_term`, BRTS, PBSD) adds
+one on teacher trajectories; with `teacher_aligned_prompts` the training prompts are selected at construction
+(`rlsd.step.aligned_prompts`). What travels from rollout to loss is `rlsd.step.batch.RLSDEntries`.
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
