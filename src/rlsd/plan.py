@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from rlsd.core.credit import rlsd_lambda
 from rlsd.core.distill import LOSS_KNOBS, token_loss_fn
 from rlsd.core.rules import CreditRule, get_rule
 from rlsd.core.stages import STAGE_FIELDS, reachable, stage_index, stage_values
@@ -116,6 +117,12 @@ class Stages:
         if not self.args.stages:
             return [self.plan(None)]
         return [self.plan(index) for index in reachable(self.args.stages)]
+
+    def lam(self, step: int) -> float:
+        """lam_k of optimizer step `step` (1-based): RLSD's schedule from the config (no stage sets it)."""
+        args = self.args
+        return rlsd_lambda(step, lam0=args.rlsd_lambda, warmup_steps=args.rlsd_lambda_warmup_steps,
+                           decay_steps=args.rlsd_lambda_decay_steps)  # fmt: skip
 
     def needs(self) -> RunNeeds:
         """What the plans this run can reach need (the teacher, SDPG's reference and the checks are built once)."""

@@ -118,7 +118,7 @@ from rlsd.config import RLSDConfig
 from rlsd.context import vision
 from rlsd.context.prompts import RolloutTap, TeacherInputs, TeacherPrompts
 from rlsd.context.sources import get_source, validate_teacher_template
-from rlsd.core.credit import grpo_advantages, rlsd_lambda
+from rlsd.core.credit import grpo_advantages
 from rlsd.core.rules import rule_params
 from rlsd.data.rewards import guard_rewards, reward_totals
 from rlsd.infra import checkpoint as checkpoint_files
@@ -220,22 +220,6 @@ class RLSDTrainer(GRPOTrainer):
         if self.teacher is not None and get_teacher_kind(args.teacher).follows_policy:
             self.add_callback(TeacherSyncCallback(self))
         # collaborators: each is handed the values and callables it reads, never the trainer
-        # <collaborators>
-        # the distillation term (`distill_loss`, MAD-OPD, SDPG's anchor): handed what it reads, never the trainer
-        self.distill_term = DistillationTerm(
-            args=args, temperature=self.temperature, log=self._log_across_processes,
-            training=lambda: self.model.training, accumulation=lambda: self.current_gradient_accumulation_steps,
-        )  # fmt: skip
-        # what the teacher is shown: the privileged context of each row, rendered, tokenized and left-padded
-        self.prompts = TeacherPrompts(
-            accelerator=self.accelerator, source=self.source, teacher_template=args.teacher_template,
-            teacher_transform=args.teacher_transform, privileged_source=args.privileged_source,
-            tokenizer=self._tokenizer, tokenize_prompts=self._tokenize_prompts, is_vlm=self._is_vlm,
-            image_pad_token_id=self._image_pad_token_id, processing_class=self.processing_class,
-            group_size=lambda: self.scorer.group_size(),
-            generate=lambda *a, **k: self.scorer.generate_texts(*a, **k),
-            log=self._log_across_processes, teacher_use=lambda: vision.teacher_use(self.plan),
-        )  # fmt: skip
         # every no-grad scoring pass (the rule's teacher pass, re-scoring, the loss-time teacher, text generation)
         self.scorer = Scorer(
             accelerator=self.accelerator, model=lambda: self.model, teacher=self.teacher, reference=self.reference,
@@ -248,6 +232,20 @@ class RLSDTrainer(GRPOTrainer):
             batch_sizes=(args.per_device_train_batch_size, args.per_device_eval_batch_size),
             training=lambda: self.model.training, tokenize_prompts=self._tokenize_prompts, tokenizer=self._tokenizer,
             generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
+        )  # fmt: skip
+        # what the teacher is shown: the privileged context of each row, rendered, tokenized and left-padded
+        self.prompts = TeacherPrompts(
+            accelerator=self.accelerator, source=self.source, teacher_template=args.teacher_template,
+            teacher_transform=args.teacher_transform, privileged_source=args.privileged_source,
+            tokenizer=self._tokenizer, tokenize_prompts=self._tokenize_prompts, is_vlm=self._is_vlm,
+            image_pad_token_id=self._image_pad_token_id, processing_class=self.processing_class,
+            group_size=self.scorer.group_size, generate=self.scorer.generate_texts,
+            log=self._log_across_processes, teacher_use=lambda: vision.teacher_use(self.plan),
+        )  # fmt: skip
+        # the distillation term (`distill_loss`, MAD-OPD, SDPG's anchor): handed what it reads, never the trainer
+        self.distill_term = DistillationTerm(
+            args=args, temperature=self.temperature, log=self._log_across_processes,
+            training=lambda: self.model.training, accumulation=lambda: self.current_gradient_accumulation_steps,
         )  # fmt: skip
         # token credit: the rule's signals assembled into (B, T) advantages; the rule is handed at each call
         self.credit = CreditAssembler(
@@ -318,16 +316,6 @@ class RLSDTrainer(GRPOTrainer):
         self._metrics["train"]["rlsd/teacher_synced"].append(float(synced))
 
     # --------------------------------------------------------------------------------------------- rollout
-    def _current_lambda(self) -> float:
-        """lam_k for the optimizer step this rollout batch trains (k = completed steps + 1)."""
-        args = self.args
-        return rlsd_lambda(
-            self.state.global_step + 1,
-            lam0=args.rlsd_lambda,
-            warmup_steps=args.rlsd_lambda_warmup_steps,
-            decay_steps=args.rlsd_lambda_decay_steps,
-        )
-
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollout and scoring, then the privileged context, the teacher pass and (B, T) token advantages
         (or, when they wait for the loss's forward, the `RLSDEntries` that let the loss compute them). A training
@@ -339,7 +327,7 @@ class RLSDTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         mask = loss_mask(output)
-        lam = self._current_lambda() if plan.rule_uses_teacher else 0.0
+        lam = self.stages.lam(self.state.global_step + 1) if plan.rule_uses_teacher else 0.0
         if plan.rule_uses_teacher:
             self._metrics[mode]["rlsd/lambda"].append(lam)
         rule_pass = plan.teacher_pass_needed(lam, self.args.rlsd_clip)
@@ -350,12 +338,7 @@ class RLSDTrainer(GRPOTrainer):
             teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=distill)
             prompt_ids, prompt_mask, types, entries.has_context = teacher
             if distill:  # the loss-time teacher pass needs the teacher's prompt
-                entries.teacher_prompt_ids, entries.teacher_prompt_mask = prompt_ids, prompt_mask
-                entries.teacher_types = types
-                weight = entries.has_context.float()
-                if plan.distill_positive_only:
-                    weight = weight * (output["advantages"] > 0).float()
-                entries.distill_weight = weight
+                self.distill_term.rollout_entries(plan, entries, teacher, output["advantages"])
         if self.reference is not None and plan.distill_loss == "sdpg":
             entries.ref_logps = self.score_rollout("reference", output).logps
         if not rule_pass:
@@ -377,19 +360,13 @@ class RLSDTrainer(GRPOTrainer):
             entropy = "teacher_entropy" in plan.rule.needs
             scores = self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
             self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
-            entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
-            pass_logps = scores.logps if rows is None else None  # PBSD's log pi_T(y- | x_T), when every row has it
-            if rows is not None:  # the rule scores only the rows with A_i != 0; the others keep A_it = 0
-                entries.scored = output["advantages"] != 0
-            entries.state_values = {key: scalar(v) for key, v in self.credit.state_values(entries, mask, mode).items()}
+            pass_logps = self.credit.teacher_pass(entries, output, scores, rows, mask, mode)
         self.rollout_term.add(inputs, output, entries, mode, pass_logps)
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in plan.rule.needs:  # group statistics need the whole group now
             student_logps = self.score_rollout("student", output).logps
         if student_logps is not None and not at_loss:  # the credit is final at rollout time
-            output["advantages"] = self.credit.assign(plan.rule, entries, output, student_logps, mode)
-            entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
-            entries.lam, entries.state_values = None, {}
+            self.credit.finalize(plan.rule, entries, output, student_logps, mode)
         return {**output, **entries.to_batch()}
 
     def _calculate_rewards(

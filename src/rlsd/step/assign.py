@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from rlsd.config import RLSDConfig
 from rlsd.core.credit import think_span_mask
 from rlsd.core.rules import CreditRule, RuleFn, RuleParams, RuleState, Signals, rule_params
-from rlsd.step.batch import RLSDEntries, loss_mask
+from rlsd.step.batch import RLSDEntries, loss_mask, scalar
+from rlsd.step.scoring import ScoreResult
 
 DecodeTokens = Callable[[torch.Tensor], list[str]]
 """The tokenizer's `batch_decode`: a (T, 1) column of token ids -> each token's text."""
@@ -60,6 +61,28 @@ class CreditAssembler:
             totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).double(), "sum")
             means[name] = (totals[0] / totals[1].clamp(min=1)).item()
         return self.rule_state.observe(means)
+
+    def teacher_pass(
+        self, entries: RLSDEntries, output: dict[str, Any], scores: ScoreResult, rows: torch.Tensor | None,
+        mask: torch.Tensor, mode: str,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """The rollout's teacher pass (`scores` of `rows`, all rows when None) and the rule state's values into
+        `entries`; the pass's log-probs when every row was scored (PBSD reuses them as log pi_T(y- | x_T)), else
+        None. With `rows`, the rule scores only the rows with A_i != 0; the others keep A_it = 0."""
+        entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
+        if rows is not None:
+            entries.scored = output["advantages"] != 0
+        entries.state_values = {key: scalar(v) for key, v in self.state_values(entries, mask, mode).items()}
+        return scores.logps if rows is None else None
+
+    def finalize(
+        self, rule: CreditRule, entries: RLSDEntries, output: dict[str, Any], student_logps: torch.Tensor, mode: str
+    ) -> None:
+        """The credit made final at rollout time (the student's log-probs are known): `output`'s (B, T) advantages,
+        and `entries` no longer carrying deferred credit."""
+        output["advantages"] = self.assign(rule, entries, output, student_logps, mode)
+        entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
+        entries.lam, entries.state_values = None, {}
 
     def assign(
         self, rule: CreditRule, entries: RLSDEntries, batch: dict[str, Any], student_logps: torch.Tensor, mode: str

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from rlsd.config import RLSDConfig
 from rlsd.core.credit import TokenMean
@@ -33,6 +34,17 @@ class DistillationTerm:
     log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics
     training: Callable[[], bool]  # whether the policy is in training mode
     accumulation: Callable[[], int]  # HF's `current_gradient_accumulation_steps`
+
+    def rollout_entries(self, plan: StepPlan, entries: RLSDEntries, teacher: Any, seq_advantages: Tensor) -> None:
+        """What the loss-time term needs from the rollout into `entries`: the teacher's prompt (ids, mask, token
+        types of `teacher`, a `TeacherInputs`) and each row's weight (1 with privileged context, 0 without; with
+        `distill_positive_only`, 0 on rows whose A_i <= 0)."""
+        entries.teacher_prompt_ids, entries.teacher_prompt_mask = teacher.prompt_ids, teacher.prompt_mask
+        entries.teacher_types = teacher.token_types
+        weight = entries.has_context.float()
+        if plan.distill_positive_only:
+            weight = weight * (seq_advantages > 0).float()
+        entries.distill_weight = weight
 
     def term(
         self,
