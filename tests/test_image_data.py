@@ -4,6 +4,7 @@ the errors for a missing image column, a missing or unreadable image and a bad c
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 
 from rlsd.commands.cli import main as cli_main
 from rlsd.data.datasets import load_rlsd_dataset, to_rlsd_rows
-from rlsd.data.images import CHOICE_INSTRUCTION, detect_image_format, load_processor
+from rlsd.data.images import CHOICE_INSTRUCTION, detect_image_format, load_image, load_processor
 from rlsd.infra.validate import DatasetError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -85,12 +86,73 @@ def test_bad_image_rows_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"row 1 of .*train.jsonl, column 'image': names the image file .*1.png"):
         load_rlsd_dataset(str(data))
     (data.parent / "images" / "1.png").write_text("not a png")
-    with pytest.raises(DatasetError, match=r"row 1 of .*column 'image': cannot be read as an image"):
+    with pytest.raises(DatasetError, match=r"row 1 of .*column 'image': names the file .*1\.png .*does not open"):
         load_rlsd_dataset(str(data))
     empty = Dataset.from_list([{"image": None, "question": "Q?", "answer": "1"}, {"image": "x.png", "question": "Q?",
                                                                                 "answer": "1"}])  # fmt: skip
     with pytest.raises(DatasetError, match=r"row 0 of the mmfinereason dataset, column 'image': has no image"):
         to_rlsd_rows(empty, "mmfinereason")
+
+
+def test_a_huge_file_that_is_not_an_image_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A 3 GB sparse file (no disk used) is refused naming the row and the file, after reading a few bytes only."""
+    huge = tmp_path / "video.png"
+    with huge.open("wb") as f:
+        f.truncate(3 * 1024**3)
+    read = {"bytes": 0}
+    real_open = Path.open
+
+    class CountingReader(io.FileIO):
+        def readinto(self, buffer):
+            count = super().readinto(buffer)
+            read["bytes"] += count or 0
+            return count
+
+    def counting_open(self, mode="r", *args, **kwargs):
+        if self == huge:
+            return io.BufferedReader(CountingReader(str(self), "rb"))
+        return real_open(self, mode, *args, **kwargs)
+
+    def refuse_whole_read(self):
+        raise AssertionError(f"{self} was read whole")
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    monkeypatch.setattr(Path, "read_bytes", refuse_whole_read)
+    dataset = Dataset.from_list([{"image": str(huge), "question": "Q?", "answer": "1"}])
+    with pytest.raises(DatasetError, match=r"row 0 of .*column 'image': names the file .*video\.png .*does not open"):
+        to_rlsd_rows(dataset, "mmfinereason")
+    assert read["bytes"] <= 1024**2, read
+
+
+def test_an_image_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import rlsd.data.images as images
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_FILE_BYTES", 10)
+    with pytest.raises(DatasetError, match=r"row 0, column 'image': names the PNG image file .*a\.png of \d+ bytes"):
+        images.load_image(str(tmp_path / "a.png"), "row 0, column 'image'")
+    with pytest.raises(DatasetError, match=r"the image bytes of the cell is \d+ bytes, over the 10-byte limit"):
+        images.load_image((tmp_path / "a.png").read_bytes(), "row 0")
+
+
+def test_pil_decompression_bomb_limit_is_kept_and_named(tmp_path, monkeypatch):
+    Image.new("RGB", (28, 28)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 784 pixels: more than twice the limit
+    with pytest.raises(DatasetError, match=r"row 3, column 'image': names the file .*bomb\.png .*exceeds limit"):
+        load_image(str(tmp_path / "bomb.png"), "row 3, column 'image'")
+    with pytest.raises(DatasetError, match=r"row 3: the image bytes of the cell cannot be read.*exceeds limit"):
+        load_image((tmp_path / "bomb.png").read_bytes(), "row 3")
+
+
+def test_a_truncated_image_is_refused_at_load_naming_the_row_and_the_file(tmp_path):
+    """PIL's verify() passes a truncated JPEG; it would fail only when the processor decodes it, mid-training."""
+    Image.effect_noise((128, 128), 64).convert("RGB").save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 3 // 4])
+    dataset = Dataset.from_list([{"image": str(tmp_path / "whole.jpg"), "question": "Q?", "answer": "1"},
+                                 {"image": str(tmp_path / "cut.jpg"), "question": "Q?", "answer": "1"}])  # fmt: skip
+    with pytest.raises(DatasetError, match=r"row 1 of .*column 'image': the image file .*cut\.jpg cannot be read"):
+        to_rlsd_rows(dataset, "mmfinereason")
 
 
 def test_a_choice_answer_outside_the_choices_is_refused(tmp_path):

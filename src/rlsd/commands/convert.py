@@ -65,9 +65,31 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
 
     require_gguf()
     folder, name = str(path.parent), path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, output_loading_info=True
+    )
+    check_all_weights_loaded(path, type(model).__name__, info.get("missing_keys", ()))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer
+
+
+SHOWN_MISSING = 12
+"""How many missing tensor names a refusal lists (then the count of the rest)."""
+
+
+def check_all_weights_loaded(path: Path, architecture: str, missing: Any) -> None:
+    """Every weight the architecture needs came from the file: transformers fills a tensor the file lacks with
+    random values and only logs it, so a GGUF file without its layer weights would convert, exit 0, into an
+    untrained model. `missing` is transformers' loading info `missing_keys`; any is refused by name."""
+    names = sorted(missing)
+    if not names:
+        return
+    shown = ", ".join(names[:SHOWN_MISSING]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_MISSING else "")
+    raise ConversionError(
+        f"GGUF file {path}",
+        f"lacks {len(names)} tensor(s) that {architecture} needs, which would be randomly initialised: {shown}",
+        "convert a complete GGUF export of the model (not a partial or vocabulary-only file)",
+    )
 
 
 def plain_model(model: Any) -> Any:
@@ -105,13 +127,16 @@ def generation_config_for(tokenizer: Any) -> Any:
 def convert_gguf(path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a GGUF file into a plain model folder (safetensors, tokenizer, chat template, generation config);
     returns the folder. Fails, with nothing written, on a missing `gguf` package, a non-GGUF file, an unsupported
-    architecture or a non-empty output folder; fails before saving if the logits changed."""
+    architecture, a file lacking weights the architecture needs or a non-empty output folder; fails before saving
+    if the logits changed."""
     path, output = Path(path).expanduser(), Path(output).expanduser()
     check_gguf_file(path)
     check_output_folder(output, overwrite)
     require_gguf()
     try:
         loaded, tokenizer = load_gguf(path)
+    except ConversionError:
+        raise
     except (ValueError, KeyError, NotImplementedError) as err:
         raise ConversionError(
             f"GGUF file {path}", f"cannot be loaded by transformers ({type(err).__name__}: {err})", ""

@@ -10,12 +10,23 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets import Dataset
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from rlsd.config import RLSDConfig
 from rlsd.data.datasets import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
 from rlsd.data.formats import format_help, format_names
 from rlsd.data.rewards import REWARDS, resolve_reward
+from rlsd.infra.run_guard import (
+    check_config_makes_a_step,
+    check_inputs_apart,
+    check_output_writable,
+    check_prompt_lengths,
+    check_unlocked,
+    model_context_length,
+    run_inputs,
+    run_lock,
+)
 from rlsd.infra.validate import check_model_folder, check_output_dir, check_positive
 
 RESUME_LATEST = ("true", "latest")
@@ -39,6 +50,10 @@ class TrainScriptArguments:
         max_train_samples (`int`, *optional*): Keep only the first N rows (smoke runs).
         overwrite_output_dir (`bool`, defaults to `False`): Replace a previous run found in `--output_dir` (its
             checkpoints and final model are deleted first); without it such a folder is refused unless resuming.
+        max_prompt_length (`int`, *optional*): Longest prompt in tokens, as the chat template renders it (TRL 1.16's
+            `GRPOConfig` has no such field); defaults to the model's context length. Longer prompts are refused.
+        truncate_prompts (`bool`, defaults to `False`): Cut an overlong prompt from the start of its last turn instead
+            of refusing it.
     """
 
     dataset_name: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet/.csv file."})
@@ -59,6 +74,12 @@ class TrainScriptArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete a previous run found in --output_dir instead of refusing it."}
     )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt in tokens (default: the model's context length)."}
+    )
+    truncate_prompts: bool = field(
+        default=False, metadata={"help": "Cut overlong prompts from the start of their last turn instead of refusing."}
+    )
 
 
 def make_parser() -> TrlParser:
@@ -70,28 +91,59 @@ def make_parser() -> TrlParser:
 
 
 def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args: ModelConfig) -> str:
-    """Check every input (model folder, counts, output folder, rewards, dataset) before any model is loaded, then
-    train and save the final model; returns the output folder."""
-    from rlsd.trainer import RLSDTrainer
-
+    """Check every input (model folder, counts, output folder and its lock, inputs apart from it, rewards, dataset,
+    prompt lengths, one step at least) before any model is loaded, then, holding the output folder's lock, train
+    and save the final model; returns the output folder."""
     resume = resume_value(training_args.resume_from_checkpoint)
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required (a hub name or a local folder)")
     check_model_folder(model_args.model_name_or_path)
-    check_positive({"--max_train_samples": script_args.max_train_samples})
+    check_positive({"--max_train_samples": script_args.max_train_samples,
+                    "--max_prompt_length": script_args.max_prompt_length})  # fmt: skip
+    output_dir = training_args.output_dir
+    if training_args.should_save:
+        check_unlocked(output_dir)
     previous = check_output_dir(
-        training_args.output_dir,
+        output_dir,
         resuming=resume is not None,
         overwrite=script_args.overwrite_output_dir,
         overwrite_flag="--overwrite_output_dir",
     )
+    check_output_writable(output_dir)
     reward_funcs = [resolve_reward(name, training_args.reward_timeout) for name in script_args.reward_funcs]
+    teachers = [training_args.teacher_model, *(training_args.mad_opd_teachers or [])]
+    inputs = run_inputs(
+        model_args.model_name_or_path,
+        teachers=[name for name in teachers if name],
+        datasets=[script_args.dataset_name],
+        rewards=dict(zip(script_args.reward_funcs, reward_funcs, strict=True)),
+        builtin_rewards=list(REWARDS),
+    )
+    check_inputs_apart(output_dir, inputs, resume_checkpoint=resume if isinstance(resume, str) else None)
     dataset = load_cli_dataset(script_args, script_args.dataset_name, script_args.dataset_train_split)
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     processor = image_processor_for(model_args.model_name_or_path, dataset)
-    if previous and resume is None and training_args.should_save:
-        remove_previous_run(Path(training_args.output_dir), previous)
+    dataset = check_prompts_fit(dataset, script_args, training_args, model_args, processor)
+    check_config_makes_a_step(len(dataset), training_args, split=script_args.dataset_train_split)
+    with run_lock(output_dir, enabled=training_args.should_save):
+        if previous and resume is None and training_args.should_save:
+            remove_previous_run(Path(output_dir), previous)
+        return train_and_save(script_args, training_args, model_args, reward_funcs, dataset, processor, resume)
+
+
+def train_and_save(
+    script_args: TrainScriptArguments,
+    training_args: RLSDConfig,
+    model_args: ModelConfig,
+    reward_funcs: list,
+    dataset: Dataset,
+    processor: object | None,
+    resume: str | bool | None,
+) -> str:
+    """Load the model through `RLSDTrainer`, train (resuming when asked) and save the final model."""
+    from rlsd.trainer import RLSDTrainer
+
     model_init_kwargs = dict(training_args.model_init_kwargs or {})
     model_init_kwargs.setdefault("dtype", model_args.dtype)
     if model_args.attn_implementation is not None:
@@ -110,6 +162,42 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return training_args.output_dir
+
+
+def check_prompts_fit(
+    dataset: Dataset,
+    script_args: TrainScriptArguments,
+    training_args: RLSDConfig,
+    model_args: ModelConfig,
+    processor: object | None,
+) -> Dataset:
+    """`check_prompt_lengths` with the model's tokenizer (the processor's for images) and its limit:
+    `--max_prompt_length`, else the model's context length (its config, else its tokenizer); the dataset back,
+    truncated with `--truncate_prompts`. Loads the tokenizer and config only, never the model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name, revision = model_args.model_name_or_path, model_args.model_revision
+    trust = bool(getattr(training_args, "trust_remote_code", False))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+    limit = script_args.max_prompt_length
+    if limit is None:
+        try:
+            config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust)
+        except (OSError, ValueError):  # an adapter folder: its base model's config is elsewhere
+            config = None
+        limit = model_context_length(config, tokenizer)
+    if limit is None:
+        return dataset
+    return check_prompt_lengths(
+        dataset,
+        tokenizer,
+        limit,
+        split=script_args.dataset_train_split,
+        truncate=script_args.truncate_prompts,
+        chat_template_kwargs=training_args.chat_template_kwargs,
+    )
 
 
 def image_processor_for(model: str, dataset) -> object | None:

@@ -31,6 +31,11 @@ from rlsd.infra.validate import DatasetError, check_answer_length, text_cell
 
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option."
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MAX_IMAGE_FILE_BYTES = 256 * 1024**2
+"""The largest image file (or cell) accepted, checked before a file is read: far above any training image, far
+below what reading a wrong file (a video, a model checkpoint) whole would cost."""
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, PILImage.DecompressionBombError)
+"""What PIL raises for a file that is not an image, a truncated or corrupt one, or one over its pixel limit."""
 
 
 def _strip_placeholders(text: str) -> str:
@@ -125,8 +130,10 @@ def detect_image_format(columns: list[str]) -> str | None:
 
 
 def load_image(value: Any, where: str, base_dir: Path | None = None) -> dict[str, Any]:
-    """One image cell as a `datasets` image cell `{"bytes", "path"}`, after checking that it opens as an image; a
-    missing cell, a missing file or unreadable bytes fail naming `where`."""
+    """One image cell as a `datasets` image cell `{"bytes", "path"}`, after checking that it opens and decodes as
+    an image; a missing cell, a missing file, a file that is not an image or is too large, or unreadable bytes fail
+    naming `where` and the file. A file's format is checked from its header and its size against
+    MAX_IMAGE_FILE_BYTES before it is read, so a huge file that is not an image is never read whole."""
     if value is None:
         raise DatasetError(where, "has no image", "fill the image or drop the row")
     if isinstance(value, PILImage.Image):
@@ -139,20 +146,55 @@ def load_image(value: Any, where: str, base_dir: Path | None = None) -> dict[str
         path = Path(value) if Path(value).is_absolute() or base_dir is None else base_dir / value
         if not path.is_file():
             raise DatasetError(where, f"names the image file {path}, which does not exist", "check the path")
-        data, name = path.read_bytes(), str(path)
+        data, name = read_image_file(path, where), str(path)
     elif isinstance(value, dict) and isinstance(value.get("bytes"), bytes):
         data, name = value["bytes"], value.get("path")
     elif isinstance(value, bytes):
         data, name = value, None
     else:
         raise DatasetError(where, f"holds a {type(value).__name__}, not an image", "store an image, bytes or a path")
+    label = f"the image file {name}" if name else "the image bytes of the cell"
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise DatasetError(where, f"{label} is {len(data)} bytes, over the {MAX_IMAGE_FILE_BYTES}-byte limit",
+                           "shrink or re-encode the image")  # fmt: skip
+    check_decodes(data, where, label)
+    return {"bytes": data, "path": name}
+
+
+def read_image_file(path: Path, where: str) -> bytes:
+    """The bytes of an image file, read only after PIL identified its format from the header (PIL's `open` is
+    lazy) and its size is within MAX_IMAGE_FILE_BYTES; PIL's decompression-bomb limit applies to the header's
+    dimensions. An error names `where` and the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        try:
+            with PILImage.open(f) as image:  # reads the header only
+                image_format = image.format
+        except _IMAGE_ERRORS as err:
+            raise DatasetError(
+                where, f"names the file {path} ({size} bytes), which does not open as an image: {err}",
+                "replace or drop the image",
+            ) from err  # fmt: skip
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise DatasetError(
+                where, f"names the {image_format} image file {path} of {size} bytes, over the "
+                f"{MAX_IMAGE_FILE_BYTES}-byte limit", "shrink or re-encode the image",
+            )  # fmt: skip
+        f.seek(0)
+        data = f.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded even if the file grew since stat
+    return data
+
+
+def check_decodes(data: bytes, where: str, label: str) -> None:
+    """The bytes open, verify and decode as an image (PIL's `verify` checks little beyond PNG checksums, so a
+    truncated JPEG passes it: decoding here fails it now, naming the row and the file, not later in training)."""
     try:
         with PILImage.open(io.BytesIO(data)) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        label = f" ({name})" if name else ""
-        raise DatasetError(where, f"cannot be read as an image{label}: {err}", "replace or drop the image") from err
-    return {"bytes": data, "path": name}
+        with PILImage.open(io.BytesIO(data)) as image:
+            image.load()
+    except _IMAGE_ERRORS as err:
+        raise DatasetError(where, f"{label} cannot be read as an image: {err}", "replace or drop the image") from err
 
 
 def to_image_rows(
