@@ -48,8 +48,7 @@ if (set(KNOBS) | set(LOSS_KNOBS)) & set(TERM_KNOBS):
     shared = sorted((set(KNOBS) | set(LOSS_KNOBS)) & set(TERM_KNOBS))
     raise ValueError(f"knob(s) {shared} are declared by a teacher-rollout term and a credit rule or loss")
 RuleKnobs = _knob_fields("RuleKnobs", KNOBS)
-"""The credit rules' own knobs as config fields: each is declared once, with its rule
-(`rlsd.core.rules.credit_rule`)."""
+"""The credit rules' own knobs as config fields, each declared once with its rule (`rlsd.core.rules.credit_rule`)."""
 DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
 """The distillation losses' knobs as config fields, declared with their loss (`rlsd.core.distill.distill_loss`)."""
 TermKnobs = _knob_fields("TermKnobs", TERM_KNOBS)
@@ -79,151 +78,186 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs):
     credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
 
     Parameters:
-        credit (`str`, *optional*, defaults to `"rlsd"`): Token credit rule: `"grpo"` (A_it = A_i), `"rlsd"` (verifier
-        sets the sign, the privileged self-teacher the per-token magnitude), `"opsd"` (A_it = Delta_t, reward ignored),
-        `"grpo+opsd"` (A_it = A_i + opsd_beta * Delta_t), or a 2026 follow-up: `"rlrt"`, `"antisd"`, `"egrsd"`,
-        `"cl-egrsd"`, `"sod"`, `"uni-opd"`, `"gear"` (see `rlsd.core.rules`). lam and its schedule apply to every rule
-        that has one. rlsd_lambda (`float`, *optional*, defaults to `0.5`): lam_0, the weight of the clipped teacher
-        ratio in the multiplier (1 - lam) + lam * clip(w). rlsd_lambda_warmup_steps (`int`, *optional*, defaults to
-        `0`): Optimizer steps over which lam rises linearly from 0 to lam_0. rlsd_lambda_decay_steps (`int`,
-        *optional*, defaults to `50`): Optimizer steps over which lam then falls linearly to 0, after which RLSD equals
-        GRPO and the teacher pass is skipped. lam_0 is used once, at step max(warm-up, 1), and 0 is reached that many
-        steps later. 0 keeps lam_0 for the whole run. rlsd_clip (`float`, *optional*, defaults to `0.2`): eps_w: the
-        teacher ratio w_t is clipped to [1 - eps_w, 1 + eps_w]. 0 makes the multiplier exactly 1. rlsd_negative_only
-        (`bool`, *optional*, defaults to `False`): Reweight only completions with A_i < 0; the others keep A_i.
-        Honoured by `"rlsd"`, `"egrsd"` and `"cl-egrsd"`; the other rules refuse it. rlsd_span (`str`, *optional*,
-        defaults to `"all"`): Which completion tokens the teacher may reweight (the specification's span mask):
-        `"all"`, or `"think"`, only the tokens inside the reasoning span, between `<think>` and `</think>` (from the
-        start when the prompt opened the span; none when a completion has neither tag); the other tokens keep A_i.
-        Honoured by `"rlsd"`, `"egrsd"` and `"cl-egrsd"`; the other rules refuse it. teacher (`str`, *optional*,
-        defaults to `"synced"`): Which weights the self-teacher uses: `"synced"` (a frozen copy, re-synced every
-        `teacher_sync_steps`), `"live"` (the current weights, no copy), `"initial"` (never synced) or `"ema"` (an
-        exponential moving average of the policy). With a PEFT model no model is copied: `"synced"` / `"ema"` keep a
-        second adapter on the same base, and `"initial"` is a frozen copy of a pretrained starting adapter (TRL's `ref`
-        adapter when there is one; a fresh LoRA, B = 0, just disables the adapter). A copy gets the policy's fused head
-        as TRL installs it (`cast_lm_head_to_fp32` included). The copies are refused when ZeRO-3 has partitioned the
-        policy (use `"live"`). With any teacher, `disable_dropout` is forced to True and attention dropout inside the
-        attention function is refused, so that Delta carries no dropout noise. `"external"` is set by `teacher_model`
-        (a separate frozen model; see there). Memory: `"synced"`, `"initial"` and `"ema"` hold one more copy of the
-        policy's weights (`"ema"` with bf16 / fp16 weights also an fp32 shadow) and `"synced"` / `"ema"` pay a weight
-        copy at every sync; `"live"` holds nothing more; `"external"` holds one more full frozen model, the teacher's
-        size (no optimizer state, no sync cost). teacher_model (`str` or `None`, *optional*, defaults to `None`): A
-        frozen external teacher (the name or local path of a causal LM, loaded with TRL's `create_model_from_path`,
-        i.e. `from_pretrained`, with `teacher_model_init_kwargs`) in place of the self-teacher, for every credit rule
-        and distillation loss (OPD: `credit="opsd"` or `distill_loss="jsd"`, `policy_loss_coef=0`). It gets a fused
-        log-prob head like the policy's, runs in eval mode without gradients and is placed as TRL places its reference
-        model (plain device, DeepSpeed ZeRO including stage 3, FSDP2). It must share the student's tokenizer: a
-        different `vocab_size` or a tokenizer (when one is saved with the teacher) that encodes the first training
-        prompts differently is refused. Setting it sets `teacher="external"`; a self-teacher mode other than the
-        default is refused. Checkpoints hold only the teacher's state file (its weights are never trained). The teacher
-        prompt is still `teacher_template` filled by `privileged_source`; `privileged_source="none"` shows the teacher
-        the plain prompt (OPD). teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`): Keyword
-        arguments of the teacher's `from_pretrained` (a JSON string on the command line). `dtype` defaults to the
-        policy's dtype and `attn_implementation` to the policy's, as for TRL's reference model. mad_opd_teachers
-        (`list[str]`, `str` or `None`, *optional*, defaults to `None`): MAD-OPD (several teachers; the specification
-        only names it, so the weighting is the project's reconstruction, `rlsd.core.distill.mad_opd_token_loss`):
-        further frozen external teachers beside `teacher_model` (a JSON list or comma-separated names on the command
-        line), each loaded, checked and placed like it (same `teacher_model_init_kwargs`, same tokenizer). The
-        distillation term becomes L_t = sum_m a_m,t * D(p_m,t, p_S,t) over the M = 1 + len(mad_opd_teachers) teachers,
-        with the stop-gradient per-token weights a_m,t = softmax over teachers of c_m,t / `mad_opd_temperature`. Needs
-        a distillation loss and a credit rule that does not read the teacher (e.g. `credit="grpo"`); `stages` are
-        refused with it. Memory: one more full frozen model per teacher, and one more no-grad teacher forward per
-        micro-batch each. Logs `rlsd/mad_weight_<m>`, the token mean of teacher m's weight. mad_opd_confidence (`str`,
-        *optional*, defaults to `"sampled_logp"`): MAD-OPD's confidence c_m,t: `"sampled_logp"`, teacher m's log-prob
-        of the sampled token (at temperature 1, a_m,t = p_m(y_t) / sum_n p_n(y_t)), or `"neg_entropy"`, minus the
-        entropy of its next-token distribution. mad_opd_temperature (`float`, *optional*, defaults to `1.0`):
-        Temperature of MAD-OPD's softmax over teachers: large tends to the plain average, near 0 to the most confident
-        teacher at each token. Must be > 0. teacher_sync_steps (`int`, *optional*, defaults to `10`): With
-        `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher. teacher_ema_decay
-        (`float`, *optional*, defaults to `0.95`): With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) *
-        policy after every optimizer step; bf16 / fp16 parameters are averaged in an fp32 shadow (one fp32 copy more,
-        kept in checkpoints) so that steps below their precision are not rounded away. teacher_prefix_sharing (`bool`,
-        *optional*, defaults to `False`): Compute each group's teacher prompt once and reuse its key/value cache for
-        the group's completions (`rlsd.step.scoring`), instead of one forward per completion on [teacher prompt ;
-        completion]. Text models on one device only (sharded, DeepSpeed and vision models score every row whole). The
-        log-probs equal the plain pass to float rounding (about 1e-6 in fp32), not bit for bit, and the completion
-        logits are built in full (B, T, V) per chunk rather than through TRL's fused head. distill_loss (`str`,
-        *optional*, defaults to `"none"`): Distillation term added to TRL's loss, from the student's and the teacher's
-        full next-token distributions at each completion token (gradient into the student only; logits are built
-        `distill_chunk_tokens` at a time and recomputed in the backward pass, so no (B, T, V) tensor is held): a loss
-        registered in `rlsd.core.distill` (`@distill_loss`), listed with its knobs at the end ("Distillation losses"),
-        e.g. `"jsd"` (generalized JSD, `distill_jsd_beta`) or `"sdpg"`. The term is the token mean over the
-        micro-batch's completion tokens. Runs under DDP, FSDP2 and ZeRO-2; ZeRO-3 is refused. distill_coef (`float` or
-        `None`, *optional*, defaults to `None`): Weight of the distillation term; `None` means the loss's declared
-        default: 0.001 for `"sdpg"` (the paper's beta) and 1.0 otherwise. distill_positive_only (`bool`, *optional*,
-        defaults to `False`): Distill only completions with A_i > 0 (SDPG's optional gating). distill_chunk_tokens
-        (`int`, *optional*, defaults to `1024`): Completion tokens projected to the vocabulary at once by the
-        distillation term. distill_overlap_k (`int`, *optional*, defaults to `16`): With a distillation loss, log
-        `rlsd/topk_overlap`, Rethinking-OPD's diagnostic: |TopK(p_S) & TopK(p_T)| / k per distilled completion token,
-        token-mean, from the logits the term builds anyway (no extra projection, no (B, T, V) tensor). 0 turns it off.
-        teacher_aligned_prompts (`float`, *optional*, defaults to `0.0`): Rethinking-OPD's teacher-aligned prompt
-        selection, reconstructed without the teacher's training data (`rlsd.core.prompt_selection`): 0 is off; a value
-        in (0, 1] keeps that fraction of the training prompts (ceil(fraction * N), at least 1, in dataset order), the
-        ones whose teacher and student agree most: a prompt's score is the mean over the tokens of the student's greedy
-        continuation (at most `max_completion_length` new tokens) of |TopK(p_S) & TopK(p_T)| / k with k =
-        `distill_overlap_k` (16 when that is 0), the teacher conditioned on the teacher prompt it sees in training
-        (`teacher_model` with `privileged_source="none"`: the plain prompt; `"both"`: the answer without a sibling).
-        Applied once at construction to the train dataset (a `datasets.Dataset` of text prompts; its columns are kept),
-        which costs one greedy generation and two forwards (student, teacher) per training prompt; the scores are kept
-        on the trainer as `prompt_alignment`. Needs a teacher (a credit rule that reads it or a distillation loss);
-        refused with `privileged_source="sibling"` (no sibling exists before training) and with a self-teacher shown
-        the plain prompt (it equals the student at construction: every score is 1). sdpg_ref_coef (`float`, *optional*,
-        defaults to `0.001`): SDPG's alpha: weight of 0.5 (log pi_theta - log pi_ref)^2 on sampled tokens, pi_ref the
-        initial model (with PEFT, the starting adapter, as for `teacher="initial"`). Scored at rollout time, only with
-        `distill_loss="sdpg"` and alpha > 0. policy_loss_coef (`float`, *optional*, defaults to `1.0`): Weight of TRL's
-        loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains on the distillation
-        term alone (full OPSD). teacher_rollout_loss (`str`, *optional*, defaults to `"none"`): A term learned from
-        teacher *rollouts*, one of those registered in `rlsd.step.rollout_term` with `@loss_term` (listed below with
-        their knobs and default coefficients; `"brts"` and `"pbsd"` are the project's reconstructions from their
-        descriptions): at each training rollout the teacher (the self-teacher in any mode, or `teacher_model`)
-        generates `teacher_rollouts` completions per prompt from its teacher prompt, with the student's generation
-        settings (transformers `generate`, `temperature` / `top_p` / `top_k`, `max_completion_length`); the term turns
-        them into what its loss needs, and `teacher_rollout_coef` times the term is added to the policy loss. Needs
-        `privileged_source` `"answer"` or `"none"` (a sibling is chosen per completion, not per prompt); refused with
-        `use_vllm` (teacher generation uses transformers; the vLLM path is not implemented, as it cannot be tested
-        here), `stages`, `mad_opd_teachers`, tools, environments, rollout functions, images, FSDP and DeepSpeed. Logs
-        `rlsd/teacher_rollout_loss` and `rlsd/teacher_rollout_time_s`, and the term's own metrics. teacher_rollouts
-        (`int`, *optional*, defaults to `4`): N, the teacher completions generated per prompt (BRTS's candidates,
-        PBSD's positives). Must be >= 1. teacher_rollout_coef (`float` or `None`, *optional*, defaults to `None`):
-        Weight of the teacher-rollout term; `None` means the term's declared default (listed below: 0.05 for `"brts"`,
-        the paper's lambda; 1.0 for `"pbsd"`). 0 computes the term but leaves the loss and its gradient unchanged.
-        stages (`list[dict]`, `str` or `None`, *optional*, defaults to `None`): Sparse-to-Dense's stage schedule
-        (`rlsd.core.stages`): a list (a JSON string on the command line) of dicts `{"until_step": N, <field>: <value>,
-        ...}` whose fields (`credit`, `distill_loss`, `distill_coef`, `distill_positive_only`, `policy_loss_coef` and
-        every distillation knob, e.g. `distill_jsd_beta`) replace the config's values from the previous stage's
-        `until_step` + 1 to its own `until_step` (optimizer steps, counted from 1). Only the last stage may omit
-        `until_step` (it runs to the end); after the last `until_step` the config's own values apply. A stage that sets
-        `distill_loss` alone gets that loss's default `distill_coef`. E.g. a forward-KL warm-up, then OPD, then GRPO:
-        `[{"until_step": 20, "credit": "grpo", "distill_loss": "jsd", "distill_jsd_beta": 0.0, "policy_loss_coef":
-        0.0}, {"until_step": 60, "credit": "opsd"}, {"credit": "grpo"}]`. The stage is chosen at each training rollout
-        for the step it trains first (with `steps_per_generation` or `num_iterations` > 1, a switch waits for the next
-        rollout) and logged as `rlsd/stage` (its index; len(stages) for the config's own values); it depends on the
-        step alone, so every process switches together. The teacher (and SDPG's reference) is built when any stage that
-        can run uses it. Stateful rules (`"antisd"`) are refused in a staged run. Unknown fields, rules or losses, and
-        `until_step`s that do not increase, are refused naming the stage index and the field. privileged_source (`str`,
-        *optional*, defaults to `"answer"`): What the teacher is shown: `"answer"` (the reference answer from
-        `privileged_column`), `"sibling"` (a completion of the same group whose reward reaches
-        `sibling_reward_threshold`, SDPO's teacher; completions without one get no teacher signal: their Delta is 0 and
-        they are left out of the distillation term, and they are counted in `rlsd/no_context_frac`), `"both"` (a
-        completion without a successful sibling still sees the answer) or `"none"` (nothing: the teacher prompt is the
-        student's prompt under the template `"{prompt}"`; meant for an external teacher, `teacher_model`: a
-        self-teacher shown nothing differs from the student only by its weights, so `"live"` gives Delta = 0).
-        sibling_reward_threshold (`float`, *optional*, defaults to `1.0`): Total (weighted) reward at which a sibling
-        counts as successful. privileged_column (`str`, *optional*, defaults to `"solution"`): Dataset column holding
-        the privileged reference answer (the column TRL's accuracy reward reads). teacher_template (`str` or `None`,
-        *optional*, defaults to `None`): Teacher prompt with the fields `{prompt}` (the student's last user turn, or
-        the whole plain-text prompt), `{answer}` and / or `{sibling}` as `privileged_source` fills them. `None` is the
-        paper's template for `"answer"` and its counterparts for `"sibling"` and `"both"` (`rlsd.context.templates`).
-        System turns of conversational prompts are kept. teacher_transform (`str` or `None`, *optional*, defaults to
-        `None`): A registered teacher-side input transform (`rlsd.context.transforms`, e.g. `"blank_images"`) applied
-        to each row's prompt and images before the teacher template: the teacher sees another input than the student.
-        `None`: the student's input. Transformed images with a distillation loss are not supported yet. reward_timeout
-        (`float`, *optional*, defaults to `600.0`): Seconds one call of a reward function may take; a call that
-        overruns stops the run with an error naming the function (bounded in a worker thread, so it works off the main
-        thread too). 0: no bound. resume_weights_only (`bool`, *optional*, defaults to `False`): Resuming refuses a
-        checkpoint that is torn or misses a file. With this, a checkpoint that holds its weights and
-        `trainer_state.json` is enough: the missing optimizer, scheduler, RNG, teacher or rule state starts fresh, each
-        named in a warning.
+        credit (`str`, *optional*, defaults to `"rlsd"`):
+            Token credit rule: `"grpo"` (A_it = A_i), `"rlsd"` (verifier sets the sign, the privileged self-teacher
+            the per-token magnitude), `"opsd"` (A_it = Delta_t, reward ignored), `"grpo+opsd"`
+            (A_it = A_i + opsd_beta * Delta_t), or a 2026 follow-up: `"rlrt"`, `"antisd"`, `"egrsd"`, `"cl-egrsd"`,
+            `"sod"`, `"uni-opd"`, `"gear"` (see `rlsd.core.rules`). lam and its schedule apply to every rule that has
+            one.
+        rlsd_lambda (`float`, *optional*, defaults to `0.5`):
+            lam_0, the weight of the clipped teacher ratio in the multiplier (1 - lam) + lam * clip(w).
+        rlsd_lambda_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which lam rises linearly from 0 to lam_0.
+        rlsd_lambda_decay_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps over which lam then falls linearly to 0, after which RLSD equals GRPO and the teacher
+            pass is skipped. lam_0 is used once, at step max(warm-up, 1), and 0 is reached that many steps later.
+            0 keeps lam_0 for the whole run.
+        rlsd_clip (`float`, *optional*, defaults to `0.2`):
+            eps_w: the teacher ratio w_t is clipped to [1 - eps_w, 1 + eps_w]. 0 makes the multiplier exactly 1.
+        rlsd_negative_only (`bool`, *optional*, defaults to `False`):
+            Reweight only completions with A_i < 0; the others keep A_i. Honoured by `"rlsd"`, `"egrsd"` and
+            `"cl-egrsd"`; the other rules refuse it.
+        rlsd_span (`str`, *optional*, defaults to `"all"`):
+            Which completion tokens the teacher may reweight (the specification's span mask): `"all"`, or
+            `"think"`, only the tokens inside the reasoning span, between `<think>` and `</think>` (from the start
+            when the prompt opened the span; none when a completion has neither tag); the other tokens keep A_i.
+            Honoured by `"rlsd"`, `"egrsd"` and `"cl-egrsd"`; the other rules refuse it.
+        teacher (`str`, *optional*, defaults to `"synced"`):
+            Which weights the self-teacher uses: `"synced"` (a frozen copy, re-synced every `teacher_sync_steps`),
+            `"live"` (the current weights, no copy), `"initial"` (never synced) or `"ema"` (an exponential
+            moving average of the policy). With a PEFT model no model is copied: `"synced"` / `"ema"` keep a second
+            adapter on the same base, and `"initial"` is a frozen copy of a pretrained starting adapter (TRL's `ref`
+            adapter when there is one; a fresh LoRA, B = 0, just disables the adapter). A copy gets the policy's
+            fused head as TRL installs it (`cast_lm_head_to_fp32` included). The copies are refused when ZeRO-3 has
+            partitioned the policy (use `"live"`). With any teacher, `disable_dropout` is forced to True and
+            attention dropout inside the attention function is refused, so that Delta carries no dropout noise.
+            `"external"` is set by `teacher_model` (a separate frozen model; see there). Memory: `"synced"`,
+            `"initial"` and `"ema"` hold one more copy of the policy's weights (`"ema"` with bf16 / fp16 weights also
+            an fp32 shadow) and `"synced"` / `"ema"` pay a weight copy at every sync; `"live"` holds nothing more;
+            `"external"` holds one more full frozen model, the teacher's size (no optimizer state, no sync cost).
+        teacher_model (`str` or `None`, *optional*, defaults to `None`):
+            A frozen external teacher (the name or local path of a causal LM, loaded with TRL's
+            `create_model_from_path`, i.e. `from_pretrained`, with `teacher_model_init_kwargs`) in place of the
+            self-teacher, for every credit rule and distillation loss (OPD: `credit="opsd"` or
+            `distill_loss="jsd"`, `policy_loss_coef=0`). It gets a fused log-prob head like the policy's, runs in
+            eval mode without gradients and is placed as TRL places its reference model (plain device, DeepSpeed
+            ZeRO including stage 3, FSDP2). It must share the student's tokenizer: a different `vocab_size` or a
+            tokenizer (when one is saved with the teacher) that encodes the first training prompts differently is
+            refused. Setting it sets `teacher="external"`; a self-teacher mode other than the default is refused.
+            Checkpoints hold only the teacher's state file (its weights are never trained). The teacher prompt is
+            still `teacher_template` filled by `privileged_source`; `privileged_source="none"` shows the teacher the
+            plain prompt (OPD).
+        teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of the teacher's `from_pretrained` (a JSON string on the command line). `dtype`
+            defaults to the policy's dtype and `attn_implementation` to the policy's, as for TRL's reference model.
+        mad_opd_teachers (`list[str]`, `str` or `None`, *optional*, defaults to `None`):
+            MAD-OPD (several teachers; the specification only names it, so the weighting is the project's
+            reconstruction, `rlsd.core.distill.mad_opd_token_loss`): further frozen external teachers beside
+            `teacher_model` (a JSON list or comma-separated names on the command line), each loaded, checked and
+            placed like it (same `teacher_model_init_kwargs`, same tokenizer). The distillation term becomes
+            L_t = sum_m a_m,t * D(p_m,t, p_S,t) over the M = 1 + len(mad_opd_teachers) teachers, with the stop-gradient
+            per-token weights a_m,t = softmax over teachers of c_m,t / `mad_opd_temperature`. Needs a distillation
+            loss and a credit rule that does not read the teacher (e.g. `credit="grpo"`); `stages` are refused with it.
+            Memory: one more full frozen model per teacher, and one more no-grad teacher forward per micro-batch each.
+            Logs `rlsd/mad_weight_<m>`, the token mean of teacher m's weight.
+        mad_opd_confidence (`str`, *optional*, defaults to `"sampled_logp"`):
+            MAD-OPD's confidence c_m,t: `"sampled_logp"`, teacher m's log-prob of the sampled token (at temperature 1,
+            a_m,t = p_m(y_t) / sum_n p_n(y_t)), or `"neg_entropy"`, minus the entropy of its next-token distribution.
+        mad_opd_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature of MAD-OPD's softmax over teachers: large tends to the plain average, near 0 to the most
+            confident teacher at each token. Must be > 0.
+        teacher_sync_steps (`int`, *optional*, defaults to `10`):
+            With `teacher="synced"`, optimizer steps between hard copies of the policy into the teacher.
+        teacher_ema_decay (`float`, *optional*, defaults to `0.95`):
+            With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step;
+            bf16 / fp16 parameters are averaged in an fp32 shadow (one fp32 copy more, kept in checkpoints) so that
+            steps below their precision are not rounded away.
+        teacher_prefix_sharing (`bool`, *optional*, defaults to `False`):
+            Compute each group's teacher prompt once and reuse its key/value cache for the group's completions
+            (`rlsd.step.scoring`), instead of one forward per completion on [teacher prompt ; completion]. Text models
+            on one device only (sharded, DeepSpeed and vision models score every row whole). The log-probs equal the
+            plain pass to float rounding (about 1e-6 in fp32), not bit for bit, and the completion logits are built
+            in full (B, T, V) per chunk rather than through TRL's fused head.
+        distill_loss (`str`, *optional*, defaults to `"none"`):
+            Distillation term added to TRL's loss, from the student's and the teacher's full next-token distributions
+            at each completion token (gradient into the student only; logits are built `distill_chunk_tokens` at a
+            time and recomputed in the backward pass, so no (B, T, V) tensor is held): a loss registered in
+            `rlsd.core.distill` (`@distill_loss`), listed with its knobs at the end ("Distillation losses"), e.g.
+            `"jsd"` (generalized JSD, `distill_jsd_beta`) or `"sdpg"`. The term is the token mean over the
+            micro-batch's completion tokens. Runs under DDP, FSDP2 and ZeRO-2; ZeRO-3 is refused.
+        distill_coef (`float` or `None`, *optional*, defaults to `None`):
+            Weight of the distillation term; `None` means the loss's declared default: 0.001 for `"sdpg"` (the
+            paper's beta) and 1.0 otherwise.
+        distill_positive_only (`bool`, *optional*, defaults to `False`):
+            Distill only completions with A_i > 0 (SDPG's optional gating).
+        distill_chunk_tokens (`int`, *optional*, defaults to `1024`):
+            Completion tokens projected to the vocabulary at once by the distillation term.
+        distill_overlap_k (`int`, *optional*, defaults to `16`):
+            With a distillation loss, log `rlsd/topk_overlap`, Rethinking-OPD's diagnostic: |TopK(p_S) & TopK(p_T)|
+            / k per distilled completion token, token-mean, from the logits the term builds anyway (no extra
+            projection, no (B, T, V) tensor). 0 turns it off.
+        teacher_aligned_prompts (`float`, *optional*, defaults to `0.0`):
+            Rethinking-OPD's teacher-aligned prompt selection, reconstructed without the teacher's training data
+            (`rlsd.core.prompt_selection`): 0 is off; a value in (0, 1] keeps that fraction of the training prompts
+            (ceil(fraction * N), at least 1, in dataset order), the ones whose teacher and student agree most: a
+            prompt's score is the mean over the tokens of the student's greedy continuation (at most
+            `max_completion_length` new tokens) of |TopK(p_S) & TopK(p_T)| / k with k = `distill_overlap_k` (16
+            when that is 0), the teacher conditioned on the teacher prompt it sees in training (`teacher_model`
+            with `privileged_source="none"`: the plain prompt; `"both"`: the answer without a sibling). Applied once
+            at construction to the train dataset (a `datasets.Dataset` of text prompts; its columns are kept),
+            which costs one greedy generation and two forwards (student, teacher) per training prompt; the scores
+            are kept on the trainer as `prompt_alignment`. Needs a teacher (a credit rule that reads it or a
+            distillation loss); refused with `privileged_source="sibling"` (no sibling exists before training) and
+            with a self-teacher shown the plain prompt (it equals the student at construction: every score is 1).
+        sdpg_ref_coef (`float`, *optional*, defaults to `0.001`):
+            SDPG's alpha: weight of 0.5 (log pi_theta - log pi_ref)^2 on sampled tokens, pi_ref the initial model
+            (with PEFT, the starting adapter, as for `teacher="initial"`). Scored at rollout time, only with
+            `distill_loss="sdpg"` and alpha > 0.
+        policy_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of TRL's loss (policy gradient and its KL / entropy terms) beside the distillation term; 0 trains
+            on the distillation term alone (full OPSD).
+        teacher_rollout_loss (`str`, *optional*, defaults to `"none"`):
+            A term learned from teacher *rollouts*, one of those registered in `rlsd.step.rollout_term` with
+            `@loss_term` (listed below with their knobs and default coefficients; `"brts"` and `"pbsd"` are the
+            project's reconstructions from their descriptions): at each training rollout the teacher (the self-teacher
+            in any mode, or `teacher_model`) generates `teacher_rollouts` completions per prompt from its teacher
+            prompt, with the student's generation settings (transformers `generate`, `temperature` / `top_p` / `top_k`,
+            `max_completion_length`); the term turns them into what its loss needs, and `teacher_rollout_coef` times
+            the term is added to the policy loss. Needs `privileged_source` `"answer"` or `"none"` (a sibling is chosen
+            per completion, not per prompt); refused with `use_vllm` (teacher generation uses transformers; the vLLM
+            path is not implemented, as it cannot be tested here), `stages`, `mad_opd_teachers`, tools, environments,
+            rollout functions, images, FSDP and DeepSpeed. Logs `rlsd/teacher_rollout_loss` and
+            `rlsd/teacher_rollout_time_s`, and the term's own metrics.
+        teacher_rollouts (`int`, *optional*, defaults to `4`):
+            N, the teacher completions generated per prompt (BRTS's candidates, PBSD's positives). Must be >= 1.
+        teacher_rollout_coef (`float` or `None`, *optional*, defaults to `None`):
+            Weight of the teacher-rollout term; `None` means the term's declared default (listed below: 0.05 for
+            `"brts"`, the paper's lambda; 1.0 for `"pbsd"`). 0 computes the term but leaves the loss and its
+            gradient unchanged.
+        stages (`list[dict]`, `str` or `None`, *optional*, defaults to `None`):
+            Sparse-to-Dense's stage schedule (`rlsd.core.stages`): a list (a JSON string on the command line) of dicts
+            `{"until_step": N, <field>: <value>, ...}` whose fields (`credit`, `distill_loss`, `distill_coef`,
+            `distill_positive_only`, `policy_loss_coef` and every distillation knob, e.g. `distill_jsd_beta`) replace
+            the config's values from the previous stage's `until_step` + 1 to its own `until_step` (optimizer steps,
+            counted from 1). Only the last stage may omit `until_step` (it runs to the end); after the last
+            `until_step` the config's own values apply. A stage that sets `distill_loss` alone gets that loss's
+            default `distill_coef`. E.g. a forward-KL warm-up, then OPD, then GRPO: `[{"until_step": 20, "credit":
+            "grpo", "distill_loss": "jsd", "distill_jsd_beta": 0.0, "policy_loss_coef": 0.0}, {"until_step": 60,
+            "credit": "opsd"}, {"credit": "grpo"}]`. The stage is chosen at each training rollout for the step it
+            trains first (with `steps_per_generation` or `num_iterations` > 1, a switch waits for the next rollout)
+            and logged as `rlsd/stage` (its index; len(stages) for the config's own values); it depends on the step
+            alone, so every process switches together. The teacher (and SDPG's reference) is built when any stage
+            that can run uses it. Stateful rules (`"antisd"`) are refused in a staged run. Unknown fields, rules or
+            losses, and `until_step`s that do not increase, are refused naming the stage index and the field.
+        privileged_source (`str`, *optional*, defaults to `"answer"`):
+            What the teacher is shown: `"answer"` (the reference answer from `privileged_column`), `"sibling"` (a
+            completion of the same group whose reward reaches `sibling_reward_threshold`, SDPO's teacher;
+            completions without one get no teacher signal: their Delta is 0 and they are left out of the
+            distillation term, and they are counted in `rlsd/no_context_frac`), `"both"` (a completion without a
+            successful sibling still sees the answer) or `"none"` (nothing: the teacher prompt is the student's
+            prompt under the template `"{prompt}"`; meant for an external teacher, `teacher_model`: a self-teacher
+            shown nothing differs from the student only by its weights, so `"live"` gives Delta = 0).
+        sibling_reward_threshold (`float`, *optional*, defaults to `1.0`):
+            Total (weighted) reward at which a sibling counts as successful.
+        privileged_column (`str`, *optional*, defaults to `"solution"`):
+            Dataset column holding the privileged reference answer (the column TRL's accuracy reward reads).
+        teacher_template (`str` or `None`, *optional*, defaults to `None`):
+            Teacher prompt with the fields `{prompt}` (the student's last user turn, or the whole plain-text prompt),
+            `{answer}` and / or `{sibling}` as `privileged_source` fills them. `None` is the paper's template for
+            `"answer"` and its counterparts for `"sibling"` and `"both"` (`rlsd.context.templates`). System turns of
+            conversational prompts are kept.
+        teacher_transform (`str` or `None`, *optional*, defaults to `None`):
+            A registered teacher-side input transform (`rlsd.context.transforms`, e.g. `"blank_images"`) applied to
+            each row's prompt and images before the teacher template: the teacher sees another input than the student.
+            `None`: the student's input. Transformed images with a distillation loss are not supported yet.
+        reward_timeout (`float`, *optional*, defaults to `600.0`):
+            Seconds one call of a reward function may take; a call that overruns stops the run with an error naming
+            the function (run in a worker process that is killed and restarted on timeout; a function that cannot be
+            sent there, such as a lambda, is bounded in a watched thread, with a warning). 0: no bound.
+        resume_weights_only (`bool`, *optional*, defaults to `False`):
+            Resuming refuses a checkpoint that is torn or misses a file. With this, a checkpoint that holds its
+            weights and `trainer_state.json` is enough: the missing optimizer, scheduler, RNG, teacher or rule state
+            starts fresh, each named in a warning.
 
     Every float knob must be finite: NaN and inf are refused at construction, naming the flag.
     """
@@ -507,8 +541,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs):
             raise ConfigError("--mad_opd_teachers", "is set with stages", "use one of them")
 
     def _check_stages(self) -> None:
-        """`stages` decoded (a JSON string) and checked (`rlsd.core.stages.check_stages`); a stateful rule is
-        refused."""
+        """`stages` decoded (a JSON string) and checked (`rlsd.core.stages.check_stages`); stateful rules refused."""
         self.stages = parse_stages(self.stages)
         if self.stages is None:
             return

@@ -2,7 +2,9 @@
 
 Each is usable by name on the command line (`--reward_funcs math_accuracy format`) or by dotted import path.
 `guard_reward` wraps any reward so that an exception, a hang past its time bound or a malformed output (a scalar,
-strings, NaN, inf) stops the run naming the function (and the row).
+strings, NaN, inf) stops the run naming the function (and the row). Bounded calls of importable rewards run in a
+worker process that is killed on overrun (`rlsd.data.reward_worker`): a thread cannot stop code that holds the
+interpreter lock.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import os
 import re
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from rlsd.data import reward_worker
 from rlsd.infra.validate import MAX_ANSWER_CHARS, RewardError
 
 RewardFunc = Callable[..., list[float | None]]
@@ -33,8 +38,7 @@ MAX_PARSE_CHARS = 4000
 bounded input keeps a pathological completion from dominating the step."""
 PARSE_TIMEOUT_S = 2
 """Bound on each of math-verify's parse and compare calls. math-verify bounds them with signals, which only the main
-thread can use; off the main thread `math_accuracy` calls it without them and the call as a whole is bounded by
-`guard_reward`'s time bound instead."""
+thread can use; off the main thread `math_accuracy` runs in the reward worker process's main thread instead."""
 DEFAULT_REWARD_TIMEOUT_S = 600.0
 """Default bound, in seconds, on one call of a reward function (`RLSDConfig.reward_timeout`; 0: none)."""
 
@@ -76,13 +80,20 @@ def math_accuracy(completions: list[Any], solution: list[str], **kwargs: Any) ->
     A completion with no parseable answer scores 0 and is counted in the `rewards/math_unparseable` metric
     (through TRL's `log_metric`); math-verify's own errors and time-outs count as unparseable, never raise. A
     reference answer longer than `MAX_ANSWER_CHARS` is not parsed (it scores 0, counted, with a warning). Works in
-    any thread: off the main thread, math-verify runs without its signal-based bounds and `guard_reward` bounds the
-    whole call.
+    any thread: math-verify bounds each parse with signals, which only the main thread can use, so off the main
+    thread the call runs in the reward worker process (in its main thread; `rlsd.data.reward_worker`). Without
+    those bounds a completion such as `\\boxed{9^{9^{9^{9}}}}` froze the process, the interpreter lock held.
     """
+    on_main = threading.current_thread() is threading.main_thread()
+    if not on_main:
+        try:
+            return call_in_worker(math_accuracy, None, None, completions, {"solution": solution, **kwargs})
+        except (reward_worker.NotSendable, reward_worker.LoadFailed) as err:
+            logger.warning("math_accuracy runs off the main thread without math-verify's bounds (%s)", err)
     from math_verify import LatexExtractionConfig, parse, verify
 
     log_metric = kwargs.get("log_metric")
-    bound = PARSE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    bound = PARSE_TIMEOUT_S if on_main else None
     rewards, unparseable = [], 0
     for row, (completion, reference) in enumerate(zip(completions, solution, strict=True)):
         text = completion_text(completion)[-MAX_PARSE_CHARS:]
@@ -227,6 +238,9 @@ def guard_reward(func: RewardFunc, timeout_s: float | None = DEFAULT_REWARD_TIME
     def guarded(completions: list[Any], **kwargs: Any) -> list[float | None]:
         try:
             output = call_bounded(func, name, timeout_s, completions, kwargs)
+        except RewardTimeoutError as err:
+            where = _hanging_row(func, name, err.timeout_s, completions, kwargs)
+            raise RewardTimeoutError(name, err.timeout_s, err.count, where) from None
         except RewardError:
             raise
         except Exception as err:
@@ -252,17 +266,107 @@ def guard_rewards(reward_funcs: Any, timeout_s: float | None) -> Any:
     return [guard(f) for f in reward_funcs] if isinstance(reward_funcs, list) else guard(reward_funcs)
 
 
+TIMEOUT_FIX = "make it faster, or raise the bound with --reward_timeout (0: no bound)"
+IN_PROCESS_KWARGS = frozenset({"environments"})
+"""Keyword arguments that are live objects a reward may change (TRL's per-completion environments): a call that
+gets them runs in this process, where the bound cannot stop code that holds the interpreter lock."""
+
+
+class RewardTimeoutError(RewardError):
+    """A reward call that did not return within its bound (a worker process running it was killed)."""
+
+    def __init__(self, name: str, timeout_s: float, count: int, where: str = "") -> None:
+        self.timeout_s, self.count, self.where = timeout_s, count, where
+        super().__init__(name, f"did not return within {timeout_s:g} s ({count} completions{where})", TIMEOUT_FIX)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable despite the four-part constructor."""
+        return (type(self), (self.name, self.timeout_s, self.count, self.where))
+
+
 def call_bounded(
     func: RewardFunc, name: str, timeout_s: float | None, completions: list[Any], kwargs: dict[str, Any]
 ) -> Any:
-    """`func(completions, **kwargs)` in a daemon worker thread, waited for at most `timeout_s` seconds (no signals:
-    this works from any thread). A function that overruns is left behind and the run stops naming it. Without a
-    bound, and for `math_accuracy` on the main thread (which bounds each parse itself), it runs in this thread."""
+    """`func(completions, **kwargs)`, stopped after `timeout_s` seconds (RewardTimeoutError). Without a bound, and
+    for `math_accuracy` on the main thread (which bounds each parse itself), it runs here. Otherwise it runs in
+    the reward worker process, which is killed when the call overruns: a thread cannot stop code that never
+    releases the interpreter lock (a backtracking regular expression). A reward the worker cannot load (a lambda,
+    a closure, a function of `__main__`) or arguments that do not pickle run in a watched thread instead, with a
+    one-time warning that the bound only holds for code that releases the lock."""
     on_main = threading.current_thread() is threading.main_thread()
     if not timeout_s or (on_main and getattr(func, "_rlsd_self_bounded", False)):
         return func(completions, **kwargs)
-    import torch
+    blob = reward_worker.function_blob(func)
+    if blob is None:
+        reason = "it cannot be imported by reference (a lambda, a closure, or a function of the __main__ script)"
+    elif kwargs.keys() & IN_PROCESS_KWARGS:
+        reason = f"it gets live objects ({', '.join(sorted(kwargs.keys() & IN_PROCESS_KWARGS))}) it may change"
+    elif blob in _NOT_LOADABLE:
+        reason = _NOT_LOADABLE[blob]
+    else:
+        try:
+            return call_in_worker(func, blob, timeout_s, completions, kwargs)
+        except reward_worker.CallTimedOut:
+            raise RewardTimeoutError(name, timeout_s, len(completions)) from None
+        except reward_worker.NotSendable as err:
+            reason = f"its arguments cannot be sent to the reward worker process ({err})"
+        except reward_worker.LoadFailed as err:
+            reason = _NOT_LOADABLE[blob] = f"the reward worker process cannot import it ({err})"
+    _warn_in_thread(func, name, reason)
+    return _call_in_thread(func, name, timeout_s, completions, kwargs)
 
+
+_NOT_LOADABLE: dict[bytes, str] = {}
+_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def call_in_worker(
+    func: RewardFunc, blob: bytes | None, timeout_s: float | None, completions: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """`func(completions, **kwargs)` in the reward worker process (see `rlsd.data.reward_worker`); calls of the
+    callable keyword arguments (`log_metric`, `log_extra`) made there are replayed here, in order."""
+    blob = blob if blob is not None else reward_worker.function_blob(func)
+    if blob is None:
+        raise ValueError(f"{func!r} cannot be run in the reward worker process (not importable by reference)")
+    try:
+        output, recorded = reward_worker.shared_worker().call(
+            blob, completions, kwargs, timeout_s, torch.is_grad_enabled()
+        )
+    except reward_worker.WorkerDied as err:
+        fix = "look for a crash or the out-of-memory killer in the system log"
+        raise RewardError(getattr(func, "__name__", repr(func)), str(err), fix) from err
+    except reward_worker.Unsendable as err:
+        what = f"returned a {err}, which cannot be sent back from the reward worker process"
+        fix = "return a list with one float (or None) per completion"
+        raise RewardError(getattr(func, "__name__", repr(func)), what, fix) from None
+    for key, args, call_kwargs in recorded:
+        kwargs[key](*args, **call_kwargs)
+    return output
+
+
+def _warn_in_thread(func: RewardFunc, name: str, reason: str) -> None:
+    """Warn once per function and reason that its time bound is enforced by a thread, which some code defeats."""
+    try:
+        reasons = _WARNED.setdefault(func, set())
+    except TypeError:  # not weakly referenceable: warn every time rather than never
+        reasons = set()
+    if reason in reasons:
+        return
+    reasons.add(reason)
+    logger.warning(
+        "reward function %r runs in a thread of this process because %s: --reward_timeout cannot stop it while "
+        "it holds the interpreter lock (a backtracking regular expression, a huge integer power); define it at "
+        "module level in an importable module to run it in the reward worker process",
+        name,
+        reason,
+    )
+
+
+def _call_in_thread(
+    func: RewardFunc, name: str, timeout_s: float, completions: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """`func(completions, **kwargs)` in a daemon thread, waited for at most `timeout_s` seconds: a function that
+    overruns is left behind and RewardTimeoutError raised (if the waiting thread gets the interpreter lock back)."""
     grad_enabled = torch.is_grad_enabled()
     context = contextvars.copy_context()
     box: dict[str, Any] = {}
@@ -279,11 +383,7 @@ def call_bounded(
 
     threading.Thread(target=work, name=f"reward-{name}", daemon=True).start()
     if not done.wait(timeout_s):
-        raise RewardError(
-            name,
-            f"did not return within {timeout_s:g} s ({len(completions)} completions)",
-            "make it faster, or raise the bound with --reward_timeout (0: no bound)",
-        )
+        raise RewardTimeoutError(name, timeout_s, len(completions))
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -330,17 +430,39 @@ def _thread_hint(err: Exception) -> str:
     return ""
 
 
+def _hanging_row(func: RewardFunc, name: str, timeout_s: float, completions: list[Any], kwargs: dict[str, Any]) -> str:
+    """After a batch overran: re-run it one row at a time, each bounded, to name the first row that overruns alone.
+    The search stops once it has spent `timeout_s` on rows that return (restarting the worker and loading the
+    reward not counted), so it costs at most about twice the bound. Its words for the error message."""
+    if len(completions) == 1:
+        return "; row 0"
+    worker = reward_worker.shared_worker()
+    start, loading = time.monotonic(), worker.load_seconds
+    for index in range(len(completions)):
+        if time.monotonic() - start - (worker.load_seconds - loading) > timeout_s:  # worker restarts not counted
+            break
+        try:
+            call_bounded(func, name, timeout_s, [completions[index]], _row_kwargs(kwargs, index, len(completions)))
+        except RewardTimeoutError:
+            return f"; row {index} alone did not return either"
+        except Exception:
+            continue
+    return "; no single row was found to overrun alone"
+
+
+def _row_kwargs(kwargs: dict[str, Any], index: int, count: int) -> dict[str, Any]:
+    """The keyword arguments of one row: per-row lists cut to that row, the rest as they are."""
+    return {key: [value[index]] if isinstance(value, list) and len(value) == count else value
+            for key, value in kwargs.items()}  # fmt: skip
+
+
 def _first_failing_row(
     func: RewardFunc, name: str, timeout_s: float | None, completions: list[Any], kwargs: dict[str, Any]
 ) -> int | None:
     """Re-run the reward one row at a time (each call bounded too) to find the row that raises."""
     for index in range(len(completions)):
-        row_kwargs = {
-            key: [value[index]] if isinstance(value, list) and len(value) == len(completions) else value
-            for key, value in kwargs.items()
-        }
         try:
-            call_bounded(func, name, timeout_s, [completions[index]], row_kwargs)
+            call_bounded(func, name, timeout_s, [completions[index]], _row_kwargs(kwargs, index, len(completions)))
         except RewardError:
             return None
         except Exception:
