@@ -298,17 +298,25 @@ def _load(blob: bytes) -> Callable[..., Any]:
     files, inner = pickle.loads(blob)
     for name, path in files:
         if name not in sys.modules and importlib.util.find_spec(name) is None and os.path.exists(path):
-            is_package = os.path.basename(path) == "__init__.py"
-            locations = [os.path.dirname(path)] if is_package else None
-            spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(name, None)
-                raise
+            load_module_file(name, path)
     return pickle.loads(inner)
+
+
+def load_module_file(name: str, path: str) -> Any:
+    """Import module `name` from its file `path` alone (a package from its `__init__.py`), leaving `sys.path` as it
+    is; a module whose code fails is not left half-imported in `sys.modules`."""
+    import importlib.util
+
+    locations = [os.path.dirname(path)] if os.path.basename(path) == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def _run(

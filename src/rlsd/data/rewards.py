@@ -212,15 +212,7 @@ def import_user_module(module_path: str) -> Any:
         package = os.path.join(folder, top, "__init__.py")
         path = package if os.path.exists(package) else os.path.join(folder, f"{top}.py")
         if os.path.exists(path):
-            locations = [os.path.dirname(path)] if path == package else None
-            spec = importlib.util.spec_from_file_location(top, path, submodule_search_locations=locations)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[top] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(top, None)
-                raise
+            reward_worker.load_module_file(top, path)
     return importlib.import_module(module_path)
 
 
