@@ -168,3 +168,19 @@ def test_two_processes_train_with_teacher_rollouts(tmp_path, tiny_model_dir, met
     assert len(rank0["rollout_loss"]) == len(rank1["rollout_loss"]) == 2
     assert all(loss > 0 for loss in rank0["rollout_loss"])
     assert rank0["policy_checksum"] == rank1["policy_checksum"] != rank0["initial_checksum"]
+
+
+def test_version_and_help_print_without_importing_torch():
+    """`rlsd --help` and `rlsd --version` read no model code: nothing imports torch (it took ~9 s before)."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from rlsd.commands.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    codes = (main(['--version']), main(['--help']))\n"
+        "print(codes, 'torch' in sys.modules, out.getvalue().splitlines()[0])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import rlsd
+
+    assert result.stdout.strip() == f"(0, 0) False rlsd {rlsd.__version__}"

@@ -109,11 +109,16 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        from rlsd import __version__
+
+        print(f"rlsd {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: rlsd {" + ",".join(SUBCOMMANDS) + "} [options]\n")
         for name, text in SUBCOMMANDS.items():
             print(f"  {name:<6} {text}")
-        print("\n`rlsd SUBCOMMAND --help` lists every option with its default.")
+        print("\n`rlsd SUBCOMMAND --help` lists every option with its default; `rlsd --version` the version.")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
