@@ -31,8 +31,9 @@ from rlsd.experiments.demo import (
     train_method,
     trainer_args,
 )
-from rlsd.experiments.evidence import T_975, render_cost_table, render_documents, render_study_table
+from rlsd.experiments.evidence import T_975, render_documents
 from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
+from rlsd.experiments.tables import render_cost_table, render_study_table
 from rlsd.experiments.task import accuracy_reward, evaluation_problems, make_rl_dataset
 from rlsd.experiments.warmstart import load_warm_start, warm_start
 

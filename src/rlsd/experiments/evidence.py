@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlsd.experiments.tables import render_cost_table, render_study_table
+
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 """Two-sided 95% Student-t quantiles by degrees of freedom."""
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
@@ -271,39 +273,6 @@ def _one_seed(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ the rest
-def render_cost_table(cost: dict[str, Any]) -> str:
-    """Markdown: medians and ratios to GRPO (of `rlsd bench cost`'s result; the bench writes it to `table.md`)."""
-    lines = [
-        "| config | s / step | ratio to GRPO | generation s | teacher s | rest s | extra / teacher | peak RSS MiB |"
-        " memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in cost["results"].items():
-        extra = "n/a" if r.get("extra_over_teacher") is None else f"{r['extra_over_teacher']:.2f}"
-        lines.append(
-            f"| {name} | {r['step_s_median']:.3f} | {r.get('step_ratio_to_grpo', math.nan):.3f} | "
-            f"{r['generation_s_median']:.3f} | {r['teacher_s_median']:.3f} | {r['rest_s_median']:.3f} | {extra} | "
-            f"{r['peak_rss_mib']:.0f} | {r.get('memory_ratio_to_grpo', math.nan):.3f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def render_study_table(table: dict[str, Any]) -> str:
-    """Markdown: each knob's score, its paired difference to GRPO with the 95% interval, and the verdict."""
-    lines = [
-        "| config | pass@1, 2nd half (mean) | minus GRPO (paired) | 95% interval | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for name, t in table.items():
-        low, high = t["diff_ci95"]
-        verdict = "baseline" if name == "grpo" else ("helps" if low > 0 else "hurts" if high < 0 else "within noise")
-        lines.append(
-            f"| {name} | {100 * t['score_mean']:.1f} | {100 * t['diff_mean']:+.1f} | "
-            f"[{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def render_cost(root: Path, folder: str = "cost") -> str:
     return render_cost_table(json.loads((root / "benchmarks" / folder / "cost.json").read_text()))
 

@@ -431,20 +431,11 @@ class NoTeacherRollouts:
     """The rollout term of a run without teacher rollouts (`teacher_rollout_loss="none"`): adds nothing to a
     rollout and 0 to the loss, so that the trainer calls it unconditionally."""
 
-    def add(
-        self,
-        inputs: list[dict[str, Any]],
-        output: dict[str, Any],
-        entries: RLSDEntries,
-        mode: str,
-        pass_logps: torch.Tensor | None = None,
-    ) -> None:
-        """No teacher trajectories to add."""
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        """No teacher trajectories to add (`TeacherRolloutTerm.add`'s arguments)."""
 
-    def term(
-        self, model: torch.nn.Module, inputs: dict[str, Any], entries: RLSDEntries, student_logps: torch.Tensor
-    ) -> float:
-        """No term: 0."""
+    def term(self, *args: Any, **kwargs: Any) -> float:
+        """No term: 0 (`TeacherRolloutTerm.term`'s arguments)."""
         return 0.0
 
 
