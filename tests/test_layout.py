@@ -75,7 +75,7 @@ def test_the_seams_table_lists_every_override_and_every_trl_attribute_read():
     assert overrides - listed == set(), "overridden TRL / HF methods missing from the seams table"
     source = "".join(Path(inspect.getsourcefile(cls)).read_text() for cls in ours)
     read = set(re.findall(r"self\.([A-Za-z_][A-Za-z0-9_]*)", source))
-    assigned = set(re.findall(r"self\.([A-Za-z_][A-Za-z0-9_]*)\s*(?::[^=\n]*)?=[^=]", source))
+    assigned = assigned_on(ast.parse(source), is_self)
     own = {name for name in assigned | defined if not hasattr(GRPOTrainer, name)}
     own -= trl_attributes()  # an attribute TRL / HF also assign (`train_dataset`) is theirs: a seam
     public_api = {"args", "state", "model", "accelerator", "add_callback", "remove_callback"}
@@ -85,6 +85,7 @@ def test_the_seams_table_lists_every_override_and_every_trl_attribute_read():
 
 
 COLLABORATORS = (
+    "rlsd.step.wiring",
     "rlsd.step.rollout_term",
     "rlsd.step.aligned_prompts",
     "rlsd.step.assign",
@@ -94,9 +95,9 @@ COLLABORATORS = (
     "rlsd.infra.guards",
     "rlsd.infra.checkpoint",
 )
-"""The modules of what the trainer builds from values and callables, never from itself (`TeacherRolloutTerm`,
-`select_aligned_prompts`, `CreditAssembler`, `TeacherPrompts`, `Scorer`, `DistillationTerm`, the guards' and
-checkpoint files' functions)."""
+"""The modules of what the trainer builds from values and callables, never from itself (`RunView` and the
+collaborators built from it: `TeacherRolloutTerm`, `CreditAssembler`, `TeacherPrompts`, `Scorer`, `DistillationTerm`,
+`RolloutCredit`; `select_aligned_prompts`, the guards' and checkpoint files' functions)."""
 
 
 def trainer_reads(source: str) -> set[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, make_dataclass
@@ -12,24 +11,19 @@ from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
-from rlsd.context.sources import SOURCES, get_source, validate_teacher_template
-from rlsd.context.transforms import get_transform
+from rlsd.config_checks import SPANS, check_fields, check_numbers
+from rlsd.context.sources import SOURCES
 from rlsd.core.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
-from rlsd.core.rules import KNOBS, RULES, Knob, check_knobs, check_rule_options
-from rlsd.core.stages import STAGE_FIELDS, check_stages, parse_stages, reachable, stage_values
+from rlsd.core.rules import KNOBS, RULES, Knob
 from rlsd.data.rewards import DEFAULT_REWARD_TIMEOUT_S
-from rlsd.infra.validate import ConfigError, check_finite_floats, check_positive
 from rlsd.step.rollout_term import TERM_KNOBS, TERMS
-from rlsd.teachers import DEFAULT_TEACHER, EXTERNAL_TEACHER, TEACHER_KINDS, teacher_modes
+from rlsd.teachers import DEFAULT_TEACHER, TEACHER_KINDS
 from rlsd.teachers import TEACHER_MODES as TEACHER_MODES  # re-exported: the teacher kinds are `rlsd.teachers`'s
 
-SPANS = ("all", "think")
 DISTILL_LOSSES = ("none", *LOSSES)
 """`distill_loss`: "none" and the losses registered in `rlsd.core.distill` (`@distill_loss`) when this module was
 imported (the command line's choices; validation reads the registry itself, so a loss registered later is accepted
 too)."""
-POSITIVE_FIELDS = ("max_completion_length", "num_generations", "per_device_train_batch_size")
-"""Counts that must be >= 1 (checked up front: 0 fails deep inside TRL or generation otherwise)."""
 ROLLOUT_LOSSES = ("none", *TERMS)
 """`teacher_rollout_loss`: "none" and the terms registered in `rlsd.step.rollout_term` (`@loss_term`) when this module
 was imported (the command line's choices; validation reads the registry itself, so a term registered later is
@@ -53,22 +47,6 @@ DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
 """The distillation losses' knobs as config fields, declared with their loss (`rlsd.core.distill.distill_loss`)."""
 TermKnobs = _knob_fields("TermKnobs", TERM_KNOBS)
 """The teacher-rollout terms' knobs as config fields, declared with their term (`rlsd.step.rollout_term.loss_term`)."""
-
-
-def _distill_losses() -> tuple[str, ...]:
-    """`distill_loss`'s values now: "none" and every registered loss (also those registered after this import)."""
-    return ("none", *LOSSES)
-
-
-def _distill_coef_default(loss: str) -> float:
-    """`distill_coef` when left unset: the loss's declared default (SDPG's beta = 0.001; 1.0 for the others)."""
-    return LOSSES[loss].default_coef if loss in LOSSES else 1.0
-
-
-def _rollout_losses() -> tuple[str, ...]:
-    """`teacher_rollout_loss`'s values now: "none" and every registered term (also those registered after this
-    import)."""
-    return ("none", *TERMS)
 
 
 @dataclass
@@ -403,180 +381,11 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs):
         return knob.default
 
     def __post_init__(self) -> None:
-        check_finite_floats(self)  # a NaN / inf knob is named by its flag here, not found as a NaN model later
-        check_positive({f"--{name}": getattr(self, name) for name in POSITIVE_FIELDS})
-        if self.reward_timeout < 0:
-            raise ConfigError("--reward_timeout", f"must be >= 0, got {self.reward_timeout}", "0 means no bound")
+        """Every field checked and the dependent defaults filled in (`rlsd.config_checks`): the numbers before
+        `GRPOConfig`'s own checks, the rest after them."""
+        check_numbers(self)
         super().__post_init__()
-        if self.credit not in RULES:
-            raise ValueError(f"credit={self.credit!r} is not one of {', '.join(RULES)}")
-        if self.rlsd_span not in SPANS:
-            raise ValueError(f"rlsd_span={self.rlsd_span!r} is not one of {', '.join(SPANS)}")
-        check_rule_options(self.credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
-        check_knobs(self)
-        check_knobs(self, LOSS_KNOBS)
-        self._check_teacher_model()
-        if not 0.0 <= self.rlsd_lambda <= 1.0:
-            raise ValueError(f"rlsd_lambda must lie in [0, 1], got {self.rlsd_lambda}")
-        if not 0.0 <= self.rlsd_clip < 1.0:
-            raise ValueError(f"rlsd_clip must lie in [0, 1), got {self.rlsd_clip}")
-        if self.rlsd_lambda_warmup_steps < 0 or self.rlsd_lambda_decay_steps < 0:
-            raise ValueError("rlsd_lambda_warmup_steps and rlsd_lambda_decay_steps must be >= 0")
-        if self.teacher_sync_steps < 1:
-            raise ValueError(f"teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}")
-        if not 0.0 <= self.teacher_ema_decay < 1.0:
-            raise ValueError(f"teacher_ema_decay must lie in [0, 1), got {self.teacher_ema_decay}")
-        if self.distill_loss not in _distill_losses():
-            raise ValueError(f"distill_loss={self.distill_loss!r} is not one of {', '.join(_distill_losses())}")
-        if self.distill_coef is None:
-            self.distill_coef = _distill_coef_default(self.distill_loss)
-        if self.distill_chunk_tokens < 1:
-            raise ValueError(f"distill_chunk_tokens must be >= 1, got {self.distill_chunk_tokens}")
-        if self.distill_overlap_k < 0:
-            raise ValueError(f"distill_overlap_k must be >= 0, got {self.distill_overlap_k}")
-        if min(self.distill_coef, self.sdpg_ref_coef, self.policy_loss_coef) < 0.0:
-            raise ValueError("distill_coef, sdpg_ref_coef and policy_loss_coef must be >= 0")
-        if self.teacher_template is None:
-            self.teacher_template = get_source(self.privileged_source).default_template
-        validate_teacher_template(self.teacher_template, self.privileged_source)
-        if self.teacher_transform is not None:
-            get_transform(self.teacher_transform)
-        self._check_stages()
-        self._check_mad_opd()
-        self._check_teacher_aligned_prompts()
-        self._check_teacher_rollouts()
-
-    def _check_teacher_rollouts(self) -> None:
-        """`teacher_rollout_loss` (a registered term, read now: one registered after import is accepted), the knobs
-        of every term and the shared ones checked, its coefficient defaulted, the combinations no teacher-rollout term
-        can run with refused, then the term's own checks (`LossTerm.check_config`)."""
-        flag = "--teacher_rollout_loss"
-        if self.teacher_rollout_loss not in _rollout_losses():
-            raise ConfigError(flag, f"is {self.teacher_rollout_loss!r}", f"use one of {', '.join(_rollout_losses())}")
-        if self.teacher_rollouts < 1:
-            raise ConfigError("--teacher_rollouts", f"must be >= 1, got {self.teacher_rollouts}", "pass e.g. 4")
-        for key, knob in TERM_KNOBS.items():
-            problem = knob.check(getattr(self, key)) if knob.check else None
-            if problem:
-                raise ConfigError(f"--{key}", problem, f"pass e.g. {knob.default}")
-        term = TERMS.get(self.teacher_rollout_loss)  # None: "none"
-        if self.teacher_rollout_coef is None and term is not None:
-            self.teacher_rollout_coef = term.default_coef
-        if self.teacher_rollout_coef is not None and self.teacher_rollout_coef < 0.0:
-            raise ConfigError("--teacher_rollout_coef", f"must be >= 0, got {self.teacher_rollout_coef}",
-                              "pass e.g. 0.05")  # fmt: skip
-        if term is None:
-            return
-        refused = {
-            "use_vllm": "the teacher generates with transformers; a vLLM path is not implemented (it cannot be tested "
-            "here): set use_vllm=False",
-            "stages": "a stage schedule would switch the term on and off: use one of them",
-            "mad_opd_teachers": "the rollouts come from one teacher: use one of them",
-        }
-        for name, fix in refused.items():
-            if getattr(self, name):
-                raise ConfigError(flag, f"is {self.teacher_rollout_loss!r} with {name} set", fix)
-        if self.privileged_source not in ("answer", "none"):
-            raise ConfigError(flag, f"is {self.teacher_rollout_loss!r} with privileged_source="
-                              f"{self.privileged_source!r}", "a sibling is chosen per student completion, but the "
-                              "teacher rolls out once per prompt: use 'answer' or 'none'")  # fmt: skip
-        term.cls.check_config(self)
-
-    def _check_teacher_aligned_prompts(self) -> None:
-        """`teacher_aligned_prompts` is 0 or a fraction in (0, 1], and needs a teacher whose prompt exists before
-        training and differs from the student (`rlsd.core.prompt_selection`)."""
-        fraction = self.teacher_aligned_prompts
-        if fraction == 0.0:
-            return
-        flag = "--teacher_aligned_prompts"
-        if not 0.0 < fraction <= 1.0:
-            raise ConfigError(flag, f"must be 0 (off) or lie in (0, 1], got {fraction}", "pass e.g. 0.5")
-        base = {name: getattr(self, name) for name in STAGE_FIELDS}
-        runs = [stage_values(self.stages, i, base) for i in reachable(self.stages)] if self.stages else [base]
-        if not any(v["distill_loss"] != "none" or "teacher_logps" in RULES[v["credit"]].needs for v in runs):
-            raise ConfigError(flag, f"is set but credit={self.credit!r} and distill_loss={self.distill_loss!r} use "
-                              "no teacher", "it ranks prompts by teacher-student agreement: use a credit rule that "
-                              "reads the teacher or a distillation loss, with teacher_model for OPD")  # fmt: skip
-        if self.privileged_source == "sibling":
-            fix = "a sibling's teacher prompt needs a rollout, which does not exist before training: use 'answer'"
-            raise ConfigError(flag, "is set with privileged_source='sibling'", fix + ", 'both' or 'none'")
-        if self.teacher_model is None and self.privileged_source == "none":
-            raise ConfigError(flag, "is set with a self-teacher shown the plain prompt (privileged_source='none')",
-                              "at construction that teacher is the student itself and every prompt scores 1: set "
-                              "teacher_model, or a privileged source")  # fmt: skip
-
-    def _check_mad_opd(self) -> None:
-        """`mad_opd_teachers` decoded (a JSON list or comma-separated names) and its requirements checked."""
-        teachers = self.mad_opd_teachers
-        if isinstance(teachers, str):
-            try:
-                teachers = json.loads(teachers) if teachers.lstrip().startswith("[") else teachers.split(",")
-            except json.JSONDecodeError as err:
-                fix = 'pass a JSON list such as ["org/a", "org/b"] or comma-separated names'
-                raise ConfigError("--mad_opd_teachers", f"is not valid JSON ({err})", fix) from err
-        if teachers is not None and (
-            not isinstance(teachers, list | tuple) or not all(isinstance(name, str) for name in teachers)
-        ):
-            raise ConfigError("--mad_opd_teachers", f"must be a list of model names, got {teachers!r}",
-                              'pass e.g. ["org/a", "org/b"]')  # fmt: skip
-        if teachers is not None:
-            teachers = [name.strip() for name in teachers if name.strip()] or None
-        self.mad_opd_teachers = teachers
-        if self.mad_opd_confidence not in MAD_CONFIDENCES:
-            raise ConfigError("--mad_opd_confidence", f"is {self.mad_opd_confidence!r}",
-                              f"use one of {', '.join(MAD_CONFIDENCES)}")  # fmt: skip
-        if not self.mad_opd_temperature > 0:
-            raise ConfigError("--mad_opd_temperature", f"must be > 0, got {self.mad_opd_temperature}", "pass e.g. 1.0")
-        if teachers is None:
-            return
-        fix = "MAD-OPD distils from teacher_model and mad_opd_teachers through a distillation loss"
-        if self.teacher_model is None:
-            raise ConfigError("--mad_opd_teachers", "is set but teacher_model is not", fix)
-        if self.distill_loss == "none":
-            raise ConfigError("--mad_opd_teachers", "is set but distill_loss is 'none'", fix)
-        if "teacher_logps" in RULES[self.credit].needs:
-            what = f"is set with credit={self.credit!r}, a rule that reads one teacher's log-probs"
-            raise ConfigError("--mad_opd_teachers", what, "use credit='grpo' (or another rule without a teacher)")
-        if self.stages is not None:
-            raise ConfigError("--mad_opd_teachers", "is set with stages", "use one of them")
-
-    def _check_stages(self) -> None:
-        """`stages` decoded (a JSON string) and checked (`rlsd.core.stages.check_stages`); stateful rules refused."""
-        self.stages = parse_stages(self.stages)
-        if self.stages is None:
-            return
-
-        def check_rule(credit: str) -> None:
-            if RULES[credit].state is not None:
-                raise ValueError(f"credit {credit!r} keeps state across steps, which stages do not carry over")
-            check_rule_options(credit, negative_only=self.rlsd_negative_only, span=self.rlsd_span != "all")
-
-        coef_defaults = {loss: _distill_coef_default(loss) for loss in LOSSES}
-        check_stages(self.stages, rules=RULES, losses=_distill_losses(), coef_defaults=coef_defaults,
-                     check_rule=check_rule)  # fmt: skip
-        if RULES[self.credit].state is not None and len(self.stages) in reachable(self.stages):
-            raise ConfigError("--credit", f"is {self.credit!r}, a rule that keeps state across steps, and runs after "
-                              "the stages", "stages do not carry a rule's state: use another rule")  # fmt: skip
-
-    def _check_teacher_model(self) -> None:
-        """`teacher` names a registered kind (`rlsd.teachers.TEACHER_KINDS`, read now: a kind registered after import
-        is accepted). `teacher_model` selects a kind that loads it (`"external"` in place of the default); a
-        self-teacher mode beside it, or a model-loading kind without it, is refused."""
-        if self.teacher_model is not None and self.teacher == DEFAULT_TEACHER:  # the default, not a choice
-            self.teacher = EXTERNAL_TEACHER
-        kind = TEACHER_KINDS.get(self.teacher)
-        if kind is None:
-            raise ValueError(f"teacher={self.teacher!r} is not one of {', '.join(teacher_modes())}")
-        if self.teacher_model is not None and not kind.loads_model:
-            raise ConfigError(
-                "--teacher",
-                f"is {self.teacher!r}, a self-teacher mode, but teacher_model={self.teacher_model!r} is set",
-                "drop one: teacher_model replaces the self-teacher",
-            )
-        if self.teacher_model is None and kind.loads_model:
-            raise ConfigError("--teacher", f"is {self.teacher!r} but teacher_model is not set", "set teacher_model")
-        if self.teacher_model_init_kwargs is not None and self.teacher_model is None:
-            raise ConfigError("--teacher_model_init_kwargs", "is set but teacher_model is not", "set teacher_model")
+        check_fields(self)
 
 
 def _knob_docs(knobs: dict[str, Knob]) -> str:

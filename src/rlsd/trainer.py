@@ -1,21 +1,14 @@
 """`RLSDTrainer`: TRL's `GRPOTrainer` with token-level credit from a privileged self-teacher.
 
-The trainer only overrides TRL's hooks and hands each job to a collaborator built in `__init__` from values and
-callables, never the trainer (`tests/test_layout.py` checks both):
-1. after TRL's rollout and rewards, `TeacherPrompts` (`rlsd.context.prompts`) builds each row's teacher prompt from the
-   prompt the rollout used and the privileged source's context (`rlsd.context.sources`, which may be computed after
-   the rewards and call a model), and the `Scorer` (`rlsd.step.scorer`, every no-grad pass) scores
-   [teacher prompt ; completion];
-2. the student's sampled-token log-probs are TRL's old log-probs when TRL computes them, else the detached
-   log-probs of the loss's own forward (no extra pass);
-3. the `CreditAssembler` (`rlsd.step.assign`) runs the credit rule (`rlsd.core.rules`) and hands TRL (B, T) token
-   advantages.
-What a step computes is its stage's `StepPlan` (`rlsd.plan`; Sparse-to-Dense stages switch plans, the config is never
-changed). With a distillation loss the teacher runs once, at loss time, and `DistillationTerm`
-(`rlsd.step.distill_term`) adds its term (the rule then reads the same pass when the student's log-probs come from the
-loss's forward too); with `teacher_rollout_loss` a registered loss term (`rlsd.step.rollout_term`, BRTS, PBSD) adds
-one on teacher trajectories; with `teacher_aligned_prompts` the training prompts are selected at construction
-(`rlsd.step.aligned_prompts`). What travels from rollout to loss is `rlsd.step.batch.RLSDEntries`.
+The trainer only overrides TRL's hooks. Each job is a collaborator built by `rlsd.step.wiring` from one `RunView`
+(values and callables read from TRL here, never the trainer; `tests/test_layout.py` checks both). After TRL's rollout
+and rewards, `RolloutCredit` has `TeacherPrompts` (`rlsd.context`) build each row's teacher prompt, the `Scorer`
+(`rlsd.step.scorer`, every no-grad pass) score [teacher prompt ; completion] and the `CreditAssembler`
+(`rlsd.step.assign`) turn the credit rule (`rlsd.core.rules`) into (B, T) advantages for TRL; the student's log-probs
+are TRL's old log-probs when it computes them, else the loss's own forward, detached. A step follows its stage's
+`StepPlan` (`rlsd.plan`; the config is never changed). With a distillation loss the teacher runs once, at loss time,
+and `DistillationTerm` adds its term; `teacher_rollout_loss` adds a registered term on teacher trajectories
+(`rlsd.step.rollout_term`). What travels from rollout to loss is `rlsd.step.batch.RLSDEntries`.
 
 Seams with TRL 1.16.0 (`trl/trainer/grpo_trainer.py`) and transformers' `Trainer`: everything this class overrides or
 reads that is not public API, the behaviour relied on, and the test that fails when it changes. Upgrading TRL means
@@ -98,47 +91,41 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
-import math
 import os
-import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from rlsd.config import RLSDConfig
 from rlsd.context import vision
-from rlsd.context.prompts import RolloutTap, TeacherInputs, TeacherPrompts
+from rlsd.context.prompts import RolloutTap, TeacherInputs
 from rlsd.context.sources import get_source, validate_teacher_template
-from rlsd.core.credit import grpo_advantages
 from rlsd.core.rules import rule_params
 from rlsd.data.rewards import guard_rewards, reward_totals
 from rlsd.infra import checkpoint as checkpoint_files
 from rlsd.infra.guards import (
     RunFacts,
     check_before_deepspeed,
+    check_finite_grad_norm,
+    check_finite_loss,
     check_run_supported,
-    first_nonfinite_grad,
     nonfinite_fix,
 )
-from rlsd.infra.validate import NonFiniteError
 from rlsd.plan import Stages, StepPlan
 from rlsd.step.aligned_prompts import select_aligned_prompts
-from rlsd.step.assign import CreditAssembler
-from rlsd.step.batch import RLSDEntries, loss_mask, scalar
-from rlsd.step.distill_term import DistillationTerm
+from rlsd.step.batch import LossState, RLSDEntries
 from rlsd.step.metrics import reduce_metrics
-from rlsd.step.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
-from rlsd.step.scorer import Scorer, captured_output
+from rlsd.step.rollout_term import TeacherRolloutTerm
+from rlsd.step.scorer import captured_output
 from rlsd.step.scoring import ScoreResult
+from rlsd.step.wiring import RunView, build_collaborators
 from rlsd.teachers import (
     Teacher,
     TeacherBuild,
@@ -219,56 +206,24 @@ class RLSDTrainer(GRPOTrainer):
         self.reference: Teacher | None = teachers.reference
         if self.teacher is not None and get_teacher_kind(args.teacher).follows_policy:
             self.add_callback(TeacherSyncCallback(self))
-        # collaborators: each is handed the values and callables it reads, never the trainer
-        # every no-grad scoring pass (the rule's teacher pass, re-scoring, the loss-time teacher, text generation)
-        self.scorer = Scorer(
-            accelerator=self.accelerator, model=lambda: self.model, teacher=self.teacher, reference=self.reference,
-            trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
-            temperature=self.temperature, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-            prefix_sharing=args.teacher_prefix_sharing,
-            per_row_context=self.source.needs_completions or self.source.needs_generator,
-            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+        # the collaborators, each handed what it reads from one view of the run, never the trainer
+        run = RunView(
+            accelerator=self.accelerator, args=args, source=self.source, model=lambda: self.model,
+            training=lambda: self.model.training, accumulation=lambda: self.current_gradient_accumulation_steps,
+            plan=lambda: self.plan, lam=self.stages.lam, log=self._log_across_processes,
+            record=lambda mode, key, value: self._metrics[mode][key].append(value), tokenizer=self._tokenizer,
+            tokenize_prompts=self._tokenize_prompts, processing_class=self.processing_class, is_vlm=self._is_vlm,
+            image_pad_token_id=self._image_pad_token_id, temperature=self.temperature,
+            generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
             group_sizes=(self.num_generations, self.num_generations_eval),
             batch_sizes=(args.per_device_train_batch_size, args.per_device_eval_batch_size),
-            training=lambda: self.model.training, tokenize_prompts=self._tokenize_prompts, tokenizer=self._tokenizer,
-            generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
+            reward_weights=self.reward_weights,
+            trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
+            trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
         )  # fmt: skip
-        # what the teacher is shown: the privileged context of each row, rendered, tokenized and left-padded
-        self.prompts = TeacherPrompts(
-            accelerator=self.accelerator, source=self.source, teacher_template=args.teacher_template,
-            teacher_transform=args.teacher_transform, privileged_source=args.privileged_source,
-            tokenizer=self._tokenizer, tokenize_prompts=self._tokenize_prompts, is_vlm=self._is_vlm,
-            image_pad_token_id=self._image_pad_token_id, processing_class=self.processing_class,
-            group_size=self.scorer.group_size, generate=self.scorer.generate_texts,
-            log=self._log_across_processes, teacher_use=lambda: vision.teacher_use(self.plan),
-        )  # fmt: skip
-        # the distillation term (`distill_loss`, MAD-OPD, SDPG's anchor): handed what it reads, never the trainer
-        self.distill_term = DistillationTerm(
-            args=args, temperature=self.temperature, log=self._log_across_processes,
-            training=lambda: self.model.training, accumulation=lambda: self.current_gradient_accumulation_steps,
-        )  # fmt: skip
-        # token credit: the rule's signals assembled into (B, T) advantages; the rule is handed at each call
-        self.credit = CreditAssembler(
-            accelerator=self.accelerator, args=args, rule_state=self.rule_state, log=self._log_across_processes,
-            group_size=self.scorer.group_size, decode_tokens=self._tokenizer.batch_decode,
-            vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
-        )  # fmt: skip
-        # teacher rollouts (`teacher_rollout_loss`, BRTS / PBSD): the registered term it names, over one context
-        # (`rlsd.step.rollout_term.TeacherRollouts`) handed what the terms read, never the trainer
-        self.rollout_term: TeacherRolloutTerm | NoTeacherRollouts = NoTeacherRollouts()
-        if args.teacher_rollout_loss != "none":
-            self.rollout_term = TeacherRolloutTerm.build(
-                accelerator=self.accelerator, args=args, source=self.source, tokenizer=self._tokenizer,
-                generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
-                temperature=self.temperature, reward_weights=self.reward_weights,
-                tokenize_prompts=self._tokenize_prompts,
-                teacher_inputs=lambda *a: self.prompts.build(*a, distill=self.plan.distill_fn is not None),
-                scoring_model=self.scorer.scoring_model, score=self.scorer.score, trl_logps=self.scorer.trl_logps,
-                trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
-                log=self._log_across_processes, group_size=self.scorer.group_size,
-                scoring_batch_size=self.scorer.scoring_batch_size, training=lambda: self.model.training,
-                accumulation=lambda: self.current_gradient_accumulation_steps,
-            )  # fmt: skip
+        parts = build_collaborators(run, teachers, self.rule_state)
+        self.scorer, self.prompts, self.distill_term, self.credit, self.rollout_term, self.rollout = parts
         # teacher-aligned prompt selection (`teacher_aligned_prompts`): the per-prompt scores of the original training
         # dataset (None when off) and the indices of its rows kept as `train_dataset`
         self.prompt_alignment: torch.Tensor | None = None
@@ -322,52 +277,9 @@ class RLSDTrainer(GRPOTrainer):
         rollout first enters the stage of the step it trains (`stages`)."""
         if self.model.training:
             self._enter_stage(self.state.global_step + 1)
-        plan = self.plan
         with self._handing_over("_rollout_tap", RolloutTap()) as tap:
             output = super()._generate_and_score_completions(inputs)
-        mode = "train" if self.model.training else "eval"
-        mask = loss_mask(output)
-        lam = self.stages.lam(self.state.global_step + 1) if plan.rule_uses_teacher else 0.0
-        if plan.rule_uses_teacher:
-            self._metrics[mode]["rlsd/lambda"].append(lam)
-        rule_pass = plan.teacher_pass_needed(lam, self.args.rlsd_clip)
-        entries = RLSDEntries()
-        rows = self.credit.teacher_rows(output["advantages"]) if plan.skips_known_credit and rule_pass else None
-        distill = plan.distill_fn is not None
-        if rule_pass or distill:
-            teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=distill)
-            prompt_ids, prompt_mask, types, entries.has_context = teacher
-            if distill:  # the loss-time teacher pass needs the teacher's prompt
-                self.distill_term.rollout_entries(plan, entries, teacher, output["advantages"])
-        if self.reference is not None and plan.distill_loss == "sdpg":
-            entries.ref_logps = self.score_rollout("reference", output).logps
-        if not rule_pass:
-            output["advantages"], _ = grpo_advantages(output["advantages"], mask)
-            if plan.rule_uses_teacher:
-                self._metrics[mode]["rlsd/teacher_time_s"].append(0.0)
-            self.rollout_term.add(inputs, output, entries, mode)
-            return {**output, **entries.to_batch()}
-
-        entries.seq_advantages = output["advantages"]
-        entries.lam = scalar(lam)
-        pass_logps = None
-        # the loss-time teacher pass may give the rule its log-probs only when the student's log-probs also come from
-        # the loss's own forward: with TRL's old log-probs (rollout-time weights) the teacher is scored now, so that
-        # tau and s are taken from the same weights
-        at_loss = plan.teacher_at_loss and output.get("old_per_token_logps") is None
-        if not at_loss:
-            start = time.perf_counter()
-            entropy = "teacher_entropy" in plan.rule.needs
-            scores = self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
-            self._metrics[mode]["rlsd/teacher_time_s"].append(time.perf_counter() - start)
-            pass_logps = self.credit.teacher_pass(entries, output, scores, rows, mask, mode)
-        self.rollout_term.add(inputs, output, entries, mode, pass_logps)
-        student_logps = output.get("old_per_token_logps")
-        if student_logps is None and "group_ids" in plan.rule.needs:  # group statistics need the whole group now
-            student_logps = self.score_rollout("student", output).logps
-        if student_logps is not None and not at_loss:  # the credit is final at rollout time
-            self.credit.finalize(plan.rule, entries, output, student_logps, mode)
-        return {**output, **entries.to_batch()}
+        return self.rollout.complete(inputs, output, tap, self.state.global_step + 1)
 
     def _calculate_rewards(
         self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any], completion_ids: list[Any]
@@ -395,8 +307,7 @@ class RLSDTrainer(GRPOTrainer):
     def score_rollout(self, which: str, output: dict[str, Any]) -> ScoreResult:
         """The log-probs of a rollout's completions after the student's own prompts under `which` ("student" or
         "reference"), with the rollout's vision inputs (the re-scoring passes)."""
-        kwargs = vision.student_vision_kwargs(output)
-        return self.scorer.score(which, output["prompt_ids"], output["prompt_mask"], output, kwargs)
+        return self.scorer.rescore(which, output)
 
     def token_advantages(self, batch: dict[str, Any], student_logps: torch.Tensor, mode: str = "train") -> Tensor:
         """The (B, T) token advantages of a batch that carries deferred credit, given the student's log-probs (the
@@ -478,14 +389,9 @@ class RLSDTrainer(GRPOTrainer):
         """TRL's loss; in training a NaN or inf loss stops the run here, before its backward pass, the optimizer
         step or any save, naming the step and the batch entries that are not finite."""
         loss = super().compute_loss(model, inputs, *args, **kwargs)
-        value = loss[0] if isinstance(loss, tuple) else loss
-        if self.model.training and not self.args.fp16 and not torch.isfinite(value.detach()).all():
-            bad = [
-                k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
-            ]
-            found = f" (not finite in the batch: {', '.join(bad)})" if bad else ""
-            raise NonFiniteError(f"training step {self.state.global_step + 1}", f"the loss is {value.item()}{found}",
-                                 nonfinite_fix(self.args, RLSDConfig))  # fmt: skip
+        if self.model.training and not self.args.fp16:
+            fix = nonfinite_fix(self.args, RLSDConfig)
+            check_finite_loss(loss[0] if isinstance(loss, tuple) else loss, inputs, self.state.global_step + 1, fix)
         return loss
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
@@ -493,12 +399,8 @@ class RLSDTrainer(GRPOTrainer):
         optimizer applies it, naming the step and the first parameter whose gradient is not finite (with fp16, the
         loss scaler skips such steps itself)."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        value = float(norm) if norm is not None else 0.0
-        if not self.args.fp16 and not math.isfinite(value):
-            name = first_nonfinite_grad(model)
-            where = f" (first in {name})" if name else ""
-            raise NonFiniteError(f"training step {self.state.global_step + 1}", f"the gradient norm is {value}{where}",
-                                 nonfinite_fix(self.args, RLSDConfig))  # fmt: skip
+        if not self.args.fp16:
+            check_finite_grad_norm(norm, model, self.state.global_step + 1, nonfinite_fix(self.args, RLSDConfig))
         return norm
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -523,7 +425,7 @@ class RLSDTrainer(GRPOTrainer):
         with checkpoint_files.staged(
             run_dir, name, self.state.global_step, should_save=self.args.should_save,
             barrier=self.accelerator.wait_for_everyone,
-            before_seal=lambda root: self._unstage_best_checkpoint(root, run_dir, name),
+            before_seal=lambda root: checkpoint_files.unstage_best(self.state, root, run_dir, name),
         ) as root, self._handing_over("_staging_root", root):  # fmt: skip
             self._write_checkpoint(model, trial)  # HF and TRL write (and rotate) inside the staging folder
         if self.args.should_save:
@@ -535,13 +437,6 @@ class RLSDTrainer(GRPOTrainer):
         """HF's run folder, or the staging folder while `_save_checkpoint` writes a checkpoint (`_staging_root`), so
         that HF and TRL write and rotate inside it."""
         return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
-
-    def _unstage_best_checkpoint(self, root: str, run_dir: str, name: str) -> None:
-        """HF records the best checkpoint where it was written: point it at its final place (state and file)."""
-        best = self.state.best_model_checkpoint
-        if best and best.startswith(root):
-            self.state.best_model_checkpoint = run_dir + best[len(root) :]
-            self.state.save_to_json(os.path.join(root, name, TRAINER_STATE_NAME))
 
     def _write_checkpoint(self, model, trial):
         """TRL's checkpoint plus RLSD's files: the teacher's weights and sync state, the rule's state."""
@@ -558,13 +453,3 @@ class RLSDTrainer(GRPOTrainer):
             checkpoint, self.teacher, self.rule_state, fresh=self._resume.fresh,
             policy=self.accelerator.unwrap_model(self.model), unwrap=self.accelerator.unwrap_model,
         )  # fmt: skip
-
-
-@dataclasses.dataclass
-class LossState:
-    """What `_compute_loss` hands to the next scoring forward TRL's loss runs (`self._loss_state`): the deferred
-    credit and the micro-batch whose advantages it replaces; the forward stores its log-probs back."""
-
-    pending: RLSDEntries | None
-    batch: dict[str, Any]
-    logps: torch.Tensor | None = None

@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
@@ -114,6 +115,15 @@ def staged(
         raise
     if should_save:
         publish(os.path.join(root, name), os.path.join(run_dir, name))
+
+
+def unstage_best(state: Any, root: str, run_dir: str, name: str) -> None:
+    """HF records the best checkpoint (`state.best_model_checkpoint`, HF's `TrainerState`) where it was written, under
+    the staging `root`: point it at its final place under `run_dir`, in the state and in checkpoint `name`'s file."""
+    best = state.best_model_checkpoint
+    if best and best.startswith(root):
+        state.best_model_checkpoint = run_dir + best[len(root) :]
+        state.save_to_json(os.path.join(root, name, TRAINER_STATE_NAME))
 
 
 def discard(root: str) -> None:

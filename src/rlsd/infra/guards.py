@@ -5,6 +5,7 @@ setting and what to use instead), and the non-finite step guard's diagnosis (the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from trl import GRPOConfig
 
 from rlsd.context import vision
+from rlsd.infra.validate import NonFiniteError
 
 LOGIT_RESCALING = (
     "final_logit_softcapping",
@@ -144,6 +146,27 @@ def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
     except RuntimeError:  # a sharded gradient that cannot be checked locally
         return None
     return None
+
+
+def check_finite_loss(loss: torch.Tensor, batch: dict[str, Any], step: int, fix: str) -> None:
+    """Stop training step `step` before its backward pass when its loss is NaN or inf, naming the float entries of
+    `batch` that are not finite and `fix` (`nonfinite_fix`)."""
+    if torch.isfinite(loss.detach()).all():
+        return
+    bad = [k for k, v in batch.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    found = f" (not finite in the batch: {', '.join(bad)})" if bad else ""
+    raise NonFiniteError(f"training step {step}", f"the loss is {loss.item()}{found}", fix)
+
+
+def check_finite_grad_norm(norm: Any, model: torch.nn.Module, step: int, fix: str) -> None:
+    """Stop training step `step` before the optimizer applies a NaN or inf gradient norm, naming the first parameter
+    whose gradient is not finite and `fix` (`nonfinite_fix`)."""
+    value = float(norm) if norm is not None else 0.0
+    if math.isfinite(value):
+        return
+    name = first_nonfinite_grad(model)
+    where = f" (first in {name})" if name else ""
+    raise NonFiniteError(f"training step {step}", f"the gradient norm is {value}{where}", fix)
 
 
 def changed_knobs(args: Any, config_class: type) -> str:

@@ -89,3 +89,13 @@ def loss_mask(batch: dict[str, Any]) -> Tensor:
     """Completion tokens that enter the loss: the completion mask times TRL's tool mask when present."""
     mask = batch["completion_mask"]
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
+
+
+@dataclass
+class LossState:
+    """What the trainer's `_compute_loss` hands to the next scoring forward TRL's loss runs: the deferred credit and
+    the micro-batch whose advantages it replaces; the forward stores its log-probs back."""
+
+    pending: RLSDEntries | None
+    batch: dict[str, Any]
+    logps: Tensor | None = None

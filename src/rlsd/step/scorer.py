@@ -112,6 +112,12 @@ class Scorer:
             )  # fmt: skip
         return ScoreResult(logps, entropies if entropy else None)
 
+    def rescore(self, which: str, output: dict[str, Any]) -> ScoreResult:
+        """The log-probs of a rollout's completions after the student's own prompts under `which` ("student" or
+        "reference"), with the rollout's vision inputs (the re-scoring passes)."""
+        kwargs = vision.student_vision_kwargs(output)
+        return self.score(which, output["prompt_ids"], output["prompt_mask"], output, kwargs)
+
     def _shares_prefixes(self, model_kwargs: dict[str, Any], rows: torch.Tensor | None, local_rows: int) -> bool:
         """Prefix sharing applies to text rows that form whole groups in TRL's order (all rows, or a subset of whole
         groups; this process's rows must not start or end inside a group), on a plain (not sharded) model, with a
