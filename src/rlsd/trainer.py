@@ -3,7 +3,7 @@
 The trainer only overrides TRL's hooks. Each job is a collaborator built by `rlsd.step.wiring` from one `RunView`
 (values and callables read from TRL here, never the trainer; `tests/test_layout.py` checks both). After TRL's rollout
 and rewards, `RolloutCredit` has `TeacherPrompts` (`rlsd.context`) build each row's teacher prompt, the `Scorer`
-(`rlsd.step.scorer`, every no-grad pass) score [teacher prompt ; completion] and the `CreditAssembler`
+(`rlsd.step.scorer`, the no-grad passes) score [teacher prompt ; completion] and the `CreditAssembler`
 (`rlsd.step.assign`) turn the credit rule (`rlsd.core.rules`) into (B, T) advantages for TRL; the student's log-probs
 are TRL's old log-probs when it computes them, else the loss's own forward, detached. A step follows its stage's
 `StepPlan` (`rlsd.plan`; the config is never changed). With a distillation loss the teacher runs once, at loss time,

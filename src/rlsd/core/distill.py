@@ -3,7 +3,8 @@
 Every function takes the student's logits (with gradient) and the teacher's logits (no gradient) at the same
 completion positions, (B, T, V), and returns a per-token loss (B, T). The gradient flows into the student only:
 the teacher's logits are detached here whatever the caller passes. Callers chunk over tokens for a large
-vocabulary (`chunked_token_loss`) so that no (B, T, V) float64 tensor is ever held.
+vocabulary (`chunked_token_loss`) so that no (B, T, V) float64 tensor is ever held. A loss that reads only the
+sampled token's log-probs (SDAR) is a `SampledTokenLoss`: the kernels hand it the sampled ids of the same positions.
 
 What `RLSDConfig.distill_loss` selects is registered here with `@distill_loss`, with its knobs (`rlsd.core.rules.Knob`:
 default, help, check), each of which becomes an `RLSDConfig` field and a stage field of the same name; adding a loss
@@ -103,6 +104,18 @@ def sdpg_ref_penalty(student_logps: Tensor, ref_logps: Tensor) -> Tensor:
     return 0.5 * (student_logps - ref_logps.detach()) ** 2
 
 
+def sdar_token_loss(student_logps: Tensor, teacher_logps: Tensor, beta: float = 5.0) -> Tensor:
+    """SDAR's gated auxiliary loss per token (Self-Distilled Agentic RL, arXiv 2605.15155, as ms-swift 4.6 adds it to
+    GRPO), on the sampled token's log-probs s_t (student, with gradient) and tau_t (teacher):
+
+        g_t * Delta_t,   Delta_t = tau_t - s_t,   g_t = sigmoid(beta * Delta_t)   (g_t and tau_t stop-gradient)
+
+    so that d/ds_t = -g_t: the student's log-prob of a token is raised in proportion to how much the teacher endorses
+    it (g_t -> 1 where tau_t >> s_t, -> 0 where the teacher rejects it). The caller takes the token mean."""
+    delta = teacher_logps.detach() - student_logps
+    return torch.sigmoid(beta * delta.detach()) * delta
+
+
 def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int) -> Tensor:
     """Rethinking-OPD's diagnostic per token: |TopK(p_S) & TopK(p_T)| / k, the share of the teacher's k most likely
     next tokens that are also among the student's k most likely (softmax keeps the order: the logits' top-k sets;
@@ -134,6 +147,29 @@ class OverlapProbe:
 
 TokenLoss = Callable[[Tensor, Tensor], Tensor]
 """A per-token loss: (student logits (..., V) with gradient, teacher logits (..., V)) -> (...)."""
+
+
+@dataclass(frozen=True)
+class SampledTokenLoss:
+    """A per-token loss that reads only the log-probs of the sampled tokens: `fn(student_logps (...) with gradient,
+    teacher_logps (...)) -> (...)`. Called as a `TokenLoss` plus the sampled ids (...) of the same positions, which
+    the kernels (`chunked_token_loss`, `selected_token_loss`, `mad_opd_token_loss`) pass to it; it gathers both
+    log-probs from the (temperature-scaled) logits, the teacher's detached."""
+
+    fn: Callable[[Tensor, Tensor], Tensor]
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, sampled_ids: Tensor | None = None) -> Tensor:
+        if sampled_ids is None:
+            raise ValueError("this distillation loss reads the sampled tokens: pass their ids (sampled_ids)")
+        index = sampled_ids.unsqueeze(-1)
+        log_s = F.log_softmax(student_logits, dim=-1).gather(-1, index).squeeze(-1)
+        log_t = F.log_softmax(teacher_logits.detach(), dim=-1).gather(-1, index).squeeze(-1)
+        return self.fn(log_s, log_t)
+
+
+def _token_loss(loss_fn: Callable[..., Tensor], student: Tensor, teacher: Tensor, ids: Tensor | None) -> Tensor:
+    """`loss_fn` at these positions: a `SampledTokenLoss` also gets their sampled ids."""
+    return loss_fn(student, teacher, ids) if isinstance(loss_fn, SampledTokenLoss) else loss_fn(student, teacher)
 
 
 @dataclass(frozen=True)
@@ -260,6 +296,29 @@ def _sdpg() -> TokenLoss:
     return sdpg_kl
 
 
+def _positive_finite(value: Any) -> str | None:
+    """A finite number > 0 (a bool is not a number here)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return None if number and math.isfinite(value) and value > 0 else f"must be a finite number > 0, got {value!r}"
+
+
+@distill_loss(
+    "sdar",
+    knobs={
+        "sdar_gate_beta": Knob(
+            5.0, "beta of the gate sigmoid(beta * Delta_t) of distill_loss='sdar' (ms-swift's sdar_gate_beta): the "
+            "larger, the sharper; tokens the teacher rejects (Delta_t < 0) weigh less.", _positive_finite,
+        ),
+    },
+    default_coef=0.1,
+)  # fmt: skip
+def _sdar(sdar_gate_beta: float) -> TokenLoss:
+    """SDAR (arXiv 2605.15155, ms-swift 4.6's sdar_loss_coef / sdar_gate_beta): the gated auxiliary loss sg(sigmoid(
+    beta * Delta_t)) * Delta_t on the sampled tokens (`sdar_token_loss`), Delta_t = tau_t - s_t; its default
+    coefficient is the value ms-swift documents for the reference (its own field default, 0, turns SDAR off)."""
+    return SampledTokenLoss(functools.partial(sdar_token_loss, beta=sdar_gate_beta))
+
+
 def chunked_token_loss(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     student_hidden: Tensor,
@@ -268,32 +327,36 @@ def chunked_token_loss(
     teacher_head: Callable[[Tensor], Tensor],
     chunk_tokens: int = 1024,
     overlap: OverlapProbe | None = None,
+    sampled_ids: Tensor | None = None,
 ) -> Tensor:
     """Per-token loss from hidden states (B, T, H), projecting to logits `chunk_tokens` positions at a time.
 
     Each chunk is checkpointed: its logits are freed after the forward and recomputed in the backward pass, so
     that only (chunk, V) logits exist at any time, in the backward pass too. An `overlap` probe records the top-k
-    overlap of each chunk's two distributions (flattened token order)."""
+    overlap of each chunk's two distributions (flattened token order). `sampled_ids` (B, T), the completion's
+    tokens, go to a `SampledTokenLoss`."""
     batch, length = student_hidden.shape[:2]
     flat_s = student_hidden.reshape(batch * length, -1)
     flat_t = teacher_hidden.reshape(batch * length, -1)
+    flat_ids = None if sampled_ids is None else sampled_ids.reshape(batch * length)
 
-    def piece(hidden_s: Tensor, hidden_t: Tensor, index: int) -> Tensor:
+    def piece(hidden_s: Tensor, hidden_t: Tensor, index: int, ids: Tensor | None) -> Tensor:
         with torch.no_grad():
             teacher_logits = teacher_head(hidden_t)
         student_logits = student_head(hidden_s)
         if overlap is not None:
             overlap.record(index, student_logits, teacher_logits)
-        return loss_fn(student_logits, teacher_logits)
+        return _token_loss(loss_fn, student_logits, teacher_logits, ids)
 
     recompute = torch.is_grad_enabled() and flat_s.requires_grad
     pieces = []
     for index, start in enumerate(range(0, flat_s.size(0), chunk_tokens)):
         chunk_s, chunk_t = flat_s[start : start + chunk_tokens], flat_t[start : start + chunk_tokens]
+        ids = None if flat_ids is None else flat_ids[start : start + chunk_tokens]
         if recompute:
-            chunk = checkpoint(piece, chunk_s, chunk_t, index, use_reentrant=False)
+            chunk = checkpoint(piece, chunk_s, chunk_t, index, ids, use_reentrant=False)
         else:
-            chunk = piece(chunk_s, chunk_t, index)
+            chunk = piece(chunk_s, chunk_t, index, ids)
         pieces.append(chunk)
     return torch.cat(pieces).view(batch, length)
 
@@ -372,18 +435,21 @@ def selected_token_loss(
     temperature: float,
     chunk_tokens: int = 1024,
     overlap: OverlapProbe | None = None,
+    sampled_ids: Tensor | None = None,
 ) -> Tensor:
     """Per-token loss (N,) at the `selected` (B, T) positions of the (B, T, H) hidden states, through the (student,
     teacher) LM heads. Under FSDP2 the heads are gathered once here on every rank whatever N; with N = 0 the empty
     result still leads back to the hidden states and the gathered head, so all ranks run the same collectives.
-    `overlap` (optional) collects the per-token top-k overlap of the same N tokens."""
+    `overlap` (optional) collects the per-token top-k overlap of the same N tokens; `sampled_ids` (B, T), the
+    completion's tokens, are what a `SampledTokenLoss` reads."""
     student = head_logits(heads[0], temperature)
     teacher = student.detached() if heads[1] is heads[0] else head_logits(heads[1], temperature, grad=False)
     if not selected.any():
         return (student_hidden.sum() * 0.0 + student.zero()).expand(0)
     flat_s, flat_t = student_hidden[selected].unsqueeze(0), teacher_hidden[selected].unsqueeze(0)
+    ids = None if sampled_ids is None else sampled_ids[selected].unsqueeze(0)
     return chunked_token_loss(
-        loss_fn, flat_s, flat_t, student, teacher, chunk_tokens=chunk_tokens, overlap=overlap
+        loss_fn, flat_s, flat_t, student, teacher, chunk_tokens=chunk_tokens, overlap=overlap, sampled_ids=ids
     ).squeeze(0)
 
 
@@ -437,7 +503,7 @@ def mad_opd_token_loss(
     with D any per-token loss of this module (`loss_fn`, e.g. `generalized_jsd`), the student's logits (N, V) (with
     gradient), the M teachers' logits (M, N, V) and the sampled tokens (N,). Returns (L (N,), a (M, N))."""
     weights = mad_opd_weights(teacher_confidence(teacher_logits, sampled_ids, confidence), temperature)
-    per_teacher = torch.stack([loss_fn(student_logits, logits) for logits in teacher_logits])
+    per_teacher = torch.stack([_token_loss(loss_fn, student_logits, logits, sampled_ids) for logits in teacher_logits])
     return (weights * per_teacher).sum(0), weights
 
 

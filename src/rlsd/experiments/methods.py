@@ -40,6 +40,9 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     "opsd-teacher-top1": {**_FULL_OPSD, "distill_loss": "teacher_top1"},
     "opsd-student-top1": {**_FULL_OPSD, "distill_loss": "student_top1"},
     "sdpg": {"credit": "grpo", "distill_loss": "sdpg", "teacher": "live"},
+    # SDAR as ms-swift 4.6 adds it: GRPO + 0.1 * token mean of sg(sigmoid(5 Delta_t)) Delta_t on the sampled tokens,
+    # from the current policy shown the answer (ms-swift scores its teacher with the rollout's weights: "live" here)
+    "sdar": {"credit": "grpo", "distill_loss": "sdar", "teacher": "live"},
     "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
     "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
     # OPD (the paper's baseline): a separate, stronger frozen teacher shown the plain prompt; the sampled-token Delta

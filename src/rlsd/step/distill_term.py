@@ -91,6 +91,7 @@ class DistillationTerm:
             per_token = selected_token_loss(
                 distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
                 self.temperature, chunk_tokens=args.distill_chunk_tokens, overlap=probe,
+                sampled_ids=inputs["completion_ids"],
             )  # fmt: skip
         if probe is not None and per_token.numel():
             metrics["topk_overlap"] = TokenMean(probe.values().mean().item(), per_token.numel())

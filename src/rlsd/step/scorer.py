@@ -1,8 +1,10 @@
-"""`Scorer`: every no-grad scoring pass of `RLSDTrainer` (the rule's teacher pass, the re-scoring of a rollout under
+"""`Scorer`: the no-grad scoring passes of `RLSDTrainer` (the rule's teacher pass, the re-scoring of a rollout under
 the student or SDPG's reference, the loss-time teacher's hidden states, the privileged source's text generator).
 The math of a pass is in `rlsd.step.scoring` (prefix sharing) and TRL's own scoring forward (`trl_logps`). The scorer
 receives values and callables, never the trainer: the TRL attributes and methods behind them are read where the
-trainer builds it (`rlsd.trainer`'s seams table)."""
+trainer builds it (`rlsd.trainer`'s seams table). Every pass picks its module through `scoring_model`; two read full
+logits and run their own forward through it: the top-k pass over teacher trajectories (`TeacherRollouts.
+trajectory_pass`, BRTS / PBSD) and the greedy overlap scoring of `teacher_aligned_prompts` (once, at construction)."""
 
 from __future__ import annotations
 
