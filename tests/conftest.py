@@ -117,7 +117,8 @@ def teacher_dir(tmp_path_factory, tokenizer):
 def registries():
     """Every extension registry (rules, losses, terms, sources, transforms, formats, teacher kinds and their knobs)
     restored after the test: registrations made by test code, as a user would make them, are undone."""
-    from rlsd.context.sources import SOURCES
+    from rlsd.context.generated import GENERATORS
+    from rlsd.context.sources import SOURCE_KNOBS, SOURCES
     from rlsd.context.transforms import TRANSFORMS
     from rlsd.core.distill import LOSS_KNOBS, LOSSES
     from rlsd.core.rules import KNOBS, RULES
@@ -125,7 +126,8 @@ def registries():
     from rlsd.step.rollout_term import TERM_KNOBS, TERMS
     from rlsd.teachers import TEACHER_KINDS
 
-    tables = (RULES, KNOBS, LOSSES, LOSS_KNOBS, TERMS, TERM_KNOBS, SOURCES, TRANSFORMS, FORMATS, TEACHER_KINDS)
+    tables = (RULES, KNOBS, LOSSES, LOSS_KNOBS, TERMS, TERM_KNOBS, SOURCES, SOURCE_KNOBS, GENERATORS, TRANSFORMS,
+              FORMATS, TEACHER_KINDS)  # fmt: skip
     saved = [(table, dict(table)) for table in tables]
     yield
     for table, items in saved:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from trl import GRPOConfig
 
 from rlsd.config_checks import SPANS, check_fields, check_numbers
-from rlsd.context.sources import SOURCES
+from rlsd.context.sources import SOURCE_KNOBS, SOURCES
 from rlsd.core.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.core.rules import KNOBS, RULES, Knob
 from rlsd.data.rewards import DEFAULT_REWARD_TIMEOUT_S
@@ -41,16 +41,20 @@ if set(KNOBS) & set(LOSS_KNOBS):
 if (set(KNOBS) | set(LOSS_KNOBS)) & set(TERM_KNOBS):
     shared = sorted((set(KNOBS) | set(LOSS_KNOBS)) & set(TERM_KNOBS))
     raise ValueError(f"knob(s) {shared} are declared by a teacher-rollout term and a credit rule or loss")
+if set(SOURCE_KNOBS) & set(TERM_KNOBS):
+    raise ValueError(f"knob(s) {sorted(set(SOURCE_KNOBS) & set(TERM_KNOBS))} are declared by a source and a term")
 RuleKnobs = _knob_fields("RuleKnobs", KNOBS)
 """The credit rules' own knobs as config fields, each declared once with its rule (`rlsd.core.rules.credit_rule`)."""
 DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
 """The distillation losses' knobs as config fields, declared with their loss (`rlsd.core.distill.distill_loss`)."""
 TermKnobs = _knob_fields("TermKnobs", TERM_KNOBS)
 """The teacher-rollout terms' knobs as config fields, declared with their term (`rlsd.step.rollout_term.loss_term`)."""
+SourceKnobs = _knob_fields("SourceKnobs", SOURCE_KNOBS)
+"""The privileged sources' knobs as config fields, declared with their source (`rlsd.context.sources`)."""
 
 
 @dataclass
-class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs):
+class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
     r"""
     Configuration for [`RLSDTrainer`]. Every field of TRL's `GRPOConfig` applies unchanged; the fields below add the
     credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
@@ -375,7 +379,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs):
     def __getattr__(self, name: str) -> Any:
         """A knob registered after this class was built (a rule, loss or teacher-rollout term declared in user code)
         that this config was not given: its declared default, so that every reader sees every registered knob."""
-        knob = KNOBS.get(name) or LOSS_KNOBS.get(name) or TERM_KNOBS.get(name)
+        knob = KNOBS.get(name) or LOSS_KNOBS.get(name) or TERM_KNOBS.get(name) or SOURCE_KNOBS.get(name)
         if knob is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return knob.default
@@ -418,6 +422,7 @@ RLSDConfig.__doc__ += "\n    Distillation knobs (declared with their loss):\n" +
 RLSDConfig.__doc__ += "\n    Teacher-rollout terms (`teacher_rollout_loss`, declared in `rlsd.step.rollout_term`):\n"
 RLSDConfig.__doc__ += _registry_docs(TERMS, "teacher_rollout_coef")
 RLSDConfig.__doc__ += "\n    Teacher-rollout knobs (declared with their term):\n" + _knob_docs(TERM_KNOBS)
+RLSDConfig.__doc__ += "\n    Privileged-source knobs (declared with their source):\n" + _knob_docs(SOURCE_KNOBS)
 _FIELDS = frozenset(item.name for item in dataclasses.fields(RLSDConfig))
 
 
@@ -429,7 +434,7 @@ def _taking_late_knobs(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def __init__(self: RLSDConfig, *args: Any, **kwargs: Any) -> None:
-        registered = KNOBS.keys() | LOSS_KNOBS.keys() | TERM_KNOBS.keys()
+        registered = KNOBS.keys() | LOSS_KNOBS.keys() | TERM_KNOBS.keys() | SOURCE_KNOBS.keys()
         for key in [key for key in kwargs if key not in _FIELDS and key in registered]:
             setattr(self, key, kwargs.pop(key))
         init(self, *args, **kwargs)

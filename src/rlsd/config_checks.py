@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rlsd.context.sources import get_source, validate_teacher_template
+from rlsd.context.sources import SOURCE_KNOBS, get_source, validate_teacher_template
 from rlsd.context.transforms import get_transform
 from rlsd.core.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.core.rules import RULES, check_knobs, check_rule_options
@@ -56,6 +56,7 @@ def check_fields(config: Any) -> None:
     check_rule_options(config.credit, negative_only=config.rlsd_negative_only, span=config.rlsd_span != "all")
     check_knobs(config)
     check_knobs(config, LOSS_KNOBS)
+    check_knobs(config, SOURCE_KNOBS)
     _check_teacher_model(config)
     if not 0.0 <= config.rlsd_lambda <= 1.0:
         raise ValueError(f"rlsd_lambda must lie in [0, 1], got {config.rlsd_lambda}")

@@ -107,6 +107,7 @@ class TeacherPrompts:
             empty = torch.zeros(0, 0, dtype=torch.long, device=device)
             return TeacherInputs(empty, empty, {}, has_context)
         prompt_ids_list, _, fields = self.tokenize_prompts(teacher_prompts)
+        self.check_lengths(prompt_ids_list, selected)
         pad_id = self.tokenizer.pad_token_id
         prompt_ids = pad([torch.tensor(ids) for ids in prompt_ids_list], padding_value=pad_id, padding_side="left")
         prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0,
@@ -118,6 +119,18 @@ class TeacherPrompts:
             processed = self.processing_class.image_processor(images=flat, return_tensors="pt")
             types.update({key: value.to(device) for key, value in processed.items() if key in vision.IMAGE_KEYS})
         return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
+
+    def check_lengths(self, prompt_ids: list[list[int]], rows: list[int]) -> None:
+        """Refuse a teacher prompt longer than the source allows (`max_prompt_tokens`), naming the row: a generated
+        context is never silently truncated."""
+        limit = self.source.max_prompt_tokens()
+        for row, ids in zip(rows, prompt_ids, strict=True):
+            if limit is not None and len(ids) > limit:
+                raise ValueError(
+                    f"privileged source {self.privileged_source!r}: the teacher prompt of rollout row {row} is "
+                    f"{len(ids):,} tokens, over the source's limit of {limit:,} (context_max_tokens); raise the "
+                    "limit or shorten the context"
+                )
 
     def transformed(self, prompts: list[Any], images: list[Any], distill: bool) -> tuple[list[Any], list[Any]]:
         """Each row's prompt and images after `teacher_transform`; images changed for a loss-time teacher pass

@@ -29,6 +29,8 @@ from rlsd.context.templates import (
     pick_siblings,
 )
 from rlsd.core.credit import TokenMean
+from rlsd.core.distill import LOSS_KNOBS
+from rlsd.core.rules import KNOBS, Knob, declare_knobs
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class PrivilegedSource:
     default_template: ClassVar[str]
     needs_completions: ClassVar[bool] = False  # the trainer gathers completion texts and rewards for `context`
     needs_generator: ClassVar[bool] = False  # the trainer hands `context` a text generator (`RolloutView.generate`)
+    knobs: ClassVar[dict[str, Knob]] = {}  # its own settings, each an `RLSDConfig` field (read as `self.args.<name>`)
 
     def __init__(self, args: Any) -> None:
         self.args = args
@@ -82,15 +85,24 @@ class PrivilegedSource:
         """The fields of the local rows `rows` (indices into `view.rows`)."""
         raise NotImplementedError
 
+    def max_prompt_tokens(self) -> int | None:
+        """The longest teacher prompt, in tokens, this source allows (None: no bound): a longer one is refused naming
+        the row, never truncated."""
+        return None
+
 
 SOURCES: dict[str, type[PrivilegedSource]] = {}
 """Every registered source by name: what `RLSDConfig.privileged_source` selects from."""
+SOURCE_KNOBS: dict[str, Knob] = {}
+"""Every registered source's knob by its `RLSDConfig` field name."""
 
 
 def privileged_source(cls: type[PrivilegedSource]) -> type[PrivilegedSource]:
-    """Register a source class under its `name`."""
+    """Register a source class under its `name`, with its `knobs` (a name may be shared only with the same
+    declaration, and never with a credit rule's or a distillation loss's knob)."""
     if cls.name in SOURCES:
         raise ValueError(f"privileged source {cls.name!r} is registered twice")
+    declare_knobs(f"privileged source {cls.name!r}", cls.knobs, SOURCE_KNOBS, KNOBS, LOSS_KNOBS)
     SOURCES[cls.name] = cls
     return cls
 

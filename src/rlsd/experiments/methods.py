@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlsd.context.templates import PAPER_TEACHER_TEMPLATE
+from rlsd.experiments import contexts  # noqa: F401  (registers the embedded task's context generators)
 from rlsd.experiments.task import SIBLING_TEMPLATE
 
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
