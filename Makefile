@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch first, pinned: the CPU build. An unpinned torch would pull a multi-GB CUDA build.
+# torch first, pinned, from pip's configured index: PyPI's Linux wheel is the CUDA build unless pip.conf adds a CPU one
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet -e ".[dev]"

@@ -73,6 +73,15 @@ def config_kwargs(tmp_path, **overrides) -> dict:
     return values
 
 
+def rule_overrides(name: str) -> dict:
+    """The config of credit rule `name` in a generic test: a rule that contrasts the teacher after negative contexts
+    (RLCSD) needs the source that gives them."""
+    from rlsd.core.rules import get_rule
+
+    contrast = "teacher_contrast_logps" in get_rule(name).needs
+    return {"credit": name, **({"privileged_source": "contrast"} if contrast else {})}
+
+
 def make_config(tmp_path, **overrides) -> RLSDConfig:
     """`RLSDConfig` over `config_kwargs`."""
     return RLSDConfig(**config_kwargs(tmp_path, **overrides))

@@ -91,6 +91,7 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
 
         values = {item.name: getattr(trainer.credit, item.name) for item in dataclasses.fields(trainer.credit)}
         trainer.credit = RecordingAssembler(**values)
+        trainer.rollout = dataclasses.replace(trainer.rollout, credit=trainer.credit)  # the rollout's assembler too
     trainer.train()
     history = trainer.state.log_history
     report = {

@@ -24,7 +24,7 @@ from datasets import Dataset
 from test_data_rewards import GSM8K
 
 from rlsd import RLSDConfig, RLSDTrainer
-from rlsd.commands.cli import main as cli_main
+from rlsd.commands.cli import main as rlsd_cli_main
 from rlsd.data.datasets import load_rlsd_dataset, to_rlsd_rows
 from rlsd.data.rewards import format_reward, guard_reward, math_accuracy, resolve_reward
 from rlsd.infra.checkpoint import MANIFEST_FILE, PARTIAL_PREFIX, DiskFullError
@@ -39,6 +39,13 @@ from rlsd.infra.validate import (
 )
 
 TESTS = Path(__file__).resolve().parent
+
+
+def cli_main(argv: list[str]) -> int:
+    """The `rlsd` command line with `--debug`: these cases check the named errors themselves (without it each is one
+    line on stderr and exit status 2, as `tests/test_command_line.py` checks)."""
+    return rlsd_cli_main([*argv, "--debug"])
+
 TINY = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
         "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm",
         "true", "--reward_funcs", "integer_match"]  # fmt: skip

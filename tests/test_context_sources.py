@@ -24,8 +24,8 @@ def reflection_source():
     @privileged_source
     class ReflectionSource(PrivilegedSource):
         name = "test-reflection"
-        fills = ("reflection",)
-        default_template = "{prompt} Reflection: {reflection} Answer:"
+        fills = ("critique",)  # a field no built-in source fills (the built-in "reflection" fills {reflection})
+        default_template = "{prompt} Critique: {critique} Answer:"
         needs_completions = True
         needs_generator = True
         calls: ClassVar[list[dict]] = []
@@ -36,7 +36,7 @@ def reflection_source():
             texts = view.generate(asks)
             type(self).calls.append({"rewards": list(view.rewards), "asks": asks, "texts": texts})
             written = dict(zip(failed, texts, strict=True))
-            return Context({"reflection": [written.get(i, "") for i in rows]}, [i in written for i in rows])
+            return Context({"critique": [written.get(i, "") for i in rows]}, [i in written for i in rows])
 
     yield ReflectionSource
     SOURCES.pop(ReflectionSource.name)
@@ -46,11 +46,11 @@ def test_a_template_field_of_a_user_source_is_known_only_once_it_is_registered(t
     config = make_config(tmp_path, privileged_source="test-reflection")
     assert config.teacher_template == reflection_source.default_template
     with pytest.raises(ValueError, match=r"privileged_source='answer' does not fill"):
-        make_config(tmp_path, teacher_template="{prompt} {reflection} {answer}")
+        make_config(tmp_path, teacher_template="{prompt} {critique} {answer}")
     SOURCES.pop("test-reflection")
     try:
-        with pytest.raises(ValueError, match=r"unknown field\(s\) \{reflection\}"):
-            make_config(tmp_path, teacher_template="{prompt} {reflection} {answer}")
+        with pytest.raises(ValueError, match=r"unknown field\(s\) \{critique\}"):
+            make_config(tmp_path, teacher_template="{prompt} {critique} {answer}")
     finally:
         SOURCES["test-reflection"] = reflection_source
 
@@ -77,7 +77,7 @@ def test_a_source_generates_its_context_after_the_rewards_and_the_teacher_sees_i
     (call,) = reflection_source.calls
     for row, text in zip(failed, call["texts"], strict=True):
         shown = tokenizer.decode(prompt_ids[row][prompt_mask[row].bool()], skip_special_tokens=True)
-        assert shown == f"{inputs[row]['prompt']} Reflection: {text} Answer:"
+        assert shown == f"{inputs[row]['prompt']} Critique: {text} Answer:"
 
 
 def test_a_training_run_with_a_generating_source_steps(tokenizer, tmp_path, reflection_source):

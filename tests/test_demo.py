@@ -8,11 +8,14 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsd.commands.cli import main as cli_main
+from rlsd.experiments.demo import quick_config, run_demo, with_overrides
 from rlsd.experiments.task import TaskConfig, sample_problems
 from rlsd.experiments.warmstart import WarmStartConfig, generate, warm_start
+from rlsd.infra.threads import available_cores
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 
@@ -46,9 +49,16 @@ def test_warm_start_is_cached_and_loads_with_from_pretrained(cache):
     assert WarmStartConfig(steps=6).key() != WarmStartConfig(steps=5).key()
 
 
-def test_demo_quick_writes_all_files(cache, tmp_path):
+def test_demo_quick_writes_all_files(cache, tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    phases = [line for line in printed.splitlines() if line.startswith("[")]
+    assert phases[0].split("] ", 1)[1].startswith("threads: ") and "available" in phases[0]  # the count, first
+    for method in ("grpo", "rlsd", "opsd"):  # a line as every phase begins, bars hidden or not
+        for phase in ("loading the warm start", "evaluating the warm start", "training, 4 steps", "final evaluation"):
+            assert f"{method} (seed 0): {phase}" in printed, (method, phase)
+    assert "warm start: 30 supervised steps" in printed and "report: writing" in printed
     for name in ("metrics.jsonl", "summary.json", "curves.png", "report.html"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
@@ -79,6 +89,25 @@ def test_demo_quick_writes_all_files(cache, tmp_path):
     )
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and 'class="tok"' in page and "Delta=" in page
+
+
+def test_demo_shows_threads_and_every_phase_with_bars(cache, tmp_path, capsys):
+    """`threads` overrides the choice, is undone after the run, and each phase's bar carries an estimate."""
+    before = torch.get_num_threads()
+    config = with_overrides(quick_config(tmp_path / "demo"), methods=("rlsd",))
+    summary = run_demo(config, progress=True, threads=1)
+    assert summary["threads"] == 1 and torch.get_num_threads() == before
+    printed = capsys.readouterr()
+    lines = [line.split("] ", 1)[1] for line in printed.out.splitlines() if line.startswith("[")]
+    assert lines[0] == f"threads: 1 (of {available_cores()} available, from --threads; --threads to override)"
+    expected = ["warm start: 30 supervised steps", "rlsd (seed 0): loading the warm start",
+                "rlsd (seed 0): evaluating the warm start", "rlsd (seed 0): training, 4 steps",
+                "rlsd (seed 0): final evaluation", "credit viewer: sampling 24 completions",
+                "report: writing"]  # fmt: skip
+    assert [next(i for i, line in enumerate(lines) if line.startswith(e)) for e in expected] == list(range(1, 8))
+    bars = printed.err.replace("\r", "\n")
+    for desc in ("warm start", "rlsd (seed 0)", "greedy pass@1", "sampled pass@2", "diagnostics: scoring"):
+        assert any(line.startswith(desc + ":") and "<" in line for line in bars.splitlines()), desc  # elapsed<left
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

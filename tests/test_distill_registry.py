@@ -71,7 +71,9 @@ S = torch.tensor([[-1.5, -1.0, -2.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
 
 # --------------------------------------------------------------------------------------------- built-in losses
 def test_the_config_is_derived_from_the_registry_with_the_same_fields_and_defaults(tmp_path):
-    assert DISTILL_LOSSES == ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg", "sdar")
+    # the project's own losses (rlsd.core.distill), then the family's (rlsd.core.family_losses)
+    assert DISTILL_LOSSES[:7] == ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg", "sdar")
+    assert "msd" in DISTILL_LOSSES[7:]
     fields = {item.name: item for item in dataclasses.fields(RLSDConfig)}
     assert [(fields[k].type, fields[k].default) for k in ("distill_jsd_beta", "distill_topk", "distill_tail")] == [
         (float, 0.5), (int, 100), (bool, True)
@@ -105,7 +107,7 @@ def test_token_loss_fn_reads_the_knobs_from_the_config_and_keywords(tmp_path):
         ({"distill_topk": 0}, r"^distill_topk must be an integer >= 1, got 0$"),
         ({"distill_tail": "yes"}, r"^distill_tail must be true or false, got 'yes'$"),
         ({"distill_chunk_tokens": 0}, r"^distill_chunk_tokens must be >= 1, got 0$"),
-        ({"distill_loss": "kl"}, r"^distill_loss='kl' is not one of none, jsd, topk_jsd, .*sdpg, sdar$"),
+        ({"distill_loss": "kl"}, r"^distill_loss='kl' is not one of none, jsd, topk_jsd, .*sdpg, sdar, .*msd\b"),
     ],
 )
 def test_bad_distillation_values_are_refused_by_their_declared_checks(tmp_path, overrides, message):

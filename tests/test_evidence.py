@@ -49,9 +49,31 @@ def test_unknown_table_names_are_refused(tmp_path):
 
 
 def test_mean_interval_by_hand():
-    mean, low, high = mean_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.303, half = 4.303 / sqrt(3)
-    assert mean == 2.0 and low == pytest.approx(2.0 - 2.48434, abs=1e-4) and high == pytest.approx(4.48434, abs=1e-4)
+    mean, low, high = mean_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.30265, half = 4.30265 / sqrt(3)
+    assert mean == 2.0 and low == pytest.approx(2.0 - 2.48414, abs=1e-5) and high == pytest.approx(4.48414, abs=1e-5)
     assert mean_interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("n", [12, 30])
+def test_intervals_past_eleven_seeds_are_scipys_t_intervals(n):
+    """The t quantile is scipy's for any number of seeds (a hand-written table ended at 11: `KeyError: 11`)."""
+    from scipy import stats
+
+    from rlsd.experiments.bench import study_table
+
+    grpo = [0.30 + 0.011 * ((7 * seed) % 5) for seed in range(n)]
+    knob = [0.32 + 0.013 * ((3 * seed) % 7) for seed in range(n)]
+    diffs = [a - b for a, b in zip(knob, grpo, strict=True)]
+    mean, sem = sum(diffs) / n, stats.sem(diffs)
+    exact = stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
+    expected = exact
+    _, low, high = mean_interval(diffs)
+    assert (low, high) == pytest.approx(expected, abs=1e-12)
+    rows = [{"kind": "eval", "method": method, "seed": seed, "step": 10, "pass_at_1": scores[seed]}
+            for method, scores in (("grpo", grpo), ("knob", knob)) for seed in range(n)]  # fmt: skip
+    table = study_table(rows, ["grpo", "knob"], list(range(n)), steps=10)
+    assert table["knob"]["diff_ci95"] == pytest.approx(list(expected), abs=1e-12)
+    assert table["grpo"]["diff_ci95"] == [0.0, 0.0]
 
 
 def test_auc_counts_ties_half():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_trainer, make_config, make_dataset
+from conftest import build_trainer, make_config, make_dataset, rule_overrides
 from transformers import Qwen2Tokenizer
 
 from rlsd.config import DISTILL_LOSSES
@@ -102,7 +102,7 @@ def teacher_rules() -> list[str]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"credit": rule} for rule in teacher_rules()]
+    [rule_overrides(rule) for rule in teacher_rules()]
     + [{"credit": "grpo", "distill_loss": loss} for loss in DISTILL_LOSSES if loss != "none"]
     + [{"credit": "rlsd", "teacher_prefix_sharing": True}],
 )

@@ -203,4 +203,4 @@ def test_eval_refuses_vllm_for_images(tmp_path, tiny_vl_dir):
     eval_data = copy_fixture("mathvista", tmp_path)
     with pytest.raises(ConfigError, match=r"--backend vllm: is text-only in rlsd eval"):
         cli_main(["eval", "--model", str(tiny_vl_dir), "--dataset", str(eval_data), "--backend", "vllm",
-                  "--output", str(tmp_path / "eval")])  # fmt: skip
+                  "--output", str(tmp_path / "eval"), "--debug"])  # fmt: skip

@@ -101,9 +101,9 @@ def test_a_term_registered_in_test_code_is_configured_by_name_and_trained_with(t
 
 
 def test_an_unknown_term_is_refused_listing_the_registered_ones(tmp_path, first_nll):
-    with pytest.raises(ConfigError, match=r"--teacher_rollout_loss.*'dpo'.*none, brts, pbsd, test_first_nll"):
+    with pytest.raises(ConfigError, match=r"--teacher_rollout_loss.*'dpo'.*none, brts, pbsd, msd, test_first_nll"):
         make_config(tmp_path, teacher_rollout_loss="dpo")
-    with pytest.raises(ValueError, match=r"unknown teacher-rollout term 'dpo'.*brts, pbsd, test_first_nll"):
+    with pytest.raises(ValueError, match=r"unknown teacher-rollout term 'dpo'.*brts, pbsd, msd, test_first_nll"):
         get_loss_term("dpo")
     assert get_loss_term("test_first_nll").cls is first_nll
 

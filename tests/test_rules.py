@@ -22,6 +22,7 @@ def signals(**overrides) -> Signals:
         teacher_logps=student + torch.tensor(DELTAS, dtype=F64),
         student_logps=student,
         teacher_entropy=torch.zeros(3, 4, dtype=F64),
+        teacher_contrast_logps=student,  # RLCSD's teacher after wrong hints: the contrast is Delta
         group_ids=torch.tensor([0, 0, 0]),
         vocab_size=100,
     )
@@ -154,14 +155,14 @@ def test_unknown_rule_lists_the_known_ones():
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 @pytest.mark.parametrize("name", list(RULES))
 def test_every_rule_runs_a_training_step(tokenizer, tmp_path, name, loss_type):
-    from conftest import make_config, make_dataset, make_model, parity_reward
+    from conftest import make_config, make_dataset, make_model, parity_reward, rule_overrides
 
     from rlsd import RLSDTrainer
 
     trainer = RLSDTrainer(
         make_model(tokenizer),
         parity_reward,
-        args=make_config(tmp_path, credit=name, loss_type=loss_type, teacher="live"),
+        args=make_config(tmp_path, **rule_overrides(name), loss_type=loss_type, teacher="live"),
         train_dataset=make_dataset(),
         processing_class=tokenizer,
     )

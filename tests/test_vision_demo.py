@@ -82,9 +82,14 @@ def test_vision_warm_start_is_cached_and_loads(cache):
     assert torch.isfinite(loss)
 
 
-def test_vision_demo_quick_writes_all_files(cache, tmp_path):
+def test_vision_demo_quick_writes_all_files(cache, tmp_path, capsys):
     out = tmp_path / "vision-demo"
     assert cli_main(["demo", "--task", "vision", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    phases = [line for line in printed.splitlines() if line.startswith("[")]
+    assert phases[0].split("] ", 1)[1].startswith("threads: ")  # the thread count first, then a line per phase
+    for phase in ("vision warm start: ", "rlsd (vision, seed 0): training, 2 steps", "credit viewer: ", "report: "):
+        assert phase in printed, phase
     for name in ("metrics.jsonl", "summary.json", "curves.png", "report.html"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())

@@ -16,6 +16,7 @@ from rlsd.context.sources import SOURCE_KNOBS, SOURCES
 from rlsd.core.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.core.rules import KNOBS, RULES, Knob
 from rlsd.data.rewards import DEFAULT_REWARD_TIMEOUT_S
+from rlsd.step import msd_term  # noqa: F401  (registers off-policy MSD's teacher-rollout term, "msd")
 from rlsd.step.rollout_term import TERM_KNOBS, TERMS
 from rlsd.teachers import DEFAULT_TEACHER, TEACHER_KINDS
 from rlsd.teachers import TEACHER_MODES as TEACHER_MODES  # re-exported: the teacher kinds are `rlsd.teachers`'s
@@ -218,7 +219,11 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
             distillation term, and they are counted in `rlsd/no_context_frac`), `"both"` (a completion without a
             successful sibling still sees the answer) or `"none"` (nothing: the teacher prompt is the student's
             prompt under the template `"{prompt}"`; meant for an external teacher, `teacher_model`: a self-teacher
-            shown nothing differs from the student only by its weights, so `"live"` gives Delta = 0).
+            shown nothing differs from the student only by its weights, so `"live"` gives Delta = 0). `"parallel"`
+            (MSD): a parallel version of the prompt (`parallel_column`, else generated) *in place of* the student's
+            prompt; its template `"{parallel}"` may omit `{prompt}`. `"reflection"` (RESD): a playbook of lessons
+            curated across steps from reflections on failed completions, the row's reflection and a successful
+            attempt of its group (`rlsd.context.reflection`; the playbook is saved in checkpoints).
         sibling_reward_threshold (`float`, *optional*, defaults to `1.0`):
             Total (weighted) reward at which a sibling counts as successful.
         privileged_column (`str`, *optional*, defaults to `"solution"`):

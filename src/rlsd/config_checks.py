@@ -119,7 +119,7 @@ def _check_teacher_rollouts(config: Any) -> None:
     for name, fix in refused.items():
         if getattr(config, name):
             raise ConfigError(flag, f"is {config.teacher_rollout_loss!r} with {name} set", fix)
-    if config.privileged_source not in ("answer", "none"):
+    if get_source(config.privileged_source).needs_completions:  # a per-completion context ("sibling", "both")
         raise ConfigError(flag, f"is {config.teacher_rollout_loss!r} with privileged_source="
                           f"{config.privileged_source!r}", "a sibling is chosen per student completion, but the "
                           "teacher rolls out once per prompt: use 'answer' or 'none'")  # fmt: skip

@@ -68,7 +68,7 @@ def build_plan(args: Any, values: Mapping[str, Any], stage: int | None, *, row_s
     teacher_at_loss = (
         distill_fn is not None
         and "teacher_logps" in rule.needs
-        and not {"group_ids", "teacher_entropy"} & rule.needs
+        and not {"group_ids", "teacher_entropy", "teacher_contrast_logps"} & rule.needs
         and rule.state is None
     )
     return StepPlan(

@@ -410,7 +410,7 @@ class RLSDTrainer(GRPOTrainer):
         expected = checkpoint_files.hf_state_files(
             save_only_model=self.args.save_only_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
             world_size=self.args.world_size, process_index=self.args.process_index,
-        ) + checkpoint_files.rlsd_state_files(self.teacher, self.rule_state)  # fmt: skip
+        ) + checkpoint_files.rlsd_state_files(self.teacher, self.rule_state, self.source)  # fmt: skip
         self._resume = checkpoint_files.resume_plan(
             resume_from_checkpoint, self.args.output_dir, expected=expected,
             weights_only=self.args.resume_weights_only, log_to=logger if self.accelerator.is_main_process else None,
@@ -443,7 +443,7 @@ class RLSDTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         checkpoint_files.save_rlsd_state(folder, self.teacher, self.rule_state, self.accelerator.unwrap_model,
-                                         write=self.args.should_save)  # fmt: skip
+                                         write=self.args.should_save, source=self.source)  # fmt: skip
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming restores the teacher and the rule state together with the optimizer (verified before by `train`,
@@ -451,5 +451,5 @@ class RLSDTrainer(GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         checkpoint_files.load_rlsd_state(
             checkpoint, self.teacher, self.rule_state, fresh=self._resume.fresh,
-            policy=self.accelerator.unwrap_model(self.model), unwrap=self.accelerator.unwrap_model,
+            policy=self.accelerator.unwrap_model(self.model), unwrap=self.accelerator.unwrap_model, source=self.source,
         )  # fmt: skip

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlsd.commands.parsing import actionable, command_line, one_line
+
 SUBCOMMANDS = {
     "demo": "GRPO, RLSD and OPSD on the embedded task (--task vision: in images), offline on a CPU (minutes).",
     "train": "Train a model with RLSDTrainer (TRL-style: --config recipe.yaml and flags).",
@@ -13,11 +15,14 @@ SUBCOMMANDS = {
     "bench": "Benchmarks: `rlsd bench methods` and `rlsd bench cost`.",
     "model": "Convert a GGUF file (`rlsd model gguf FILE`, `rlsd model smollm2`) into a trainable model folder.",
 }
+TRANSFORMERS_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")
+"""Values of `TrainingArguments.debug`: after `--debug` they make it `rlsd train`'s flag, not rlsd's."""
 
 
 def demo_parser() -> argparse.ArgumentParser:
     from rlsd.experiments.demo import DemoConfig
     from rlsd.experiments.methods import CATALOGUE
+    from rlsd.infra.threads import thread_count
 
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
@@ -42,7 +47,11 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="output folder (runs/demo, runs/vision-demo)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (CI): small model, few steps")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
+    parser.add_argument(
+        "--threads", type=thread_count, default=None,
+        help="torch threads (default: OMP_NUM_THREADS, else the cores available less those other work keeps busy)",
+    )  # fmt: skip
+    return command_line(parser)
 
 
 def run_demo_command(argv: list[str]) -> int:
@@ -57,8 +66,9 @@ def run_demo_command(argv: list[str]) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    print("rlsd demo: loading torch, transformers and TRL ...", flush=True)
     args = demo_parser().parse_args(argv)
-    explicit = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    explicit = {a.split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}  # either spelling
     overrides = dict(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         steps=args.steps if "--steps" in explicit else None,
@@ -71,7 +81,7 @@ def run_demo_command(argv: list[str]) -> int:
     if not args.quick:
         overrides.update(steps=args.steps, eval_every=args.eval_every)
     config = with_overrides(base, **overrides)
-    summary = run_demo(config, progress=not args.no_progress)
+    summary = run_demo(config, progress=not args.no_progress, threads=args.threads)
     print_summary(summary, config.out)
     return 0
 
@@ -88,7 +98,7 @@ def run_vision_demo_command(args: argparse.Namespace, overrides: dict) -> int:
     out = args.out or VisionDemoConfig().out
     base = vision_quick_config(out, seed=args.seed) if args.quick else VisionDemoConfig(out=out, seed=args.seed)
     config = with_vision_overrides(base, **overrides)
-    summary = run_vision_demo(config, progress=not args.no_progress)
+    summary = run_vision_demo(config, progress=not args.no_progress, threads=args.threads)
     print_summary(summary, config.out)
     return 0
 
@@ -108,7 +118,10 @@ def print_summary(summary: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`rlsd SUBCOMMAND ...`: an error a person can act on (`rlsd.commands.parsing.actionable`) prints one line,
+    its message and fix, to stderr and returns 2; with `--debug` anywhere on the line it propagates with its
+    traceback, as every other exception (a bug) does."""
+    argv, debug = without_debug(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "--version":
         from rlsd import __version__
 
@@ -119,8 +132,36 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in SUBCOMMANDS.items():
             print(f"  {name:<6} {text}")
         print("\n`rlsd SUBCOMMAND --help` lists every option with its default; `rlsd --version` the version.")
+        print("An error you can fix prints one line and exits with status 2; `--debug` shows its traceback.")
         return 0
     command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"rlsd: unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return run_subcommand(command, rest)
+    except Exception as err:
+        if debug or not actionable(err):
+            raise
+        print(f"rlsd {command}: {one_line(str(err))}", file=sys.stderr)
+        return 2
+
+
+def without_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`argv` without rlsd's `--debug` (anywhere on the line) and whether it was there. `--debug` followed by one of
+    transformers' debug options (`rlsd train --debug underflow_overflow`) is left to `rlsd train`."""
+    kept: list[str] = []
+    debug = False
+    for index, arg in enumerate(argv):
+        if arg == "--debug" and (index + 1 == len(argv) or argv[index + 1] not in TRANSFORMERS_DEBUG_OPTIONS):
+            debug = True
+        else:
+            kept.append(arg)
+    return kept, debug
+
+
+def run_subcommand(command: str, rest: list[str]) -> int:
+    """Run one subcommand; its errors reach `main`."""
     if command == "demo":
         return run_demo_command(rest)
     if command == "train":
@@ -139,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlsd.commands.convert import main as model_main
 
         return model_main(rest)
-    print(f"rlsd: unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
-    return 2
+    raise AssertionError(f"unhandled subcommand {command!r}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import argparse
 import copy
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from rlsd.commands.parsing import command_line
 from rlsd.infra.validate import InputError, OutputDirError
 
 GGUF_VERSION = "0.19.0"
@@ -179,16 +179,13 @@ def make_parser() -> argparse.ArgumentParser:
     for sub in (gguf, smollm2):
         sub.add_argument("--output", type=Path, required=True, help="folder for the converted model")
         sub.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
-    return parser
+    return command_line(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`rlsd model`; a `ConversionError` reaches `rlsd.commands.cli.main`, which prints it in one line (exit 2)."""
     args = make_parser().parse_args(argv)
-    try:
-        source = args.file if args.source == "gguf" else smollm2_gguf()
-        output = convert_gguf(source, args.output, overwrite=args.overwrite)
-    except InputError as err:
-        print(f"rlsd model: {err}", file=sys.stderr)
-        return 2
+    source = args.file if args.source == "gguf" else smollm2_gguf()
+    output = convert_gguf(source, args.output, overwrite=args.overwrite)
     print(f"wrote {output} (from {source})")
     return 0

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from rlsd.commands.parsing import command_line
 from rlsd.data.datasets import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
 from rlsd.data.formats import format_help, format_names
 from rlsd.data.rewards import resolve_reward
@@ -218,7 +220,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     correct: list[list[bool]] = [[] for _ in prompts]
     results: list[tuple[str, int, bool]] = []
-    with (output / "generations.jsonl").open("w") as f:
+    bar = tqdm(total=len(prompts), desc="problems", unit="problem", disable=getattr(args, "no_progress", False))
+    with (output / "generations.jsonl").open("w") as f, bar:
         for batch in batches:
             start = len(results)
             results.extend(batch)
@@ -230,6 +233,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 values = (problem, sample, prompts[problem], solutions[problem], text, score, length, truncated)
                 f.write(json.dumps(dict(zip(GENERATION_KEYS, values, strict=True))) + "\n")
             f.flush()
+            bar.update(len(results) // args.n - bar.n)  # problems whose n samples are all scored
     summary = {
         **summarize(correct, [r[1] for r in results], [r[2] for r in results]),
         "model": args.model,
@@ -265,7 +269,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--output", required=True, help="folder for generations.jsonl and summary.json")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output")
-    return parser
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (problems done)")
+    return command_line(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

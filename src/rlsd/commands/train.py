@@ -13,6 +13,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from rlsd.commands.parsing import command_line, one_line
 from rlsd.config import RLSDConfig
 from rlsd.data.datasets import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
 from rlsd.data.formats import format_help, format_names
@@ -27,7 +28,7 @@ from rlsd.infra.run_guard import (
     run_inputs,
     run_lock,
 )
-from rlsd.infra.validate import check_model_folder, check_output_dir, check_positive
+from rlsd.infra.validate import ConfigError, InputError, check_model_folder, check_output_dir, check_positive
 
 RESUME_LATEST = ("true", "latest")
 RESUME_NONE = ("", "false", "none")
@@ -87,7 +88,7 @@ def make_parser() -> TrlParser:
     parser = TrlParser((TrainScriptArguments, RLSDConfig, ModelConfig), prog="rlsd train")
     action = parser._option_string_actions["--dataset_format"]  # built from the dataclass: set what it cannot know
     action.choices, action.help = format_names(), format_help()
-    return parser
+    return command_line(parser)
 
 
 def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args: ModelConfig) -> str:
@@ -232,6 +233,22 @@ def remove_previous_run(folder: Path, entries: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    try:
+        script_args, training_args, model_args, from_config, from_flags = parser.parse_args_and_config(
+            args=argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as err:  # the configs' own checks of the values given (transformers', TRL's, rlsd's)
+        if isinstance(err, InputError):
+            raise
+        raise ConfigError("the arguments", one_line(str(err))) from err
+    if from_flags:  # TRL raises a ValueError (a traceback) for these: one line as for any other bad flag
+        parser.error(f"unrecognized arguments: {' '.join(from_flags)}")
+    if from_config:
+        recipe = argv[argv.index("--config") + 1] if argv and "--config" in argv[:-1] else ""
+        raise ConfigError(
+            f"--config {recipe}".strip(),
+            f"unknown key(s) {[key.removeprefix('--') for key in from_config[::2]]}",
+            "check their spelling against `rlsd train --help`, or remove them",
+        )
     run(script_args, training_args, model_args)
     return 0

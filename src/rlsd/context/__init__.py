@@ -1,5 +1,12 @@
 """What the teacher is shown: privileged-context sources, teacher templates, teacher-side transforms, vision inputs,
 and the teacher prompts built from a rollout. Importing the package registers the built-in sources, those generated
-during training included (`rlsd.context.generated`)."""
+during training included (`rlsd.context.generated`; MSD's parallel prompt, `rlsd.context.parallel`;
+OPHSD's harness, `rlsd.context.harness`; RESD's reflections and playbook, `rlsd.context.reflection`)."""
 
-from rlsd.context import generated  # noqa: F401  (registers nothing itself; the generated sources import it)
+from rlsd.context import (
+    contrast,  # noqa: F401  (registers the "contrast" source: RLCSD's hints)
+    generated,  # noqa: F401  (registers nothing itself; the generated sources import it)
+    harness,  # noqa: F401  (registers the "harness" source: OPHSD's harness context)
+    parallel,  # noqa: F401  (registers the "parallel" source)
+    reflection,  # noqa: F401  (registers the "reflection" source: RESD's reflections and playbook)
+)

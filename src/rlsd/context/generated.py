@@ -29,13 +29,15 @@ MODEL_GENERATORS = ("policy", "teacher")
 class GenerationRequest:
     """What a generator is asked for one row: `prompt`, the request a model would complete (a string or chat
     messages), the dataset `row`, the row's `completion` text and weighted total `reward` (None when the source does
-    not read them), and the source's `name`."""
+    not read them), the source's `name`, and the `stage` of a source that asks in several steps (a harness's "plan",
+    or its "draft" then "verify"; "" for a one-step source)."""
 
     prompt: Any
     row: dict[str, Any]
     completion: str | None = None
     reward: float | None = None
     source: str = ""
+    stage: str = ""
 
 
 GeneratorFn = Callable[[GenerationRequest], str]

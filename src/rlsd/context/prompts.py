@@ -18,7 +18,7 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
 from rlsd.context import vision
-from rlsd.context.sources import PrivilegedSource, RolloutView, TextGenerator
+from rlsd.context.sources import Context, PrivilegedSource, RolloutView, TextGenerator
 from rlsd.context.templates import has_image_blocks, render_teacher_prompts
 from rlsd.context.transforms import get_transform
 
@@ -30,10 +30,13 @@ TokenizePrompts = Callable[[list[Any]], tuple[list[list[int]], Any, Any]]
 class RolloutTap:
     """What TRL's rollout used and scored, handed to this trainer's rollout by `_calculate_rewards` while it runs:
     this process's prompts as the rollout sent them to the model (an environment's `reset` observation included),
-    and the weighted total rewards of every process's rows (B_global,), NaN where every function abstained."""
+    and the weighted total rewards of every process's rows (B_global,), NaN where every function abstained. The
+    teacher prompts built from it record the source's per-row distillation weights (`Context.row_weights`), None
+    when the source gives none."""
 
     prompts: list[Any] | None = None
     rewards: torch.Tensor | None = None
+    row_weights: torch.Tensor | None = None  # (B,) this process's rows
 
 
 class TeacherInputs(NamedTuple):
@@ -75,17 +78,23 @@ class TeacherPrompts:
         rollout: RolloutTap | None = None,
         *,
         distill: bool = False,
+        context: Context | None = None,
     ) -> TeacherInputs:
         """The teacher prompts of `rows` (all rows when None) from the privileged source, tokenized and left-padded
         (ids, mask, token types for vision models), and which of all the rows have privileged context. Rows outside
         `rows` are neither rendered nor tokenized. The teacher's prompt is built from the prompt the rollout used
         (`rollout.prompts`; the dataset rows' without it), and a source that reads rewards gets `rollout.rewards`.
-        `distill`: whether the active stage has a distillation loss (its teacher pass runs at loss time)."""
+        `distill`: whether the active stage has a distillation loss (its teacher pass runs at loss time). `context`:
+        the fields of `rows` to render instead of the source's `context` (a contrastive source's negatives)."""
         rollout = rollout or RolloutTap()
         selected = list(range(len(inputs))) if rows is None else rows.tolist()
-        context = self.source.context(self.rollout_view(inputs, output, rollout.rewards), selected)
+        if context is None:
+            context = self.source.context(self.rollout_view(inputs, output, rollout.rewards, mode), selected)
         self.log(mode, context.metrics)
         device = self.accelerator.device
+        if context.row_weights is not None:  # rows outside `rows` keep 1
+            rollout.row_weights = torch.ones(len(inputs), dtype=torch.float32, device=device)
+            rollout.row_weights[selected] = torch.tensor(context.row_weights, dtype=torch.float32, device=device)
         has_context = torch.ones(len(inputs), dtype=torch.bool, device=device)
         has_context[selected] = torch.tensor(context.has_context, dtype=torch.bool, device=device)
         images = vision.batch_images(inputs)
@@ -120,6 +129,28 @@ class TeacherPrompts:
             types.update({key: value.to(device) for key, value in processed.items() if key in vision.IMAGE_KEYS})
         return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
 
+    def negatives(
+        self,
+        inputs: list[dict[str, Any]],
+        output: dict[str, Any],
+        mode: str = "train",
+        rows: torch.Tensor | None = None,
+        rollout: RolloutTap | None = None,
+    ) -> list[TeacherInputs]:
+        """The teacher prompts of `rows` after each of a contrastive source's negative contexts
+        (`negative_contexts`, RLCSD's wrong siblings: one `TeacherInputs` per slot, the same template), their
+        `has_context` marking the rows that have a negative in that slot. A source without negatives is refused."""
+        negative_contexts = getattr(self.source, "negative_contexts", None)
+        if negative_contexts is None:
+            raise ValueError(
+                f"privileged_source={self.privileged_source!r} gives no negative contexts, which the credit rule "
+                "reads (teacher_contrast_logps): use privileged_source='contrast'"
+            )
+        rollout = rollout or RolloutTap()
+        selected = list(range(len(inputs))) if rows is None else rows.tolist()
+        contexts = negative_contexts(self.rollout_view(inputs, output, rollout.rewards), selected)
+        return [self.build(inputs, output, mode, rows, rollout, context=context) for context in contexts]
+
     def check_lengths(self, prompt_ids: list[list[int]], rows: list[int]) -> None:
         """Refuse a teacher prompt longer than the source allows (`max_prompt_tokens`), naming the row: a generated
         context is never silently truncated."""
@@ -146,14 +177,14 @@ class TeacherPrompts:
         return [prompt for prompt, _ in pairs], new_images
 
     def rollout_view(
-        self, inputs: list[dict[str, Any]], output: dict[str, Any], rewards: torch.Tensor | None
+        self, inputs: list[dict[str, Any]], output: dict[str, Any], rewards: torch.Tensor | None, mode: str = "train"
     ) -> RolloutView:
         """What the privileged source may read; completion texts and rewards are gathered over processes only for
         a source that reads them (a collective: every process builds the view for the same batches)."""
         group_size = self.group_size()
         generate = self.generate if self.source.needs_generator else None
         if not self.source.needs_completions:
-            return RolloutView(inputs, group_size, generate=generate)
+            return RolloutView(inputs, group_size, generate=generate, mode=mode)
         ids, keep = output["completion_ids"], output["completion_mask"]
         texts = self.tokenizer.batch_decode(
             [row[mask.bool()] for row, mask in zip(ids, keep, strict=True)], skip_special_tokens=True
@@ -162,7 +193,7 @@ class TeacherPrompts:
         if rewards is None:
             raise ValueError(f"privileged_source={self.privileged_source!r} reads the rollout's rewards: pass "
                              "the weighted totals (`rewards`) with the rollout")  # fmt: skip
-        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards.tolist(), generate)
+        return RolloutView(inputs, group_size, offset, gather_object(texts), rewards.tolist(), generate, mode)
 
     def token_types(
         self, fields: dict[str, Any], prompt_ids: torch.Tensor, output: dict[str, Any]

@@ -37,7 +37,8 @@ from rlsd.core.rules import KNOBS, Knob, declare_knobs
 class RolloutView:
     """What a source may read about one rollout batch. `rows` are this process's dataset rows; with
     `needs_completions`, `completion_texts` and `rewards` (weighted totals) cover every process's rows in TRL's
-    gathered order, of which this process's start at `offset`."""
+    gathered order, of which this process's start at `offset`. `mode`: "train" or "eval" (a stateful source updates
+    its state on training rollouts only)."""
 
     rows: Sequence[dict[str, Any]]
     group_size: int
@@ -45,6 +46,7 @@ class RolloutView:
     completion_texts: Sequence[str] | None = None
     rewards: Sequence[float] | None = None
     generate: TextGenerator | None = None  # with `needs_generator`: complete prompts (see `TextGenerator`)
+    mode: str = "train"
 
 
 class TextGenerator(Protocol):
@@ -58,11 +60,13 @@ class TextGenerator(Protocol):
 @dataclass
 class Context:
     """The template fields of every local row (`fields[name][i]`), which rows have privileged context at all, and
-    metrics for `rlsd/` (combined over processes by the trainer)."""
+    metrics for `rlsd/` (combined over processes by the trainer). `row_weights`: each row's weight in the
+    distillation term, multiplying its context mask (None: 1; RESD's batch-success weights)."""
 
     fields: dict[str, list[Any]]
     has_context: list[bool]
     metrics: dict[str, float] = field(default_factory=dict)
+    row_weights: list[float] | None = None
 
 
 class PrivilegedSource:
@@ -70,6 +74,7 @@ class PrivilegedSource:
 
     name: ClassVar[str]
     fills: ClassVar[tuple[str, ...]]  # template fields besides {prompt}
+    replaces_prompt: ClassVar[bool] = False  # its context stands in for the prompt: the template may omit {prompt}
     default_template: ClassVar[str]
     needs_completions: ClassVar[bool] = False  # the trainer gathers completion texts and rewards for `context`
     needs_generator: ClassVar[bool] = False  # the trainer hands `context` a text generator (`RolloutView.generate`)
@@ -89,6 +94,14 @@ class PrivilegedSource:
         """The longest teacher prompt, in tokens, this source allows (None: no bound): a longer one is refused naming
         the row, never truncated."""
         return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What the source carries from one rollout to the next (RESD's playbook), JSON-serializable: saved in every
+        checkpoint (`rlsd_source_state.json`) and handed back to `load_state_dict` on resume. None: stateless."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (a resumed run continues with the saved state)."""
 
 
 SOURCES: dict[str, type[PrivilegedSource]] = {}
@@ -207,8 +220,13 @@ def known_template_fields() -> tuple[str, ...]:
 
 def validate_teacher_template(template: str, source: str = "answer") -> None:
     """Reject a template with an unknown field, a field the source does not fill, or without `{prompt}` and every
-    field the source fills."""
-    check_template_fields(template, source, ("prompt", *get_source(source).fills), known_template_fields())
+    field the source fills; a source that `replaces_prompt` may omit `{prompt}` (its template names its own field,
+    which stands in for the student's prompt)."""
+    cls = get_source(source)
+    if cls.replaces_prompt:
+        check_template_fields(template, source, cls.fills, known_template_fields(), optional=("prompt",))
+    else:
+        check_template_fields(template, source, ("prompt", *cls.fills), known_template_fields())
 
 
 def check_privileged_column(dataset: Any, column: str, split_name: str) -> None:

@@ -54,10 +54,15 @@ def template_fields(template: str) -> set[str]:
 
 
 def check_template_fields(
-    template: str, source: str, filled: tuple[str, ...], known: tuple[str, ...] = TEMPLATE_FIELDS
+    template: str,
+    source: str,
+    filled: tuple[str, ...],
+    known: tuple[str, ...] = TEMPLATE_FIELDS,
+    optional: tuple[str, ...] = (),
 ) -> None:
     """Reject a template with a field no source knows (`known`), a field the privileged `source` does not fill, or
-    without every field in `filled`."""
+    without every field in `filled`. `optional`: fields the source allows but does not require (`{prompt}` for a
+    source whose context replaces the student's prompt)."""
     fields = template_fields(template)
     unknown = sorted(fields - set(known))
     if unknown:
@@ -65,11 +70,12 @@ def check_template_fields(
             f"teacher_template has unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
             f"the known fields are {', '.join('{' + f + '}' for f in known)}"
         )
-    unfilled = sorted(fields - set(filled))
+    allowed = (*optional, *filled)
+    unfilled = sorted(fields - set(allowed))
     if unfilled:
         raise ValueError(
             f"teacher_template uses {{{unfilled[0]}}}, which privileged_source={source!r} does not fill "
-            f"(it fills {', '.join('{' + f + '}' for f in filled)})"
+            f"(it fills {', '.join('{' + f + '}' for f in allowed)})"
         )
     missing = [f for f in filled if f not in fields]
     if missing:

@@ -4,4 +4,170 @@ with its knobs): registered when `rlsd.core` is imported. The shared kernels and
 
 from __future__ import annotations
 
-from rlsd.core.distill import Knob, TokenLoss, distill_loss  # noqa: F401
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlsd.core.distill import (
+    Knob,
+    SampledTokenLoss,
+    TokenLoss,
+    _boolean,
+    _positive_integer,
+    _unit_interval,
+    _with_tail,
+    distill_loss,
+)
+
+
+@dataclass(frozen=True)
+class SampledLogitsLoss(SampledTokenLoss):
+    """A per-token loss over the full next-token distributions that also reads the sampled tokens: `fn(student_logits
+    (..., V) with gradient, teacher_logits (..., V) detached, sampled_ids (...)) -> (...)`. A `SampledTokenLoss`, so
+    the kernels hand it the sampled ids of the same positions; unlike its base it sees the whole logits."""
+
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, sampled_ids: Tensor | None = None) -> Tensor:
+        if sampled_ids is None:
+            raise ValueError("this distillation loss reads the sampled tokens: pass their ids (sampled_ids)")
+        return self.fn(student_logits, teacher_logits.detach(), sampled_ids)
+
+
+# -------------------------------------------------------------------------------------------------------- MSD
+def topk_confidence(log_probs: Tensor, k: int) -> Tensor:
+    """1 - H(q) / log K, q the distribution renormalized over its K most likely tokens (K capped at V): 1 when one
+    token holds all of the top-K mass, 0 when the K are equally likely; 1 for K = 1. No gradient. (...)."""
+    k = min(k, log_probs.size(-1))
+    if k < 2:
+        return torch.ones_like(log_probs[..., 0])
+    top = log_probs.detach().topk(k, dim=-1).values.log_softmax(-1)
+    entropy = -(top.exp() * top).sum(-1)
+    return (1.0 - entropy / math.log(k)).clamp(0.0, 1.0)
+
+
+def dpsw_weights(student_log_probs: Tensor, teacher_log_probs: Tensor, sampled_ids: Tensor, k: int) -> Tensor:
+    """MSD's Dual-Perspective Safety Weighting per token, as reconstructed here (arXiv 2605.02971 publishes the
+    product, not its factors' exact form; README, "MSD"): w_t = w_t^T * w_t^S, no gradient, with
+
+        w_t^T = 1 - H(p_T^K) / log K      the teacher's confidence: its top-K entropy, normalized (high where the
+                                          teacher is sure what comes next: a safety-critical token)
+        w_t^S = 1 - p_S(y_t)              the student's disagreement risk on the token it is trained on, y_t
+
+    from the log-probs (..., V) of both and the tokens y_t (...). Each factor and w_t lie in [0, 1]."""
+    student_sampled = student_log_probs.detach().gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1).exp()
+    return topk_confidence(teacher_log_probs, k) * (1.0 - student_sampled)
+
+
+def msd_token_loss(student_logits: Tensor, teacher_logits: Tensor, sampled_ids: Tensor, k: int = 20) -> Tensor:
+    """MSD's per-token loss: the reverse KL over the full vocabulary weighted by DPSW (`dpsw_weights`),
+
+        L_t = sg(w_t) * KL(p_S,t || p_T,t) = sg(w_t) * sum_v p_S(v) (log p_S(v) - log p_T(v)),
+
+    on the student's logits (with gradient), the teacher's (detached) and the tokens y_t the weights read (the
+    student's own samples on-policy). The caller takes the token mean."""
+    log_s = F.log_softmax(student_logits, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach(), dim=-1)
+    reverse_kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    return dpsw_weights(log_s, log_t, sampled_ids, k) * reverse_kl
+
+
+def msd_topk_token_loss(
+    student_logits: Tensor, teacher_topk_logps: Tensor, teacher_topk_ids: Tensor, sampled_ids: Tensor
+) -> Tensor:
+    """Off-policy MSD's per-token loss on a teacher's trajectory, from the teacher's top-K log-probs and ids (..., K)
+    stored when it sampled (no gradient) instead of its whole distribution: `msd_token_loss` with both distributions
+    coarsened to K + 1 buckets, the teacher's top K and the rest (the tail bucket of `topk_jsd`),
+
+        L_t = sg(w_t) * sum_b s_b (log s_b - log q_b),   s = (p_S(top_k), 1 - sum_k p_S(top_k)), q likewise for p_T
+
+    (a lower bound of the full reverse KL, equal to it when the teacher's K hold all its mass), with the DPSW weight
+    w_t = (1 - H(p_T^K) / log K) * (1 - p_S(y_t)) of the teacher's own token y_t (`sampled_ids`): the student's
+    disagreement with what the teacher wrote. The student's logits (..., V) carry the gradient."""
+    log_s_full = F.log_softmax(student_logits, dim=-1)
+    log_t = _with_tail(teacher_topk_logps.detach())
+    log_s = _with_tail(log_s_full.gather(-1, teacher_topk_ids))
+    reverse_kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    student_sampled = log_s_full.detach().gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1).exp()
+    weight = topk_confidence(teacher_topk_logps, teacher_topk_logps.size(-1)) * (1.0 - student_sampled)
+    return weight * reverse_kl
+
+
+@distill_loss(
+    "msd",
+    knobs={
+        "msd_topk": Knob(
+            20, "K of distill_loss='msd' (and teacher_rollout_loss='msd'): the teacher's confidence weight is 1 - its "
+            "entropy over its K most likely tokens / log K (the project's K; the paper's is not published).",
+            _positive_integer,
+        ),
+    },
+)  # fmt: skip
+def _msd(msd_topk: int) -> TokenLoss:
+    """MSD (Multilingual Self-Distillation, arXiv 2605.02971), on-policy: the reverse KL(p_S || p_T) over the full
+    vocabulary on the student's own completions, each token weighted by DPSW, sg((1 - H_K(p_T) / log K) * (1 -
+    p_S(y_t))) (`msd_token_loss`, a reconstruction of the weights); the teacher is shown the parallel prompt
+    (privileged_source='parallel')."""
+    return SampledLogitsLoss(functools.partial(msd_token_loss, k=msd_topk))
+
+
+# ------------------------------------------------------------------------------------------------------- RESD
+def resd_topk_reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, k: int = 100, floor: float = 0.2, tail: bool = True
+) -> Tensor:
+    """RESD's per-token loss (Reflection-Enhanced Self-Distillation, arXiv 2605.12741; its code, horizon-llm/RESD,
+    `compute_self_distillation_loss` with alpha = 1 (reverse KL), distillation_topk = k, the student's top-k as the
+    support, a tail bucket and teacher_prob_min_ratio = floor): with S the student's k most likely tokens (no
+    gradient through the choice) and p~ a distribution restricted to S plus, with `tail`, one bucket holding the
+    rest of its mass (without it, renormalized over S),
+
+        log q_T(v) = max(log p~_T(v), sg(log p~_S(v)) + log floor)      the clipped ratio: q_T(v) / p~_S(v) >= floor
+        L_t = sum_v p~_S(v) (log p~_S(v) - log q_T(v))                    reverse KL(p~_S || q_T), v in S (+ tail)
+
+    on the student's logits (with gradient) and the teacher's (detached); floor = 0 leaves the teacher unclipped. The
+    clip bounds how hard a token the teacher nearly rules out is pushed down (log p~_S - log q_T <= -log floor). The
+    caller takes the token mean."""
+    k = min(k, student_logits.size(-1))
+    log_student = F.log_softmax(student_logits, dim=-1)
+    top = log_student.detach().topk(k, dim=-1).indices
+    log_s = log_student.gather(-1, top)
+    log_t = F.log_softmax(teacher_logits.detach(), dim=-1).gather(-1, top)
+    if tail:
+        log_s, log_t = _with_tail(log_s), _with_tail(log_t)
+    else:
+        log_s, log_t = log_s.log_softmax(-1), log_t.log_softmax(-1)
+    if floor > 0.0:
+        log_t = torch.maximum(log_t, log_s.detach() + math.log(floor))
+    return (log_s.exp() * (log_s - log_t)).sum(-1)
+
+
+@distill_loss(
+    "resd_topk",
+    knobs={
+        "resd_topk": Knob(
+            100, "k of distill_loss='resd_topk': the reverse KL is taken over the student's k most likely tokens "
+            "(RESD's distillation_topk).", _positive_integer,
+        ),
+        "resd_teacher_floor": Knob(
+            0.2, "With distill_loss='resd_topk', the teacher's probability of each token of the support is clipped "
+            "from below at this fraction of the student's (RESD's teacher_prob_min_ratio); 0 turns the clip off.",
+            _unit_interval,
+        ),
+        "resd_tail": Knob(
+            True, "With distill_loss='resd_topk', the mass outside the student's top-k forms one extra bucket "
+            "(RESD's distillation_add_tail); without it both distributions are renormalized over the top-k.",
+            _boolean,
+        ),
+    },
+)  # fmt: skip
+def _resd_topk(resd_topk: int, resd_teacher_floor: float, resd_tail: bool) -> TokenLoss:
+    """RESD (arXiv 2605.12741): the reverse KL(p_S || p_T) over the student's top `resd_topk` tokens plus a tail
+    bucket (`resd_tail`), the teacher's probabilities clipped from below at `resd_teacher_floor` times the student's
+    (`resd_topk_reverse_kl`, as RESD's code computes it); the teacher is shown the playbook and the row's reflection
+    (privileged_source='reflection'), whose batch-success weights weigh each row."""
+    return functools.partial(resd_topk_reverse_kl, k=resd_topk, floor=resd_teacher_floor, tail=resd_tail)

@@ -45,6 +45,7 @@ class Signals:
     step_ids: Tensor | None = None  # (B, T) index of the assistant segment (step) of each token
     vocab_size: int | None = None
     span_mask: Tensor | None = None  # (B, T) tokens a rule with the "span" option may reweight (None: all)
+    teacher_contrast_logps: Tensor | None = None  # (B, T) log-mean-exp of the teacher over negative contexts
 
 
 @dataclass(frozen=True)

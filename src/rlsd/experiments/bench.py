@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from rlsd.commands.parsing import command_line
 from rlsd.experiments.demo import (
     DemoConfig,
     budget_kwargs,
@@ -31,11 +32,12 @@ from rlsd.experiments.demo import (
     train_method,
     trainer_args,
 )
-from rlsd.experiments.evidence import T_975, render_documents
+from rlsd.experiments.evidence import mean_interval, render_documents
 from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
 from rlsd.experiments.tables import render_cost_table, render_study_table
 from rlsd.experiments.task import accuracy_reward, evaluation_problems, make_rl_dataset
 from rlsd.experiments.warmstart import load_warm_start, warm_start
+from rlsd.infra.validate import ConfigError, check_positive
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -294,11 +296,11 @@ def study_table(rows: list[dict[str, Any]], names: list[str], seeds: list[int], 
     for name in names:
         scores = [second_half_score(rows, name, seed, steps) for seed in seeds]
         diffs = [score - base[seed] for score, seed in zip(scores, seeds, strict=True)]
-        half = T_975[len(seeds) - 1] * statistics.stdev(diffs) / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
+        mean, low, high = mean_interval(diffs) if len(seeds) > 1 else (statistics.mean(diffs), math.nan, math.nan)
         table[name] = {
             "score_mean": statistics.mean(scores),
-            "diff_mean": statistics.mean(diffs),
-            "diff_ci95": [statistics.mean(diffs) - half, statistics.mean(diffs) + half],
+            "diff_mean": mean,
+            "diff_ci95": [low, high],
             "scores": scores,
         }
     return table
@@ -331,12 +333,14 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     # the teacher's share of a step: its prompt (rendering, tokenization), the rollout-time pass of the credit rules
     # and the loss-time pass of the distillation losses
     teacher_parts = ("teacher_inputs", "teacher_rows", "teacher_hidden")
-    timers: dict[str, list[float]] = {"generation": [], **{part: [] for part in teacher_parts}}
+    timers: dict[str, list[float]] = {"generation": [], "context": [], **{part: [] for part in teacher_parts}}
     _time_method(trainer, "_generate", timers["generation"])
     if hasattr(trainer, "scorer"):  # an RLSDTrainer: its teacher prompts, then its scorer's two teacher passes
         _time_method(trainer.prompts, "build", timers["teacher_inputs"])
         for part in teacher_parts[1:]:
             _time_method(trainer.scorer, part, timers[part])
+        if hasattr(trainer.source, "generate"):  # a generated context's writer, inside the teacher prompts' time
+            _time_method(trainer.source, "generate", timers["context"])
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -360,6 +364,10 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
 
     generation = per_step(timers["generation"])
     teacher = [sum(parts) for parts in zip(*(per_step(timers[part]) for part in teacher_parts), strict=True)]
+    calls = timers["context"]  # one or more calls per step (a draft harness writes twice)
+    calls_per_step = max(len(calls) // total, 1)
+    summed = [sum(calls[i : i + calls_per_step]) for i in range(0, len(calls), calls_per_step)]
+    context = {"context_s_median": statistics.median(per_step(summed))} if calls else {}
     return {
         "name": name,
         "trainer": type(trainer).__name__,
@@ -369,6 +377,7 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
         "teacher_s_median": statistics.median(teacher),
         "rest_s_median": statistics.median([s - g - t for s, g, t in zip(step, generation, teacher, strict=True)]),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **context,
     }
 
 
@@ -406,7 +415,9 @@ def run_cost(
     for name, runs in samples.items():
         summary[name] = {
             key: statistics.median(r[key] for r in runs)
-            for key in ("step_s_median", "generation_s_median", "teacher_s_median", "rest_s_median", "peak_rss_mib")
+            for key in ("step_s_median", "generation_s_median", "teacher_s_median", "rest_s_median", "peak_rss_mib",
+                        "context_s_median")
+            if key in runs[0]
         }
         summary[name]["trainer"] = runs[0]["trainer"]  # the class timed under this name
     base = summary.get("grpo")
@@ -431,7 +442,7 @@ def make_parser() -> argparse.ArgumentParser:
     methods.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     methods.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
     methods.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    methods.add_argument("--out", type=Path, default=Path("benchmarks/methods"), help="output folder")
+    methods.add_argument("--out", type=Path, default=None, help=OUT_HELP.format(command="methods"))
     methods.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
     methods.add_argument("--no-progress", action="store_true", help="hide progress bars")
     methods.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
@@ -442,7 +453,7 @@ def make_parser() -> argparse.ArgumentParser:
     cost.add_argument("--steps", type=int, default=5, help="measured optimizer steps per run")
     cost.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     cost.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every configuration")
-    cost.add_argument("--out", type=Path, default=Path("benchmarks/cost"), help="output folder")
+    cost.add_argument("--out", type=Path, default=None, help=OUT_HELP.format(command="cost"))
     cost.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model")
     study = sub.add_parser("study", help="knobs of RLSD against GRPO over paired seeds",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -450,7 +461,7 @@ def make_parser() -> argparse.ArgumentParser:
     study.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     study.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
     study.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: the demo's)")
-    study.add_argument("--out", type=Path, default=Path("benchmarks/study"), help="output folder")
+    study.add_argument("--out", type=Path, default=None, help=OUT_HELP.format(command="study"))
     study.add_argument("--quick", action="store_true", help="smoke run (CI): tiny model, few steps")
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
     study.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
@@ -463,7 +474,18 @@ def make_parser() -> argparse.ArgumentParser:
     once.add_argument("steps", type=int)
     once.add_argument("warmup", type=int)
     once.add_argument("--quick", action="store_true")
-    return parser
+    return command_line(parser)
+
+
+OUT_HELP = "output folder (default: benchmarks/{command}, the committed evidence; --quick: runs/bench-{command}-quick)"
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """--out, else `runs/bench-COMMAND-quick` for a quick run (a smoke run never writes over the committed
+    `benchmarks/` folders, which the documents' tables are rendered from), else `benchmarks/COMMAND`."""
+    if args.out is not None:
+        return args.out
+    return Path(f"runs/bench-{args.command}-quick") if args.quick else Path("benchmarks") / args.command
 
 
 _GREEDY_ONLY = "skip sampled pass@k and the teacher diagnostics (training is unchanged: they use a forked RNG)"
@@ -489,13 +511,18 @@ def main(argv: list[str] | None = None) -> int:
         verb = "differ from the raw files" if args.check else "re-rendered"
         print(f"{len(differing)} table(s) {verb}: {', '.join(differing) or 'none'}")
         return 1 if args.check and differing else 0
-    config = _base_config(args.quick, args.out)
+    out = output_folder(args)
+    if args.command in ("methods", "study"):
+        check_positive({"--seeds": args.seeds, "--steps": args.steps, "--eval-every": args.eval_every})
+    else:
+        check_positive({"--steps": args.steps, "--repeats": args.repeats})
+    config = _base_config(args.quick, out)
     if args.command == "methods":
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         try:
             check_known(methods)
         except ValueError as err:
-            raise SystemExit(str(err)) from None
+            raise ConfigError("--methods", str(err)) from None
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         config = _greedy_only(config) if args.greedy_only else config
         started = time.perf_counter()
@@ -503,13 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             config, methods, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume
         )
         print(render_methods_table(result["table"]))
-        print(f"wall time {time.perf_counter() - started:.0f} s; wrote {args.out}/")
+        print(f"wall time {time.perf_counter() - started:.0f} s; wrote {out}/")
         return 0
     if args.command == "study":
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
         unknown = [n for n in names if n not in CATALOGUE or CATALOGUE[n] is None]
         if unknown or "grpo" not in names:
-            raise SystemExit(f"configs must include grpo and come from {', '.join(STUDY_CONFIGS)}; got {names}")
+            raise ConfigError("--configs", f"must include grpo and come from {', '.join(STUDY_CONFIGS)}; got {names}")
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         config = _greedy_only(config) if args.greedy_only else config
         result = run_study(config, names, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume)
@@ -519,15 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_known(names)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise ConfigError("--configs", str(err)) from None
     started = time.perf_counter()
     cost = run_cost(config, names, args.steps, args.warmup, args.repeats, args.quick)
     cost["wall_seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cost.json").write_text(json.dumps(cost, indent=2))
-    (args.out / "table.md").write_text(render_cost_table(cost))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(cost, indent=2))
+    (out / "table.md").write_text(render_cost_table(cost))
     print(render_cost_table(cost))
-    print(f"wall time {cost['wall_seconds']:.0f} s; wrote {args.out}/")
+    print(f"wall time {cost['wall_seconds']:.0f} s; wrote {out}/")
     return 0
 
 

@@ -36,9 +36,12 @@ from rlsd.experiments.warmstart import (
     WarmStartConfig,
     external_teacher_config,
     generate,
+    is_cached,
     load_warm_start,
     warm_start,
 )
+from rlsd.infra.progress import Phases, ticking
+from rlsd.infra.threads import pick_threads, torch_threads
 from rlsd.step.scoring import score_tokens
 from rlsd.trainer import RLSDTrainer
 
@@ -126,14 +129,32 @@ class _EvalAndTiming(TrainerCallback):
             self.record({"kind": "train", "step": state.global_step, **logs})
 
 
-def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    """Train every method from the same warm start; write metrics.jsonl, summary.json, curves.png, report.html."""
+def run_demo(config: DemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """Train every method from the same warm start; write metrics.jsonl, summary.json, curves.png, report.html.
+
+    Runs on `threads` torch threads (None: `OMP_NUM_THREADS`, else chosen from the cores available and the load on
+    them, `rlsd.infra.threads`) and prints the count first, then a line as each phase begins; `progress` adds the
+    bars, with their estimates, within each phase."""
+    phase = Phases()
+    count, line = pick_threads(threads)
+    phase(line)
+    with torch_threads(count):
+        return _run_demo(config, progress, phase, count)
+
+
+def _run_demo(config: DemoConfig, progress: bool, phase: Callable[[str], None], threads: int) -> dict[str, Any]:
     from rlsd.experiments.report import write_report
 
     config.out.mkdir(parents=True, exist_ok=True)
     metrics_path = config.out / "metrics.jsonl"
     metrics_path.write_text("")
     start = time.perf_counter()
+    warm = config.warm
+    if is_cached("warmstart", warm):
+        phase("warm start: loading it from the cache")
+    else:
+        phase(f"warm start: {warm.steps} supervised steps of a model of hidden size {warm.hidden_size}, "
+              f"{warm.num_layers} layers (once: cached for later runs)")  # fmt: skip
     warm_path = warm_start(config.warm, progress=progress)
     warm_seconds = time.perf_counter() - start
     eval_problems = evaluation_problems(config.warm.task, config.eval_size, config.eval_set)
@@ -142,15 +163,19 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    summary: dict[str, Any] = {"config": jsonable(asdict(config)), "warm_start_seconds": warm_seconds, "methods": {}}
+    summary: dict[str, Any] = {
+        "config": jsonable(asdict(config)), "threads": threads, "warm_start_seconds": warm_seconds, "methods": {}
+    }  # fmt: skip
     viewer: dict[str, Any] | None = None
     for method in config.methods:
         trainer, summary["methods"][method] = train_method(
-            method, config, warm_path, eval_problems, record, progress=progress
+            method, config, warm_path, eval_problems, record, progress=progress, phase=phase
         )
         if trainer.teacher is not None and (method == "rlsd" or viewer is None):  # the viewer shows a teacher
-            viewer = credit_examples(trainer, trainer.processing_class, eval_problems, config)
+            phase(f"credit viewer: sampling {len(eval_problems)} completions of {method}'s policy")
+            viewer = credit_examples(trainer, trainer.processing_class, eval_problems, config, progress=progress)
     summary["total_seconds"] = time.perf_counter() - start
+    phase(f"report: writing summary.json, curves.png and report.html to {config.out}")
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(config.out, _read(metrics_path), summary, viewer)
     return summary
@@ -165,22 +190,30 @@ def train_method(
     *,
     progress: bool = True,
     build_trainer: Callable[..., Any] | None = None,
+    phase: Callable[[str], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train one method from the warm start, evaluating as it goes; returns the trainer and its summary.
 
-    `build_trainer(model, tokenizer, train_dataset, callbacks)` replaces `RLSDTrainer` (the benchmark's peers).
+    `build_trainer(model, tokenizer, train_dataset, callbacks)` replaces `RLSDTrainer` (the benchmark's peers);
+    `phase(text)`, when given, is told as each phase begins (`rlsd.infra.progress.Phases`).
     """
+    say = phase or (lambda text: None)
+    name = f"{method} (seed {config.seed})"
+    say(f"{name}: loading the warm start and {config.train_size} training problems")
     torch.manual_seed(config.seed)
     model, tokenizer = load_warm_start(warm_path)
     train_dataset = make_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
 
     def evaluate(policy):
-        return evaluate_heldout(policy, tokenizer, eval_problems, config.max_completion_length)
+        return evaluate_heldout(policy, tokenizer, eval_problems, config.max_completion_length, progress=progress)
 
+    say(f"{name}: evaluating the warm start ({_evaluations(config, len(eval_problems))})")
     evals = [{"step": 0, **evaluate(model)}]
     record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
-    sampled = [_sampled_eval(model, tokenizer, eval_problems, config, step=0)] if config.sample_k else []
-    diagnostics = [teacher_diagnostics(model, tokenizer, eval_problems, config, 0)] if config.diagnostics_size else []
+    sampled = [_sampled_eval(model, tokenizer, eval_problems, config, 0, progress)] if config.sample_k else []
+    diagnostics = (
+        [teacher_diagnostics(model, tokenizer, eval_problems, config, 0, progress)] if config.diagnostics_size else []
+    )
 
     def on_record(row: dict[str, Any]) -> None:
         if row["kind"] == "eval":
@@ -188,11 +221,17 @@ def train_method(
         record({"method": method, "seed": config.seed, **row})
 
     callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
+    overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
+    external = overrides.get("teacher") == "external" and "teacher_model" not in overrides
+    if build_trainer is None and external and not is_cached("warmstart", config.external_teacher()):
+        teacher = config.external_teacher()
+        say(f"{name}: training the external teacher's warm start, {teacher.steps} steps of hidden size "
+            f"{teacher.hidden_size} (once: cached for later runs)")  # fmt: skip
     if build_trainer is None:
         trainer = RLSDTrainer(
             model,
             accuracy_reward,
-            args=trainer_args(config, method),
+            args=trainer_args(config, method, progress=progress),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             callbacks=[callback],
@@ -201,21 +240,35 @@ def train_method(
         trainer = build_trainer(model, tokenizer, train_dataset, [callback])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    say(f"{name}: training, {config.steps} steps of {config.prompts_per_step} prompts x {config.num_generations} "
+        f"completions, greedy pass@1 every {config.eval_every} steps")  # fmt: skip
     began = time.perf_counter()
-    with tqdm(total=config.steps, desc=f"{method} (seed {config.seed})", disable=not progress) as bar:
+    with tqdm(total=config.steps, desc=name, disable=not progress) as bar, ticking(bar):
         trainer.add_callback(_Bar(bar))
         trainer.train()
+    if config.sample_k or config.diagnostics_size:
+        say(f"{name}: final evaluation ({_evaluations(config, len(eval_problems), greedy=False)})")
     if config.sample_k:
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        sampled.append(_sampled_eval(policy, tokenizer, eval_problems, config, step=config.steps))
+        sampled.append(_sampled_eval(policy, tokenizer, eval_problems, config, config.steps, progress))
         for row in sampled:
             record({"kind": "sampled", "method": method, "seed": config.seed, **row})
     if config.diagnostics_size:
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        diagnostics.append(teacher_diagnostics(policy, tokenizer, eval_problems, config, step=config.steps))
+        diagnostics.append(teacher_diagnostics(policy, tokenizer, eval_problems, config, config.steps, progress))
         for row in diagnostics:
             record({"kind": "diagnostics", "method": method, "seed": config.seed, **row})
     return trainer, run_summary(evals, callback.step_seconds, time.perf_counter() - began)
+
+
+def _evaluations(config: DemoConfig, problems: int, greedy: bool = True) -> str:
+    """What an evaluation at the start or end of training runs, for the phase line."""
+    parts = [f"greedy pass@1 on {problems} problems"] if greedy else []
+    if config.sample_k:
+        parts.append(f"sampled pass@{config.sample_k}")
+    if config.diagnostics_size:
+        parts.append(f"teacher diagnostics on {min(config.diagnostics_size, problems)}")
+    return ", ".join(parts)
 
 
 def run_summary(evals: list[dict[str, Any]], step_seconds: list[float], wall_seconds: float) -> dict[str, Any]:
@@ -247,11 +300,12 @@ class _Bar(TrainerCallback):
             self.bar.set_postfix(reward=f"{logs['reward']:.2f}")
 
 
-def trainer_args(config: DemoConfig, method: str) -> RLSDConfig:
-    """The shared budget plus the method's own overrides (`lr_multiplier` scales the shared learning rate)."""
+def trainer_args(config: DemoConfig, method: str, progress: bool = False) -> RLSDConfig:
+    """The shared budget plus the method's own overrides (`lr_multiplier` scales the shared learning rate);
+    `progress` shows the bar of the external teacher's warm start when it is trained here."""
     overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
     if overrides.get("teacher") == "external" and "teacher_model" not in overrides:
-        overrides["teacher_model"] = str(warm_start(config.external_teacher(), progress=False))
+        overrides["teacher_model"] = str(warm_start(config.external_teacher(), progress=progress))
     budget = budget_kwargs(config, method)
     budget["learning_rate"] *= overrides.pop("lr_multiplier", 1.0)
     return RLSDConfig(
@@ -291,11 +345,12 @@ def budget_kwargs(config: DemoConfig, method: str) -> dict[str, Any]:
 
 
 def evaluate_heldout(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems, max_new_tokens: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems, max_new_tokens: int, progress: bool = False
 ) -> dict[str, float]:
     """Greedy pass@1 on the held-out problems, the share of completions that cite a hint, and the per-problem
     outcomes as a string of 0/1 in problem order (for problem-by-problem comparisons)."""
-    completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens)
+    completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
+                           progress="greedy pass@1" if progress else None)  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
     return {
         "pass_at_1": sum(rewards) / len(rewards),
@@ -305,7 +360,7 @@ def evaluate_heldout(
     }
 
 
-def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int) -> dict[str, Any]:
+def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int, progress: bool = False) -> dict[str, Any]:
     """Sampled pass@1 and pass@k at T = 1 (`k = sample_k` completions per problem) with the per-problem count of
     correct samples; the random state is forked and seeded so training is unaffected and runs are comparable."""
     k = config.sample_k
@@ -313,8 +368,9 @@ def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int) -> 
     with torch.random.fork_rng():
         torch.manual_seed(1_000 + config.seed)
         completions = generate(
-            model, tokenizer, prompts, max_new_tokens=config.max_completion_length, do_sample=True, batch_size=512
-        )
+            model, tokenizer, prompts, max_new_tokens=config.max_completion_length, do_sample=True, batch_size=512,
+            progress=f"sampled pass@{k}" if progress else None,
+        )  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems for _ in range(k)])
     counts = [int(sum(rewards[i * k : (i + 1) * k])) for i in range(len(problems))]
     return {
@@ -327,7 +383,9 @@ def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int) -> 
 
 
 @torch.no_grad()
-def teacher_diagnostics(model, tokenizer, problems, config: DemoConfig, step: int) -> dict[str, Any]:
+def teacher_diagnostics(
+    model, tokenizer, problems, config: DemoConfig, step: int, progress: bool = False
+) -> dict[str, Any]:
     """How well the privileged self-teacher (these weights, shown the answer) tells correct from wrong completions:
     one sampled completion per problem, per-token Delta = log p_T - log p_S, the AUC of the per-sequence mean Delta
     (correct above wrong), mean Delta by token position, and the share of clipped RLSD weights with sign(A) = +1 for
@@ -336,13 +394,16 @@ def teacher_diagnostics(model, tokenizer, problems, config: DemoConfig, step: in
     with torch.random.fork_rng():
         torch.manual_seed(2_000 + config.seed)
         completions = generate(
-            model, tokenizer, [p.prompt for p in chosen], max_new_tokens=config.max_completion_length, do_sample=True
-        )
+            model, tokenizer, [p.prompt for p in chosen], max_new_tokens=config.max_completion_length, do_sample=True,
+            progress="diagnostics: sampling" if progress else None,
+        )  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in chosen])
     was_training = model.training
     model.eval()
     means, by_position, clipped, tokens = [], [[] for _ in range(config.max_completion_length)], [0, 0], 0
-    for problem, completion, reward in zip(chosen, completions, rewards, strict=True):
+    scored = tqdm(zip(chosen, completions, rewards, strict=True), total=len(chosen), desc="diagnostics: scoring",
+                  unit="problem", leave=False, disable=not progress)  # fmt: skip
+    for problem, completion, reward in scored:
         ids = tokenizer(completion)["input_ids"][: config.max_completion_length]
         if not ids:
             continue
@@ -383,12 +444,14 @@ def _mean(values: list[float]) -> float | None:
 
 
 @torch.no_grad()
-def credit_examples(trainer: RLSDTrainer, tokenizer, problems, config: DemoConfig) -> dict[str, Any]:
+def credit_examples(
+    trainer: RLSDTrainer, tokenizer, problems, config: DemoConfig, progress: bool = False
+) -> dict[str, Any]:
     """A correct and a wrong sampled completion with each token's Delta and RLSD weight, for the viewer, scored by
     the trainer's own teacher and student passes (`teacher_scores`, `score_rollout`)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=config.max_completion_length,
-                           do_sample=True)  # fmt: skip
+                           do_sample=True, progress="credit viewer" if progress else None)  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
     picked = {label: next((i for i, r in enumerate(rewards) if r == wanted), None)
               for label, wanted in (("correct", 1.0), ("wrong", 0.0))}  # fmt: skip

@@ -20,19 +20,24 @@ from typing import Any
 
 from rlsd.experiments.tables import render_cost_table, render_study_table
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-"""Two-sided 95% Student-t quantiles by degrees of freedom."""
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end -->)", re.DOTALL)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
+def t_975(df: int) -> float:
+    """The two-sided 95% Student-t quantile for `df` degrees of freedom (scipy's, for any number of seeds)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df))
+
+
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and its two-sided 95% t interval (the interval collapses to the mean for one value)."""
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, mean, mean
-    half = T_975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlsd.context.harness import HARNESS_TEACHER_TEMPLATE
 from rlsd.context.templates import PAPER_TEACHER_TEMPLATE
 from rlsd.experiments import contexts  # noqa: F401  (registers the embedded task's context generators)
 from rlsd.experiments.task import SIBLING_TEMPLATE
@@ -12,6 +13,13 @@ from rlsd.experiments.task import SIBLING_TEMPLATE
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
 _SIBLING = {"privileged_source": "sibling", "teacher_template": SIBLING_TEMPLATE}
 _OPD = {"teacher": "external", "privileged_source": "none", "teacher_template": "{prompt}"}
+_OPHSD = {**_FULL_OPSD, "distill_loss": "jsd", "distill_jsd_beta": 1.0, "privileged_source": "harness",
+          "harness": "plan"}  # fmt: skip
+_RESD = {"credit": "grpo", "policy_loss_coef": 0.0, "distill_loss": "resd_topk", "resd_topk": 16, "teacher": "ema",
+         "teacher_ema_decay": 0.9999, "num_generations": 2, "privileged_source": "reflection", "playbook_size": 3,
+         "playbook_lesson_chars": 48, "teacher_template": "[{playbook}|{reflection}|{success}] {prompt}"}  # fmt: skip
+_TASK_REFLECTION = "{prompt} {completion} {feedback} Lesson:"
+"""What the tiny policy is asked for a reflection under `resd`: one line ending in `Lesson:`, which it completes."""
 
 CATALOGUE: dict[str, dict[str, Any] | None] = {
     # the demo's methods; OPSD's teacher is frozen at the warm start (section 3.1)
@@ -44,6 +52,43 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     # SDAR as ms-swift 4.6 adds it: GRPO + 0.1 * token mean of sg(sigmoid(5 Delta_t)) Delta_t on the sampled tokens,
     # from the current policy shown the answer (ms-swift scores its teacher with the rollout's weights: "live" here)
     "sdar": {"credit": "grpo", "distill_loss": "sdar", "teacher": "live"},
+    # RLCSD (arXiv 2606.11709): the teacher shown a correct sibling against the log-mean-exp of it shown K = 4 wrong
+    # ones (the same template), tanh-squashed and added to A_i without flipping its sign; the paper's configs: a
+    # snapshot teacher re-synced every 10 steps ("synced", teacher_sync_steps=10) and a constant lam = 0.5
+    "rlcsd": {
+        "credit": "rlcsd",
+        "teacher": "synced",
+        "privileged_source": "contrast",
+        "teacher_template": "[ref {hint}] {prompt}",
+        "rlsd_lambda_decay_steps": 0,
+    },
+    # MSD on-policy (arXiv 2605.02971): no reward; DPSW-weighted reverse KL on the student's own completions from the
+    # teacher frozen at the warm start and shown the parallel prompt *instead of* the student's. On the embedded task
+    # the parallel prompt is the same problem in words (the deterministic "task-words" generator): `Q: three plus
+    # four times five minus two=` for `Q: 3+4*5-2=`. Unlike the paper's English, the words are the form the warm
+    # start never saw: this exercises the mechanics, it is not a transfer result.
+    "msd": {**_FULL_OPSD, "distill_loss": "msd", "privileged_source": "parallel", "context_generator": "task-words"},
+    # OPHSD (arXiv 2605.08741): no reward; full-vocabulary reverse KL(p_S || p_T) (the JSD at beta = 1) to the teacher
+    # frozen at the warm start and shown what a plan-then-solve harness run with the current policy wrote before the
+    # problem. `ophsd` is the paper's setting: the policy writes the plan (on the embedded task the warm start never
+    # saw the English plan request nor the template: it exercises the mechanics). `ophsd-scripted` is the embedded
+    # task's stand-in for a policy too small to plan: the "task-harness" generator writes the task's steps in order
+    # without their results (`[Plan: 4*5;3+#1;#2-2] Q: 3+4*5-2=`).
+    "ophsd": {**_OPHSD, "context_generator": "policy", "teacher_template": HARNESS_TEACHER_TEMPLATE},
+    "ophsd-scripted": {**_OPHSD, "context_generator": "task-harness", "teacher_template": "[{harness}] {prompt}"},
+    # RESD (arXiv 2605.12741): no policy gradient; the reverse KL over the student's top-k tokens (+ a tail bucket),
+    # the teacher's probabilities clipped from below at 0.2 x the student's, each row weighted by the batch's success
+    # rate (a rare success weighs more), from an EMA teacher (the paper's code's rate 1e-4: decay 0.9999) shown a
+    # playbook of lessons curated across steps, the row's reflection on its failure (the verifier's feedback shows
+    # the answer) and a successful attempt of its group. One rollout per prompt in the paper; TRL's GRPO needs 2 (16
+    # prompts x 2 completions). top-k 16 of the tiny model's 263 tokens (the paper's 100 of Qwen3's 151k), a
+    # 3-lesson playbook of lessons up to 48 characters and a compact template keep the teacher prompt within the
+    # tiny model's 512 positions (the paper keeps 120-200 lessons). `resd` is the paper's setting: the policy writes
+    # the reflections (asked in one line, the tiny model's format); `resd-scripted` is the embedded task's stand-in
+    # for a policy too small to reflect: the task's checker writes them ("task-reflection": the first wrong step
+    # and its correct value, the answer, and a `Lesson:` line).
+    "resd": {**_RESD, "context_generator": "policy", "reflection_instruction": _TASK_REFLECTION},
+    "resd-scripted": {**_RESD, "context_generator": "task-reflection"},
     "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
     "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
     # OPD (the paper's baseline): a separate, stronger frozen teacher shown the plain prompt; the sampled-token Delta

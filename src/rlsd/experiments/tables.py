@@ -8,18 +8,21 @@ from typing import Any
 
 
 def render_cost_table(cost: dict[str, Any]) -> str:
-    """Markdown: medians and ratios to GRPO (of `rlsd bench cost`'s result; the bench writes it to `table.md`)."""
+    """Markdown: medians and ratios to GRPO (of `rlsd bench cost`'s result; the bench writes it to `table.md`); a
+    "context s" column (the generated context's writer, part of "teacher s") when the result records one."""
+    context = any("context_s_median" in r for r in cost["results"].values())
     lines = [
-        "| config | s / step | ratio to GRPO | generation s | teacher s | rest s | extra / teacher | peak RSS MiB |"
-        " memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | s / step | ratio to GRPO | generation s | teacher s |" + (" context s |" if context else "")
+        + " rest s | extra / teacher | peak RSS MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if context else ""),
     ]
     for name, r in cost["results"].items():
         extra = "n/a" if r.get("extra_over_teacher") is None else f"{r['extra_over_teacher']:.2f}"
+        written = f" {r.get('context_s_median', 0.0):.3f} |" if context else ""
         lines.append(
             f"| {name} | {r['step_s_median']:.3f} | {r.get('step_ratio_to_grpo', math.nan):.3f} | "
-            f"{r['generation_s_median']:.3f} | {r['teacher_s_median']:.3f} | {r['rest_s_median']:.3f} | {extra} | "
-            f"{r['peak_rss_mib']:.0f} | {r.get('memory_ratio_to_grpo', math.nan):.3f} |"
+            f"{r['generation_s_median']:.3f} | {r['teacher_s_median']:.3f} |{written} {r['rest_s_median']:.3f} | "
+            f"{extra} | {r['peak_rss_mib']:.0f} | {r.get('memory_ratio_to_grpo', math.nan):.3f} |"
         )
     return "\n".join(lines) + "\n"
 

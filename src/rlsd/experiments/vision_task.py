@@ -37,7 +37,9 @@ from rlsd.experiments.task import (
     sample_problems,
 )
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.experiments.warmstart import _lr_factor, cached_warm_start, generate_batch
+from rlsd.experiments.warmstart import _lr_factor, cached_warm_start, generate_batch, is_cached
+from rlsd.infra.progress import Phases, ticking
+from rlsd.infra.threads import pick_threads, torch_threads
 
 VISION_WARMSTART_FORMAT_VERSION = 1
 """Bump when the vision warm-start recipe changes in a way its configuration does not capture."""
@@ -337,15 +339,30 @@ def with_vision_overrides(config: VisionDemoConfig, **changes: Any) -> VisionDem
     return replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
-def run_vision_demo(config: VisionDemoConfig, progress: bool = True) -> dict[str, Any]:
+def run_vision_demo(config: VisionDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Train every method from the same vision warm start; write metrics.jsonl, summary.json, curves.png and
-    report.html (curves, table and the token-credit viewer with each completion's image)."""
+    report.html (curves, table and the token-credit viewer with each completion's image).
+
+    Threads and phase lines as in the text demo (`rlsd.experiments.demo.run_demo`)."""
+    phase = Phases()
+    count, line = pick_threads(threads)
+    phase(line)
+    with torch_threads(count):
+        return _run_vision_demo(config, progress, phase, count)
+
+
+def _run_vision_demo(
+    config: VisionDemoConfig, progress: bool, phase: Callable[[str], None], threads: int
+) -> dict[str, Any]:
     from rlsd.experiments.report import write_report
 
     config.out.mkdir(parents=True, exist_ok=True)
     metrics_path = config.out / "metrics.jsonl"
     metrics_path.write_text("")
     start = time.perf_counter()
+    cached = is_cached("vision-warmstart", config.warm)
+    phase("vision warm start: " + ("loading it from the cache" if cached else
+          f"{config.warm.steps} supervised steps (once: cached for later runs)"))  # fmt: skip
     warm_path = vision_warm_start(config.warm, progress=progress)
     warm_seconds = time.perf_counter() - start
     problems = evaluation_problems(config.warm.task, config.eval_size)
@@ -357,17 +374,20 @@ def run_vision_demo(config: VisionDemoConfig, progress: bool = True) -> dict[str
     summary: dict[str, Any] = {
         "task": "vision",
         "config": jsonable(asdict(config)),
+        "threads": threads,
         "warm_start_seconds": warm_seconds,
         "methods": {},
     }
     viewer: dict[str, Any] = {}
     for method in config.methods:
         trainer, summary["methods"][method] = train_vision_method(
-            method, config, warm_path, problems, record, progress
+            method, config, warm_path, problems, record, progress, phase=phase
         )
         if method == "rlsd" or (not viewer and method == config.methods[-1]):
+            phase(f"credit viewer: sampling completions of {method}'s policy")
             viewer = vision_credit_examples(trainer, trainer.processing_class, problems, config)
     summary["total_seconds"] = time.perf_counter() - start
+    phase(f"report: writing summary.json, curves.png and report.html to {config.out}")
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     write_report(config.out, rows, summary, viewer)
@@ -382,11 +402,15 @@ def train_vision_method(
     problems: list[Problem],
     record: Callable[[dict[str, Any]], None],
     progress: bool = True,
+    phase: Callable[[str], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train one method from the vision warm start, evaluating held-out pass@1 and leakage as it goes; returns the
-    trainer and its summary."""
+    trainer and its summary (`phase(text)`, when given, is told as each phase begins)."""
     from rlsd.trainer import RLSDTrainer
 
+    say = phase or (lambda text: None)
+    name = f"{method} (vision, seed {config.seed})"
+    say(f"{name}: loading the warm start, evaluating it (greedy pass@1 on {len(problems)} problems)")
     torch.manual_seed(config.seed)
     model, processor = load_vision_warm_start(warm_path)
     dataset = make_vision_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
@@ -409,8 +433,9 @@ def train_vision_method(
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    say(f"{name}: training, {config.steps} steps, greedy pass@1 every {config.eval_every} steps")
     began = time.perf_counter()
-    with tqdm(total=config.steps, desc=f"{method} (vision, seed {config.seed})", disable=not progress) as bar:
+    with tqdm(total=config.steps, desc=name, disable=not progress) as bar, ticking(bar):
         trainer.add_callback(_Bar(bar))
         trainer.train()
     return trainer, run_summary(evals, callback.step_seconds, time.perf_counter() - began)

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from rlsd.experiments.task import Problem, TaskConfig, accuracy_reward, sample_problems, teacher_prompt
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
+from rlsd.infra.progress import ticking
 
 WARMSTART_FORMAT_VERSION = 3
 """Bump when the warm-start recipe changes in a way its configuration does not capture."""
@@ -79,7 +80,7 @@ def cached_warm_start(
     """`<cache>/<kind>/<config.key()>`: trained with `train()` (model, tokenizer or processor, seconds) and saved
     on first use, under a temporary name renamed into place, so that a killed run leaves no half-written cache."""
     target = (cache_dir or default_cache_dir()) / kind / config.key()
-    if (target / "warmstart.json").exists():
+    if is_cached(kind, config, cache_dir):
         return target
     model, processing, seconds = train()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -88,6 +89,11 @@ def cached_warm_start(
     (tmp / "warmstart.json").write_text(json.dumps({"config": asdict(config), "seconds": seconds}, indent=2))
     tmp.rename(target) if not target.exists() else None
     return target
+
+
+def is_cached(kind: str, config: Any, cache_dir: Path | None = None) -> bool:
+    """Whether `cached_warm_start(kind, config)` would load from the cache rather than train."""
+    return ((cache_dir or default_cache_dir()) / kind / config.key() / "warmstart.json").exists()
 
 
 def load_warm_start(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -176,15 +182,21 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     batch_size: int = 128,
+    progress: str | None = None,
 ) -> list[str]:
-    """Completions of plain-text prompts, left-padded in batches (greedy unless `do_sample`)."""
+    """Completions of plain-text prompts, left-padded in batches (greedy unless `do_sample`); `progress` names a
+    transient progress bar over the prompts (None: no bar)."""
     was_training = model.training
     model.eval()
     completions: list[str] = []
     tokenizer.padding_side = "left"
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        completions += generate_batch(model, tokenizer, batch, max_new_tokens, do_sample, temperature)
+    bar = tqdm(total=len(prompts), desc=progress, unit="prompt", leave=False, disable=progress is None)
+    with ticking(bar):
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            completions += generate_batch(model, tokenizer, batch, max_new_tokens, do_sample, temperature)
+            bar.update(len(batch["input_ids"]))
+    bar.close()
     model.train(was_training)
     return [c.replace(tokenizer.pad_token, "").replace(tokenizer.eos_token, "") for c in completions]
 

@@ -22,6 +22,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from trl.trainer.callbacks import SyncRefModelCallback
 
+from rlsd.context.sources import PrivilegedSource
 from rlsd.core.rules import RuleState
 from rlsd.infra.validate import CheckpointError
 from rlsd.teachers import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, Teacher, Unwrap
@@ -45,6 +46,8 @@ DISK_FULL_FREE_BYTES = 16 * 2**20
 RESUME_FLAGS = "resume from an earlier checkpoint, or pass --resume_weights_only true to load only its weights"
 RULE_STATE_FILE = "rlsd_rule_state.json"
 """A stateful rule's state (`RuleState.state_dict`) in a checkpoint."""
+SOURCE_STATE_FILE = "rlsd_source_state.json"
+"""A stateful privileged source's state (`PrivilegedSource.state_dict`, RESD's playbook) in a checkpoint."""
 
 
 class DiskFullError(OSError):
@@ -290,8 +293,11 @@ def hf_state_files(*, save_only_model: bool, sharded: bool, world_size: int, pro
     return ["optimizer.pt", "scheduler.pt", rng]
 
 
-def rlsd_state_files(teacher: Teacher | None, rule_state: RuleState | None) -> list[str]:
-    """The files RLSD adds to a checkpoint of a run: the teacher's state and weights, the rule's state."""
+def rlsd_state_files(
+    teacher: Teacher | None, rule_state: RuleState | None, source: PrivilegedSource | None = None
+) -> list[str]:
+    """The files RLSD adds to a checkpoint of a run: the teacher's state and weights, the rule's state, the
+    privileged source's state (a source whose `state_dict` is not None)."""
     files = []
     if teacher is not None:
         files.append(TEACHER_STATE_FILE)
@@ -299,19 +305,42 @@ def rlsd_state_files(teacher: Teacher | None, rule_state: RuleState | None) -> l
             files.append(TEACHER_WEIGHTS_FILE)
     if rule_state is not None:
         files.append(RULE_STATE_FILE)
+    if source is not None and source.state_dict() is not None:
+        files.append(SOURCE_STATE_FILE)
     return files
 
 
 def save_rlsd_state(
-    folder: str, teacher: Teacher | None, rule_state: RuleState | None, unwrap: Unwrap, *, write: bool
+    folder: str,
+    teacher: Teacher | None,
+    rule_state: RuleState | None,
+    unwrap: Unwrap,
+    *,
+    write: bool,
+    source: PrivilegedSource | None = None,
 ) -> None:
-    """Write the teacher's weights and sync state and the rule's state into checkpoint `folder`; every process calls
-    it (gathering a sharded, FSDP2, teacher is a collective), only those with `write` write."""
+    """Write the teacher's weights and sync state, the rule's state and the privileged source's state into checkpoint
+    `folder`; every process calls it (gathering a sharded, FSDP2, teacher is a collective), only those with `write`
+    write. The source's state (the same on every process) is written under a temporary name, then renamed."""
     if teacher is not None:
         teacher.save(folder, unwrap, write=write)
     if rule_state is not None and write:
         with open(os.path.join(folder, RULE_STATE_FILE), "w") as f:
             json.dump(rule_state.state_dict(), f)
+    state = source.state_dict() if source is not None else None
+    if state is not None and write:
+        write_json_atomically(os.path.join(folder, SOURCE_STATE_FILE), state)
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    """`value` as JSON at `path`: written and flushed under a temporary name, then renamed into place, so that the
+    file is either absent or complete."""
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def load_rlsd_state(
@@ -322,9 +351,11 @@ def load_rlsd_state(
     fresh: frozenset[str],
     policy: nn.Module,
     unwrap: Unwrap,
+    source: PrivilegedSource | None = None,
 ) -> None:
-    """Restore the teacher and the rule state from `checkpoint` (verified before, `resume_plan`); what a weights-only
-    resume starts `fresh` is skipped, and a missing teacher restarts from the resumed `policy` (unwrapped)."""
+    """Restore the teacher, the rule state and the privileged source's state from `checkpoint` (verified before,
+    `resume_plan`); what a weights-only resume starts `fresh` is skipped, and a missing teacher restarts from the
+    resumed `policy` (unwrapped)."""
     if teacher is not None and checkpoint is not None:
         if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
             if teacher.model is not None and teacher.has_weights:
@@ -336,3 +367,7 @@ def load_rlsd_state(
     if rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:
         with open(os.path.join(checkpoint, RULE_STATE_FILE)) as f:
             rule_state.load_state_dict(json.load(f))
+    stateful = source is not None and source.state_dict() is not None
+    if stateful and checkpoint is not None and SOURCE_STATE_FILE not in fresh:
+        with open(os.path.join(checkpoint, SOURCE_STATE_FILE)) as f:
+            source.load_state_dict(json.load(f))

@@ -64,12 +64,14 @@ class CreditAssembler:
 
     def teacher_pass(
         self, entries: RLSDEntries, output: dict[str, Any], scores: ScoreResult, rows: torch.Tensor | None,
-        mask: torch.Tensor, mode: str,
+        mask: torch.Tensor, mode: str, *, contrast: torch.Tensor | None = None,
     ) -> torch.Tensor | None:  # fmt: skip
-        """The rollout's teacher pass (`scores` of `rows`, all rows when None) and the rule state's values into
-        `entries`; the pass's log-probs when every row was scored (PBSD reuses them as log pi_T(y- | x_T)), else
-        None. With `rows`, the rule scores only the rows with A_i != 0; the others keep A_it = 0."""
+        """The rollout's teacher pass (`scores` of `rows`, all rows when None; `contrast`: its log-mean-exp after
+        the negative contexts, for a rule that reads them) and the rule state's values into `entries`; the pass's
+        log-probs when every row was scored (PBSD reuses them as log pi_T(y- | x_T)), else None. With `rows`, the rule
+        scores only the rows with A_i != 0; the others keep A_it = 0."""
         entries.teacher_logps, entries.teacher_entropy = scores.logps, scores.entropy
+        entries.teacher_contrast_logps = contrast
         if rows is not None:
             entries.scored = output["advantages"] != 0
         entries.state_values = {key: scalar(v) for key, v in self.state_values(entries, mask, mode).items()}
@@ -82,6 +84,7 @@ class CreditAssembler:
         and `entries` no longer carrying deferred credit."""
         output["advantages"] = self.assign(rule, entries, output, student_logps, mode)
         entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
+        entries.teacher_contrast_logps = None
         entries.lam, entries.state_values = None, {}
 
     def assign(
@@ -91,6 +94,9 @@ class CreditAssembler:
         mask = loss_mask(batch)
         # a row without privileged context gets Delta = 0: its teacher is the student itself
         teacher_logps = torch.where(entries.has_context.unsqueeze(1), entries.teacher_logps, student_logps)
+        contrast = entries.teacher_contrast_logps  # ... and the same teacher after its negatives: e_ctr = 0
+        if contrast is not None:
+            contrast = torch.where(entries.has_context.unsqueeze(1), contrast, teacher_logps)
         signals = Signals(
             seq_advantages=entries.seq_advantages,
             mask=mask,
@@ -100,6 +106,7 @@ class CreditAssembler:
             step_ids=step_ids(batch),
             vocab_size=self.vocab_size,
             span_mask=self.think_span(batch) if self.args.rlsd_span == "think" else None,
+            teacher_contrast_logps=contrast,
         )
         values = {key: float(value) for key, value in entries.state_values.items()}
         params = rule_params(self.args, lam=float(entries.lam), **values)

@@ -34,11 +34,11 @@ class RLSDEntries:
     and mask, and its token-type ids for vision models (`teacher_types[key]`). Context: which rows have any privileged
     context. Distillation: each row's weight in the distillation term; SDPG's reference log-probs. Deferred credit
     (only when the student's log-probs come from the loss's own forward): the sequence advantages, the teacher's
-    log-probs (and entropy), which rows the rule scores, lam and the rule state's values. Teacher rollouts
-    (`teacher_rollout_loss`): the per-row tensors the run's loss term returned at rollout time
-    (`rlsd.step.rollout_term.LossTerm.add`; BRTS: each row's kept teacher trajectory and the teacher's top-K on it;
-    PBSD: its paired teacher sample and the teacher's sequence log-probs), by the term's own keys, so that a new term
-    needs no field here."""
+    log-probs (and entropy; RLCSD: their log-mean-exp over a contrastive source's negative contexts), which rows the
+    rule scores, lam and the rule state's values. Teacher rollouts (`teacher_rollout_loss`): the per-row tensors the
+    run's loss term returned at rollout time (`rlsd.step.rollout_term.LossTerm.add`; BRTS: each row's kept teacher
+    trajectory and the teacher's top-K on it; PBSD: its paired teacher sample and the teacher's sequence log-probs), by
+    the term's own keys, so that a new term needs no field here."""
 
     has_context: Tensor | None = None  # (B,) bool
     teacher_prompt_ids: Tensor | None = None  # (B, P)
@@ -49,6 +49,7 @@ class RLSDEntries:
     seq_advantages: Tensor | None = None  # (B,)
     teacher_logps: Tensor | None = None  # (B, T)
     teacher_entropy: Tensor | None = None  # (B, T)
+    teacher_contrast_logps: Tensor | None = None  # (B, T) log-mean-exp over the negative contexts (RLCSD)
     scored: Tensor | None = None  # (B,) bool: the rows a multiplicative rule scores (A_i != 0)
     lam: Tensor | None = None  # 0-dim float64
     state_values: dict[str, Tensor] = field(default_factory=dict)  # 0-dim float64 by parameter name

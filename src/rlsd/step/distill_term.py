@@ -35,15 +35,25 @@ class DistillationTerm:
     training: Callable[[], bool]  # whether the policy is in training mode
     accumulation: Callable[[], int]  # HF's `current_gradient_accumulation_steps`
 
-    def rollout_entries(self, plan: StepPlan, entries: RLSDEntries, teacher: Any, seq_advantages: Tensor) -> None:
+    def rollout_entries(
+        self,
+        plan: StepPlan,
+        entries: RLSDEntries,
+        teacher: Any,
+        seq_advantages: Tensor,
+        row_weights: Tensor | None = None,
+    ) -> None:
         """What the loss-time term needs from the rollout into `entries`: the teacher's prompt (ids, mask, token
         types of `teacher`, a `TeacherInputs`) and each row's weight (1 with privileged context, 0 without; with
-        `distill_positive_only`, 0 on rows whose A_i <= 0)."""
+        `distill_positive_only`, 0 on rows whose A_i <= 0), times the source's own `row_weights` when it gives them
+        (`Context.row_weights`, RESD's batch-success weights)."""
         entries.teacher_prompt_ids, entries.teacher_prompt_mask = teacher.prompt_ids, teacher.prompt_mask
         entries.teacher_types = teacher.token_types
         weight = entries.has_context.float()
         if plan.distill_positive_only:
             weight = weight * (seq_advantages > 0).float()
+        if row_weights is not None:
+            weight = weight * row_weights.to(weight)
         entries.distill_weight = weight
 
     def term(

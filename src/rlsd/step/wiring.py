@@ -16,6 +16,7 @@ from rlsd.config import RLSDConfig
 from rlsd.context import vision
 from rlsd.context.prompts import RolloutTap, TeacherPrompts
 from rlsd.context.sources import PrivilegedSource
+from rlsd.core.contrast_rule import log_mean_exp
 from rlsd.core.credit import grpo_advantages
 from rlsd.plan import StepPlan
 from rlsd.step.assign import CreditAssembler
@@ -24,6 +25,9 @@ from rlsd.step.distill_term import DistillationTerm
 from rlsd.step.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
 from rlsd.step.scorer import Scorer, TokenizePrompts, TrlLogps
 from rlsd.teachers import Teachers
+
+CONTRAST = "teacher_contrast_logps"
+"""The signal of a rule that contrasts the teacher after the source's negative contexts (RLCSD): K more passes."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,11 @@ def build_collaborators(run: RunView, teachers: Teachers, rule_state: Any) -> Co
     """Every collaborator of a step: the no-grad passes, the teacher prompts, the distillation term, the credit
     assembly, the teacher-rollout term `args.teacher_rollout_loss` names, and the rollout's credit."""
     args = run.args
+    if CONTRAST in run.plan().rule.needs and not hasattr(run.source, "negative_contexts"):
+        raise ValueError(
+            f"credit={run.plan().rule.name!r} contrasts the teacher after negative contexts, which "
+            f"privileged_source={args.privileged_source!r} does not give: use privileged_source='contrast'"
+        )
     scorer = Scorer(
         accelerator=run.accelerator, model=run.model, teacher=teachers.teacher, reference=teachers.reference,
         trl_logps=run.trl_logps, temperature=run.temperature,
@@ -140,7 +149,7 @@ class RolloutCredit:
             teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=distill)
             prompt_ids, prompt_mask, types, entries.has_context = teacher
             if distill:  # the loss-time teacher pass needs the teacher's prompt
-                self.distill_term.rollout_entries(plan, entries, teacher, output["advantages"])
+                self.distill_term.rollout_entries(plan, entries, teacher, output["advantages"], tap.row_weights)
         if self.scorer.reference is not None and plan.distill_loss == "sdpg":
             entries.ref_logps = self.scorer.rescore("reference", output).logps
         if not rule_pass:
@@ -161,8 +170,9 @@ class RolloutCredit:
             start = time.perf_counter()
             entropy = "teacher_entropy" in plan.rule.needs
             scores = self.scorer.teacher_rows(output, prompt_ids, prompt_mask, types, rows, entropy=entropy)
+            contrast = self.contrast_logps(inputs, output, mode, rows, tap) if CONTRAST in plan.rule.needs else None
             self.run.record(mode, "rlsd/teacher_time_s", time.perf_counter() - start)
-            pass_logps = self.credit.teacher_pass(entries, output, scores, rows, mask, mode)
+            pass_logps = self.credit.teacher_pass(entries, output, scores, rows, mask, mode, contrast=contrast)
         self.rollout_term.add(inputs, output, entries, mode, pass_logps)
         student_logps = output.get("old_per_token_logps")
         if student_logps is None and "group_ids" in plan.rule.needs:  # group statistics need the whole group now
@@ -170,3 +180,15 @@ class RolloutCredit:
         if student_logps is not None and not at_loss:  # the credit is final at rollout time
             self.credit.finalize(plan.rule, entries, output, student_logps, mode)
         return {**output, **entries.to_batch()}
+
+    def contrast_logps(
+        self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rows: torch.Tensor | None,
+        tap: RolloutTap,
+    ) -> torch.Tensor:  # fmt: skip
+        """The teacher's log-probs of `rows` after the source's negative contexts (RLCSD's wrong siblings): one pass
+        per negative slot, the same number on every process, combined per token as the log-mean-exp over the slots
+        each row fills (`rlsd.core.contrast_rule.log_mean_exp`)."""
+        passes = self.prompts.negatives(inputs, output, mode, rows, tap)
+        logps = [self.scorer.teacher_rows(output, ids, mask, types, rows, entropy=False).logps
+                 for ids, mask, types, _ in passes]  # fmt: skip
+        return log_mean_exp(torch.stack(logps), torch.stack([teacher.has_context for teacher in passes]))
