@@ -176,3 +176,15 @@ def test_cost_trainer_builds_each_peer_from_peers_and_every_other_name_as_rlsd(c
     assert set(PEERS) == {"trl-distill", "sdpo"}
     for name, cls in expected.items():
         assert type(cost_trainer(name, config, model, tokenizer, dataset)) is cls, name
+
+
+def test_every_catalogue_method_builds_its_bench_config(tmp_path):
+    """Each method the bench can train (`rlsd bench methods --methods NAME`) has a config that the demo's shared
+    budget does not contradict (a method whose source does not fill the demo's `{answer}` template sets its own)."""
+    from rlsd.experiments.demo import quick_config, trainer_args
+    from rlsd.experiments.methods import CATALOGUE
+
+    config = quick_config(tmp_path / "out")
+    for method, overrides in CATALOGUE.items():
+        if overrides is not None and overrides.get("teacher") != "external":
+            assert trainer_args(config, method).credit == overrides.get("credit", "grpo"), method

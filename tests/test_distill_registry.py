@@ -73,7 +73,7 @@ S = torch.tensor([[-1.5, -1.0, -2.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
 def test_the_config_is_derived_from_the_registry_with_the_same_fields_and_defaults(tmp_path):
     # the project's own losses (rlsd.core.distill), then the family's (rlsd.core.family_losses)
     assert DISTILL_LOSSES[:7] == ("none", "jsd", "topk_jsd", "teacher_top1", "student_top1", "sdpg", "sdar")
-    assert "msd" in DISTILL_LOSSES[7:]
+    assert "msd" in DISTILL_LOSSES[7:] and "trace" in DISTILL_LOSSES[7:]
     fields = {item.name: item for item in dataclasses.fields(RLSDConfig)}
     assert [(fields[k].type, fields[k].default) for k in ("distill_jsd_beta", "distill_topk", "distill_tail")] == [
         (float, 0.5), (int, 100), (bool, True)

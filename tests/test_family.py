@@ -13,7 +13,9 @@ from rlsd.config import DISTILL_LOSSES
 from rlsd.context.templates import NO_SIBLING_TEXT, pick_siblings, render_teacher_prompts
 from rlsd.core.distill import generalized_jsd
 
-LOSSES = [name for name in DISTILL_LOSSES if name != "none"]
+LOSSES = [name for name in DISTILL_LOSSES if name not in ("none", "trace")]
+"""Every loss that reads the whole completion; `trace` distils only the tokens an annotating source labels (its
+training step: `tests/test_trace.py`)."""
 
 
 build = build_trainer

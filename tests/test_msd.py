@@ -208,7 +208,8 @@ def test_the_registered_loss_reads_the_sampled_tokens_through_the_chunked_kernel
 # ------------------------------------------------------------------------------------------------ in a trainer
 def test_msd_trains_when_no_completion_is_rewarded(tokenizer, tmp_path):
     assert CATALOGUE["msd"] == {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial", "distill_loss": "msd",
-                                "privileged_source": "parallel", "context_generator": "task-words"}  # fmt: skip
+                                "privileged_source": "parallel", "context_generator": "task-words",
+                                "teacher_template": "{parallel}"}  # fmt: skip
     trainer = build_trainer(tokenizer, tmp_path, reward=zero_reward, **CATALOGUE["msd"])
     assert trainer.args.distill_coef == 1.0
     before = [p.detach().clone() for p in trainer.model.parameters()]

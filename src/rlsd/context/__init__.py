@@ -4,6 +4,7 @@ during training included (`rlsd.context.generated`; MSD's parallel prompt, `rlsd
 OPHSD's harness, `rlsd.context.harness`; RESD's reflections and playbook, `rlsd.context.reflection`)."""
 
 from rlsd.context import (
+    annotation,  # noqa: F401  (registers the "annotation" source: TRACE's key and error spans)
     contrast,  # noqa: F401  (registers the "contrast" source: RLCSD's hints)
     generated,  # noqa: F401  (registers nothing itself; the generated sources import it)
     harness,  # noqa: F401  (registers the "harness" source: OPHSD's harness context)

@@ -18,6 +18,7 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
 from rlsd.context import vision
+from rlsd.context.annotation import completion_token_labels
 from rlsd.context.sources import Context, PrivilegedSource, RolloutView, TextGenerator
 from rlsd.context.templates import has_image_blocks, render_teacher_prompts
 from rlsd.context.transforms import get_transform
@@ -32,11 +33,13 @@ class RolloutTap:
     this process's prompts as the rollout sent them to the model (an environment's `reset` observation included),
     and the weighted total rewards of every process's rows (B_global,), NaN where every function abstained. The
     teacher prompts built from it record the source's per-row distillation weights (`Context.row_weights`), None
-    when the source gives none."""
+    when the source gives none, and its per-token labels (`Context.char_spans` mapped to the completion tokens),
+    None when it gives none."""
 
     prompts: list[Any] | None = None
     rewards: torch.Tensor | None = None
     row_weights: torch.Tensor | None = None  # (B,) this process's rows
+    token_labels: torch.Tensor | None = None  # (B, T) this process's rows, 0 outside every span
 
 
 class TeacherInputs(NamedTuple):
@@ -95,6 +98,8 @@ class TeacherPrompts:
         if context.row_weights is not None:  # rows outside `rows` keep 1
             rollout.row_weights = torch.ones(len(inputs), dtype=torch.float32, device=device)
             rollout.row_weights[selected] = torch.tensor(context.row_weights, dtype=torch.float32, device=device)
+        if context.char_spans is not None:
+            rollout.token_labels = self.token_labels(output, selected, context.char_spans)
         has_context = torch.ones(len(inputs), dtype=torch.bool, device=device)
         has_context[selected] = torch.tensor(context.has_context, dtype=torch.bool, device=device)
         images = vision.batch_images(inputs)
@@ -150,6 +155,20 @@ class TeacherPrompts:
         selected = list(range(len(inputs))) if rows is None else rows.tolist()
         contexts = negative_contexts(self.rollout_view(inputs, output, rollout.rewards), selected)
         return [self.build(inputs, output, mode, rows, rollout, context=context) for context in contexts]
+
+    def token_labels(
+        self, output: dict[str, Any], rows: list[int], spans: list[list[tuple[int, int, int]]]
+    ) -> torch.Tensor:
+        """The (B, T) labels of the completion tokens: each of `rows` labelled from its character spans of the
+        completion text the source read (`rlsd.context.annotation.completion_token_labels`), 0 elsewhere."""
+        ids, keep = output["completion_ids"], output["completion_mask"].bool()
+        labels = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+        for row, row_spans in zip(rows, spans, strict=True):
+            if row_spans:
+                positions = keep[row].nonzero().squeeze(1)
+                values = completion_token_labels(self.tokenizer, ids[row][positions].tolist(), row_spans)
+                labels[row, positions] = torch.tensor(values, dtype=torch.long, device=ids.device)
+        return labels
 
     def check_lengths(self, prompt_ids: list[list[int]], rows: list[int]) -> None:
         """Refuse a teacher prompt longer than the source allows (`max_prompt_tokens`), naming the row: a generated

@@ -61,12 +61,15 @@ class TextGenerator(Protocol):
 class Context:
     """The template fields of every local row (`fields[name][i]`), which rows have privileged context at all, and
     metrics for `rlsd/` (combined over processes by the trainer). `row_weights`: each row's weight in the
-    distillation term, multiplying its context mask (None: 1; RESD's batch-success weights)."""
+    distillation term, multiplying its context mask (None: 1; RESD's batch-success weights). `char_spans`: each
+    row's labelled character spans (start, end, label) of its completion text, which the trainer maps to the
+    completion's tokens for a loss that routes tokens by label (None: no labels; TRACE's key and error spans)."""
 
     fields: dict[str, list[Any]]
     has_context: list[bool]
     metrics: dict[str, float] = field(default_factory=dict)
     row_weights: list[float] | None = None
+    char_spans: list[list[tuple[int, int, int]]] | None = None
 
 
 class PrivilegedSource:

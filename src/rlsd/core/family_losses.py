@@ -8,6 +8,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from rlsd.core.distill import (
     _unit_interval,
     _with_tail,
     distill_loss,
+    generalized_jsd,
+    selected_token_loss,
 )
 
 
@@ -171,3 +174,95 @@ def _resd_topk(resd_topk: int, resd_teacher_floor: float, resd_tail: bool) -> To
     (`resd_topk_reverse_kl`, as RESD's code computes it); the teacher is shown the playbook and the row's reflection
     (privileged_source='reflection'), whose batch-success weights weigh each row."""
     return functools.partial(resd_topk_reverse_kl, k=resd_topk, floor=resd_teacher_floor, tail=resd_tail)
+
+
+# ------------------------------------------------------------------------------------------------------ TRACE
+@dataclass(frozen=True)
+class RoutedTokenLoss:
+    """A distillation loss that routes each completion token by its label (`RLSDEntries.distill_labels`, from a
+    source that gives `Context.char_spans`): the tokens labelled `label` get `routes[label]`, every other token none.
+    Its weight in the term is scaled per optimizer step by `scale(step)`: 1 for the first `warmup_steps`, then down
+    linearly to 0 over `decay_steps` (0: no decay), applied to each row's weight when the rollout is scored."""
+
+    routes: dict[int, TokenLoss]
+    warmup_steps: int = 0
+    decay_steps: int = 0
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, *rest: Any) -> Tensor:
+        raise ValueError(
+            "this distillation loss routes tokens by their labels, which only the distillation term reads "
+            "(`routed_token_loss`): it cannot be used without them (MAD-OPD's teachers, a teacher-rollout loss)"
+        )
+
+    def scale(self, step: int) -> float:
+        """The weight of the term at optimizer step `step` (1-based)."""
+        if self.decay_steps <= 0 or step <= self.warmup_steps:
+            return 1.0
+        return max(0.0, 1.0 - (step - self.warmup_steps) / self.decay_steps)
+
+
+def routed_token_loss(
+    loss: RoutedTokenLoss,
+    labels: Tensor,
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    selected: Tensor,
+    heads: tuple[torch.nn.Module, torch.nn.Module],
+    temperature: float,
+    chunk_tokens: int = 1024,
+    sampled_ids: Tensor | None = None,
+) -> Tensor:
+    """The per-token loss (N,) at the `selected` (B, T) positions, each token's through the route of its label
+    (`labels` (B, T)): one `selected_token_loss` per route on the tokens it takes (every route runs on every process,
+    also with no token, so that sharded heads gather alike), 0 on a selected token no route takes."""
+    flat = labels[selected]
+    per_token = student_hidden.new_zeros(flat.shape, dtype=torch.float32)
+    for label, fn in loss.routes.items():
+        part = selected_token_loss(
+            fn, student_hidden, teacher_hidden, selected & (labels == label), heads, temperature,
+            chunk_tokens=chunk_tokens, sampled_ids=sampled_ids,
+        )  # fmt: skip
+        per_token = per_token.masked_scatter(flat == label, part.float())
+    return per_token
+
+
+def _non_negative_integer(value: Any) -> str | None:
+    """An integer >= 0 (a bool is not one here)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return None if integer and value >= 0 else f"must be an integer >= 0, got {value!r}"
+
+
+@distill_loss(
+    "trace",
+    knobs={
+        "trace_key_kl": Knob(
+            True, "With distill_loss='trace', the forward KL(p_T || p_S) on the key spans of correct completions "
+            "(label +1; the paper's best routed action on Qwen3-8B).", _boolean,
+        ),
+        "trace_error_kl": Knob(
+            False, "With distill_loss='trace', the reverse KL(p_S || p_T) on the error spans of wrong completions "
+            "(label -1; the paper's optional channel, its best on Qwen3-1.7B).", _boolean,
+        ),
+        "trace_kl_warmup_steps": Knob(
+            20, "With distill_loss='trace', the optimizer steps at full KL weight before it decays (a reconstruction: "
+            "the paper anneals the KL channel away 'after a short warm-up').", _non_negative_integer,
+        ),
+        "trace_kl_decay_steps": Knob(
+            30, "With distill_loss='trace', the optimizer steps over which the KL weight then falls linearly to 0 "
+            "(a reconstruction); 0 keeps it at full weight for the whole run.", _non_negative_integer,
+        ),
+    },
+)  # fmt: skip
+def _trace(
+    trace_key_kl: bool, trace_error_kl: bool, trace_kl_warmup_steps: int, trace_kl_decay_steps: int
+) -> TokenLoss:
+    """TRACE (arXiv 2605.10194): forward KL(p_T || p_S) over the full vocabulary on the tokens of key spans (label +1)
+    and, with `trace_error_kl`, reverse KL(p_S || p_T) on those of error spans (label -1), 0 on every other token
+    (left to the policy gradient); the weight is 1 for `trace_kl_warmup_steps` then decays linearly to 0 over
+    `trace_kl_decay_steps`. The spans come from an annotator (privileged_source='annotation')."""
+    routes: dict[int, TokenLoss] = {}
+    if trace_key_kl:
+        routes[1] = functools.partial(generalized_jsd, beta=0.0)
+    if trace_error_kl:
+        routes[-1] = functools.partial(generalized_jsd, beta=1.0)
+    return RoutedTokenLoss(routes, trace_kl_warmup_steps, trace_kl_decay_steps)

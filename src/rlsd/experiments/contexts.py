@@ -183,3 +183,58 @@ def task_reflection(request: GenerationRequest) -> str:
     if given != problem.answer:
         return f"The steps are right but the answer says {given}. {answer} Lesson: the answer is the last step's value"
     return f"The steps and the answer are right. {answer} Lesson: keep writing one checked step per operator"
+
+
+# --------------------------------------------------------------------------------- TRACE's annotator (task-annotator)
+def _written_steps(completion: str) -> list[tuple[int, str]]:
+    """The steps written inside the completion's `<think>...</think>` as (character offset, step text), a hint the
+    completion cites (`ref=21;`) left out; none without a think block."""
+    think = _THINK.search(completion)
+    if think is None:
+        return []
+    steps, offset = [], think.start(1)
+    for piece in think.group(1).split(";"):
+        stripped = piece.strip()
+        if stripped and not stripped.startswith(HINT_PREFIX):
+            steps.append((offset + piece.index(stripped), stripped))
+        offset += len(piece) + 1
+    return steps
+
+
+@context_generator("task-annotator")
+def task_annotator(request: GenerationRequest) -> str:
+    """TRACE's annotator on the embedded task (`privileged_source="annotation"`), written from the task's checker
+    instead of a model, in the source's format (the diagnostic type, then one span per line, copied from the
+    completion):
+
+    - a correct completion (its answer is the problem's, `task_problem`): "key steps", then each written step's
+      computed result as written (`=20`, `=23`, `=21` for `4*5=20;3+20=23;23-2=21`);
+    - a wrong one: the error span is where it first departs from the task's own steps and everything after it (each
+      line of it); the type says how: "arithmetic error" (the right operands, a wrong result), "wrong order of
+      operations" (the wrong operands), "missing step" (the steps stop early: from where the next step should be),
+      "wrong answer" or "missing answer" (every step right: from the end of the steps), "no steps" (no think block:
+      the whole completion)."""
+    problem = task_problem(request.row)
+    completion = request.completion or ""
+    written = _written_steps(completion)
+    if parse_answer(completion) == problem.answer:
+        return "\n".join(["key steps", *(f"={step.rsplit('=', 1)[1]}" for _, step in written if "=" in step)])
+    kind, start = None, None
+    for (offset, step), expected in zip(written, problem.steps, strict=False):
+        if step != expected:
+            same_operands = step.rsplit("=", 1)[0] == expected.rsplit("=", 1)[0]
+            kind = "arithmetic error" if same_operands else "wrong order of operations"
+            start = offset
+            break
+    if kind is None:
+        think = _THINK.search(completion)
+        if think is None:
+            kind, start = "no steps", 0
+        else:
+            start = think.end(1)
+            if len(written) < len(problem.steps):
+                kind = "missing step"
+            else:
+                kind = "wrong answer" if parse_answer(completion) is not None else "missing answer"
+    lines = [line for line in completion[start:].splitlines() if line.strip()]
+    return "\n".join([kind, *lines])

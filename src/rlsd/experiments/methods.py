@@ -18,6 +18,9 @@ _OPHSD = {**_FULL_OPSD, "distill_loss": "jsd", "distill_jsd_beta": 1.0, "privile
 _RESD = {"credit": "grpo", "policy_loss_coef": 0.0, "distill_loss": "resd_topk", "resd_topk": 16, "teacher": "ema",
          "teacher_ema_decay": 0.9999, "num_generations": 2, "privileged_source": "reflection", "playbook_size": 3,
          "playbook_lesson_chars": 48, "teacher_template": "[{playbook}|{reflection}|{success}] {prompt}"}  # fmt: skip
+_TRACE = {"credit": "grpo", "distill_loss": "trace", "trace_error_kl": True, "teacher": "live",
+          "privileged_source": "annotation", "context_generator": "task-annotator",
+          "teacher_template": "[ref {answer}|{diagnosis}] {prompt}"}  # fmt: skip
 _TASK_REFLECTION = "{prompt} {completion} {feedback} Lesson:"
 """What the tiny policy is asked for a reflection under `resd`: one line ending in `Lesson:`, which it completes."""
 
@@ -67,7 +70,10 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     # the parallel prompt is the same problem in words (the deterministic "task-words" generator): `Q: three plus
     # four times five minus two=` for `Q: 3+4*5-2=`. Unlike the paper's English, the words are the form the warm
     # start never saw: this exercises the mechanics, it is not a transfer result.
-    "msd": {**_FULL_OPSD, "distill_loss": "msd", "privileged_source": "parallel", "context_generator": "task-words"},
+    "msd": {
+        **_FULL_OPSD, "distill_loss": "msd", "privileged_source": "parallel", "context_generator": "task-words",
+        "teacher_template": "{parallel}",
+    },
     # OPHSD (arXiv 2605.08741): no reward; full-vocabulary reverse KL(p_S || p_T) (the JSD at beta = 1) to the teacher
     # frozen at the warm start and shown what a plan-then-solve harness run with the current policy wrote before the
     # problem. `ophsd` is the paper's setting: the policy writes the plan (on the embedded task the warm start never
@@ -89,6 +95,14 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     # and its correct value, the answer, and a `Lesson:` line).
     "resd": {**_RESD, "context_generator": "policy", "reflection_instruction": _TASK_REFLECTION},
     "resd-scripted": {**_RESD, "context_generator": "task-reflection"},
+    # TRACE (arXiv 2605.10194): GRPO on every token plus, on the spans an annotator marks, the forward KL(p_T || p_S)
+    # on the key spans of correct completions and the reverse KL(p_S || p_T) on the error spans of wrong ones (the
+    # paper's optional channel, on here so that a batch with no correct completion still distils), from the current
+    # policy shown the answer and the annotator's diagnostic type (never the spans); the KL weight is 1 for 20 steps,
+    # then falls to 0 over 30 (a reconstruction). On the embedded task the task's checker annotates
+    # ("task-annotator": each step's result in a correct completion; the first wrong step and all after it in a wrong
+    # one); the paper's annotator is a model (context_generator="policy" is its online self-annotation).
+    "trace": _TRACE,
     "rlsd-sibling": {"credit": "rlsd", "teacher": "synced", **_SIBLING},
     "sdpo-jsd": {**_FULL_OPSD, "distill_loss": "topk_jsd", "distill_topk": 16, "teacher": "ema", **_SIBLING},
     # OPD (the paper's baseline): a separate, stronger frozen teacher shown the plain prompt; the sampled-token Delta

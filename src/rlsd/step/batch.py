@@ -32,8 +32,9 @@ class RLSDEntries:
 
     Teacher inputs (only when a distillation loss re-runs the teacher at loss time): the left-padded teacher prompt ids
     and mask, and its token-type ids for vision models (`teacher_types[key]`). Context: which rows have any privileged
-    context. Distillation: each row's weight in the distillation term; SDPG's reference log-probs. Deferred credit
-    (only when the student's log-probs come from the loss's own forward): the sequence advantages, the teacher's
+    context. Distillation: each row's weight in the distillation term; each completion token's label, for a loss that
+    routes tokens by label (TRACE: +1 key span, -1 error span, 0 elsewhere); SDPG's reference log-probs. Deferred
+    credit (only when the student's log-probs come from the loss's own forward): the sequence advantages, the teacher's
     log-probs (and entropy; RLCSD: their log-mean-exp over a contrastive source's negative contexts), which rows the
     rule scores, lam and the rule state's values. Teacher rollouts (`teacher_rollout_loss`): the per-row tensors the
     run's loss term returned at rollout time (`rlsd.step.rollout_term.LossTerm.add`; BRTS: each row's kept teacher
@@ -45,6 +46,7 @@ class RLSDEntries:
     teacher_prompt_mask: Tensor | None = None  # (B, P)
     teacher_types: dict[str, Tensor] = field(default_factory=dict)  # (B, P) token types by processor key
     distill_weight: Tensor | None = None  # (B,)
+    distill_labels: Tensor | None = None  # (B, T) long: the token labels a routed loss reads
     ref_logps: Tensor | None = None  # (B, T)
     seq_advantages: Tensor | None = None  # (B,)
     teacher_logps: Tensor | None = None  # (B, T)

@@ -17,6 +17,7 @@ from torch import Tensor
 from rlsd.config import RLSDConfig
 from rlsd.core.credit import TokenMean
 from rlsd.core.distill import OverlapProbe, sdpg_ref_penalty, selected_mad_opd_loss, selected_token_loss
+from rlsd.core.family_losses import RoutedTokenLoss, routed_token_loss
 from rlsd.plan import StepPlan
 from rlsd.step.batch import RLSDEntries, loss_mask
 
@@ -42,11 +43,17 @@ class DistillationTerm:
         teacher: Any,
         seq_advantages: Tensor,
         row_weights: Tensor | None = None,
+        token_labels: Tensor | None = None,
+        step: int = 1,
+        mode: str = "train",
     ) -> None:
         """What the loss-time term needs from the rollout into `entries`: the teacher's prompt (ids, mask, token
         types of `teacher`, a `TeacherInputs`) and each row's weight (1 with privileged context, 0 without; with
         `distill_positive_only`, 0 on rows whose A_i <= 0), times the source's own `row_weights` when it gives them
-        (`Context.row_weights`, RESD's batch-success weights)."""
+        (`Context.row_weights`, RESD's batch-success weights). A loss that routes tokens by label
+        (`RoutedTokenLoss`, TRACE) also gets the source's `token_labels` (B, T) (refused without them), and its
+        weight at optimizer step `step` (`RoutedTokenLoss.scale`, logged as `rlsd/distill_scale`) scales every
+        row's."""
         entries.teacher_prompt_ids, entries.teacher_prompt_mask = teacher.prompt_ids, teacher.prompt_mask
         entries.teacher_types = teacher.token_types
         weight = entries.has_context.float()
@@ -54,6 +61,16 @@ class DistillationTerm:
             weight = weight * (seq_advantages > 0).float()
         if row_weights is not None:
             weight = weight * row_weights.to(weight)
+        if isinstance(plan.distill_fn, RoutedTokenLoss):
+            if token_labels is None:
+                raise ValueError(
+                    f"distill_loss={plan.distill_loss!r} routes tokens by the labels of an annotating source, which "
+                    "this privileged_source does not give: use privileged_source='annotation'"
+                )
+            entries.distill_labels = token_labels
+            scale = plan.distill_fn.scale(step)
+            weight = weight * scale
+            self.log(mode, {"distill_scale": TokenMean(scale, 1)})
         entries.distill_weight = weight
 
     def term(
@@ -74,6 +91,11 @@ class DistillationTerm:
         mode = "train" if self.training() else "eval"
         token_mask = loss_mask(inputs).float()
         weights = token_mask * entries.distill_weight.unsqueeze(1)
+        routed = isinstance(distill_fn, RoutedTokenLoss)
+        if routed:  # only the tokens some route takes are distilled
+            labels = entries.distill_labels
+            routes = torch.tensor(list(distill_fn.routes), dtype=labels.dtype, device=labels.device)
+            weights = weights * torch.isin(labels, routes)
         selected = weights > 0
         tokens = token_mask.sum().clamp(min=1.0)
         accumulation = self.accumulation() if mode == "train" else 1
@@ -83,7 +105,8 @@ class DistillationTerm:
             "distill_token_frac": TokenMean((selected.sum() / tokens).item(), token_mask.sum().item()),
             "distill_loss": TokenMean(math.nan, 0),
         }
-        probe = OverlapProbe(args.distill_overlap_k) if args.distill_overlap_k > 0 and not others else None
+        probing = args.distill_overlap_k > 0 and not others and not routed
+        probe = OverlapProbe(args.distill_overlap_k) if probing else None
         if probe is not None:
             metrics["topk_overlap"] = TokenMean(math.nan, 0)
         # every process gathers FSDP2-sharded heads and runs the backward, also with no selected token (then 0)
@@ -97,6 +120,11 @@ class DistillationTerm:
             for index, row in enumerate(mad_weights):
                 mean = row.mean().item() if row.numel() else math.nan
                 metrics[f"mad_weight_{index}"] = TokenMean(mean, row.numel())
+        elif routed:
+            per_token = routed_token_loss(
+                distill_fn, labels, student_hidden, teacher_hidden, selected, (student_head, teacher_head),
+                self.temperature, chunk_tokens=args.distill_chunk_tokens, sampled_ids=inputs["completion_ids"],
+            )  # fmt: skip
         else:
             per_token = selected_token_loss(
                 distill_fn, student_hidden, teacher_hidden, selected, (student_head, teacher_head),

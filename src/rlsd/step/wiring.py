@@ -149,7 +149,9 @@ class RolloutCredit:
             teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=distill)
             prompt_ids, prompt_mask, types, entries.has_context = teacher
             if distill:  # the loss-time teacher pass needs the teacher's prompt
-                self.distill_term.rollout_entries(plan, entries, teacher, output["advantages"], tap.row_weights)
+                self.distill_term.rollout_entries(
+                    plan, entries, teacher, output["advantages"], tap.row_weights, tap.token_labels, step, mode
+                )
         if self.scorer.reference is not None and plan.distill_loss == "sdpg":
             entries.ref_logps = self.scorer.rescore("reference", output).logps
         if not rule_pass:
