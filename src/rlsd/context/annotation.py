@@ -24,14 +24,12 @@ this project's reading of its self-OPD teacher). A row whose annotation is empty
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource
+from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, finite_number, instruction_check
 from rlsd.context.reflection import prompt_text
-from rlsd.context.sources import Context, RolloutView, check_privileged_column, privileged_source
-from rlsd.context.templates import template_fields
+from rlsd.context.sources import Context, RolloutView, check_privileged_column, privileged_source, reference_answers
 from rlsd.core.credit import TokenMean
 from rlsd.core.rules import Knob
 
@@ -66,25 +64,8 @@ _ASKED = {
 }  # fmt: skip
 
 
-def _instruction(value: Any) -> str | None:
-    """A knob check: a format string with `{completion}` and no field besides `INSTRUCTION_FIELDS`."""
-    if not isinstance(value, str):
-        return f"must be a string with {{completion}}, got {value!r}"
-    try:
-        fields = template_fields(value)
-    except ValueError:
-        return f"must be a valid format string with {{completion}}, got {value!r}"
-    if "completion" not in fields:
-        return f"must contain {{completion}}, got {value!r}"
-    unknown = sorted(fields - set(INSTRUCTION_FIELDS))
-    known = ", ".join("{" + name + "}" for name in INSTRUCTION_FIELDS)
-    return f"may name only {known}, got {{{unknown[0]}}}" if unknown else None
-
-
-def _finite(value: Any) -> str | None:
-    """A knob check: a finite number (a bool is not one here)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return None if number and math.isfinite(value) else f"must be a finite number, got {value!r}"
+_instruction = instruction_check(INSTRUCTION_FIELDS)
+_finite = finite_number
 
 
 ANNOTATION_KNOBS = {
@@ -189,10 +170,7 @@ class AnnotationSource(GeneratedSource):
         check_privileged_column(dataset, self.args.privileged_column, split_name)
 
     def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
-        column = self.args.privileged_column
-        for i in rows:
-            if column not in view.rows[i]:
-                raise KeyError(f"rollout row {i} has no privileged column {column!r}; it has {sorted(view.rows[i])}")
+        answers = reference_answers(view, rows, self.args.privileged_column)
         labels = {i: self.label(view, i) for i in rows}
         requests = self.requests(view, rows, lambda i: self.request_prompt(view, i, labels[i]))
         texts, metrics = self.generate(view, rows, requests)
@@ -209,7 +187,7 @@ class AnnotationSource(GeneratedSource):
             annotation_unfound_count=float(unfound),
             no_context_frac=TokenMean(sum(not h for h in has_context) / max(len(rows), 1), len(rows)),
         )
-        fields = {"answer": [view.rows[i][column] for i in rows], "diagnosis": diagnoses}
+        fields = {"answer": answers, "diagnosis": diagnoses}
         return Context(fields, has_context, metrics, char_spans=char_spans)
 
     def label(self, view: RolloutView, row: int) -> int:

@@ -13,12 +13,14 @@ naming the source and the row, unless the source falls back to the plain prompt,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rlsd.context.sources import PrivilegedSource, RolloutView
+from rlsd.context.templates import template_fields
 from rlsd.core.rules import Knob
 from rlsd.data.rewards import import_user_module
 
@@ -76,6 +78,32 @@ def resolve_generator(spec: str) -> GeneratorFn | None:
         return getattr(module, attribute)
     known = ", ".join([*MODEL_GENERATORS, *GENERATORS])
     raise ValueError(f"context_generator={spec!r} is not one of {known}, nor a 'module:function'")
+
+
+def instruction_check(fields: Sequence[str]) -> Callable[[Any], str | None]:
+    """A knob check for a generator's instruction: a format string with `{completion}` naming no field besides
+    `fields`."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"must be a string with {{completion}}, got {value!r}"
+        try:
+            named = template_fields(value)
+        except ValueError:
+            return f"must be a valid format string with {{completion}}, got {value!r}"
+        if "completion" not in named:
+            return f"must contain {{completion}}, got {value!r}"
+        unknown = sorted(named - set(fields))
+        known = ", ".join("{" + name + "}" for name in fields)
+        return f"may name only {known}, got {{{unknown[0]}}}" if unknown else None
+
+    return check
+
+
+def finite_number(value: Any) -> str | None:
+    """A knob check: a finite number (a bool is not one here)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return None if number and math.isfinite(value) else f"must be a finite number, got {value!r}"
 
 
 def _generator_spec(value: Any) -> str | None:

@@ -21,7 +21,6 @@ harmful, and a full playbook drops harmful and stale lessons first; here the cur
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +28,8 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
-from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, _positive_int
+from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, _positive_int, finite_number, instruction_check
 from rlsd.context.sources import Context, RolloutView, check_privileged_column, privileged_source
-from rlsd.context.templates import template_fields
 from rlsd.core.credit import TokenMean
 from rlsd.core.rules import Knob
 
@@ -64,25 +62,8 @@ NO_SUCCESS_TEXT = "(no successful attempt yet)"
 _LESSON_RE = re.compile(r"\blesson\s*[*_]*\s*:[\s*_]*([^\n]+)", re.IGNORECASE)
 
 
-def _instruction(value: Any) -> str | None:
-    """A knob check: a format string with `{completion}` and no field besides `INSTRUCTION_FIELDS`."""
-    if not isinstance(value, str):
-        return f"must be a string with {{completion}}, got {value!r}"
-    try:
-        fields = template_fields(value)
-    except ValueError:
-        return f"must be a valid format string with {{completion}}, got {value!r}"
-    if "completion" not in fields:
-        return f"must contain {{completion}}, got {value!r}"
-    unknown = sorted(fields - set(INSTRUCTION_FIELDS))
-    known = ", ".join("{" + name + "}" for name in INSTRUCTION_FIELDS)
-    return f"may name only {known}, got {{{unknown[0]}}}" if unknown else None
-
-
-def _finite(value: Any) -> str | None:
-    """A knob check: a finite number (a bool is not one here)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return None if number and math.isfinite(value) else f"must be a finite number, got {value!r}"
+_instruction = instruction_check(INSTRUCTION_FIELDS)
+_finite = finite_number
 
 
 def _non_negative(value: Any) -> str | None:

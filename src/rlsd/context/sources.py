@@ -135,11 +135,15 @@ class AnswerSource(PrivilegedSource):
         check_privileged_column(dataset, self.args.privileged_column, split_name)
 
     def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
-        column = self.args.privileged_column
-        for i in rows:
-            if column not in view.rows[i]:
-                raise KeyError(f"rollout row {i} has no privileged column {column!r}; it has {sorted(view.rows[i])}")
-        return Context({"answer": [view.rows[i][column] for i in rows]}, [True] * len(rows))
+        return Context({"answer": reference_answers(view, rows, self.args.privileged_column)}, [True] * len(rows))
+
+
+def reference_answers(view: RolloutView, rows: Sequence[int], column: str) -> list[Any]:
+    """The privileged `column` of the local rows `rows`; a row without it is refused, naming it and its columns."""
+    for i in rows:
+        if column not in view.rows[i]:
+            raise KeyError(f"rollout row {i} has no privileged column {column!r}; it has {sorted(view.rows[i])}")
+    return [view.rows[i][column] for i in rows]
 
 
 @privileged_source
