@@ -122,3 +122,13 @@ def test_the_policy_writes_the_context_and_an_over_long_teacher_prompt_is_refuse
     with pytest.raises(ValueError, match=r"'test-note': the teacher prompt of rollout row 0 is \d+ tokens, over the "
                                          r"source's limit of 3 \(context_max_tokens\)"):  # fmt: skip
         trainer.teacher_inputs(inputs, output, rollout=tap)
+
+
+def test_the_share_of_contexts_that_spell_out_the_answer_is_measured(registries):
+    """A generated context holding the reference answer is privileged information too: `context_answer_frac`."""
+    context_generator("test-leaky")(lambda request: f"the answer is {request.row['solution']}" if request.row[
+        "prompt"] != "p1" else "no answer here")  # fmt: skip
+    source = make_source(registries)
+    metrics = source(args(context_generator="test-leaky", privileged_column="solution")).context(view(), [0, 1, 2])
+    assert metrics.metrics["context_answer_frac"] == pytest.approx(2 / 3)
+    assert "context_answer_frac" not in source(args(context_generator="test-leaky")).context(view(), [0]).metrics

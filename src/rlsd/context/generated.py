@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from rlsd.context.sources import PrivilegedSource, RolloutView
 from rlsd.context.templates import template_fields
+from rlsd.core.credit import TokenMean
 from rlsd.core.rules import Knob
 from rlsd.data.rewards import import_user_module
 
@@ -192,8 +193,24 @@ class GeneratedSource(PrivilegedSource):
             "context_generator_calls": float(calls),
             "context_generator_time_s": elapsed,
             "context_fallback_count": float(sum(text is None for text in checked)),
+            **self.answer_share(requests, checked),
         }
         return checked, metrics
+
+    def answer_share(self, requests: Sequence[GenerationRequest], texts: Sequence[str | None]) -> dict[str, Any]:
+        """`context_answer_frac`: the share of generated contexts that contain their row's reference answer (the
+        `privileged_column`, when the row has one): a context that spells out the answer is privileged information
+        too, whatever the source meant it to be."""
+        column = getattr(self.args, "privileged_column", None)
+        pairs = [
+            (str(request.row[column]).strip(), text)
+            for request, text in zip(requests, texts, strict=True)
+            if text is not None and column in request.row and str(request.row[column]).strip()
+        ]
+        if not pairs:
+            return {}
+        share = sum(answer in text for answer, text in pairs) / len(pairs)
+        return {"context_answer_frac": TokenMean(share, len(pairs))}
 
     def _call(self, function: GeneratorFn, spec: str, row: int, request: GenerationRequest) -> Any:
         """One function generator call; an exception stops the run naming the source, the generator and the row."""
