@@ -558,6 +558,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "family": lambda root: render_methods(root, "family"),
     "family-cost": lambda root: render_cost(root, "family-cost"),
     "generated": lambda root: render_methods(root, "generated"),
+    "generated-cost": lambda root: render_cost(root, "generated-cost"),
     "cost-before-skip": lambda root: render_cost(root, "cost-before-skip"),
     "cost-trainer-v2": lambda root: render_cost(root, "cost-trainer-v2"),
     "demo": render_demo,
