@@ -359,15 +359,18 @@ def cost_once(name: str, config: DemoConfig, steps: int, warmup: int) -> dict[st
     step = timer.seconds[measured]
 
     def per_step(seconds: list[float]) -> list[float]:
-        """One entry per optimizer step (one micro-batch per step here), zeros when never called."""
-        return seconds[measured] if len(seconds) >= total else [0.0] * len(step)
+        """The seconds of each measured optimizer step (one micro-batch per step here): a pass called k times per
+        step (RLCSD's K + 1 teacher passes, a draft harness's two generations) is summed over its k calls; zeros when
+        never called."""
+        k = len(seconds) // total
+        if k == 0:
+            return [0.0] * len(step)
+        return [sum(seconds[i * k : (i + 1) * k]) for i in range(total)][measured]
 
     generation = per_step(timers["generation"])
     teacher = [sum(parts) for parts in zip(*(per_step(timers[part]) for part in teacher_parts), strict=True)]
-    calls = timers["context"]  # one or more calls per step (a draft harness writes twice)
-    calls_per_step = max(len(calls) // total, 1)
-    summed = [sum(calls[i : i + calls_per_step]) for i in range(0, len(calls), calls_per_step)]
-    context = {"context_s_median": statistics.median(per_step(summed))} if calls else {}
+    calls = timers["context"]
+    context = {"context_s_median": statistics.median(per_step(calls))} if calls else {}
     return {
         "name": name,
         "trainer": type(trainer).__name__,
