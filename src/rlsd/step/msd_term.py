@@ -16,12 +16,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from rlsd.core.distill import head_logits
 from rlsd.core.family_losses import msd_topk_token_loss
 from rlsd.infra.guards import check_plain_lm_head
 from rlsd.infra.validate import ConfigError
 from rlsd.step.rollout_term import LossTerm, TeacherRollouts, TeacherSamples, TermRows, TermValue, loss_term
-from rlsd.teachers import backbone_and_head
 
 
 def chunked_msd_topk_loss(
@@ -99,20 +97,10 @@ class OffPolicyMSD(LossTerm):
         prompt ; sample], with gradient, on the rows that carry one, its hidden states projected `distill_chunk_tokens`
         at a time."""
         rollouts = self.rollouts
-        ids, mask = values["ids"], values["mask"]
-        rows = mask.any(dim=1).nonzero().flatten()
+        rows = values["mask"].any(dim=1).nonzero().flatten()
         if rows.numel() == 0:  # no teacher sample in this micro-batch
             return TermValue(0.0, 0.0, {})
-        ids, mask = ids[rows], mask[rows]
-        input_ids = torch.cat([inputs["prompt_ids"][rows], ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"][rows], mask], dim=1)
-        selected = mask.bool()
-        backbone, head = backbone_and_head(rollouts.accelerator.unwrap_model(model))
-        with rollouts.accelerator.autocast():  # as TRL's loss forward runs
-            output = backbone(input_ids=input_ids, attention_mask=attention_mask)
-        states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        states = states[:, -ids.size(1) - 1 : -1]
-        logits_fn = head_logits(head, rollouts.temperature)
+        ids, selected, states, logits_fn = rollouts.student_states(model, inputs, values, rows)
         top_logps, top_ids = values["topk_logps"][rows][selected], values["topk_ids"][rows][selected]
         per_token = chunked_msd_topk_loss(states[selected], logits_fn, top_logps, top_ids, ids[selected],
                                           rollouts.args.distill_chunk_tokens)  # fmt: skip

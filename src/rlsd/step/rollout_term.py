@@ -166,6 +166,17 @@ class TeacherRollouts:
         keep = completion_mask(completion, self.eos_token_ids)
         return completion.masked_fill(keep == 0, self.tokenizer.pad_token_id), keep
 
+    def student_states(self, model: torch.nn.Module, inputs: dict, values: dict, rows: torch.Tensor) -> tuple:
+        """The student's forward (with gradient, backbone under autocast as TRL's loss runs) on [plain prompt ;
+        trajectory] of `rows`: their ids, token mask, hidden states before each token, and the head's logits."""
+        ids, mask = values["ids"][rows], values["mask"][rows]
+        backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
+        with self.accelerator.autocast():
+            output = backbone(input_ids=torch.cat([inputs["prompt_ids"][rows], ids], dim=1),
+                              attention_mask=torch.cat([inputs["prompt_mask"][rows], mask], dim=1))  # fmt: skip
+        states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        return ids, mask.bool(), states[:, -ids.size(1) - 1 : -1], head_logits(head, self.temperature)
+
     @torch.no_grad()
     def trajectory_pass(
         self,
@@ -525,20 +536,10 @@ class BRTS(LossTerm):
         backbone on [plain prompt ; trajectory], with gradient, on the rows that carry one (a prompt's first row),
         its hidden states projected `distill_chunk_tokens` at a time."""
         rollouts = self.rollouts
-        ids, mask = values["ids"], values["mask"]
-        rows = mask.any(dim=1).nonzero().flatten()
+        rows = values["mask"].any(dim=1).nonzero().flatten()
         if rows.numel() == 0:  # no kept trajectory starts in this micro-batch
             return TermValue(0.0, 0.0, {})
-        ids, mask = ids[rows], mask[rows]
-        input_ids = torch.cat([inputs["prompt_ids"][rows], ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"][rows], mask], dim=1)
-        selected = mask.bool()
-        backbone, head = backbone_and_head(rollouts.accelerator.unwrap_model(model))
-        with rollouts.accelerator.autocast():  # as TRL's loss forward runs
-            output = backbone(input_ids=input_ids, attention_mask=attention_mask)
-        states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        states = states[:, -ids.size(1) - 1 : -1]
-        logits_fn = head_logits(head, rollouts.temperature)
+        _, selected, states, logits_fn = rollouts.student_states(model, inputs, values, rows)
         top_logps, top_ids = values["topk_logps"][rows], values["topk_ids"][rows]
         per_token = chunked_topk_kl(states[selected], logits_fn, top_logps[selected], top_ids[selected],
                                     rollouts.args.distill_chunk_tokens)  # fmt: skip
