@@ -142,4 +142,3 @@ def registries():
     for table, items in saved:
         table.clear()
         table.update(items)
-

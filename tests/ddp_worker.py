@@ -73,6 +73,7 @@ def main(model_dir: str, data: str, out: str, mode: str = "rlsd") -> None:
         trainer.source.siblings = recorded
     groups: list[dict] = []
     if mode == "uniopd":  # record the rule's global inputs and what this rank keeps of its output
+
         def recording(rule_fn):
             def recording_rule(signals, params):
                 token_adv, metrics = rule_fn(signals, params)

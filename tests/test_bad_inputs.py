@@ -46,6 +46,7 @@ def cli_main(argv: list[str]) -> int:
     line on stderr and exit status 2, as `tests/test_command_line.py` checks)."""
     return rlsd_cli_main([*argv, "--debug"])
 
+
 TINY = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
         "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm",
         "true", "--reward_funcs", "integer_match"]  # fmt: skip

@@ -36,10 +36,17 @@ def test_the_extending_examples_register_and_configure(tmp_path, registries, mon
     assert {"my_shifted"} <= set(RULES) and {"my_scaled_kl"} <= set(LOSSES) and "my_reflection" in SOURCES
     assert "my_hint" in TRANSFORMS and "my_qa" in FORMATS
     assert "my_live_copy" in TEACHER_KINDS and "my_first_nll" in TERMS
-    assert (config.credit, config.my_shift, config.distill_loss, config.my_kl_scale) == ("my_shifted", 0.5,
-                                                                                         "my_scaled_kl", 2.0)
+    assert (config.credit, config.my_shift, config.distill_loss, config.my_kl_scale) == (
+        "my_shifted",
+        0.5,
+        "my_scaled_kl",
+        2.0,
+    )
     assert config.teacher_template == SOURCES["my_reflection"].default_template
     rollouts = namespace["with_rollouts"]
-    assert (rollouts.teacher, rollouts.teacher_rollout_loss, rollouts.my_nll_scale) == ("my_live_copy",
-                                                                                     "my_first_nll", 1.0)
+    assert (rollouts.teacher, rollouts.teacher_rollout_loss, rollouts.my_nll_scale) == (
+        "my_live_copy",
+        "my_first_nll",
+        1.0,
+    )
     assert detect_format(["question", "final"]) == "my_qa"

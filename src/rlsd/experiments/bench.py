@@ -418,8 +418,14 @@ def run_cost(
     for name, runs in samples.items():
         summary[name] = {
             key: statistics.median(r[key] for r in runs)
-            for key in ("step_s_median", "generation_s_median", "teacher_s_median", "rest_s_median", "peak_rss_mib",
-                        "context_s_median")
+            for key in (
+                "step_s_median",
+                "generation_s_median",
+                "teacher_s_median",
+                "rest_s_median",
+                "peak_rss_mib",
+                "context_s_median",
+            )
             if key in runs[0]
         }
         summary[name]["trainer"] = runs[0]["trainer"]  # the class timed under this name

@@ -71,7 +71,10 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     # four times five minus two=` for `Q: 3+4*5-2=`. Unlike the paper's English, the words are the form the warm
     # start never saw: this exercises the mechanics, it is not a transfer result.
     "msd": {
-        **_FULL_OPSD, "distill_loss": "msd", "privileged_source": "parallel", "context_generator": "task-words",
+        **_FULL_OPSD,
+        "distill_loss": "msd",
+        "privileged_source": "parallel",
+        "context_generator": "task-words",
         "teacher_template": "{parallel}",
     },
     # OPHSD (arXiv 2605.08741): no reward; full-vocabulary reverse KL(p_S || p_T) (the JSD at beta = 1) to the teacher

@@ -12,7 +12,8 @@ def render_cost_table(cost: dict[str, Any]) -> str:
     "context s" column (the generated context's writer, part of "teacher s") when the result records one."""
     context = any("context_s_median" in r for r in cost["results"].values())
     lines = [
-        "| config | s / step | ratio to GRPO | generation s | teacher s |" + (" context s |" if context else "")
+        "| config | s / step | ratio to GRPO | generation s | teacher s |"
+        + (" context s |" if context else "")
         + " rest s | extra / teacher | peak RSS MiB | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if context else ""),
     ]
