@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +145,57 @@ def registries():
     for table, items in saved:
         table.clear()
         table.update(items)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+from conftest import make_config, make_model
+from {module} import {reward}, {dataset}
+from rlsd import RLSDTrainer
+from rlsd.experiments.tiny import build_char_tokenizer
+
+real_save = torch.save
+
+
+def save_then_die(obj, path, *args, **kwargs):
+    real_save(obj, path, *args, **kwargs)
+    if str(path).endswith("rlsd_teacher.pt") and "checkpoint-{step}" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)  # killed while checkpoint-{step} is being written
+
+
+torch.save = save_then_die
+tokenizer = build_char_tokenizer()
+trainer = RLSDTrainer(make_model(tokenizer), {reward}, args=make_config({out!r}, **{settings!r}),
+                      train_dataset={dataset}(), processing_class=tokenizer)
+trainer.train()
+"""
+
+
+def run_killed_while_saving(
+    tmp_path: Path,
+    out: Path,
+    settings: dict,
+    *,
+    step: int = 4,
+    module: str = "conftest",
+    reward: str = "parity_reward",
+    dataset: str = "make_dataset",
+) -> subprocess.CompletedProcess:
+    """Train in a child process (`reward` and `dataset` imported from the test `module`) that is killed with SIGKILL
+    while checkpoint-`step` is being written, after its teacher file; returns the finished process."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        KILLED_RUN.format(
+            tests=str(Path(__file__).resolve().parent),
+            out=str(out),
+            settings=settings,
+            step=step,
+            module=module,
+            reward=reward,
+            dataset=dataset,
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)

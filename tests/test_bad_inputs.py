@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_config, make_dataset, make_model, parity_reward
+from conftest import make_config, make_dataset, make_model, parity_reward, run_killed_while_saving
 from datasets import Dataset
 from test_data_rewards import GSM8K
 
@@ -37,8 +35,6 @@ from rlsd.infra.validate import (
     OutputDirError,
     RewardError,
 )
-
-TESTS = Path(__file__).resolve().parent
 
 
 def cli_main(argv: list[str]) -> int:
@@ -510,38 +506,10 @@ def test_full_disk_is_reported_as_such_and_leaves_the_previous_checkpoint(tokeni
     assert (tmp_path / "checkpoint-2" / MANIFEST_FILE).exists()
 
 
-KILLED_RUN = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import torch
-from conftest import make_config, make_dataset, make_model, parity_reward
-from rlsd import RLSDTrainer
-from rlsd.experiments.tiny import build_char_tokenizer
-
-real_save = torch.save
-
-
-def save_then_die(obj, path, *args, **kwargs):
-    real_save(obj, path, *args, **kwargs)
-    if str(path).endswith("rlsd_teacher.pt") and "checkpoint-4" in str(path):
-        os.kill(os.getpid(), signal.SIGKILL)  # killed while checkpoint-4 is being written
-
-
-torch.save = save_then_die
-tokenizer = build_char_tokenizer()
-trainer = RLSDTrainer(make_model(tokenizer), parity_reward, args=make_config({out!r}, **{settings!r}),
-                      train_dataset=make_dataset(), processing_class=tokenizer)
-trainer.train()
-"""
-
-
 def test_kill_while_writing_a_checkpoint_then_resume_exactly_from_the_previous_one(tokenizer, tmp_path):
     settings = {**RESUME, "max_steps": 6}
     killed = tmp_path / "killed"
-    script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN.format(tests=str(TESTS), out=str(killed), settings=settings))
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    result = run_killed_while_saving(tmp_path, killed, settings)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     torn = killed / f"{PARTIAL_PREFIX}checkpoint-4" / "checkpoint-4"
     assert (torn / "rlsd_teacher.pt").exists() and not (torn / MANIFEST_FILE).exists()

@@ -10,14 +10,11 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_trainer, make_config
+from conftest import build_trainer, make_config, run_killed_while_saving
 
 from rlsd.context.generated import GenerationRequest, context_generator
 from rlsd.context.prompts import RolloutTap
@@ -48,8 +45,6 @@ from rlsd.infra.checkpoint import (
 )
 from rlsd.infra.validate import CheckpointError
 from rlsd.plan import Stages
-
-TESTS = Path(__file__).resolve().parent
 
 
 def args(**values):
@@ -355,39 +350,12 @@ def test_the_playbook_is_sealed_in_the_checkpoint_and_restored_on_resume(tokeniz
         again.train(resume_from_checkpoint=str(checkpoint))
 
 
-KILLED_RUN = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import torch
-from conftest import make_config, make_model
-from test_resd import zero_reward, task_dataset
-from rlsd import RLSDTrainer
-from rlsd.experiments.tiny import build_char_tokenizer
-
-real_save = torch.save
-
-
-def save_then_die(obj, path, *args, **kwargs):
-    real_save(obj, path, *args, **kwargs)
-    if str(path).endswith("rlsd_teacher.pt") and "checkpoint-4" in str(path):
-        os.kill(os.getpid(), signal.SIGKILL)  # killed while checkpoint-4 is being written
-
-
-torch.save = save_then_die
-tokenizer = build_char_tokenizer()
-trainer = RLSDTrainer(make_model(tokenizer), zero_reward, args=make_config({out!r}, **{settings!r}),
-                      train_dataset=task_dataset(), processing_class=tokenizer)
-trainer.train()
-"""
-
-
 def test_the_playbook_survives_kill_9_while_a_checkpoint_is_written(tokenizer, tmp_path):
     settings = {**SAVED, "max_steps": 4, "save_steps": 2}
     killed = tmp_path / "killed"
-    script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN.format(tests=str(TESTS), out=str(killed), settings=settings))
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    result = run_killed_while_saving(
+        tmp_path, killed, settings, module="test_resd", reward="zero_reward", dataset="task_dataset"
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (killed / f"{PARTIAL_PREFIX}checkpoint-4" / "checkpoint-4" / SOURCE_STATE_FILE).exists()

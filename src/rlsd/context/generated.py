@@ -81,21 +81,23 @@ def resolve_generator(spec: str) -> GeneratorFn | None:
     raise ValueError(f"context_generator={spec!r} is not one of {known}, nor a 'module:function'")
 
 
-def instruction_check(fields: Sequence[str]) -> Callable[[Any], str | None]:
-    """A knob check for a generator's instruction: a format string with `{completion}` naming no field besides
+def instruction_check(fields: Sequence[str], required: str = "completion") -> Callable[[Any], str | None]:
+    """A knob check for a generator's instruction: a format string with `{required}` naming no field besides
     `fields`."""
+    need = "{" + required + "}"
 
     def check(value: Any) -> str | None:
         if not isinstance(value, str):
-            return f"must be a string with {{completion}}, got {value!r}"
+            return f"must be a string with {need}, got {value!r}"
         try:
             named = template_fields(value)
         except ValueError:
-            return f"must be a valid format string with {{completion}}, got {value!r}"
-        if "completion" not in named:
-            return f"must contain {{completion}}, got {value!r}"
+            return f"must be a valid format string with {need}, got {value!r}"
+        if required not in named:
+            return f"must contain {need}, got {value!r}"
         unknown = sorted(named - set(fields))
-        known = ", ".join("{" + name + "}" for name in fields)
+        braced = ["{" + name + "}" for name in fields]
+        known = " and ".join([", ".join(braced[:-1]), braced[-1]]) if len(braced) > 1 else braced[0]
         return f"may name only {known}, got {{{unknown[0]}}}" if unknown else None
 
     return check

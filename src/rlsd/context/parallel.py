@@ -21,9 +21,9 @@ from typing import Any
 
 from datasets import Dataset
 
-from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource
+from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, instruction_check
 from rlsd.context.sources import Context, RolloutView, _splits, privileged_source
-from rlsd.context.templates import is_empty_answer, template_fields
+from rlsd.context.templates import is_empty_answer
 from rlsd.core.rules import Knob
 
 PARALLEL_INSTRUCTION = (
@@ -44,18 +44,7 @@ def _language(value: Any) -> str | None:
     return None if isinstance(value, str) and value.strip() else f"must name a language, got {value!r}"
 
 
-def _instruction(value: Any) -> str | None:
-    """A knob check: a format string with `{prompt}` and no field besides `{prompt}` and `{language}`."""
-    if not isinstance(value, str):
-        return f"must be a string with {{prompt}}, got {value!r}"
-    try:
-        fields = template_fields(value)
-    except ValueError:
-        return f"must be a valid format string with {{prompt}}, got {value!r}"
-    if "prompt" not in fields:
-        return f"must contain {{prompt}}, got {value!r}"
-    unknown = sorted(fields - {"prompt", "language"})
-    return f"may name only {{prompt}} and {{language}}, got {{{unknown[0]}}}" if unknown else None
+_instruction = instruction_check(("prompt", "language"), required="prompt")
 
 
 PARALLEL_KNOBS = {

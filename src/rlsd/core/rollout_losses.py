@@ -167,15 +167,7 @@ def chunked_topk_kl(
     def piece(h: Tensor, logps: Tensor, ids: Tensor) -> Tensor:
         return topk_trajectory_kl(logits_fn(h), logps, ids)
 
-    if hidden.size(0) == 0:
-        return hidden.sum(-1) * 0.0
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
-    pieces = []
-    for start in range(0, hidden.size(0), chunk_tokens):
-        end = start + chunk_tokens
-        args = (hidden[start:end], teacher_topk_logps[start:end], teacher_topk_ids[start:end])
-        pieces.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
-    return torch.cat(pieces)
+    return chunked_rows(piece, hidden, teacher_topk_logps, teacher_topk_ids, chunk_tokens=chunk_tokens)
 
 
 def chunked_sampled_logps(
@@ -187,12 +179,19 @@ def chunked_sampled_logps(
     def piece(h: Tensor, chunk_ids: Tensor) -> Tensor:
         return F.log_softmax(logits_fn(h), dim=-1).gather(-1, chunk_ids.unsqueeze(-1)).squeeze(-1)
 
+    return chunked_rows(piece, hidden, ids, chunk_tokens=chunk_tokens)
+
+
+def chunked_rows(piece: Callable[..., Tensor], hidden: Tensor, *rows: Tensor, chunk_tokens: int = 1024) -> Tensor:
+    """`piece(hidden, *rows)` over the N positions `chunk_tokens` at a time (the first dimension of `hidden` (N, H)
+    and of each of `rows`), each chunk recomputed in the backward pass when `hidden` needs a gradient (no (N, V)
+    logits are held). Returns (N,)."""
     if hidden.size(0) == 0:
         return hidden.sum(-1) * 0.0
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     pieces = []
     for start in range(0, hidden.size(0), chunk_tokens):
-        args = (hidden[start : start + chunk_tokens], ids[start : start + chunk_tokens])
+        args = (hidden[start : start + chunk_tokens], *(row[start : start + chunk_tokens] for row in rows))
         pieces.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
     return torch.cat(pieces)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from rlsd.core.family_losses import msd_topk_token_loss
+from rlsd.core.rollout_losses import chunked_rows
 from rlsd.infra.guards import check_plain_lm_head
 from rlsd.infra.validate import ConfigError
 from rlsd.step.rollout_term import LossTerm, TeacherRollouts, TeacherSamples, TermRows, TermValue, loss_term
@@ -37,15 +37,7 @@ def chunked_msd_topk_loss(
     def piece(h: Tensor, logps: Tensor, ids: Tensor, sampled: Tensor) -> Tensor:
         return msd_topk_token_loss(logits_fn(h), logps, ids, sampled)
 
-    if hidden.size(0) == 0:
-        return hidden.sum(-1) * 0.0
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
-    pieces = []
-    for start in range(0, hidden.size(0), chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        args = (hidden[rows], teacher_topk_logps[rows], teacher_topk_ids[rows], sampled_ids[rows])
-        pieces.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
-    return torch.cat(pieces)
+    return chunked_rows(piece, hidden, teacher_topk_logps, teacher_topk_ids, sampled_ids, chunk_tokens=chunk_tokens)
 
 
 @loss_term("msd")
