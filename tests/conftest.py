@@ -78,9 +78,13 @@ def config_kwargs(tmp_path, **overrides) -> dict:
 
 def rule_overrides(name: str) -> dict:
     """The config of credit rule `name` in a generic test: a rule that contrasts the teacher after negative contexts
-    (RLCSD) needs the source that gives them."""
+    (RLCSD) needs the source that gives them; SRPO contrasts the plain prompt with a corrupted one (on text: its
+    digits masked)."""
     from rlsd.core.rules import get_rule
 
+    if name == "srpo":
+        return {"credit": name, "privileged_source": "none", "teacher_template": "{prompt}",
+                "teacher_transform": "mask_digits"}  # fmt: skip
     contrast = "teacher_contrast_logps" in get_rule(name).needs
     return {"credit": name, **({"privileged_source": "contrast"} if contrast else {})}
 
@@ -147,15 +151,28 @@ def registries():
         table.update(items)
 
 
-KILLED_RUN = """
+CHILD_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import torch
+from transformers import TrainerCallback
 from conftest import make_config, make_model
 from {module} import {reward}, {dataset}
 from rlsd import RLSDTrainer
 from rlsd.experiments.tiny import build_char_tokenizer
 
+CALLBACKS = []
+{hook}
+tokenizer = build_char_tokenizer()
+trainer = RLSDTrainer(make_model(tokenizer), {reward}, args=make_config({out!r}, **{settings!r}),
+                      train_dataset={dataset}(), processing_class=tokenizer)
+for callback in CALLBACKS:
+    trainer.add_callback(callback)
+trainer.train()
+"""
+"""A training run in a child process; `hook` (code) patches what it needs and may append callbacks to CALLBACKS."""
+
+KILL_WHILE_SAVING = """
 real_save = torch.save
 
 
@@ -166,11 +183,35 @@ def save_then_die(obj, path, *args, **kwargs):
 
 
 torch.save = save_then_die
-tokenizer = build_char_tokenizer()
-trainer = RLSDTrainer(make_model(tokenizer), {reward}, args=make_config({out!r}, **{settings!r}),
-                      train_dataset={dataset}(), processing_class=tokenizer)
-trainer.train()
 """
+
+
+def run_child(
+    tmp_path: Path,
+    out: Path,
+    settings: dict,
+    hook: str,
+    *,
+    module: str = "conftest",
+    reward: str = "parity_reward",
+    dataset: str = "make_dataset",
+) -> subprocess.CompletedProcess:
+    """Train in a child process (`reward` and `dataset` imported from the test `module`, `hook` run before the trainer
+    is built: `CHILD_RUN`) writing into `out`; returns the finished process."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        CHILD_RUN.format(
+            tests=str(Path(__file__).resolve().parent),
+            out=str(out),
+            settings=settings,
+            hook=hook,
+            module=module,
+            reward=reward,
+            dataset=dataset,
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
 
 
 def run_killed_while_saving(
@@ -183,19 +224,7 @@ def run_killed_while_saving(
     reward: str = "parity_reward",
     dataset: str = "make_dataset",
 ) -> subprocess.CompletedProcess:
-    """Train in a child process (`reward` and `dataset` imported from the test `module`) that is killed with SIGKILL
-    while checkpoint-`step` is being written, after its teacher file; returns the finished process."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        KILLED_RUN.format(
-            tests=str(Path(__file__).resolve().parent),
-            out=str(out),
-            settings=settings,
-            step=step,
-            module=module,
-            reward=reward,
-            dataset=dataset,
-        )
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    """Train in a child process (`run_child`) that is killed with SIGKILL while checkpoint-`step` is being written,
+    after its teacher file; returns the finished process."""
+    hook = KILL_WHILE_SAVING.format(step=step)
+    return run_child(tmp_path, out, settings, hook, module=module, reward=reward, dataset=dataset)

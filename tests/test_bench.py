@@ -12,9 +12,13 @@ from rlsd.experiments.bench import methods_table, render_methods_table
 pytestmark = pytest.mark.slow  # end-to-end runs
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLSD_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One warm-start cache for the module: the quick warm start (and the external teacher) is built once, not per
+    test; no test here checks the cache itself (test_demo does)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RLSD_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def test_bench_methods_quick(cache, tmp_path):
@@ -27,6 +31,25 @@ def test_bench_methods_quick(cache, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rlsd/lambda" in r for r in rows if r.get("method") == "rlsd" and r["kind"] == "train")
     assert (out / "curves.png").stat().st_size > 0 and "| rlsd |" in (out / "table.md").read_text()
+    assert_provenance(out, "results.json", argv)
+    assert result["runs"]["rlsd/1"]["provenance"]["command_line"] == "rlsd bench " + " ".join(argv)  # per run
+
+
+def assert_provenance(out, name: str, argv: list[str]) -> None:
+    """The raw result `name` and timing.json in `out` record the commit, CPU model, thread count and command line
+    (issue 26, item 6), and timing.json the run's wall time."""
+    import re
+
+    import torch
+
+    from rlsd.experiments.provenance import cpu_model
+
+    timing = json.loads((out / "timing.json").read_text())
+    for made in (json.loads((out / name).read_text())["provenance"], timing["provenance"]):
+        assert re.fullmatch(r"[0-9a-f]{40}", made["commit"]) and isinstance(made["commit_dirty"], bool)
+        assert made["cpu_model"] == cpu_model() and made["torch_threads"] == torch.get_num_threads()
+        assert made["command_line"] == "rlsd bench " + " ".join(argv)
+    assert timing["wall_seconds"] > 0
 
 
 def test_bench_methods_resume_adds_seeds_and_keeps_finished_runs(cache, tmp_path):
@@ -78,6 +101,7 @@ def test_bench_cost_quick(cache, tmp_path):
     assert cost["grpo"]["step_ratio_to_grpo"] == 1.0
     assert cost["rlsd-live"]["teacher_s_median"] > 0 and cost["grpo"]["teacher_s_median"] == 0
     assert cost["rlsd-live"]["peak_rss_mib"] > 0
+    assert_provenance(out, "cost.json", argv)
 
 
 def test_bench_study_quick_pairs_every_knob_with_grpo(cache, tmp_path):
@@ -88,6 +112,7 @@ def test_bench_study_quick_pairs_every_knob_with_grpo(cache, tmp_path):
     assert study["grpo"]["diff_mean"] == 0.0 and study["grpo"]["diff_ci95"] == [0.0, 0.0]
     assert len(study["rlsd-const"]["scores"]) == 2
     assert "| rlsd-const |" in (out / "study.md").read_text()
+    assert_provenance(out, "results.json", argv)
 
 
 def test_bench_family_members_run_in_methods_and_cost(cache, tmp_path):

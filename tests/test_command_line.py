@@ -145,7 +145,7 @@ def test_quick_benchmarks_write_under_runs_unless_told(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     seen = []
 
-    def fake_run_methods(config, methods, seeds, progress, resume=False):
+    def fake_run_methods(config, methods, seeds, progress, resume=False, command=None):
         seen.append(config.out)
         return {"table": {}}
 

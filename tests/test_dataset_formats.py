@@ -89,13 +89,16 @@ def test_a_format_name_is_registered_once():
 
 
 def test_built_in_formats_keep_their_names_and_detection_order():
-    assert format_names() == ("gsm8k", "math", "dapo_math", "deepmath", "generic", "mmfinereason", "mathvista")
+    assert format_names() == (
+        "gsm8k", "math", "dapo_math", "deepmath", "generic", "mmfinereason", "mathvista", "easyvideor1"
+    )  # fmt: skip
+    assert detect_format(["problem", "answer", "videos", "problem_type"]) == "easyvideor1"  # not math
     assert FORMATS["mathvista"].images == ("decoded_image", "image") and not FORMATS["math"].images
     mathvista = ["pid", "question", "image", "decoded_image", "choices", "question_type", "answer"]
     assert detect_format(mathvista) == "mathvista"  # also has MMFineReason's columns: the higher priority wins
     assert detect_format(["image", "question", "answer"]) == "mmfinereason"  # not gsm8k
     assert detect_format(["image", "question", "final_answer"]) == "deepmath"  # no answer / solution: text
-    with pytest.raises(ValueError, match=r"--dataset_format \(gsm8k, math, .*, mathvista\)"):
+    with pytest.raises(ValueError, match=r"--dataset_format \(gsm8k, math, .*, mathvista, easyvideor1\)"):
         detect_format(["title"])
 
 

@@ -63,6 +63,9 @@ def test_demo_quick_writes_all_files(cache, tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"grpo", "rlsd", "opsd"}
+    timing = json.loads((out / "timing.json").read_text())  # written by the run, with its provenance (issue 26)
+    assert timing["wall_seconds"] > 0 and timing["provenance"] == summary["provenance"]
+    assert summary["provenance"]["command_line"] == f"rlsd demo --quick --out {out} --no-progress"
     for numbers in summary["methods"].values():
         assert {"initial_pass_at_1", "final_pass_at_1", "peak_pass_at_1", "final_leakage_rate",
                 "seconds_per_step", "wall_seconds"} <= set(numbers)  # fmt: skip

@@ -99,7 +99,7 @@ def test_method_colors_never_repeat():
 
 def test_paired_bootstrap_by_hand():
     """Equal differences collapse the interval onto them; otherwise it brackets the mean within the data's range."""
-    from rlsd.experiments.evidence import paired_bootstrap
+    from rlsd.experiments.evidence_real import paired_bootstrap
 
     assert paired_bootstrap([0.25] * 10, resamples=200) == (0.25, 0.25, 0.25)
     mean, low, high = paired_bootstrap([0.0, 0.0, 0.0, 1.0], resamples=2000)
@@ -111,7 +111,7 @@ def test_real_round_renders_intervals_from_samples(tmp_path):
     """A later real-model round: avg@n by problem, the paired change, halves of the reward, the teacher's share."""
     import json
 
-    from rlsd.experiments.evidence import render_real_round
+    from rlsd.experiments.evidence_real import render_real_round
 
     folder = tmp_path / "benchmarks" / "real" / "round2"
     (folder / "runs" / "grpo").mkdir(parents=True)
@@ -128,3 +128,53 @@ def test_real_round_renders_intervals_from_samples(tmp_path):
     )
     assert expected in table
     assert "| rlsd | 0 | (did not finish)" in table
+
+
+def test_real_round_teacher_share_counts_only_steps_where_the_teacher_ran(tmp_path):
+    """A skipped teacher pass (no row with A != 0) logs tens of microseconds: its step is not one where it ran, so
+    the median share is over the two steps of 1.0 s and 3.0 s in 10 s (20.0), not over all four (10.0)."""
+    import json
+
+    from rlsd.experiments.evidence_real import render_real_round
+
+    folder = tmp_path / "benchmarks" / "real" / "round2"
+    (folder / "runs" / "rlsd").mkdir(parents=True)
+    samples = [{"problem": p, "reward": 0.0, "completion": "x"} for p in range(2)]
+    for name in ("base", "rlsd"):
+        (folder / f"eval-{name}.samples.json").write_text(json.dumps(samples))
+    history = [{"reward": 0.5, "frac_reward_zero_std": 0.5, "step_time": 10.0, "rlsd/teacher_time_s": t}
+               for t in (3e-5, 1.0, 3.0, 4e-5)]  # fmt: skip
+    (folder / "runs" / "rlsd" / "log_history.json").write_text(json.dumps(history))
+    assert "| 10.0 | 20.0 | 0.0 -> 0.0 |" in render_real_round(tmp_path)
+
+
+def test_real_leakage_matches_the_protocols_definition_only():
+    """A "reference" or a "given answer" (BENCHMARKS.md section 10), not "the answer is given"."""
+    from rlsd.experiments.evidence_real import _REAL_LEAK
+
+    assert _REAL_LEAK.search("I created a new question based on the given answer")
+    assert _REAL_LEAK.search("See the Reference solution")
+    assert _REAL_LEAK.search("The answer is given below: 12") is None
+
+
+def test_the_external_teacher_has_the_parameters_the_documents_state():
+    """3,595,392 parameters (3.6M; BENCHMARKS.md section 11, README) against the student's 1,084,928 (1.1M)."""
+    from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
+    from rlsd.experiments.warmstart import WarmStartConfig, external_teacher_config
+
+    def count(c: WarmStartConfig) -> int:
+        model = build_tiny_qwen2(build_char_tokenizer(), hidden_size=c.hidden_size, num_layers=c.num_layers,
+                                 num_heads=c.num_heads, intermediate_size=c.intermediate_size)  # fmt: skip
+        return sum(p.numel() for p in model.parameters())
+
+    student = WarmStartConfig()
+    assert (count(student), count(external_teacher_config(student))) == (1_084_928, 3_595_392)
+
+
+def test_training_clip_rows_say_where_nothing_was_logged():
+    """The clip shares are logged while lam > 0 only: the whole run's row must not repeat steps 1-50's numbers."""
+    from rlsd.experiments.evidence import render_training_clip
+
+    table = render_training_clip(ROOT)
+    assert "| steps 1-150 | not logged after step 50 |" in table and "all steps" not in table
+    assert "adds at most 3.6 points" in table and ", 1.8 if half are." in table

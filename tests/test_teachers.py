@@ -103,7 +103,7 @@ def test_teacher_modes_list_the_built_in_kinds_and_config_reads_them_from_the_te
     assert TEACHER_MODES == ("synced", "live", "initial", "ema")
     assert rlsd.config.TEACHER_MODES is TEACHER_MODES  # re-exported, not a second list
     assert list(TEACHER_KINDS)[:5] == [*TEACHER_MODES, "external"]
-    assert {name for name, kind in TEACHER_KINDS.items() if kind.follows_policy} == {"synced", "ema"}
+    assert {name for name, kind in TEACHER_KINDS.items() if kind.follows_policy} == {"synced", "ema", "near_future"}
     assert [name for name, kind in TEACHER_KINDS.items() if kind.loads_model] == ["external"]
     assert TEACHER_KINDS["external"].cls is ExternalTeacher and ExternalTeacher.mode == "external"
 

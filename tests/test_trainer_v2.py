@@ -482,21 +482,22 @@ def test_uni_opd_groups_straddling_processes_follow_the_global_layout(tokenizer,
 
 
 # ------------------------------------------------------- defect 10: teacher prompts from the prompts TRL actually used
-def test_environments_and_rollout_functions_are_refused_with_a_teacher(tokenizer, tmp_path):
+def test_rollout_functions_with_a_teacher_refuse_only_options_that_build_their_own_prompts(tokenizer, tmp_path):
+    """A teacher reads a rollout function's conversation (`tests/test_agents.py`); teacher rollouts, which generate
+    from the dataset prompts outside it, are refused by name."""
     from rlsd import RLSDTrainer
 
     def rollout_func(prompts, trainer):
-        raise AssertionError("never called: the trainer is refused at construction")
+        raise AssertionError("never called: only construction is checked")
 
     def make(**config):
         args = make_config(tmp_path, **config)
         return RLSDTrainer(make_model(tokenizer), parity_reward, args=args, train_dataset=make_dataset(),
                            processing_class=tokenizer, rollout_func=rollout_func)  # fmt: skip
 
-    with pytest.raises(NotImplementedError, match=r"rollout_func with credit='rlsd'.*rebuilt from the dataset row"):
-        make(credit="rlsd")
-    with pytest.raises(NotImplementedError, match=r"rollout_func with distill_loss='jsd'"):
-        make(credit="grpo", distill_loss="jsd")
+    with pytest.raises(NotImplementedError, match=r"teacher_rollout_loss='brts' with rollout_func"):
+        make(credit="rlsd", teacher_rollout_loss="brts")
+    assert make(credit="grpo", distill_loss="jsd").rollout_func is not rollout_func  # wrapped: its env_mask is checked
     assert make(credit="grpo").rollout_func is rollout_func  # without a teacher, TRL's option works as before
 
 

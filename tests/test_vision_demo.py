@@ -107,3 +107,30 @@ def test_vision_demo_quick_writes_all_files(cache, tmp_path, capsys):
     assert any("rlsd/delta_mean" in r for r in train if r["method"] == "rlsd")  # the teacher scored the images
     report = (out / "report.html").read_text()
     assert 'alt="problem image" src="data:image/png;base64,' in report  # the viewer shows the image
+
+
+def test_srpo_trains_every_method_from_a_perception_warm_start(cache, tmp_path):
+    import hashlib
+    from dataclasses import asdict
+
+    from rlsd.experiments.vision_task import VISION_WARMSTART_FORMAT_VERSION, VisionDemoConfig, vision_solution
+
+    plain = VisionWarmStartConfig()
+    fields = {k: v for k, v in asdict(plain).items() if k != "perception"}
+    payload = json.dumps({"version": VISION_WARMSTART_FORMAT_VERSION, **fields}, sort_keys=True)
+    assert plain.key() == hashlib.sha256(payload.encode()).hexdigest()[:16]  # the cached warm starts keep their key
+    assert VisionWarmStartConfig(perception=True).key() != plain.key()
+    config = VisionDemoConfig(methods=("grpo", "srpo"))
+    assert config.warm.perception and config.completion_length() == 32 + 12  # `<p>` + 5 characters + `</p>`
+    assert not VisionDemoConfig(methods=("grpo", "rlsd")).warm.perception
+    problem = sample_problems(TaskConfig(num_operands=3), 1, seed=0, split="train")[0]
+    expression = problem.prompt.removeprefix("Q: ").removesuffix("=")
+    assert vision_solution(problem, perception=True) == f"<p>{expression}</p>{problem.solution()}"
+    out = tmp_path / "srpo-demo"
+    command = ["demo", "--task", "vision", "--quick", "--methods", "srpo", "--out", str(out), "--no-progress"]
+    assert cli_main(command) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"srpo"} and summary["config"]["warm"]["perception"] is True
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2 and all("rlsd/srpo_untagged_frac" in r for r in train)

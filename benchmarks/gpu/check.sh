@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-GPU check: GRPO vs RLSD (live, synced) step time and peak memory, FSDP2 with a distillation loss, ZeRO-3.
+# One-GPU check: GRPO vs RLSD (live, synced) step time and peak memory, FSDP2 with a distillation loss, ZeRO-3, and
+# RLSD generating with TRL's colocated vLLM (teacher in the trainer / served by the engine) where vllm is importable.
 #   bash benchmarks/gpu/check.sh [--smoke] [--out FILE] [--rows a,b]   run (installs trl/deepspeed from wheels if missing)
 #   bash benchmarks/gpu/check.sh --fetch-wheels DIR                     download the wheels to carry (needs network)
 # Wheels are looked for in $RLSD_WHEELS (default benchmarks/gpu/wheels); nothing is downloaded when running.
@@ -68,6 +69,8 @@ if [[ "$SMOKE" == 0 ]]; then
         || echo "install: rlsd not installed, using PYTHONPATH=src"
 fi
 has_module trl || { echo "trl is missing and could not be installed from $WHEELS: nothing can run" >&2; exit 1; }
+has_module vllm || echo "vllm: not importable by $PYTHON: the vllm-colocate and vllm-served-teacher rows are skipped" \
+    "(GPU: pip install vllm==0.31.0; CPU: make install-vllm, then PYTHON=.venv-vllm/bin/python)"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 exec "$PYTHON" "$HERE/check.py" "$@"

@@ -13,12 +13,13 @@ from trl import GRPOConfig
 
 from rlsd.config_checks import SPANS, check_fields, check_numbers
 from rlsd.context.sources import SOURCE_KNOBS, SOURCES
+from rlsd.core.credit import DEFAULT_RLSD_CLIP, DEFAULT_RLSD_LAMBDA
 from rlsd.core.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.core.rules import KNOBS, RULES, Knob
 from rlsd.data.rewards import DEFAULT_REWARD_TIMEOUT_S
 from rlsd.step import msd_term  # noqa: F401  (registers off-policy MSD's teacher-rollout term, "msd")
 from rlsd.step.rollout_term import TERM_KNOBS, TERMS
-from rlsd.teachers import DEFAULT_TEACHER, TEACHER_KINDS
+from rlsd.teachers import DEFAULT_TEACHER, NPO_KNOBS, TEACHER_KINDS
 from rlsd.teachers import TEACHER_MODES as TEACHER_MODES  # re-exported: the teacher kinds are `rlsd.teachers`'s
 
 DISTILL_LOSSES = ("none", *LOSSES)
@@ -51,11 +52,13 @@ DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
 TermKnobs = _knob_fields("TermKnobs", TERM_KNOBS)
 """The teacher-rollout terms' knobs as config fields, declared with their term (`rlsd.step.rollout_term.loss_term`)."""
 SourceKnobs = _knob_fields("SourceKnobs", SOURCE_KNOBS)
+NearFutureKnobs = _knob_fields("NearFutureKnobs", NPO_KNOBS)
+"""NPO / AutoNPO's knobs (`rlsd.teachers.near_future`, the guide of `teacher='near_future'`)."""
 """The privileged sources' knobs as config fields, declared with their source (`rlsd.context.sources`)."""
 
 
 @dataclass
-class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
+class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs, NearFutureKnobs):
     r"""
     Configuration for [`RLSDTrainer`]. Every field of TRL's `GRPOConfig` applies unchanged; the fields below add the
     credit assignment of RLSD (RLVR with Self-Distillation, arXiv 2604.03128) and its baselines.
@@ -135,12 +138,26 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
             With `teacher="ema"`, teacher <- decay * teacher + (1 - decay) * policy after every optimizer step;
             bf16 / fp16 parameters are averaged in an fp32 shadow (one fp32 copy more, kept in checkpoints) so that
             steps below their precision are not rounded away.
+        teacher_backend (`str`, *optional*, defaults to `"trainer"`):
+            Where the teacher's log-probs of the completions come from: `"trainer"`, a forward of the teacher's weights
+            in the trainer, or `"vllm"`, `prompt_logprobs` of TRL's colocated vLLM engine on [teacher prompt ;
+            completion] (`rlsd.engines.vllm_teacher`). `"vllm"` serves the live self-teacher only (`teacher="live"`:
+            the generation engine, whose weights are the policy's at every rollout), with `use_vllm=True` in colocate
+            mode and `temperature=1`; one log-prob per sampled token, so credit rules that read only the teacher's
+            log-probs of the sampled tokens, no `distill_loss`, `mad_opd_teachers` or `teacher_rollout_loss`.
         teacher_prefix_sharing (`bool`, *optional*, defaults to `False`):
             Compute each group's teacher prompt once and reuse its key/value cache for the group's completions
             (`rlsd.step.scoring`), instead of one forward per completion on [teacher prompt ; completion]. Text models
             on one device only (sharded, DeepSpeed and vision models score every row whole). The log-probs equal the
             plain pass to float rounding (about 1e-6 in fp32), not bit for bit, and the completion logits are built
             in full (B, T, V) per chunk rather than through TRL's fused head.
+        teacher_offload (`bool`, *optional*, defaults to `False`):
+            Keep the weights a teacher owns (the synced / EMA / initial copy and an EMA's fp32 shadow, `teacher_model`,
+            MAD-OPD's teachers, SDPG's reference) on the CPU between uses: moved to the accelerator for each teacher
+            pass and each update from the policy, and back after (`rlsd.teachers.offload`), so the accelerator holds
+            them only while they work, at two host-device copies of their weights per use. Results are unchanged.
+            Refused under DeepSpeed / FSDP (DeepSpeed's `offload_param` is the tool there) and when no teacher owns
+            weights (`teacher="live"`, a PEFT policy's adapter teachers). On a CPU run the moves are no-ops.
         distill_loss (`str`, *optional*, defaults to `"none"`):
             Distillation term added to TRL's loss, from the student's and the teacher's full next-token distributions
             at each completion token (gradient into the student only; logits are built `distill_chunk_tokens` at a
@@ -187,10 +204,10 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
             prompt, with the student's generation settings (transformers `generate`, `temperature` / `top_p` / `top_k`,
             `max_completion_length`); the term turns them into what its loss needs, and `teacher_rollout_coef` times
             the term is added to the policy loss. Needs `privileged_source` `"answer"` or `"none"` (a sibling is chosen
-            per completion, not per prompt); refused with `use_vllm` (teacher generation uses transformers; the vLLM
-            path is not implemented, as it cannot be tested here), `stages`, `mad_opd_teachers`, tools, environments,
-            rollout functions, images, FSDP and DeepSpeed. Logs `rlsd/teacher_rollout_loss` and
-            `rlsd/teacher_rollout_time_s`, and the term's own metrics.
+            per completion, not per prompt); refused with `use_vllm` (teacher generation uses transformers; a vLLM
+            path is not implemented: the colocated engine holds only the policy's weights), `stages`,
+            `mad_opd_teachers`, tools, environments, rollout functions, images, FSDP and DeepSpeed. Logs
+            `rlsd/teacher_rollout_loss` and `rlsd/teacher_rollout_time_s`, and the term's own metrics.
         teacher_rollouts (`int`, *optional*, defaults to `4`):
             N, the teacher completions generated per prompt (BRTS's candidates, PBSD's positives). Must be >= 1.
         teacher_rollout_coef (`float` or `None`, *optional*, defaults to `None`):
@@ -234,9 +251,11 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
             `"answer"` and its counterparts for `"sibling"` and `"both"` (`rlsd.context.templates`). System turns of
             conversational prompts are kept.
         teacher_transform (`str` or `None`, *optional*, defaults to `None`):
-            A registered teacher-side input transform (`rlsd.context.transforms`, e.g. `"blank_images"`) applied to
-            each row's prompt and images before the teacher template: the teacher sees another input than the student.
-            `None`: the student's input. Transformed images with a distillation loss are not supported yet.
+            A registered teacher-side input transform (`rlsd.context.transforms`: `"blank_images"`, `"noise_images"`,
+            `"blur_images"`, `"mask_digits"`, and `"crop_to_box"`, `"draw_box"`, `"gaussian_mask"`, which read a box
+            per row from the `teacher_box` column) applied to each row's prompt and images before the teacher
+            template: the teacher sees another input than the student (SRPO's corrupted pass). `None`: the student's
+            input. Transformed images with a distillation loss are not supported yet.
         reward_timeout (`float`, *optional*, defaults to `600.0`):
             Seconds one call of a reward function may take; a call that overruns stops the run with an error naming
             the function (run in a worker process that is killed and restarted on timeout; a function that cannot be
@@ -257,7 +276,8 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
         metadata={"help": "Token credit rule.", "choices": list(RULES)},
     )
     rlsd_lambda: float = field(
-        default=0.5, metadata={"help": "lam_0: weight of the clipped teacher ratio in the RLSD multiplier."}
+        default=DEFAULT_RLSD_LAMBDA,
+        metadata={"help": "lam_0: weight of the clipped teacher ratio in the RLSD multiplier."},
     )
     rlsd_lambda_warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps of linear warm-up of lam from 0 to lam_0."}
@@ -266,7 +286,7 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
         default=50, metadata={"help": "Optimizer steps of linear decay of lam to 0 (0: constant lam_0)."}
     )
     rlsd_clip: float = field(
-        default=0.2, metadata={"help": "eps_w: the teacher ratio is clipped to [1 - eps_w, 1 + eps_w]."}
+        default=DEFAULT_RLSD_CLIP, metadata={"help": "eps_w: the teacher ratio is clipped to [1 - eps_w, 1 + eps_w]."}
     )
     rlsd_negative_only: bool = field(
         default=False, metadata={"help": "Reweight only completions with negative advantage."}
@@ -310,8 +330,15 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs):
     teacher_ema_decay: float = field(
         default=0.95, metadata={"help": "With teacher='ema': teacher <- decay * teacher + (1 - decay) * policy."}
     )
+    teacher_backend: str = field(
+        default="trainer",
+        metadata={"help": "Teacher log-probs: the trainer's forward or vLLM's.", "choices": ["trainer", "vllm"]},
+    )
     teacher_prefix_sharing: bool = field(
         default=False, metadata={"help": "Compute each group's teacher prompt once and reuse its KV cache."}
+    )
+    teacher_offload: bool = field(
+        default=False, metadata={"help": "Keep the teacher's own weights on the CPU between uses (no-op on CPU)."}
     )
     distill_loss: str = field(
         default="none", metadata={"help": "Distillation term beside the policy loss.", "choices": list(DISTILL_LOSSES)}
@@ -428,6 +455,7 @@ RLSDConfig.__doc__ += "\n    Teacher-rollout terms (`teacher_rollout_loss`, decl
 RLSDConfig.__doc__ += _registry_docs(TERMS, "teacher_rollout_coef")
 RLSDConfig.__doc__ += "\n    Teacher-rollout knobs (declared with their term):\n" + _knob_docs(TERM_KNOBS)
 RLSDConfig.__doc__ += "\n    Privileged-source knobs (declared with their source):\n" + _knob_docs(SOURCE_KNOBS)
+RLSDConfig.__doc__ += "\n    NPO knobs (`rlsd.teachers.near_future`):\n" + _knob_docs(NPO_KNOBS)
 _FIELDS = frozenset(item.name for item in dataclasses.fields(RLSDConfig))
 
 

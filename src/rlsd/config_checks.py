@@ -11,10 +11,13 @@ from rlsd.context.sources import SOURCE_KNOBS, get_source, validate_teacher_temp
 from rlsd.context.transforms import get_transform
 from rlsd.core.distill import LOSS_KNOBS, LOSSES, MAD_CONFIDENCES
 from rlsd.core.rules import RULES, check_knobs, check_rule_options
+from rlsd.core.srpo_rule import check_srpo_config
 from rlsd.core.stages import STAGE_FIELDS, check_stages, parse_stages, reachable, stage_values
+from rlsd.engines.vllm_cpu import check_vllm_config
+from rlsd.engines.vllm_teacher import check_served_teacher
 from rlsd.infra.validate import ConfigError, check_finite_floats, check_positive
 from rlsd.step.rollout_term import TERM_KNOBS, TERMS
-from rlsd.teachers import DEFAULT_TEACHER, EXTERNAL_TEACHER, TEACHER_KINDS, teacher_modes
+from rlsd.teachers import DEFAULT_TEACHER, EXTERNAL_TEACHER, NPO_KNOBS, TEACHER_KINDS, teacher_modes
 
 SPANS = ("all", "think")
 """`rlsd_span`'s values (its command-line choices in `rlsd.config`, and what the check accepts)."""
@@ -57,6 +60,10 @@ def check_fields(config: Any) -> None:
     check_knobs(config)
     check_knobs(config, LOSS_KNOBS)
     check_knobs(config, SOURCE_KNOBS)
+    check_knobs(config, NPO_KNOBS)
+    if getattr(config, "npo_trigger", "none") != "none" and config.teacher != "near_future":
+        raise ConfigError("--npo_trigger", f"is {config.npo_trigger!r} but teacher={config.teacher!r}",
+                          "set teacher='near_future' (NPO's guide)")  # fmt: skip
     _check_teacher_model(config)
     if not 0.0 <= config.rlsd_lambda <= 1.0:
         raise ValueError(f"rlsd_lambda must lie in [0, 1], got {config.rlsd_lambda}")
@@ -83,10 +90,13 @@ def check_fields(config: Any) -> None:
     validate_teacher_template(config.teacher_template, config.privileged_source)
     if config.teacher_transform is not None:
         get_transform(config.teacher_transform)
+    check_srpo_config(config)
     _check_stages(config)
     _check_mad_opd(config)
     _check_teacher_aligned_prompts(config)
     _check_teacher_rollouts(config)
+    check_vllm_config(config)
+    check_served_teacher(config)
 
 
 def _check_teacher_rollouts(config: Any) -> None:
@@ -111,8 +121,11 @@ def _check_teacher_rollouts(config: Any) -> None:
     if term is None:
         return
     refused = {
-        "use_vllm": "the teacher generates with transformers; a vLLM path is not implemented (it cannot be tested "
-        "here): set use_vllm=False",
+        "use_vllm": "the teacher rollouts are generated with transformers from the teacher's own weights, and a vLLM "
+        "path is not implemented: TRL's colocated engine holds only the policy's weights (it could roll out the live "
+        "teacher, not a synced, EMA or external one), and transformers rollouts beside a vLLM engine were never run "
+        "(tests/vllm_engine covers vLLM generation, the credit rules and the served teacher on a CPU): set "
+        "use_vllm=False",
         "stages": "a stage schedule would switch the term on and off: use one of them",
         "mad_opd_teachers": "the rollouts come from one teacher: use one of them",
     }

@@ -128,7 +128,9 @@ class Stages:
         """What the plans this run can reach need (the teacher, SDPG's reference and the checks are built once)."""
         plans, args = self.reachable(), self.args
         return RunNeeds(
-            teacher=any(plan.uses_teacher for plan in plans) or args.teacher_rollout_loss != "none",
+            teacher=any(plan.uses_teacher for plan in plans)
+            or args.teacher_rollout_loss != "none"
+            or getattr(args, "npo_trigger", "none") != "none",  # NPO's near-future guide is the run's teacher
             distill=any(plan.distill_fn is not None for plan in plans),
             teacher_entropy=any("teacher_entropy" in plan.rule.needs for plan in plans),
             sdpg_reference=args.sdpg_ref_coef > 0 and any(plan.distill_loss == "sdpg" for plan in plans),

@@ -45,16 +45,19 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
 - `eos_token_ids` (read): the ids that end a rollout's completion (the tokenizer's end-of-sequence id, then the
   generation config's); the greedy continuations of `teacher_aligned_prompts` stop at them too. Guarded by
   `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
-- `generation_config` (read): TRL's `GenerationConfig` of transformers generation (max_completion_length,
-  temperature, top_p, top_k, ...); the teacher's rollouts (`teacher_rollout_loss`) sample with it. Guarded by
-  `test_teacher_generation_follows_the_run_generation_config`.
+- `generation_config`, `vllm_generation` (read): TRL's transformers `GenerationConfig` (absent with `use_vllm`, then
+  built alike by `rlsd.engines.generation`); TRL's colocated vLLM engine, whose `llm` serves `teacher_backend="vllm"`.
+  Guarded by `test_teacher_generation_follows_the_run_generation_config`, `test_trl_builds_the_engine_we_serve_from`.
 - `temperature` (read): sampling temperature that divides the logits in every scoring forward. Guarded by
   `test_teacher_logps_align_with_a_direct_forward`.
-- `reward_weights` (read): weights of the reward functions in the total. Guarded by
-  `test_sibling_context_shows_a_successful_sibling_and_rows_without_one_get_no_signal`.
-- `tools`, `environment_factories`, `rollout_func` (read): None / empty when unused. Guarded by
+- `reward_weights`, `reward_func_names` (read): the rewards' weights in the total, and their names. Guarded by
+  `test_sibling_context_shows_a_successful_sibling_and_rows_without_one_get_no_signal`, `test_reward_overflow_named`.
+- `tools`, `environment_factories`, `rollout_func` (read; with a teacher `rollout_func` is wrapped to check its
+  `env_mask`, `rlsd.step.turns`): None / empty when unused; with environments `_tokenize_prompts` renders each row's
+  tool schema by its position in the batch, so the teacher scores every row. Guarded by
   `test_image_column_with_a_rollout_function_is_refused_with_a_teacher`,
-  `test_environments_and_rollout_functions_are_refused_with_a_teacher`.
+  `test_teacher_scores_the_rollout_conversation_and_credit_skips_environment_tokens`,
+  `test_environment_reset_observation_and_tool_schema_reach_the_teacher`.
 - `_metrics` (read): `_metrics[mode][key]` lists, averaged and logged by TRL. Guarded by
   `test_rule_metrics_are_token_weighted_across_processes`.
 - `current_gradient_accumulation_steps` (read): set by HF's loop; the distillation term divides by it like TRL's loss.
@@ -70,8 +73,8 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_kill_while_writing_a_checkpoint_then_resume_exactly_from_the_previous_one`.
 - `_load_optimizer_and_scheduler` (override): called once when resuming, after the weights are loaded. Guarded by
   `test_resume_restores_the_synced_teacher_and_continues_exactly`.
-- `train` (override): HF's public loop; the checkpoint is verified first. Guarded by
-  `test_damaged_checkpoint_is_refused_naming_the_file`.
+- `train` (override): HF's public loop; the checkpoint is verified first, SIGTERM saves and stops. Guarded by
+  `test_damaged_checkpoint_is_refused_naming_the_file`, `test_sigterm_saves_exits_143_and_resumes_to_the_same_model`.
 - `train_dataset` (assigned): replaced after construction by the rows `teacher_aligned_prompts` keeps
   (`rlsd.step.aligned_prompts`); TRL's dataloader reads it in `get_train_dataloader` / `_get_train_sampler` when
   training starts. Guarded by `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
@@ -108,8 +111,9 @@ from rlsd.context import vision
 from rlsd.context.prompts import RolloutTap, TeacherInputs
 from rlsd.context.sources import get_source, validate_teacher_template
 from rlsd.core.rules import rule_params
-from rlsd.data.rewards import guard_rewards, reward_totals
+from rlsd.data.rewards import guard_rewards
 from rlsd.infra import checkpoint as checkpoint_files
+from rlsd.infra import preemption
 from rlsd.infra.guards import (
     RunFacts,
     check_before_deepspeed,
@@ -125,6 +129,7 @@ from rlsd.step.metrics import reduce_metrics
 from rlsd.step.rollout_term import TeacherRolloutTerm
 from rlsd.step.scorer import captured_output
 from rlsd.step.scoring import ScoreResult
+from rlsd.step.turns import checked_rollout_func
 from rlsd.step.wiring import RunView, build_collaborators
 from rlsd.teachers import (
     Teacher,
@@ -182,13 +187,14 @@ class RLSDTrainer(GRPOTrainer):
                          rollout_func=self.rollout_func is not None, zero_stage=self._zero_stage())  # fmt: skip
         policy = self.accelerator.unwrap_model(self.model)
         check_run_supported(args, policy, kwargs, teacher=needs.teacher, distill=needs.distill, facts=facts)
+        self.rollout_func = checked_rollout_func(self.rollout_func, needs.teacher, vision.teacher_use(args))
         if args.teacher_rollout_loss != "none":
             TeacherRolloutTerm.check_supported(
                 args, policy, kwargs, images=self.has_images,
                 tools=bool(self.tools), fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled,
             )  # fmt: skip
-        # the row-subset teacher pass would have to slice a vision model's tensors: there every row is scored
-        self.stages = Stages(args, row_subsets=not self._is_vlm)
+        # a vision model (rows would slice its tensors) or environments (tool schemas by row): every row is scored
+        self.stages = Stages(args, row_subsets=not self._is_vlm and self.environment_factories is None)
         self.plan: StepPlan = self.stages.plan_for(1)  # the plan of the step the next training rollout trains
 
         self.rule_state = self.plan.rule.state.from_params(rule_params(args)) if self.plan.rule.state else None
@@ -214,10 +220,10 @@ class RLSDTrainer(GRPOTrainer):
             record=lambda mode, key, value: self._metrics[mode][key].append(value), tokenizer=self._tokenizer,
             tokenize_prompts=self._tokenize_prompts, processing_class=self.processing_class, is_vlm=self._is_vlm,
             image_pad_token_id=self._image_pad_token_id, temperature=self.temperature,
-            generation_config=self.generation_config, eos_token_ids=self.eos_token_ids,
-            group_sizes=(self.num_generations, self.num_generations_eval),
+            generation_config=self.generation_config if hasattr(self, "generation_config") else None,
+            group_sizes=(self.num_generations, self.num_generations_eval), eos_token_ids=self.eos_token_ids,
             batch_sizes=(args.per_device_train_batch_size, args.per_device_eval_batch_size),
-            reward_weights=self.reward_weights,
+            reward_weights=self.reward_weights, vllm=lambda: self.vllm_generation,
             trl_logps=functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, self),
             trl_rewards=functools.partial(GRPOTrainer._calculate_rewards, self),
             sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
@@ -289,7 +295,7 @@ class RLSDTrainer(GRPOTrainer):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids)
         if self._rollout_tap is not None:
             self._rollout_tap.prompts = list(prompts)
-            self._rollout_tap.rewards = reward_totals(rewards_per_func, self.reward_weights)
+            self._rollout_tap.rewards = self.rollout.reward_totals(rewards_per_func, self.reward_func_names)
         return rewards_per_func
 
     # ------------------------------------------------------------------ public diagnostics (credit viewer, tests)
@@ -405,17 +411,16 @@ class RLSDTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
-        """TRL's training loop; a checkpoint to resume from is verified first, file by file
-        (`rlsd.infra.checkpoint`)."""
-        expected = checkpoint_files.hf_state_files(
-            save_only_model=self.args.save_only_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
-            world_size=self.args.world_size, process_index=self.args.process_index,
-        ) + checkpoint_files.rlsd_state_files(self.teacher, self.rule_state, self.source)  # fmt: skip
+        """TRL's training loop; a checkpoint to resume from is verified first, file by file (`rlsd.infra.checkpoint`);
+        SIGTERM saves a checkpoint after the step and raises `Preempted`, exit 143 (`rlsd.infra.preemption`)."""
+        expected = checkpoint_files.hf_state_files(self.args, self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        expected += checkpoint_files.rlsd_state_files(self.teacher, self.rule_state, self.source)
         self._resume = checkpoint_files.resume_plan(
             resume_from_checkpoint, self.args.output_dir, expected=expected,
             weights_only=self.args.resume_weights_only, log_to=logger if self.accelerator.is_main_process else None,
         )  # fmt: skip
-        return super().train(resume_from_checkpoint=self._resume.checkpoint, trial=trial, **kwargs)
+        with preemption.stop_on_sigterm(self.add_callback, self.remove_callback, self.accelerator):
+            return super().train(resume_from_checkpoint=self._resume.checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """`_write_checkpoint` staged, sealed and renamed into place (`rlsd.infra.checkpoint.staged`: a killed save

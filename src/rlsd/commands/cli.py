@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from rlsd.commands.parsing import actionable, command_line, one_line
 
 SUBCOMMANDS = {
-    "demo": "GRPO, RLSD and OPSD on the embedded task (--task vision: in images), offline on a CPU (minutes).",
+    "demo": "GRPO, RLSD and OPSD on the embedded task (--task vision: in images; --task agent: a tool to call), "
+    "offline on a CPU (minutes).",
     "train": "Train a model with RLSDTrainer (TRL-style: --config recipe.yaml and flags).",
     "eval": "Evaluate a model on a dataset: pass@1, avg@n, pass@k, lengths.",
     "bench": "Benchmarks: `rlsd bench methods` and `rlsd bench cost`.",
@@ -41,8 +43,9 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, sampling and warm start")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
     parser.add_argument(
-        "--task", choices=("text", "vision"), default="text",
-        help="text: the arithmetic task as text; vision: the expression only in an image, a tiny Qwen2-VL",
+        "--task", choices=("text", "vision", "agent"), default="text",
+        help="text: the arithmetic task as text; vision: the expression only in an image, a tiny Qwen2-VL; agent: a "
+        "hidden value the model must look up with a tool before answering (GRPO, RLSD and SOD unless --methods)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="output folder (runs/demo, runs/vision-demo)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (CI): small model, few steps")
@@ -60,6 +63,9 @@ def run_demo_command(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     from rlsd.experiments.demo import DemoConfig, quick_config, run_demo, with_overrides
+    from rlsd.experiments.provenance import record_run, started_at
+
+    started_at()  # a malformed $RLSD_STARTED_AT is refused before any work
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -75,19 +81,25 @@ def run_demo_command(argv: list[str]) -> int:
         eval_every=args.eval_every if "--eval-every" in explicit else None,
     )
     if args.task == "vision":
-        return run_vision_demo_command(args, overrides)
+        return run_vision_demo_command(args, overrides, ["rlsd", "demo", *argv])
+    if args.task == "agent":
+        overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
+        return run_agent_demo_command(args, overrides, ["rlsd", "demo", *argv])
     out = args.out or DemoConfig().out
     base = quick_config(out, seed=args.seed) if args.quick else DemoConfig(out=out, seed=args.seed)
     if not args.quick:
         overrides.update(steps=args.steps, eval_every=args.eval_every)
     config = with_overrides(base, **overrides)
+    started = time.perf_counter()
     summary = run_demo(config, progress=not args.no_progress, threads=args.threads)
+    record_run(config.out, ["rlsd", "demo", *argv], time.perf_counter() - started)  # provenance and timing.json
     print_summary(summary, config.out)
     return 0
 
 
-def run_vision_demo_command(args: argparse.Namespace, overrides: dict) -> int:
+def run_vision_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
     """`rlsd demo --task vision`: the same comparison on the image version of the task (its own step defaults)."""
+    from rlsd.experiments.provenance import record_run
     from rlsd.experiments.vision_task import (
         VisionDemoConfig,
         run_vision_demo,
@@ -98,7 +110,24 @@ def run_vision_demo_command(args: argparse.Namespace, overrides: dict) -> int:
     out = args.out or VisionDemoConfig().out
     base = vision_quick_config(out, seed=args.seed) if args.quick else VisionDemoConfig(out=out, seed=args.seed)
     config = with_vision_overrides(base, **overrides)
+    started = time.perf_counter()
     summary = run_vision_demo(config, progress=not args.no_progress, threads=args.threads)
+    record_run(config.out, command, time.perf_counter() - started)
+    print_summary(summary, config.out)
+    return 0
+
+
+def run_agent_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
+    """`rlsd demo --task agent`: GRPO, RLSD and SOD on the embedded tool task (`rlsd.experiments.agent_task`)."""
+    from rlsd.experiments.agent_task import AgentDemoConfig, agent_quick_config, run_agent_demo, with_agent_overrides
+    from rlsd.experiments.provenance import record_run
+
+    out = args.out or AgentDemoConfig().out
+    base = agent_quick_config(out, seed=args.seed) if args.quick else AgentDemoConfig(out=out, seed=args.seed)
+    config = with_agent_overrides(base, **overrides)
+    started = time.perf_counter()
+    summary = run_agent_demo(config, progress=not args.no_progress, threads=args.threads)
+    record_run(config.out, command, time.perf_counter() - started)
     print_summary(summary, config.out)
     return 0
 

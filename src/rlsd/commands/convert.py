@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsd.commands.parsing import command_line
+from rlsd.infra.model_save import PARTIAL_PREFIX, save_atomically
 from rlsd.infra.validate import InputError, OutputDirError
 
 GGUF_VERSION = "0.19.0"
@@ -128,7 +129,7 @@ def convert_gguf(path: str | Path, output: str | Path, *, overwrite: bool = Fals
     """Convert a GGUF file into a plain model folder (safetensors, tokenizer, chat template, generation config);
     returns the folder. Fails, with nothing written, on a missing `gguf` package, a non-GGUF file, an unsupported
     architecture, a file lacking weights the architecture needs or a non-empty output folder; fails before saving
-    if the logits changed."""
+    if the logits changed. The folder is written atomically (`rlsd.infra.model_save.save_atomically`)."""
     path, output = Path(path).expanduser(), Path(output).expanduser()
     check_gguf_file(path)
     check_output_folder(output, overwrite)
@@ -145,12 +146,15 @@ def convert_gguf(path: str | Path, output: str | Path, *, overwrite: bool = Fals
     if not same_logits(loaded, model, model.config.vocab_size):
         raise ConversionError(f"GGUF file {path}", "gives different logits after conversion", "report this file")
     model.generation_config = generation_config_for(tokenizer)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
     info = {"source": str(path), "architecture": type(model).__name__, "parameters": model.num_parameters()}
-    (output / "rlsd_conversion.json").write_text(json.dumps(info, indent=2) + "\n")
-    return output
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (Path(folder) / "rlsd_conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    output.parent.mkdir(parents=True, exist_ok=True)  # written beside `output`, verified, then moved into place
+    return save_atomically(write, output, staging=output.parent / f"{PARTIAL_PREFIX}{output.name}")
 
 
 def smollm2_gguf() -> Path:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rlsd.commands.parsing import command_line
 from rlsd.data.datasets import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
 from rlsd.data.formats import format_help, format_names
-from rlsd.data.rewards import resolve_reward
+from rlsd.data.rewards import call_reward, resolve_reward
 from rlsd.infra.validate import ConfigError, OutputDirError, check_model_folder, check_positive
 
 SUMMARY_KEYS = (
@@ -226,7 +226,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             start = len(results)
             results.extend(batch)
             solution = [solutions[index // args.n] for index in range(start, len(results))]
-            rewards = reward([text for text, _, _ in batch], solution=solution)
+            rewards = call_reward(reward, [text for text, _, _ in batch], solution=solution)
             for index, ((text, length, truncated), score) in enumerate(zip(batch, rewards, strict=True), start):
                 problem, sample = divmod(index, args.n)
                 correct[problem].append(bool(score and score > 0.5))
@@ -258,7 +258,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer_column", default=None, help="answer column of the generic format")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="system turn ('' for none)")
     parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="answer-format instruction")
-    parser.add_argument("--reward", default="math_accuracy", help="reward name or dotted import path")
+    parser.add_argument("--reward", default="math_accuracy",
+                        help="reward name, dotted import path, or file path PATH.fn (PATH.py inside the working "
+                             "folder, or absolute)")  # fmt: skip
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
     parser.add_argument("--max_new_tokens", type=int, default=1024, help="generation budget per sample")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")

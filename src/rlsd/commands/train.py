@@ -9,15 +9,19 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from rlsd.commands.parsing import command_line, one_line
+from rlsd.commands.recipe_check import check_recipe
 from rlsd.config import RLSDConfig
 from rlsd.data.datasets import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, load_cli_dataset
 from rlsd.data.formats import format_help, format_names
 from rlsd.data.rewards import REWARDS, resolve_reward
+from rlsd.data.videos import DEFAULT_MAX_FRAMES
+from rlsd.infra.model_save import save_atomically
 from rlsd.infra.run_guard import (
     check_config_makes_a_step,
     check_inputs_apart,
@@ -47,7 +51,11 @@ class TrainScriptArguments:
         prompt_column / answer_column (`str`, *optional*): Columns of the generic format.
         system_prompt (`str`): System turn of every prompt ("" for none).
         instruction (`str`): Answer-format instruction appended to every question.
-        reward_funcs (`list[str]`, defaults to `["math_accuracy"]`): Reward names or dotted import paths.
+        reward_funcs (`list[str]`, defaults to `["math_accuracy"]`): Reward names, dotted import paths
+            (`my_pkg.rewards.fn`, an installed module or one in the working folder), or file paths
+            (`path/to/rewards.fn` loads `path/to/rewards.py`): a relative path must resolve inside the working folder
+            (`..` and symbolic links followed); a file elsewhere is loaded only by its absolute path, with a warning.
+            Async (`async def`) reward functions are awaited as TRL awaits them.
         max_train_samples (`int`, *optional*): Keep only the first N rows (smoke runs).
         overwrite_output_dir (`bool`, defaults to `False`): Replace a previous run found in `--output_dir` (its
             checkpoints and final model are deleted first); without it such a folder is refused unless resuming.
@@ -55,6 +63,8 @@ class TrainScriptArguments:
             `GRPOConfig` has no such field); defaults to the model's context length. Longer prompts are refused.
         truncate_prompts (`bool`, defaults to `False`): Cut an overlong prompt from the start of its last turn instead
             of refusing it.
+        video_max_frames (`int`, defaults to `128`): Video formats (`easyvideor1`): the most frames one row's videos
+            may hold (EasyVideoR1's `video_max_frames`); a row over it is refused naming the row.
     """
 
     dataset_name: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet/.csv file."})
@@ -69,7 +79,10 @@ class TrainScriptArguments:
     instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Answer-format instruction."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["math_accuracy"],
-        metadata={"help": f"Reward names ({', '.join(REWARDS)}) or dotted import paths."},
+        metadata={
+            "help": f"Reward names ({', '.join(REWARDS)}), dotted import paths, or file paths PATH.fn "
+            "(PATH.py inside the working folder, or absolute)."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     overwrite_output_dir: bool = field(
@@ -80,6 +93,9 @@ class TrainScriptArguments:
     )
     truncate_prompts: bool = field(
         default=False, metadata={"help": "Cut overlong prompts from the start of their last turn instead of refusing."}
+    )
+    video_max_frames: int = field(
+        default=DEFAULT_MAX_FRAMES, metadata={"help": "Most frames per row of a video dataset (easyvideor1)."}
     )
 
 
@@ -99,8 +115,13 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required (a hub name or a local folder)")
     check_model_folder(model_args.model_name_or_path)
+    for flag, name in [("--teacher_model", training_args.teacher_model),
+                       *(("--mad_opd_teachers", name) for name in training_args.mad_opd_teachers or [])]:  # fmt: skip
+        if name:
+            check_model_folder(name, flag)
     check_positive({"--max_train_samples": script_args.max_train_samples,
-                    "--max_prompt_length": script_args.max_prompt_length})  # fmt: skip
+                    "--max_prompt_length": script_args.max_prompt_length,
+                    "--video_max_frames": script_args.video_max_frames})  # fmt: skip
     output_dir = training_args.output_dir
     if training_args.should_save:
         check_unlocked(output_dir)
@@ -124,6 +145,7 @@ def run(script_args: TrainScriptArguments, training_args: RLSDConfig, model_args
     dataset = load_cli_dataset(script_args, script_args.dataset_name, script_args.dataset_train_split)
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    check_teacher_inputs(dataset, training_args.teacher_transform)
     processor = image_processor_for(model_args.model_name_or_path, dataset)
     dataset = check_prompts_fit(dataset, script_args, training_args, model_args, processor)
     check_config_makes_a_step(len(dataset), training_args, split=script_args.dataset_train_split)
@@ -161,8 +183,18 @@ def train_and_save(
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
+    save_final_model(trainer, training_args.output_dir)
     return training_args.output_dir
+
+
+def save_final_model(trainer: Any, output_dir: str) -> None:
+    """The trained model saved atomically into `output_dir` (`rlsd.infra.model_save`: written under a temporary name
+    there, verified, then moved into place), then pushed to the Hub when `--push_to_hub` asks, as `save_model` does."""
+    args = trainer.args
+    save_atomically(lambda folder: trainer.save_model(folder, _internal_call=True), output_dir,
+                    should_save=args.should_save, barrier=trainer.accelerator.wait_for_everyone)  # fmt: skip
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="Model save", revision=args.hub_revision)
 
 
 def check_prompts_fit(
@@ -201,6 +233,18 @@ def check_prompts_fit(
     )
 
 
+def check_teacher_inputs(dataset: Dataset, transform: str | None) -> None:
+    """Before any model is loaded: an image transform has images to change, and a box transform a valid
+    `teacher_box` on every row with images (the first bad row named), as the trainer checks again at its start."""
+    from rlsd.context.transforms import check_dataset_boxes, check_images_to_transform
+
+    try:
+        check_images_to_transform(transform, bool({"image", "images"} & set(dataset.column_names)))
+        check_dataset_boxes(dataset, transform, "train_dataset")
+    except ValueError as err:
+        raise ConfigError("--teacher_transform", str(err)) from err
+
+
 def image_processor_for(model: str, dataset) -> object | None:
     """The model's processor (`AutoProcessor`) when the dataset carries images, checked before training starts so
     that a folder without one fails with its name; None for text (TRL then loads the tokenizer)."""
@@ -233,6 +277,7 @@ def remove_previous_run(folder: Path, entries: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
+    check_recipe(parser, argv)
     try:
         script_args, training_args, model_args, from_config, from_flags = parser.parse_args_and_config(
             args=argv, return_remaining_strings=True, separate_remaining_strings=True

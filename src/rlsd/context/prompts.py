@@ -21,7 +21,7 @@ from rlsd.context import vision
 from rlsd.context.annotation import completion_token_labels
 from rlsd.context.sources import Context, PrivilegedSource, RolloutView, TextGenerator
 from rlsd.context.templates import has_image_blocks, render_teacher_prompts
-from rlsd.context.transforms import get_transform
+from rlsd.context.transforms import apply_transform
 
 TokenizePrompts = Callable[[list[Any]], tuple[list[list[int]], Any, Any]]
 """TRL's `_tokenize_prompts`: prompts rendered and tokenized as the rollout does -> (ids, images, fields)."""
@@ -113,7 +113,7 @@ class TeacherPrompts:
             raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=self.teacher_use()))
         row_images = [images[i] for i in selected] if images is not None else [None] * len(selected)
         if self.teacher_transform is not None:  # what the teacher sees instead of the student's input
-            prompts, row_images = self.transformed(prompts, row_images, distill)
+            prompts, row_images = self.transformed(prompts, row_images, distill, inputs, selected)
         if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
             prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, row_images, strict=True)]
         teacher_prompts = render_teacher_prompts(prompts, self.teacher_template, context.fields)
@@ -182,11 +182,15 @@ class TeacherPrompts:
                     "limit or shorten the context"
                 )
 
-    def transformed(self, prompts: list[Any], images: list[Any], distill: bool) -> tuple[list[Any], list[Any]]:
-        """Each row's prompt and images after `teacher_transform`; images changed for a loss-time teacher pass
-        (`distill`: whose inputs TRL would have to split by rows) are refused."""
-        transform = get_transform(self.teacher_transform)
-        pairs = [transform(prompt, row) for prompt, row in zip(prompts, images, strict=True)]
+    def transformed(
+        self, prompts: list[Any], images: list[Any], distill: bool, inputs: list[dict[str, Any]], rows: list[int]
+    ) -> tuple[list[Any], list[Any]]:
+        """The prompt and images of each of `rows` after `teacher_transform` (a box transform reads the row's box from
+        `inputs`, naming the rollout row in errors); images changed for a loss-time teacher pass (`distill`: whose
+        inputs TRL would have to split by rows) are refused."""
+        name = self.teacher_transform
+        pairs = [apply_transform(name, prompt, row_images, inputs[row], f"rollout row {row}")
+                 for prompt, row_images, row in zip(prompts, images, rows, strict=True)]  # fmt: skip
         new_images = [row for _, row in pairs]
         if distill and any(row is not None for row in new_images):
             raise NotImplementedError(

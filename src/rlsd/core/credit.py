@@ -16,6 +16,10 @@ from torch import Tensor
 
 DELTA_BOUND = 20.0
 """Delta_t is clamped to [-DELTA_BOUND, DELTA_BOUND]; exp(20) is far beyond any clip range in use."""
+DEFAULT_RLSD_LAMBDA = 0.5
+"""lam_0, `RLSDConfig.rlsd_lambda`'s default (here so that engines without TRL read the same value)."""
+DEFAULT_RLSD_CLIP = 0.2
+"""eps_w, `RLSDConfig.rlsd_clip`'s default."""
 
 
 class TokenMean(float):

@@ -46,6 +46,8 @@ class Signals:
     vocab_size: int | None = None
     span_mask: Tensor | None = None  # (B, T) tokens a rule with the "span" option may reweight (None: all)
     teacher_contrast_logps: Tensor | None = None  # (B, T) log-mean-exp of the teacher over negative contexts
+    token_labels: Tensor | None = None  # (B, T) long: the privileged source's token labels (+1 key, -1 error, 0)
+    role_ids: Tensor | None = None  # (B, T) long: SRPO's token roles from the completion's tags (1, 2; 0: neither)
 
 
 @dataclass(frozen=True)

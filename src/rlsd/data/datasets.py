@@ -16,6 +16,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from rlsd.data.formats import (
     FORMATS,
     GENERIC_HELP,
+    KEPT_COLUMNS,
     DatasetFormat,
     chat_prompt,
     dataset_format,
@@ -168,14 +169,21 @@ def to_rlsd_rows(
     instruction: str = DEFAULT_INSTRUCTION,
     source: str | None = None,
     base_dir: Path | None = None,
+    video_max_frames: int | None = None,
 ) -> Dataset:
-    """Rows `{prompt: [system?, user], solution: answer}` in the format given, else `generic` when a column flag is
-    given, else the detected one; a row without an answer, a cell of the wrong type (a null question, a list answer)
-    or an overlong final answer fails naming its row, column and `source`. An image format (registered with
-    `images`, as in `rlsd.data.images`) also keeps the row's images (relative image paths are read from `base_dir`)."""
+    """Rows `{prompt: [system?, user], solution: answer}` (and `KEPT_COLUMNS`, as given) in the format given, else
+    `generic` when a column flag is given, else the detected one; a row without an answer, a cell of the wrong type
+    (a null question, a list answer) or an overlong final answer fails naming its row, column and `source`. An image
+    format (registered with `images`, as in `rlsd.data.images`) also keeps the row's images (relative image paths are
+    read from `base_dir`); a format with its own converter (the video format, `rlsd.data.videos`, its budget
+    `video_max_frames`) runs it."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     fmt = _choose_format(dataset.column_names, dataset_format, prompt_column, answer_column)
+    if fmt.convert is not None:
+        options = {} if video_max_frames is None else {"max_frames": video_max_frames}
+        return fmt.convert(dataset, fmt, system_prompt=system_prompt, instruction=instruction, source=source,
+                           base_dir=base_dir, **options)  # fmt: skip
     if fmt.images:
         return image_data.to_image_rows(
             dataset, fmt, system_prompt=system_prompt, instruction=instruction, source=source, base_dir=base_dir
@@ -198,7 +206,8 @@ def to_rlsd_rows(
         answer = check_answer_length(str(answer).strip(), where)
         return {"prompt": chat_prompt(question, system_prompt, instruction), "solution": answer}
 
-    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+    removed = [c for c in dataset.column_names if c not in KEPT_COLUMNS]
+    return dataset.map(convert, with_indices=True, remove_columns=removed)
 
 
 def _choose_format(
@@ -225,6 +234,7 @@ def load_rlsd_dataset(
     answer_column: str | None = None,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     instruction: str = DEFAULT_INSTRUCTION,
+    video_max_frames: int | None = None,
 ) -> Dataset:
     """`load_source` then `to_rlsd_rows`: the one entry point of `rlsd train` and `rlsd eval`."""
     source = load_source(name, config=config, split=split)
@@ -241,12 +251,14 @@ def load_rlsd_dataset(
         instruction=instruction,
         source=name,
         base_dir=Path(name).parent if Path(name).is_file() else None,
+        video_max_frames=video_max_frames,
     )
 
 
 def load_cli_dataset(options: Any, name: str, split: str) -> Dataset:
     """`load_rlsd_dataset` with the dataset options `rlsd train` and `rlsd eval` share by name (`dataset_config`,
-    `dataset_format`, `prompt_column`, `answer_column`, `system_prompt` ('' for none), `instruction`)."""
+    `dataset_format`, `prompt_column`, `answer_column`, `system_prompt` ('' for none), `instruction`, and
+    `video_max_frames` where the command has it)."""
     return load_rlsd_dataset(
         name,
         config=options.dataset_config,
@@ -256,9 +268,11 @@ def load_cli_dataset(options: Any, name: str, split: str) -> Dataset:
         answer_column=options.answer_column,
         system_prompt=options.system_prompt or None,
         instruction=options.instruction,
+        video_max_frames=getattr(options, "video_max_frames", None),
     )
 
 
 # the image formats register themselves when `rlsd.data.images` is imported (it reads the registry in
 # `rlsd.data.formats`)
 from rlsd.data import images as image_data  # noqa: E402
+from rlsd.data import videos as _videos  # noqa: E402, F401  (registers the easyvideor1 format)

@@ -32,8 +32,14 @@ class DatasetFormat:
     """Candidate image columns (the first present is used); empty for a text format."""
     no_answer_fix: str | None = None
     """What to tell about a row without a final answer (default: fill its answer columns or drop it)."""
+    convert: Callable[..., Any] | None = None
+    """A whole-dataset converter `(dataset, fmt, *, system_prompt, instruction, source, base_dir, **options)` used
+    instead of the text / image row paths (the video format, `rlsd.data.videos`)."""
 
 
+KEPT_COLUMNS = ("teacher_box",)
+"""Columns every format passes through unchanged (`rlsd.context.transforms.BOX_COLUMN`, the box transforms' box per
+row), so that `rlsd train --teacher_transform crop_to_box` (or `draw_box`, `gaussian_mask`) finds them."""
 FORMATS: dict[str, DatasetFormat] = {}
 """Every registered format by name (text here, images in `rlsd.data.images`); `generic` is built from the flags."""
 GENERIC_HELP = "any question column and final-answer column, named by --prompt_column and --answer_column"
@@ -53,6 +59,7 @@ def dataset_format(
     priority: int = 0,
     images: tuple[str, ...] = (),
     no_answer_fix: str | None = None,
+    convert: Callable[..., Any] | None = None,
 ) -> Callable[[Reader], Reader]:
     """Register the decorated row reader as format `name`: `--dataset_format name`, detected when `detect` (default:
     `has_columns(columns, images)`) holds before every format of lower priority, and listed with `help` by the CLI."""
@@ -61,7 +68,7 @@ def dataset_format(
         if name in FORMATS or name == "generic":
             raise ValueError(f"dataset format {name!r} is already registered")
         detector = detect or has_columns(columns, images)
-        FORMATS[name] = DatasetFormat(name, read, columns, detector, priority, help, images, no_answer_fix)
+        FORMATS[name] = DatasetFormat(name, read, columns, detector, priority, help, images, no_answer_fix, convert)
         return read
 
     return register

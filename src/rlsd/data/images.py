@@ -25,7 +25,7 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from rlsd.data.formats import DatasetFormat, chat_prompt, dataset_format, detection_order
+from rlsd.data.formats import KEPT_COLUMNS, DatasetFormat, chat_prompt, dataset_format, detection_order
 from rlsd.data.rewards import last_boxed
 from rlsd.infra.validate import DatasetError, check_answer_length, text_cell
 
@@ -206,8 +206,9 @@ def to_image_rows(
     source: str | None = None,
     base_dir: Path | None = None,
 ) -> Dataset:
-    """TRL vision rows `{prompt: [system?, user], image | images, solution}`; a missing image column, an unreadable
-    image, a row without an answer or a cell of the wrong type fails naming its row and column and `source`."""
+    """TRL vision rows `{prompt: [system?, user], image | images, solution}` (and `KEPT_COLUMNS`, as given); a missing
+    image column, an unreadable image, a row without an answer or a cell of the wrong type fails naming its row and
+    column and `source`."""
     column = image_column(dataset.column_names, fmt)
     if column is None:
         raise DatasetError(
@@ -244,10 +245,11 @@ def to_image_rows(
         return {"prompt": chat_prompt(question, system_prompt, instruction), target: images, "solution": answer}
 
     message = {"role": Value("string"), "content": Value("string")}
-    features = Features(
-        {"prompt": List(message), target: List(Image()) if several else Image(), "solution": Value("string")}
-    )
-    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, features=features)
+    kept = [c for c in KEPT_COLUMNS if c in dataset.column_names]  # passed through (the box transforms' boxes)
+    features = Features({"prompt": List(message), target: List(Image()) if several else Image(),
+                         "solution": Value("string"), **{c: dataset.features[c] for c in kept}})  # fmt: skip
+    removed = [c for c in dataset.column_names if c not in kept]
+    return dataset.map(convert, with_indices=True, remove_columns=removed, features=features)
 
 
 def _is_image_list(feature: Any) -> bool:

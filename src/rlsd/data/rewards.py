@@ -9,6 +9,7 @@ interpreter lock.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import importlib
@@ -24,11 +25,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlsd.data import reward_worker
+from rlsd.data.reward_files import check_working_folder_spec, inside_working_folder, reward_file
+from rlsd.data.reward_range import check_reward_range
 from rlsd.infra.validate import MAX_ANSWER_CHARS, RewardError
 
 RewardFunc = Callable[..., list[float | None]]
@@ -187,14 +191,17 @@ REWARDS: dict[str, RewardFunc] = {
 
 
 def resolve_reward(name: str, timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S) -> RewardFunc:
-    """A registered reward by name, or any function by dotted import path (`my_pkg.rewards.fn`), guarded."""
+    """A registered reward by name, a function by dotted import path (`my_pkg.rewards.fn`: an installed module, or
+    one in the working folder), or a function of a file (`path/to/rewards.fn`: `path/to/rewards.py`, relative to the
+    working folder, or absolute), guarded. A file that resolves (through `..` or a symbolic link) outside the working
+    folder is refused unless its path was given absolute; every file loaded is logged with its resolved path."""
     if name in REWARDS:
         return guard_reward(REWARDS[name], timeout_s)
     if "." not in name:
         raise ValueError(f"unknown reward {name!r}; use one of {', '.join(REWARDS)} or a dotted import path")
     module_path, attribute = name.rsplit(".", 1)
     try:
-        module = import_user_module(module_path)
+        module = import_user_module(module_path, name)
     except ImportError as err:
         raise ValueError(f"reward {name!r}: cannot import module {module_path!r} ({err})") from err
     if not hasattr(module, attribute):
@@ -202,17 +209,22 @@ def resolve_reward(name: str, timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S
     return guard_reward(getattr(module, attribute), timeout_s)
 
 
-def import_user_module(module_path: str) -> Any:
-    """Import a user's module: an installed one as usual, else one in the current folder, loaded by its file alone.
-    `sys.path` is left as it is, so a file planted in the current folder (a `math_verify.py`) never shadows an
-    installed package, neither now nor for later imports."""
+def import_user_module(module_path: str, reward: str = "") -> Any:
+    """Import a user's module: an installed one as usual; a path (`sub/rewards`, `/abs/rewards`) from its file; else
+    one in the current folder, loaded by its file alone. `sys.path` is left as it is, so a file planted in the
+    current folder (a `math_verify.py`) never shadows an installed package, neither now nor for later imports."""
+    if "/" in module_path or "\\" in module_path or module_path.startswith((".", "~")):
+        return reward_worker.load_module_file(module_path, reward_file(module_path, reward or module_path))
     top = module_path.split(".", 1)[0]
-    if top not in sys.modules and importlib.util.find_spec(top) is None:
+    spec = None if top in sys.modules else importlib.util.find_spec(top)
+    if spec is not None:  # found on the module path: through the working folder (`python -m`), it must stay inside
+        check_working_folder_spec(spec, reward or module_path)
+    elif top not in sys.modules:
         folder = os.getcwd()
         package = os.path.join(folder, top, "__init__.py")
         path = package if os.path.exists(package) else os.path.join(folder, f"{top}.py")
         if os.path.exists(path):
-            reward_worker.load_module_file(top, path)
+            reward_worker.load_module_file(top, str(inside_working_folder(Path(path), reward or module_path)))
     return importlib.import_module(module_path)
 
 
@@ -224,7 +236,9 @@ def guard_reward(func: RewardFunc, timeout_s: float | None = DEFAULT_REWARD_TIME
         if func._rlsd_timeout_s == timeout_s:
             return func
         func = func.__wrapped__
-    name = getattr(func, "__name__", repr(func))
+    name = callable_name(func)
+    if is_async_callable(func):
+        return _guard_async_reward(func, name, timeout_s)
 
     @functools.wraps(func)
     def guarded(completions: list[Any], **kwargs: Any) -> list[float | None]:
@@ -241,17 +255,95 @@ def guard_reward(func: RewardFunc, timeout_s: float | None = DEFAULT_REWARD_TIME
             raise RewardError(name, f"raised on {where}: {type(err).__name__}: {err}", _thread_hint(err)) from err
         return checked_rewards(output, name, len(completions))
 
+    guarded.__name__ = name  # TRL's name of the reward (its metrics' keys), also for a partial or an instance
     guarded._rlsd_guarded = True
     guarded._rlsd_timeout_s = timeout_s
     return guarded
 
 
+def callable_name(func: Any) -> str:
+    """A reward's name as TRL's `get_callable_name` gives it: a partial's function's, else `__name__`, else the
+    class name of a callable instance."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def is_async_callable(func: Any) -> bool:
+    """Whether calling `func` returns a coroutine, decided as TRL's `is_async_callable` decides it (so that a guarded
+    reward is awaited exactly when TRL would await the reward itself): a function, a `functools.partial` of one, or
+    an instance whose `__call__` is `async def`."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(func.__call__)
+
+
+def _guard_async_reward(func: RewardFunc, name: str, timeout_s: float | None) -> RewardFunc:
+    """`guard_reward` of an async reward: an `async def` that TRL awaits on its event loop as it awaits the reward
+    itself (in parallel with the other async rewards), cancelled after `timeout_s` seconds (at its next `await`: a
+    coroutine that blocks without awaiting cannot be stopped; write CPU-bound rewards as plain functions, which run
+    in the reward worker process), its exceptions naming the first failing row and its output checked."""
+
+    @functools.wraps(func)
+    async def guarded(completions: list[Any], **kwargs: Any) -> list[float | None]:
+        try:
+            output = await _await_bounded(func, timeout_s, completions, kwargs)
+        except _Overran:
+            raise RewardTimeoutError(name, timeout_s, len(completions)) from None
+        except RewardError:
+            raise
+        except Exception as err:
+            row = None
+            for index in range(len(completions)):
+                try:
+                    await _await_bounded(func, timeout_s, [completions[index]],
+                                         _row_kwargs(kwargs, index, len(completions)))  # fmt: skip
+                except _Overran:
+                    continue
+                except Exception:
+                    row = index
+                    break
+            where = f"row {row}" if row is not None else "the batch (no single row fails alone)"
+            raise RewardError(name, f"raised on {where}: {type(err).__name__}: {err}") from err
+        return checked_rewards(output, name, len(completions))
+
+    guarded.__name__ = name
+    guarded._rlsd_guarded = True
+    guarded._rlsd_timeout_s = timeout_s
+    return guarded
+
+
+class _Overran(Exception):
+    """An async reward call ran past its bound (told apart from a TimeoutError the reward raises itself)."""
+
+
+async def _await_bounded(func: RewardFunc, timeout_s: float | None, completions: list[Any], kwargs: dict) -> Any:
+    """`await func(completions, **kwargs)`; past `timeout_s` seconds (None or 0: no bound) the call is cancelled and
+    `_Overran` raised."""
+    call = func(completions, **kwargs)
+    if not timeout_s:
+        return await call
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        raise _Overran
+    return task.result()
+
+
+def call_reward(func: RewardFunc, completions: list[Any], **kwargs: Any) -> list[float | None]:
+    """A reward's output, sync or async (run to completion in a new event loop): for callers outside the trainer
+    (`rlsd eval`), which TRL's event loop does not serve."""
+    output = func(completions, **kwargs)
+    return asyncio.run(output) if inspect.iscoroutine(output) else output
+
+
 def guard_rewards(reward_funcs: Any, timeout_s: float | None) -> Any:
-    """A trainer's `reward_funcs` (one or a list) with every plain reward function wrapped by `guard_reward`; model
-    names, reward models and async functions pass unchanged (TRL calls those itself)."""
+    """A trainer's `reward_funcs` (one or a list) with every reward function, plain or async, wrapped by
+    `guard_reward`; model names and reward models pass unchanged (TRL calls those itself)."""
 
     def guard(func: Any) -> Any:
-        if isinstance(func, str | torch.nn.Module) or not callable(func) or inspect.iscoroutinefunction(func):
+        if isinstance(func, str | torch.nn.Module) or not callable(func):
             return func
         return guard_reward(func, timeout_s)
 
@@ -383,7 +475,8 @@ def _call_in_thread(
 
 def checked_rewards(output: Any, name: str, expected: int) -> list[float | None]:
     """A reward function's output as a list of floats (None kept: not applicable); a scalar, a wrong length, or a
-    string, NaN or inf value is refused naming the function and the row."""
+    string, NaN or inf value, or one beyond float32's range (TRL's rewards are float32) is refused naming the function
+    and the row."""
     if hasattr(output, "tolist") and not isinstance(output, list | tuple):
         output = output.tolist()
     if not isinstance(output, list | tuple):
@@ -403,10 +496,11 @@ def checked_rewards(output: Any, name: str, expected: int) -> list[float | None]
             raise RewardError(
                 name, f"returned a {type(value).__name__} ({value!r:.40}) at row {row}", "return floats (or None)"
             )
-        if not math.isfinite(value):
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
             raise RewardError(
                 name, f"returned {value} at row {row}", "return a finite float, or None when it does not apply"
             )
+        check_reward_range(value, name, row)
         rewards.append(float(value))
     return rewards
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsd.commands.parsing import command_line
+from rlsd.experiments import localisation
 from rlsd.experiments.demo import (
     DemoConfig,
     budget_kwargs,
@@ -34,7 +35,9 @@ from rlsd.experiments.demo import (
 )
 from rlsd.experiments.evidence import mean_interval, render_documents
 from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
-from rlsd.experiments.tables import render_cost_table, render_study_table
+from rlsd.experiments.provenance import provenance, record_run
+from rlsd.experiments.regimes import add_regime_options, apply_regime
+from rlsd.experiments.tables import TEACHER_SHARE_FLOOR, render_cost_table, render_study_table
 from rlsd.experiments.task import accuracy_reward, evaluation_problems, make_rl_dataset
 from rlsd.experiments.warmstart import load_warm_start, warm_start
 from rlsd.infra.validate import ConfigError, check_positive
@@ -96,10 +99,17 @@ PEERS = {"sdpo": sdpo_builder, "trl-distill": distillation_builder}
 
 
 def run_methods(
-    config: DemoConfig, methods: tuple[str, ...], seeds: list[int], progress: bool, resume: bool = False
+    config: DemoConfig,
+    methods: tuple[str, ...],
+    seeds: list[int],
+    progress: bool,
+    resume: bool = False,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every (method, seed) from the same warm start; returns per-run summaries and writes the files. With `resume`,
-    runs already complete in the output folder (final evaluation written) are kept and not trained again."""
+    runs already complete in the output folder (final evaluation written) are kept and not trained again. Each run
+    trained here records its provenance (commit, CPU, threads, `command`, default `sys.argv`)."""
+    made_by = provenance(command or sys.argv)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -134,7 +144,7 @@ def run_methods(
             _, summary = train_method(
                 method, seeded, warm_path, eval_problems, record, progress=progress, build_trainer=builder
             )
-            runs[f"{method}/{seed}"] = summary
+            runs[f"{method}/{seed}"] = {**summary, "provenance": made_by}
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     wanted = {f"{method}/{seed}" for method in methods for seed in seeds}
     rows = [r for r in rows if f"{r.get('method')}/{r.get('seed')}" in wanted]
@@ -265,11 +275,16 @@ def plot_methods(rows: list[dict[str, Any]], methods: tuple[str, ...], path: Pat
 
 # ------------------------------------------------------------------------------------------------- study
 def run_study(
-    config: DemoConfig, names: list[str], seeds: list[int], progress: bool, resume: bool = False
+    config: DemoConfig,
+    names: list[str],
+    seeds: list[int],
+    progress: bool,
+    resume: bool = False,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every knob and GRPO on the same seeds; the metric is the mean held-out pass@1 over the evaluations of
     the second half of the run, compared with GRPO seed by seed (paired differences, 95% t interval)."""
-    result = run_methods(config, tuple(names), seeds, progress, resume=resume)
+    result = run_methods(config, tuple(names), seeds, progress, resume=resume, command=command)
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     result["study"] = study_table(rows, names, seeds, config.steps)
     (config.out / "results.json").write_text(json.dumps(result, indent=2))
@@ -435,7 +450,8 @@ def run_cost(
             row["step_ratio_to_grpo"] = row["step_s_median"] / base["step_s_median"]
             row["memory_ratio_to_grpo"] = row["peak_rss_mib"] / base["peak_rss_mib"]
             extra = row["step_s_median"] - base["step_s_median"]
-            row["extra_over_teacher"] = extra / row["teacher_s_median"] if row["teacher_s_median"] > 0 else None
+            meaningful = row["teacher_s_median"] >= TEACHER_SHARE_FLOOR * row["step_s_median"]
+            row["extra_over_teacher"] = extra / row["teacher_s_median"] if meaningful else None
     return {"config": jsonable(asdict(config)), "steps": steps, "warmup": warmup, "repeats": repeats,
             "results": summary, "samples": samples}  # fmt: skip
 
@@ -456,6 +472,7 @@ def make_parser() -> argparse.ArgumentParser:
     methods.add_argument("--no-progress", action="store_true", help="hide progress bars")
     methods.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
     methods.add_argument("--greedy-only", action="store_true", help=_GREEDY_ONLY)
+    add_regime_options(methods)
     cost = sub.add_parser("cost", help="seconds per step and peak memory against GRPO",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     cost.add_argument("--configs", default=",".join(COST_CONFIGS), help="comma-separated configurations")
@@ -475,6 +492,8 @@ def make_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
     study.add_argument("--resume", action="store_true", help="keep the runs already complete in --out")
     study.add_argument("--greedy-only", action="store_true", help=_GREEDY_ONLY)
+    add_regime_options(study)
+    localisation.add_parser(sub)
     report = sub.add_parser("report", help="render every table of BENCHMARKS.md and README.md from benchmarks/")
     report.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document differs")
     report.add_argument("--root", type=Path, default=Path("."), help="the repository root")
@@ -510,7 +529,9 @@ def _base_config(quick: bool, out: Path) -> DemoConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = make_parser().parse_args(argv)
+    command = ["rlsd", "bench", *argv]
     if args.command == "_cost_once":
         print(json.dumps(cost_once(args.name, _base_config(args.quick, Path("runs/bench-cost")), args.steps,
                                    args.warmup)))  # fmt: skip
@@ -520,12 +541,15 @@ def main(argv: list[str] | None = None) -> int:
         verb = "differ from the raw files" if args.check else "re-rendered"
         print(f"{len(differing)} table(s) {verb}: {', '.join(differing) or 'none'}")
         return 1 if args.check and differing else 0
+    if args.command == "localisation":
+        return localisation.run_command(args, _base_config(args.quick, Path("runs/bench-localisation")), command)
     out = output_folder(args)
     if args.command in ("methods", "study"):
         check_positive({"--seeds": args.seeds, "--steps": args.steps, "--eval-every": args.eval_every})
     else:
         check_positive({"--steps": args.steps, "--repeats": args.repeats})
     config = _base_config(args.quick, out)
+    config = apply_regime(config, args) if args.command in ("methods", "study") else config
     if args.command == "methods":
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         try:
@@ -535,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         config = _greedy_only(config) if args.greedy_only else config
         started = time.perf_counter()
-        result = run_methods(
-            config, methods, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume
-        )
+        seeds = list(range(args.seeds))
+        progress = not args.no_progress
+        result = run_methods(config, methods, seeds, progress=progress, resume=args.resume, command=command)
+        record_run(out, command, time.perf_counter() - started)
         print(render_methods_table(result["table"]))
         print(f"wall time {time.perf_counter() - started:.0f} s; wrote {out}/")
         return 0
@@ -548,7 +573,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--configs", f"must include grpo and come from {', '.join(STUDY_CONFIGS)}; got {names}")
         config = replace(config, steps=args.steps or config.steps, eval_every=args.eval_every or config.eval_every)
         config = _greedy_only(config) if args.greedy_only else config
-        result = run_study(config, names, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume)
+        started = time.perf_counter()
+        result = run_study(config, names, list(range(args.seeds)), progress=not args.no_progress, resume=args.resume,
+                           command=command)  # fmt: skip
+        record_run(out, command, time.perf_counter() - started)
         print(render_study_table(result["study"]))
         return 0
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -562,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(cost, indent=2))
     (out / "table.md").write_text(render_cost_table(cost))
+    record_run(out, command, cost["wall_seconds"])
     print(render_cost_table(cost))
     print(f"wall time {cost['wall_seconds']:.0f} s; wrote {out}/")
     return 0

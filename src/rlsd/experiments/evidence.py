@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlsd.experiments.evidence_demos import render_agent_demo, render_vision_srpo
+from rlsd.experiments.evidence_engines import render_served_teacher
+from rlsd.experiments.evidence_real import (
+    render_real_contention,
+    render_real_diagnostics,
+    render_real_round,
+    render_real_runs,
+)
+from rlsd.experiments.evidence_verdict import render_credit_verdict
+from rlsd.experiments.localisation import render_localisation
+from rlsd.experiments.provenance import NOT_RECORDED, describe, render_provenance
+from rlsd.experiments.regime_study import render_regime_long, render_regime_pilot
 from rlsd.experiments.tables import render_cost_table, render_study_table
+from rlsd.experiments.verdicts import render_holm, render_mcnemar
 
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end -->)", re.DOTALL)
@@ -62,10 +74,15 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 
 def _interval(values: list[float], signed: bool = False) -> str:
-    """`m [lo, hi]` in percentage points."""
+    """`m [lo, hi]` in percentage points (`m [n/a (1 seed)]`: one value has no interval)."""
     mean, low, high = mean_interval(values)
     sign = "+" if signed else ""
+    if len(values) < 2:
+        return f"{100 * mean:{sign}.1f} [{ONE_SEED}]"
     return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
+
+
+ONE_SEED = "n/a (1 seed)"
 
 
 # ------------------------------------------------------------------------------------------------ the pilot
@@ -163,7 +180,7 @@ def render_efficiency(root: Path) -> str:
     )
     curves = {m: [eval_curve(rows, m, s) for s in seeds] for m in ("rlsd", "grpo")}
     steps = sorted(curves["grpo"][0])
-    for n in [s for s in steps if s > 0 and 2 * s in steps and s % 20 == 0]:
+    for n in [s for s in steps if s > 0 and 2 * s in steps]:
         same_time = min(steps, key=lambda s, n=n: abs(s - n * ratio))
         pairs = ((2 * n, f"step {n} vs {2 * n}"), (same_time, f"step {n} vs {same_time} (same wall time)"))
         for target, name in pairs:
@@ -205,8 +222,9 @@ def render_diagnostics(root: Path) -> str:
             name = "warm start" if step == 0 else method
             first = " / ".join(f"{statistics.mean(r['delta_by_position'][i] for r in chosen):+.3f}" for i in (1, 2, 3))
             auc, low, high = mean_interval([r["auc"] for r in chosen])
+            bounds = f"{low:.3f}, {high:.3f}" if len(chosen) > 1 else ONE_SEED
             lines.append(
-                f"| {name} | {step} | {len(chosen)} | {auc:.3f} [{low:.3f}, {high:.3f}] | "
+                f"| {name} | {step} | {len(chosen)} | {auc:.3f} [{bounds}] | "
                 f"{statistics.mean(r['mean_delta_correct'] for r in chosen):+.3f} / "
                 f"{statistics.mean(r['mean_delta_wrong'] for r in chosen):+.3f} | {first} | "
                 f"{_pct(statistics.mean(r['clip_low_frac'] for r in chosen))} / "
@@ -216,20 +234,33 @@ def render_diagnostics(root: Path) -> str:
 
 
 def render_training_clip(root: Path) -> str:
-    """RLSD's clipped shares during training, over the steps where lam > 0 (one window for every number)."""
+    """RLSD's clipped shares during training, over the steps where lam > 0 (one window for every number; the clip
+    shares are logged only while lam > 0, so the whole run's row has its entropy alone), and the most the token-1 hint
+    artifact can add to the clipped-high share: one token of a mean-length training completion."""
     rows, results = _methods_rows(root)
-    decay = results["config"]["lambda_decay_steps"]
+    decay, steps = results["config"]["lambda_decay_steps"], results["config"]["steps"]
     lines = [
         "| window | clipped low | clipped high | clipped total | policy entropy RLSD / GRPO |",
         "|---|---|---|---|---|",
     ]
-    for label, last in (("steps 1 to lam = 0", decay), ("all steps", results["config"]["steps"])):
+    logged = max(r["step"] for r in rows if r.get("kind") == "train" and r.get("rlsd/clip_high_frac") is not None)
+    for label, last in ((f"steps 1-{decay} (lam > 0)", decay), (f"steps 1-{steps}", steps)):
         low = statistics.mean(_train_values(rows, "rlsd", "rlsd/clip_low_frac", last))
         high = statistics.mean(_train_values(rows, "rlsd", "rlsd/clip_high_frac", last))
         entropy = " / ".join(
             f"{statistics.mean(_train_values(rows, m, 'entropy', last)):.3f}" for m in ("rlsd", "grpo")
         )
-        lines.append(f"| {label} | {_pct(low)} | {_pct(high)} | {_pct(low + high)} | {entropy} |")
+        clip = f"{_pct(low)} | {_pct(high)} | {_pct(low + high)}"
+        if last > decay and logged <= decay:
+            clip = " | ".join([f"not logged after step {logged}"] * 3)
+        lines.append(f"| {label} | {clip} | {entropy} |")
+    length = statistics.mean(_train_values(rows, "rlsd", "completions/mean_length", decay))
+    lines += [
+        "",
+        f"Token 1 is one of {length:.1f} tokens of a training completion (RLSD, mean over steps 1-{decay}): "
+        f"the hint artifact, which clips it high on wrong completions, adds at most {100 / length:.1f} points "
+        f"to the clipped-high share if every reweighted completion is wrong, {50 / length:.1f} if half are.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -304,10 +335,18 @@ def render_demo(root: Path) -> str:
     summary = json.loads((root / "benchmarks" / "demo" / "summary.json").read_text())
     lines = [*_demo_rows(summary), ""]
     timing = json.loads((root / "benchmarks" / "demo" / "timing.json").read_text())
+    made = describe(timing.get("provenance"))
+    if "provenance" in timing:  # written by the run
+        total = timing.get("enclosing_wall_seconds")
+        make = "not recorded" if total is None else f"{total:.0f} s in all"
+        where = f"commit {made['commit']}, {made['cpu']}, {made['threads']} torch threads; written by the run"
+    else:  # the hand-written record of an older run
+        make = f"{timing['make_demo_seconds']:.0f} s in all"
+        where = f"{timing['machine']}; typed by hand, not written by the run: CPU and threads {NOT_RECORDED}"
     lines.append(
         f"`rlsd demo` took {summary['total_seconds']:.0f} s, {summary['warm_start_seconds']:.0f} s of it the warm "
         f"start (cold cache); `make demo` on a fresh clone, creating the virtual environment and installing "
-        f"everything, took {timing['make_demo_seconds']:.0f} s in all ({timing['machine']})."
+        f"everything, took {make} ({where})."
     )
     return "\n".join(lines) + "\n"
 
@@ -320,6 +359,7 @@ def render_vision_demo(root: Path) -> str:
         f"`rlsd demo --task vision` took {summary['total_seconds']:.0f} s, {summary['warm_start_seconds']:.0f} s of "
         f"it the warm start (cold cache), {summary['config']['eval_size']} held-out problems."
     )
+    lines += ["", render_mcnemar(read_rows(root / "benchmarks" / "vision-demo" / "metrics.jsonl"))]
     return "\n".join(lines) + "\n"
 
 
@@ -358,194 +398,6 @@ def render_teachers(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------ the real model
-_REAL_LEAK = re.compile(r"\breference\b|given answer|\bthe answer is given\b", re.IGNORECASE)
-"""An OPSD-style leak on the real model: a completion that mentions a reference or a given answer."""
-
-
-def _real(root: Path) -> Path:
-    return root / "benchmarks" / "real"
-
-
-def render_real_diagnostics(root: Path, file: str = "diagnostics.json") -> str:
-    """SmolLM2-135M's self-teacher before training, per teacher template (`benchmarks/real/diagnostics.json`):
-    AUC of the per-sequence mean Delta (correct above wrong) with its bootstrap interval, mean Delta, the share of
-    tokens (of rows with A != 0) whose clipped RLSD weight differs from 1, and Delta by token position."""
-    d = json.loads((_real(root) / file).read_text())
-    templates = d["templates"]
-    lines = [
-        "| teacher template | AUC [95% CI] | mean Delta correct / wrong | mean abs Delta per token |"
-        " weight != 1 | weight at a clip bound |",
-        "|---|---|---|---|---|---|",
-    ]
-
-    def num(value: float | None, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    for name, t in templates.items():
-        low, high = t["auc_ci95"]
-        lines.append(
-            f"| {name} | {num(t['auc'], '.3f')} [{num(low, '.3f')}, {num(high, '.3f')}] | "
-            f"{num(t['delta_mean_correct'], '+.3f')} / {num(t['delta_mean_incorrect'], '+.3f')} | "
-            f"{t['delta_token_abs_mean']:.3f} | {_pct(t['weight_differs_frac'])} | {_pct(t['weight_clipped_frac'])} |"
-        )
-    lines += ["", "| token positions | " + " | ".join(f"{n}: correct / wrong" for n in templates) + " |",
-              "|---" * (1 + len(templates)) + "|"]  # fmt: skip
-    for i, cell in enumerate(next(iter(templates.values()))["delta_by_position"]):
-        row = [f"{num(t['delta_by_position'][i]['correct'], '+.3f')} / "
-               f"{num(t['delta_by_position'][i]['incorrect'], '+.3f')}" for t in templates.values()]  # fmt: skip
-        lines.append(f"| {cell['positions']} | " + " | ".join(row) + " |")
-    lines += [
-        "",
-        f"{d['problems']} training problems x G = {d['generations']} completions (T = 1, at most "
-        f"{d['max_new_tokens']} tokens): {d['n_correct']} of {d['sequences']} correct "
-        f"({_pct(d['accuracy'])}%), {d['groups_with_signal']} of {d['groups']} groups with reward variance; "
-        f"generation {d['generate_s']:.0f} s, student + teacher scoring {d['score_s']:.0f} s.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _real_eval(root: Path, name: str) -> tuple[dict[str, Any] | None, float | None]:
-    """An eval summary of the real-model run and the leakage share of its completions (None when absent)."""
-    path = _real(root) / f"eval-{name}.json"
-    if not path.exists():
-        return None, None
-    completions_path = _real(root) / f"eval-{name}.completions.json"
-    leak = None
-    if completions_path.exists():
-        completions = json.loads(completions_path.read_text())
-        leak = sum(bool(_REAL_LEAK.search(c)) for c in completions) / max(1, len(completions))
-    return json.loads(path.read_text()), leak
-
-
-def render_real_runs(root: Path) -> str:
-    """GRPO / RLSD / OPSD on SmolLM2-135M (`benchmarks/real/`): held-out pass@1 before and after, training
-    reward, groups without signal, step time and the teacher pass's time, step by step, leakage. Held-out pass@1 is the
-    mean over all n samples per problem (`avg@n`; `rlsd eval`'s `pass@1` counts the first sample only)."""
-    base, base_leak = _real_eval(root, "base")
-    lines = [
-        "| method | steps | held-out pass@1 (avg@4) before -> after | train reward per step |"
-        " frac_reward_zero_std per step | s per step | teacher s per step | leakage before -> after |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for method in ("grpo", "rlsd", "opsd"):
-        path = _real(root) / "runs" / method / "log_history.json"
-        history = json.loads(path.read_text()) if path.exists() else []
-        steps = [h for h in history if "reward" in h]
-        after, leak = _real_eval(root, method)
-        if not steps:
-            lines.append(f"| {method} | 0 | (did not run) | | | | | |")
-            continue
-        reward = " / ".join(_pct(h["reward"]) for h in steps)
-        step_time = " / ".join(f"{h['step_time']:.0f}" for h in steps)
-        teacher = " / ".join(f"{h['rlsd/teacher_time_s']:.2f}" for h in steps if "rlsd/teacher_time_s" in h) or "-"
-        before = _pct(base["avg@n"]) if base else "n/a"
-        lines.append(
-            f"| {method} | {len(steps)} | {before} -> {_pct(after['avg@n']) if after else 'n/a'} | {reward} | "
-            f"{' / '.join(_pct(h['frac_reward_zero_std'], 0) for h in steps)} | {step_time} | {teacher} | "
-            f"{_pct(base_leak)} -> {_pct(leak)} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def render_real_contention(root: Path) -> str:
-    """Seconds of one sampled generate call and one forward + backward of SmolLM2-135M by thread count, alone and
-    beside one busy process (`benchmarks/real/contention.txt`, lines printed by `benchmarks/real/contention.py`)."""
-    lines = ["| OMP threads | beside | generate 8 x 48 tokens (s) | forward + backward 8 x 80 tokens (s) |",
-             "|---|---|---|---|"]  # fmt: skip
-    pattern = re.compile(r"threads=(\d+) generate8x48=([\d.]+)s fwd\+bwd8x80=([\d.]+)s \['(\w+)'\]")
-    for match in pattern.finditer((_real(root) / "contention.txt").read_text()):
-        threads, generate, step, label = match.groups()
-        beside = "nothing" if label == "quiet" else "one busy process"
-        lines.append(f"| {threads} | {beside} | {float(generate):.2f} | {float(step):.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def paired_bootstrap(per_problem: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-problem differences and its 95% percentile bootstrap interval, resampling problems."""
-    rng = random.Random(seed)
-    n = len(per_problem)
-    means = sorted(sum(per_problem[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return sum(per_problem) / n, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
-
-
-def _per_problem(samples: list[dict[str, Any]]) -> dict[int, float]:
-    """avg@n by problem: the mean reward of each problem's samples."""
-    by_problem: dict[int, list[float]] = {}
-    for sample in samples:
-        by_problem.setdefault(sample["problem"], []).append(float(sample["reward"] > 0))
-    return {problem: statistics.mean(values) for problem, values in sorted(by_problem.items())}
-
-
-def render_real_round(root: Path, round_name: str = "round2") -> str:
-    """A later real-model round (`benchmarks/real/<round>/`): per method, held-out avg@n before and after with the
-    paired bootstrap interval of the change (problems resampled), the training reward's first and second half, the
-    share of groups without reward variance, median step time, the teacher pass's median share of the steps where it
-    ran (none once lam has decayed to 0, or with no reward variance), leakage, and the mean completion length with the
-    share cut at the token limit (from `eval-*.json`); then RLSD and OPSD minus GRPO, paired by problem."""
-    folder = _real(root) / round_name
-
-    def samples(name: str) -> list[dict[str, Any]] | None:
-        path = folder / f"eval-{name}.samples.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def leak(rows: list[dict[str, Any]]) -> str:
-        return _pct(sum(bool(_REAL_LEAK.search(r["completion"])) for r in rows) / len(rows))
-
-    def signed(values: tuple[float, float, float]) -> str:
-        mean, low, high = (100 * v for v in values)
-        return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
-
-    def length(name: str) -> str:
-        path = folder / f"eval-{name}.json"
-        if not path.exists():
-            return "n/a"
-        summary = json.loads(path.read_text())
-        return f"{summary['mean_response_tokens']:.1f} ({_pct(summary['truncation_rate'])})"
-
-    base = samples("base")
-    if base is None:
-        return "(round not run)\n"
-    before = _per_problem(base)
-    n = len(base) // len(before)
-    lines = [
-        f"| method | steps | held-out avg@{n} before -> after | after - before [95% CI] |"
-        " train reward 1st / 2nd half | groups without variance | median s / step | teacher share of a step |"
-        " leakage before -> after | tokens (truncated %) before -> after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    after_by_method: dict[str, dict[int, float]] = {}
-    for method in ("grpo", "rlsd", "opsd"):
-        history_path = folder / "runs" / method / "log_history.json"
-        rows = samples(method)
-        history = [h for h in json.loads(history_path.read_text()) if "reward" in h] if history_path.exists() else []
-        if rows is None or not history:
-            lines.append(f"| {method} | {len(history)} | (did not finish) | | | | | | | |")
-            continue
-        after = after_by_method[method] = _per_problem(rows)
-        change = signed(paired_bootstrap([after[p] - before[p] for p in before]))
-        half = len(history) // 2
-        reward = [h["reward"] for h in history]
-        halves = f"{_pct(statistics.mean(reward[:half]))} / {_pct(statistics.mean(reward[half:]))}"
-        teacher = [h["rlsd/teacher_time_s"] / h["step_time"] for h in history if h.get("rlsd/teacher_time_s", 0) > 0]
-        lines.append(
-            f"| {method} | {len(history)} | {_pct(statistics.mean(before.values()))} -> "
-            f"{_pct(statistics.mean(after.values()))} | {change} | {halves} | "
-            f"{_pct(statistics.mean(h['frac_reward_zero_std'] for h in history))} | "
-            f"{statistics.median(h['step_time'] for h in history):.1f} | "
-            f"{_pct(statistics.median(teacher)) if teacher else '-'} | {leak(base)} -> {leak(rows)} | "
-            f"{length('base')} -> {length(method)} |"
-        )
-    if "grpo" in after_by_method:
-        grpo = after_by_method["grpo"]
-        for method in ("rlsd", "opsd"):
-            if method in after_by_method:
-                other = after_by_method[method]
-                interval = signed(paired_bootstrap([other[p] - grpo[p] for p in grpo]))
-                lines.append(f"\n{method} minus grpo after training, avg@{n}, paired by problem: {interval}")
-    return "\n".join(lines) + "\n"
-
-
 TABLES: dict[str, Callable[[Path], str]] = {
     "pilot": render_pilot,
     "methods": render_methods,
@@ -570,6 +422,15 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "real-contention": render_real_contention,
     "real-diagnostics-round2": lambda root: render_real_diagnostics(root, "round2/diagnostics.json"),
     "real-round2": render_real_round,
+    "holm": render_holm,
+    "provenance": render_provenance,
+    "localisation-long": render_localisation,
+    "regime-long": render_regime_long,
+    "regime-long-pilot": render_regime_pilot,
+    "agent-demo": render_agent_demo,
+    "vision-srpo": render_vision_srpo,
+    "served-teacher": render_served_teacher,
+    "credit-verdict": render_credit_verdict,
 }
 """Every rendered table by name, as named in the documents' `<!-- table:NAME -->` markers."""
 

@@ -21,6 +21,10 @@ _RESD = {"credit": "grpo", "policy_loss_coef": 0.0, "distill_loss": "resd_topk",
 _TRACE = {"credit": "grpo", "distill_loss": "trace", "trace_error_kl": True, "teacher": "live",
           "privileged_source": "annotation", "context_generator": "task-annotator",
           "teacher_template": "[ref {answer}|{diagnosis}] {prompt}"}  # fmt: skip
+_HELD = {"rlsd_lambda": 1.0, "rlsd_lambda_decay_steps": 0}
+_HELD_WIDE = {"credit": "rlsd", "teacher": "synced", **_HELD, "rlsd_clip": 0.5}
+_ORACLE = {"credit": "oracle", "privileged_source": "annotation", "context_generator": "task-annotator",
+           "teacher": "live", "teacher_template": "[ref {answer}|{diagnosis}] {prompt}", **_HELD}  # fmt: skip
 _TASK_REFLECTION = "{prompt} {completion} {feedback} Lesson:"
 """What the tiny policy is asked for a reflection under `resd`: one line ending in `Lesson:`, which it completes."""
 
@@ -63,6 +67,21 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
         "teacher": "synced",
         "privileged_source": "contrast",
         "teacher_template": "[ref {hint}] {prompt}",
+        "rlsd_lambda_decay_steps": 0,
+    },
+    # SRPO (arXiv 2605.07274, reconstructed: `rlsd.core.srpo_rule`): no privileged context; the second pass is the
+    # current policy shown a blank image, Delta = log p(blank) - log p(image); perception tokens (the vision task's
+    # `<p>3+4*5</p>`, which `rlsd demo --task vision` trains into its warm start when srpo is among the methods) are
+    # weighted by visual dependency, reasoning tokens (`<think>`) by consistency, around one baseline per completion,
+    # clipped to [0.8, 1.2] and applied in full (lam 1, no decay)
+    "srpo": {
+        "credit": "srpo",
+        "teacher": "live",
+        "privileged_source": "none",
+        "teacher_template": "{prompt}",
+        "teacher_transform": "blank_images",
+        "srpo_perception_tag": "p",
+        "rlsd_lambda": 1.0,
         "rlsd_lambda_decay_steps": 0,
     },
     # MSD on-policy (arXiv 2605.02971): no reward; DPSW-weighted reverse KL on the student's own completions from the
@@ -133,6 +152,35 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
         "teacher_rollout_loss": "pbsd",
         "teacher_rollouts": 1,
     },
+    # NPO (arXiv 2604.20733, `rlsd.teachers.near_future`): GRPO whose hard groups (every completion wrong) get one
+    # slot replaced by a verified-correct rollout of the near-future guide: the policy trains `npo_lookahead` steps
+    # past an anchor, those weights become the guide, policy and optimizer roll back to the anchor, and
+    # `npo_guide_steps` guided steps follow. `npo` is the paper's manual early-stage intervention (anchor after step
+    # 1, Delta = 2); `autonpo` anchors when the reward stagnates or the entropy collapses and picks Delta in 1..3 by
+    # S = Q / V on the mistake pool (reconstructed formulas: `npo_should_trigger`, `NearFutureSlots._choose`)
+    "npo": {
+        "credit": "grpo",
+        "teacher": "near_future",
+        "npo_trigger": "step",
+        "npo_start_step": 1,
+        "npo_lookahead": 2,
+        "npo_guide_steps": 8,
+    },
+    "autonpo": {
+        "credit": "grpo",
+        "teacher": "near_future",
+        "npo_trigger": "auto",
+        "npo_lookahead": 3,
+        "npo_guide_steps": 8,
+        "npo_window": 2,
+    },
+    # issue 26's study on the long chains (`--task long`): the positive control, oracle credit from the task's checker
+    # (`rlsd.experiments.oracle`: a wrong completion's correct prefix unblamed, lam = 1 held; its rule registers when
+    # a run selects it), and the declared RLSD variant, lam = 1 held with a wider clip (eps_w = 0.5), shown the answer
+    # (`rlsd-held-wide`) or the worked steps (`rlsd-held-wide-steps`)
+    "oracle": _ORACLE,
+    "rlsd-held-wide": {**_HELD_WIDE},
+    "rlsd-held-wide-steps": {**_HELD_WIDE, "privileged_column": "worked_steps"},
     # teacher modes and lam schedules (cost and study); `rlsd-decayed` is RLSD after lam has reached 0
     "rlsd-live": {"credit": "rlsd", "teacher": "live"},
     "rlsd-synced": {"credit": "rlsd", "teacher": "synced"},

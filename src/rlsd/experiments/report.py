@@ -119,10 +119,15 @@ body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #22
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 .viewer {{ font-family: monospace; font-size: 20px; line-height: 2; word-break: break-all; }}
 .tok {{ padding: 2px 1px; border-radius: 3px; }} .prompt {{ font-family: monospace; color: #555; }}
+.legend {{ margin: 0.5em 0 1em; line-height: 1.8; }}
 pre {{ font-size: 11px; background: #f6f6f6; padding: 8px; }}
 </style></head><body>
 <h1>RLSD vs GRPO vs OPSD on the embedded arithmetic task</h1>
 <img id="curves" alt="curves" src="data:image/png;base64,{image}" style="width:100%">
+<p id="leakage-note">Leakage (right panel and the "final leakage" column) counts, at each evaluation, the share of the
+student's greedy completions of the held-out problems that cite a reference answer they were never shown
+(<code>ref=</code>, <code>[ref</code> or the word "reference"): the student copying the teacher's privileged
+context instead of solving the problem.</p>
 <h2>Summary (pass@1 and leakage in %)</h2>
 <table><tr><th>method</th><th>initial</th><th>final</th><th>peak</th><th>final leakage</th>
 <th>s / step</th><th>wall s</th></tr>{table_rows}</table>
@@ -130,6 +135,12 @@ pre {{ font-size: 11px; background: #f6f6f6; padding: 8px; }}
 <p>Each token of a completion sampled from the trained policy, coloured by its clipped RLSD weight
 (green: above 1, red: below 1; saturation at the clip bounds). Hover a token to see Delta, the raw
 weight w = exp(sign(A) Delta) and the clipped weight.</p>
+<div class="legend" id="viewer-legend"><b>Legend:</b>
+<span class="tok" style="background:rgba(40, 160, 60, 0.85)">green</span> clipped weight above 1: the token gets
+more of the sequence's credit (A &gt; 0) or blame (A &lt; 0) than under GRPO;
+<span class="tok" style="background:transparent; border:1px solid #ccc">no colour</span> weight 1: GRPO's share;
+<span class="tok" style="background:rgba(210, 50, 50, 0.85)">red</span> weight below 1: less credit or blame;
+paler shades are nearer 1, full colour at the clip bounds.</div>
 {examples}
 <h2>Configuration</h2><pre>{summary}</pre>
 </body></html>

@@ -42,10 +42,13 @@ class TaskConfig:
     operators: str = "+-*"
     heldout_percent: int = 10  # share of all problems that belong to the held-out split, by hash
     semantics: str = "products-first"  # or "left-to-right": every operator in order, products may chain
+    max_operands: int = 0  # > 0: each problem draws its operand count uniformly from num_operands..max_operands
 
     def __post_init__(self) -> None:
         if self.num_operands < 2:
             raise ValueError(f"num_operands must be >= 2, got {self.num_operands}")
+        if self.max_operands and self.max_operands < self.num_operands:
+            raise ValueError(f"max_operands must be 0 or >= num_operands {self.num_operands}, got {self.max_operands}")
         if self.operand_digits < 1:
             raise ValueError(f"operand_digits must be >= 1, got {self.operand_digits}")
         unknown = sorted(set(self.operators) - set(OPERATORS))
@@ -58,6 +61,34 @@ class TaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def key_dict(self) -> dict[str, Any]:
+        """`to_dict` without the fields added after caches were keyed on it, when at their defaults (a warm start's
+        cache key stays that of the task before those fields existed)."""
+        return {k: v for k, v in asdict(self).items() if not (k in _KEYLESS_DEFAULTS and v == _KEYLESS_DEFAULTS[k])}
+
+    def operand_counts(self) -> range:
+        """The operand counts a problem may have."""
+        return range(self.num_operands, max(self.num_operands, self.max_operands) + 1)
+
+
+_KEYLESS_DEFAULTS = {"max_operands": 0}
+"""Task fields added after warm-start caches were keyed on the task, with the default that leaves them out of a key."""
+
+TASKS = {
+    "default": TaskConfig(),
+    "long": TaskConfig(num_operands=8, max_operands=12),
+}
+"""The embedded task's named regimes (`rlsd bench ... --task NAME`). `long` (issue 26): chains of 8-12 one-digit
+operands (7-11 computed steps, completions of about 50-120 tokens), where a wrong completion holds many correct steps
+that uniform credit blames with its error."""
+
+
+def task_by_name(name: str) -> TaskConfig:
+    """The named regime `name`; an unknown name is refused with the known ones listed."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 @dataclass(frozen=True)
@@ -116,7 +147,8 @@ def sample_problems(config: TaskConfig, count: int, seed: int, split: str) -> li
     low = 0 if config.operand_digits == 1 else 10 ** (config.operand_digits - 1)
     high = 10**config.operand_digits - 1
     share = config.heldout_percent / 100 if split == "test" else 1 - config.heldout_percent / 100
-    available = (high - low + 1) ** config.num_operands * len(config.operators) ** (config.num_operands - 1) * share
+    values, ops = high - low + 1, len(config.operators)
+    available = sum(values**n * ops ** (n - 1) for n in config.operand_counts()) * share
     if count > 0.8 * available:
         raise ValueError(f"{count} distinct {split} problems requested, but {config} has only about {available:.0f}")
     problems: dict[str, Problem] = {}
@@ -134,12 +166,13 @@ def sample_problems(config: TaskConfig, count: int, seed: int, split: str) -> li
 def _draw_problem(rng: random.Random, config: TaskConfig, low: int, high: int) -> Problem:
     """Uniform operands and operators; under `products-first`, no two `*` in a row and every multiplier in 2-9."""
     operators: list[str] = []
-    for _ in range(config.num_operands - 1):
+    count = rng.randint(config.num_operands, config.max_operands) if config.max_operands else config.num_operands
+    for _ in range(count - 1):
         allowed = config.operators
         if config.semantics == "products-first" and operators[-1:] == ["*"] and set(allowed) - {"*"}:
             allowed = allowed.replace("*", "")
         operators.append(rng.choice(allowed))
-    operands = [rng.randint(low, high) for _ in range(config.num_operands)]
+    operands = [rng.randint(low, high) for _ in range(count)]
     if config.semantics == "products-first":
         operands = [rng.randint(2, 9) if i > 0 and operators[i - 1] == "*" else v for i, v in enumerate(operands)]
     return Problem(operands=tuple(operands), operators=tuple(operators), semantics=config.semantics)
@@ -167,9 +200,27 @@ def evaluation_problems(config: TaskConfig, count: int, purpose: str = "heldout"
 
 
 def make_rl_dataset(config: TaskConfig, count: int, seed: int, split: str = "train") -> Dataset:
-    """Rows for `RLSDTrainer`: `prompt` (plain text) and `solution` (the reference final answer)."""
+    """Rows for `RLSDTrainer`: `prompt` (plain text), `solution` (the reference final answer) and `worked_steps` (the
+    task's steps with their results, `4*5=20;3+20=23;23-2=21`: the privileged context with intermediate values,
+    `privileged_column="worked_steps"`)."""
     problems = sample_problems(config, count, seed, split)
-    return Dataset.from_dict({"prompt": [p.prompt for p in problems], "solution": [str(p.answer) for p in problems]})
+    return Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in problems],
+            "solution": [str(p.answer) for p in problems],
+            "worked_steps": [worked_steps(p) for p in problems],
+        }
+    )
+
+
+def worked_steps(problem: Problem) -> str:
+    """The task's steps with their results, `;`-joined: the privileged context with intermediate values."""
+    return ";".join(problem.steps)
+
+
+def steps_teacher_prompt(problem: Problem) -> str:
+    """The teacher's prompt with intermediate values: the teacher template's slot holds the worked steps."""
+    return TEACHER_TEMPLATE.format(prompt=problem.prompt, answer=worked_steps(problem))
 
 
 def teacher_prompt(problem: Problem) -> str:

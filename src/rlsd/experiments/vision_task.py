@@ -46,6 +46,9 @@ VISION_WARMSTART_FORMAT_VERSION = 1
 QUESTION = "Q:"
 """The text next to the image: the problem itself is only in the image."""
 IMAGE_PAD = "<|image_pad|>"
+PERCEPTION_TAG = "p"
+"""The perception span's tag in the vision task's SRPO format (`<p>3+4*5</p>` before the reasoning): short, since the
+tiny tokenizer spends one token per character (the rule's `srpo_perception_tag`)."""
 
 _FONT = {
     "0": ("###", "#.#", "#.#", "#.#", "###"),
@@ -115,6 +118,18 @@ def messages(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
+def vision_solution(problem: Problem, cite_hint: bool = False, perception: bool = False) -> str:
+    """The target completion; with `perception` it first transcribes the image (`<p>3+4*5</p>`: SRPO's perception
+    span, the reasoning span `<think>` after it)."""
+    seen = f"<{PERCEPTION_TAG}>{expression(problem)}</{PERCEPTION_TAG}>" if perception else ""
+    return seen + problem.solution(cite_hint=cite_hint)
+
+
+def perception_length(task: TaskConfig) -> int:
+    """The most tokens the perception span adds (its tags and the longest expression, one token per character)."""
+    return 2 * len(PERCEPTION_TAG) + 5 + task.num_operands * (task.operand_digits + 1) - 1
+
+
 def teacher_text(problem: Problem) -> str:
     """The teacher's text block: the reference answer before the question (the image is the same)."""
     return TEACHER_TEMPLATE.format(prompt=QUESTION, answer=problem.answer)
@@ -141,13 +156,17 @@ class VisionWarmStartConfig:
     hint_share: float = 0.2  # share of teacher-format solutions that cite the hint
     train_pool: int = 4000
     seed: int = 0
+    perception: bool = False  # completions first transcribe the image in a perception span (SRPO's format)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
 
     def key(self) -> str:
-        payload = json.dumps({"version": VISION_WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not fields["perception"]:  # added later: the key of a warm start without it is unchanged
+            del fields["perception"]
+        payload = json.dumps({"version": VISION_WARMSTART_FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -194,7 +213,8 @@ def train_vision_warm_start(
             problem = rng.choice(pool)
             teacher = rng.random() < config.teacher_share
             text = teacher_text(problem) if teacher else QUESTION
-            solution = problem.solution(cite_hint=teacher and rng.random() < config.hint_share)
+            cite = teacher and rng.random() < config.hint_share
+            solution = vision_solution(problem, cite_hint=cite, perception=config.perception)
             examples.append((images[problem.prompt], text, solution))
         loss = model(**collate_supervised(examples, processor)).loss
         loss.backward()
@@ -311,6 +331,13 @@ class VisionDemoConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.eval_every < 1 or self.eval_size < 1:
             raise ValueError("steps, eval_every and eval_size must be >= 1")
+        if "srpo" in self.methods and not self.warm.perception:  # every method from the same (perception) warm start
+            self.warm = replace(self.warm, perception=True)
+
+    def completion_length(self) -> int:
+        """`max_completion_length`, plus the perception span's tokens when the warm start writes one."""
+        extra = perception_length(self.warm.task) if self.warm.perception else 0
+        return self.max_completion_length + extra
 
     def budget(self) -> DemoConfig:
         """The text demo's config carrying this budget, for the shared `trainer_args`."""
@@ -318,7 +345,7 @@ class VisionDemoConfig:
             methods=self.methods, steps=self.steps, seed=self.seed, eval_every=self.eval_every,
             eval_size=self.eval_size, prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
             learning_rate=self.learning_rate, lambda_decay_steps=self.lambda_decay_steps,
-            max_completion_length=self.max_completion_length, train_size=self.train_size, out=self.out,
+            max_completion_length=self.completion_length(), train_size=self.train_size, out=self.out,
         )  # fmt: skip
 
 
@@ -416,7 +443,7 @@ def train_vision_method(
     dataset = make_vision_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
 
     def evaluate(policy):
-        return evaluate_vision(policy, processor, problems, config.max_completion_length)
+        return evaluate_vision(policy, processor, problems, config.completion_length())
 
     evals = [{"step": 0, **evaluate(model)}]
     record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
@@ -461,7 +488,8 @@ def sequence_logps(model, processor, image: Image.Image, text: str, completion_i
 @torch.no_grad()
 def vision_credit_examples(trainer, processor, problems: list[Problem], config: VisionDemoConfig) -> dict[str, Any]:
     """A correct and a wrong sampled completion of the trained policy, each token with its Delta (the teacher sees
-    the same image and the answer) and RLSD weight, and the image as a PNG data URI, for the viewer."""
+    the same image and the answer) and RLSD weight (under SRPO: the policy on the corrupted image, and SRPO's weight),
+    and the image as a PNG data URI, for the viewer."""
     from rlsd.core.credit import rlsd_advantages
 
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -470,7 +498,7 @@ def vision_credit_examples(trainer, processor, problems: list[Problem], config: 
     with torch.random.fork_rng():
         torch.manual_seed(3_000 + config.seed)
         completions = generate_vision(
-            model, processor, images, [QUESTION] * len(problems), max_new_tokens=config.max_completion_length,
+            model, processor, images, [QUESTION] * len(problems), max_new_tokens=config.completion_length(),
             do_sample=True,
         )  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
@@ -482,23 +510,51 @@ def vision_credit_examples(trainer, processor, problems: list[Problem], config: 
             continue
         sign, problem, temperature = (1.0 if wanted else -1.0), problems[index], trainer.args.temperature
         student = sequence_logps(model, processor, images[index], QUESTION, ids, temperature)
-        tutor = sequence_logps(teacher, processor, images[index], teacher_text(problem), ids, temperature)
-        advantages, _ = rlsd_advantages(
-            torch.tensor([sign], dtype=torch.float64), tutor, student, torch.ones_like(student), lam=1.0,
-            clip=trainer.args.rlsd_clip,
-        )  # fmt: skip
-        delta = (tutor - student)[0]
+        tokens = [processor.tokenizer.decode([t]) for t in ids]
+        if trainer.args.credit == "srpo":
+            delta, weight, clipped = srpo_credit(trainer.args, teacher, processor, images[index], tokens, ids, student,
+                                                 sign)  # fmt: skip
+        else:
+            tutor = sequence_logps(teacher, processor, images[index], teacher_text(problem), ids, temperature)
+            advantages, _ = rlsd_advantages(
+                torch.tensor([sign], dtype=torch.float64), tutor, student, torch.ones_like(student), lam=1.0,
+                clip=trainer.args.rlsd_clip,
+            )  # fmt: skip
+            delta = (tutor - student)[0]
+            weight, clipped = torch.exp(sign * delta), advantages[0] / sign
         examples[label] = {
             "prompt": f"[image: {expression(problem)}] {QUESTION}",
             "answer": problem.answer,
             "advantage_sign": sign,
-            "tokens": [processor.tokenizer.decode([t]) for t in ids],
+            "tokens": tokens,
             "delta": delta.tolist(),
-            "weight": torch.exp(sign * delta).tolist(),
-            "clipped_weight": (advantages[0] / sign).tolist(),
+            "weight": weight.tolist(),
+            "clipped_weight": clipped.tolist(),
             "image": _data_uri(images[index]),
         }
     return examples
+
+
+def srpo_credit(args, model, processor, image, tokens, ids, student, sign: float):
+    """SRPO's view of one completion: Delta = log p(corrupted image) - log p(image), the raw weights exp(z - b) and
+    the clipped ones at lam = 1 (1 outside the perception and reasoning spans)."""
+    from rlsd.context.annotation import span_token_labels, token_char_offsets
+    from rlsd.context.transforms import apply_transform
+    from rlsd.core.rules import RuleParams, Signals, get_rule
+    from rlsd.core.srpo_rule import centred_scores, role_char_spans
+
+    corrupted = apply_transform(args.teacher_transform, QUESTION, [image], {}, "the viewer's completion")[1][0]
+    tutor = sequence_logps(model, processor, corrupted, QUESTION, ids, args.temperature)
+    spans = role_char_spans("".join(tokens), args.srpo_perception_tag, args.srpo_reasoning_tag)
+    roles = torch.tensor([span_token_labels(token_char_offsets(tokens), spans)])
+    signals = Signals(
+        seq_advantages=torch.tensor([sign], dtype=torch.float64), mask=torch.ones_like(roles), teacher_logps=tutor,
+        student_logps=student, role_ids=roles,
+    )  # fmt: skip
+    advantages, _ = get_rule("srpo").fn(signals, RuleParams(lam=1.0, clip=args.rlsd_clip))
+    delta = tutor - student
+    weight = torch.exp(centred_scores(delta, roles, torch.ones_like(roles).bool()))
+    return delta[0], weight[0], advantages[0] / sign
 
 
 def _data_uri(image: Image.Image) -> str:

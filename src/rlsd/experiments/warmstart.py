@@ -22,7 +22,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlsd.experiments.task import Problem, TaskConfig, accuracy_reward, sample_problems, teacher_prompt
+from rlsd.experiments.task import (
+    Problem,
+    TaskConfig,
+    accuracy_reward,
+    sample_problems,
+    steps_teacher_prompt,
+    teacher_prompt,
+)
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
 from rlsd.infra.progress import ticking
 
@@ -46,21 +53,29 @@ class WarmStartConfig:
     warmup_steps: int = 20
     teacher_share: float = 0.3  # share of examples in the teacher format
     hint_share: float = 0.2  # share of teacher-format solutions that cite the hint (6% of all targets)
+    steps_share: float = 0.0  # share of teacher-format prompts shown the worked steps instead of the answer
     train_pool: int = 20_000
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not 0.0 <= self.steps_share <= 1.0:
+            raise ValueError(f"steps_share must lie in [0, 1], got {self.steps_share}")
 
     def key(self) -> str:
-        payload = json.dumps({"version": WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        """The cache key: a hash of the configuration, the fields added since (`steps_share`, the task's
+        `max_operands`) left out at their defaults so that the caches made before them keep their keys."""
+        fields = {**asdict(self), "task": self.task.key_dict()}
+        if self.steps_share == 0.0:
+            del fields["steps_share"]
+        payload = json.dumps({"version": WARMSTART_FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def external_teacher_config(student: WarmStartConfig) -> WarmStartConfig:
     """The embedded task's external teacher (OPD and the teacher-rollout methods): the student's recipe and data on a
-    model about 3x larger (hidden 192, 6 layers; 3.2M parameters against 1.1M), trained 2.2x longer."""
+    model about 3x larger (hidden 192, 6 layers; 3.6M parameters against 1.1M), trained 2.2x longer."""
     return replace(student, hidden_size=192, num_layers=6, num_heads=6, intermediate_size=768, steps=1000)
 
 
@@ -148,7 +163,10 @@ def _lr_factor(step: int, config: WarmStartConfig) -> float:
 def _example(problem: Problem, rng: random.Random, config: WarmStartConfig) -> tuple[str, str]:
     """(prompt, completion) in the student format, or in the teacher format with an optional hint citation."""
     if rng.random() < config.teacher_share:
-        return teacher_prompt(problem), problem.solution(cite_hint=rng.random() < config.hint_share)
+        shown = teacher_prompt(problem)
+        if config.steps_share and rng.random() < config.steps_share:  # no draw at 0: the default mix is unchanged
+            shown = steps_teacher_prompt(problem)
+        return shown, problem.solution(cite_hint=rng.random() < config.hint_share)
     return problem.prompt, problem.solution()
 
 

@@ -1,18 +1,20 @@
-"""Checkpoints that cannot lie: written under a temporary name, sealed with a manifest of every file and its size,
-then renamed into place; verified file by file before a run resumes from one. Also the files RLSD adds to a
-checkpoint (the teacher's state and weights, the rule's state), written and restored from values, never the
-trainer."""
+"""Checkpoints that cannot lie: written under a temporary name, sealed with a manifest of every file, its size and
+its sha256, then renamed into place; verified file by file (content included) before a run resumes from one. Also
+the files RLSD adds to a checkpoint (the teacher's state and weights, the rule's state), written and restored from
+values, never the trainer."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,25 @@ from typing import Any
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
-from trl.trainer.callbacks import SyncRefModelCallback
 
 from rlsd.context.sources import PrivilegedSource
 from rlsd.core.rules import RuleState
+from rlsd.infra.model_save import fsync_dir, fsync_file
 from rlsd.infra.validate import CheckpointError
 from rlsd.teachers import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, Teacher, Unwrap
 
+logger = logging.getLogger(__name__)
+
 MANIFEST_FILE = "rlsd_checkpoint.json"
 """Written last, atomically: a checkpoint folder without it was interrupted while being written."""
+MANIFEST_FORMAT = 2
+"""The manifest's `format`: 2 records `{"size": bytes, "sha256": hex}` per file; format 1 (sizes only, as integers)
+is still accepted when resuming, with a log line saying that the content is not checked."""
+HASH_CHUNK = 4 * 2**20
+"""Files are hashed in chunks of this many bytes: a multi-GB weight file is never read whole."""
+HASH_THREADS = 4
+"""Files hashed at once (hashlib and file reads release the GIL): sealing and verifying each read and hash the whole
+checkpoint (sha256 runs at roughly 0.5 GB/s per core)."""
 PARTIAL_PREFIX = ".rlsd-partial-"
 """Checkpoints are written into `<output_dir>/.rlsd-partial-checkpoint-N/checkpoint-N`, a name that neither
 `get_last_checkpoint` nor checkpoint rotation picks up, and renamed to `<output_dir>/checkpoint-N` once sealed."""
@@ -60,18 +72,41 @@ def staging_root(run_dir: str, name: str) -> str:
 
 
 def seal(folder: str, step: int) -> None:
-    """Flush every file of a written checkpoint to disk, then write the manifest (temporary name, rename)."""
-    files = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name != MANIFEST_FILE:
-            _fsync(path)
-            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    """Flush every file of a written checkpoint to disk, then write the manifest, each file's size and sha256
+    (temporary name, rename)."""
+    paths = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
+    for path in paths:
+        fsync_file(path)
+    digests = sha256_files(paths)
+    files = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": digest}
+        for path, digest in zip(paths, digests, strict=True)
+    }
     temporary = os.path.join(folder, MANIFEST_FILE + ".tmp")
     with open(temporary, "w") as f:
-        json.dump({"format": 1, "global_step": step, "files": files}, f, indent=1)
+        json.dump({"format": MANIFEST_FORMAT, "global_step": step, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, os.path.join(folder, MANIFEST_FILE))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in `HASH_CHUNK` pieces (never whole)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while read := f.readinto(buffer):
+            digest.update(view[:read])
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path] | list[str]) -> list[str]:
+    """`sha256_file` of each path, in order, `HASH_THREADS` files at a time."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def publish(staged: str, final: str) -> None:
@@ -82,7 +117,7 @@ def publish(staged: str, final: str) -> None:
         replaced = os.path.join(root, "replaced")
         os.rename(final, replaced)
     os.rename(staged, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -134,26 +169,6 @@ def discard(root: str) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    """Flush one file's data to the device."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: str) -> None:
-    """Flush a folder's entries (the rename) where the platform allows it."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def is_disk_full(error: BaseException, folder: str) -> bool:
     """Whether a failed write ran out of space: ENOSPC / EDQUOT anywhere in the chain, or (for writers that lose the
     errno, such as torch's) almost no free space left under `folder`."""
@@ -185,14 +200,14 @@ def disk_full_error(name: str, run_dir: str) -> DiskFullError:
 
 
 def verify(folder: str, *, required: Iterable[str], expected: Iterable[str], weights_only: bool) -> list[str]:
-    """Check a checkpoint before resuming: sealed, every file of its manifest present with its written size and
-    readable, plus the files this run needs (`required` always; `expected` unless `weights_only`). Returns what a
-    weights-only resume starts fresh; anything else wrong raises `CheckpointError` naming the file."""
+    """Check a checkpoint before resuming: sealed, every file of its manifest present with its written size, readable
+    and with its written sha256, plus the files this run needs (`required` always; `expected` unless `weights_only`).
+    Returns what a weights-only resume starts fresh; anything else wrong raises `CheckpointError` naming the file."""
     where = f"checkpoint {folder}"
     if not os.path.isdir(folder):
         raise CheckpointError(where, "no such folder", "pass a checkpoint-N folder, or true for the latest one")
     manifest = _read_manifest(folder, weights_only)
-    files = dict(manifest["files"]) if manifest else {}
+    files = manifest_entries(where, manifest) if manifest else {}
     if not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES) and not _has_sharded_state(folder):
         raise CheckpointError(where, f"holds no model weights ({', '.join(WEIGHT_FILES[:2])}, ...)", RESUME_FLAGS)
     fresh = []
@@ -203,8 +218,53 @@ def verify(folder: str, *, required: Iterable[str], expected: Iterable[str], wei
                 fresh.append(name)
                 continue
             raise CheckpointError(where, f"{name} is missing", RESUME_FLAGS)
-        _check_file(where, path, name, files.get(name))
+        _check_file(where, path, name, files.get(name, {}).get("size"))
+    _check_checksums(where, folder, {name: entry["sha256"] for name, entry in files.items() if "sha256" in entry})
     return fresh
+
+
+def manifest_entries(where: str, manifest: dict) -> dict[str, dict[str, Any]]:
+    """The manifest's files as `{name: {"size": ..., "sha256": ...}}`: format 2 as written, format 1 (sizes only)
+    with a log line saying that their content is not checked; any other format is refused."""
+    version, files = manifest.get("format"), manifest.get("files")
+    if version not in (1, MANIFEST_FORMAT) or not isinstance(files, dict):
+        raise CheckpointError(
+            where,
+            f"has a {MANIFEST_FILE} of format {version!r}, which this rlsd does not read (formats 1 and "
+            f"{MANIFEST_FORMAT})",
+            "resume with the rlsd version that wrote it, or pass --resume_weights_only true",
+        )
+    if version == 1:
+        logger.warning("%s: its %s is of format 1 (file sizes only, no checksums): the files' sizes are checked, "
+                       "their content is not", where, MANIFEST_FILE)  # fmt: skip
+        entries = {name: {"size": size} for name, size in files.items()}
+    else:
+        entries = files
+    for name, entry in entries.items():
+        if not _valid_entry(entry):
+            raise CheckpointError(where, f"its {MANIFEST_FILE} records {name} as {entry!r}, not a size and a sha256",
+                                  "resume from another checkpoint")  # fmt: skip
+    return entries
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A manifest entry: an integer size, and a sha256 string where one is recorded."""
+    return isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256", ""), str)
+
+
+def _check_checksums(where: str, folder: str, expected: dict[str, str]) -> None:
+    """Every file's sha256 as the manifest recorded it (hashed in parallel, in chunks): a file whose content changed
+    at the same size (a flipped bit, a file swapped for another of the same size) is refused by name."""
+    names = sorted(name for name in expected if os.path.isfile(os.path.join(folder, name)))
+    actual = sha256_files([os.path.join(folder, name) for name in names])
+    for name, digest in zip(names, actual, strict=True):
+        if digest != expected[name]:
+            raise CheckpointError(
+                where,
+                f"{name} has changed since it was written: its sha256 is {digest[:16]}..., the manifest recorded "
+                f"{expected[name][:16]}... (same size: corrupted on disk or replaced)",
+                RESUME_FLAGS,
+            )
 
 
 def _read_manifest(folder: str, weights_only: bool) -> dict | None:
@@ -284,12 +344,13 @@ def resume_plan(
     return ResumePlan(str(resume), frozenset(fresh))
 
 
-def hf_state_files(*, save_only_model: bool, sharded: bool, world_size: int, process_index: int) -> list[str]:
-    """The optimizer, scheduler and RNG files HF writes into a checkpoint of a run (none with `save_only_model`;
-    DeepSpeed and FSDP, `sharded`, keep theirs in sub-folders, which the manifest covers)."""
-    if save_only_model or sharded:
+def hf_state_files(args: Any, sharded: bool) -> list[str]:
+    """The optimizer, scheduler and RNG files HF writes into a checkpoint of a run with `TrainingArguments` `args`
+    (none with `save_only_model`; DeepSpeed and FSDP, `sharded`, keep theirs in sub-folders, which the manifest
+    covers)."""
+    if args.save_only_model or sharded:
         return []
-    rng = "rng_state.pth" if world_size <= 1 else f"rng_state_{process_index}.pth"
+    rng = "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
     return ["optimizer.pt", "scheduler.pt", rng]
 
 
@@ -358,10 +419,7 @@ def load_rlsd_state(
     resumed `policy` (unwrapped)."""
     if teacher is not None and checkpoint is not None:
         if fresh & {TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE}:
-            if teacher.model is not None and teacher.has_weights:
-                SyncRefModelCallback.sync_target_model(policy, teacher.model, alpha=1.0)
-            else:  # a PEFT policy's teacher adapter, if any (an external teacher: nothing)
-                teacher.follow(policy)
+            teacher.follow(policy)  # a hard copy of the weights it keeps, if any (an external teacher: nothing)
         else:
             teacher.load(checkpoint, unwrap)
     if rule_state is not None and checkpoint is not None and RULE_STATE_FILE not in fresh:

@@ -13,6 +13,8 @@ import torch
 from trl import GRPOConfig
 
 from rlsd.context import vision
+from rlsd.context.sources import get_source
+from rlsd.context.transforms import check_dataset_boxes, check_images_to_transform
 from rlsd.infra.validate import NonFiniteError
 
 LOGIT_RESCALING = (
@@ -81,7 +83,8 @@ def check_run_supported(
         return
     check_vision_supported(datasets, args, has_images=facts.has_images, is_vlm=facts.is_vlm, tools=facts.tools,
                            environment_factory=facts.environment_factory, rollout_func=facts.rollout_func)  # fmt: skip
-    check_rollout_supported(args, environment_factory=facts.environment_factory, rollout_func=facts.rollout_func)
+    check_rollout_supported(args, environment_factory=facts.environment_factory, rollout_func=facts.rollout_func,
+                            tool_images=facts.is_vlm and facts.tools)  # fmt: skip
     if distill:
         check_plain_lm_head(policy, "distill_loss")
         if facts.zero_stage == 3:
@@ -110,8 +113,11 @@ def check_vision_supported(
         split = datasets.get(split_name)
         if vision.prompts_hold_images(split) and not vision.image_dataset(split):
             raise ValueError(vision.IMAGE_BLOCKS_ERROR.format(where=split_name))
+    check_images_to_transform(getattr(args, "teacher_transform", None), has_images)
     if not has_images:
         return
+    for split_name in ("train_dataset", "eval_dataset"):  # a box transform's boxes, before any step
+        check_dataset_boxes(datasets.get(split_name), getattr(args, "teacher_transform", None), split_name)
     what = vision.teacher_use(args)
     if not is_vlm:
         raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=what))
@@ -125,15 +131,36 @@ def check_vision_supported(
         )
 
 
-def check_rollout_supported(args: Any, *, environment_factory: bool, rollout_func: bool) -> None:
-    """The teacher prompt is rebuilt from the dataset row: environments and rollout functions, whose student prompts
-    differ from it, are refused."""
-    used = [name for name, on in (("environment_factory", environment_factory), ("rollout_func", rollout_func)) if on]
-    if used:
+def check_rollout_supported(
+    args: Any, *, environment_factory: bool, rollout_func: bool, tool_images: bool = False
+) -> None:
+    """Multi-turn rollouts are supported: the teacher's prompt is the one the rollout used (an environment's `reset`
+    observation and tool schema included), it scores [teacher prompt ; completion] with the tool results in place, and
+    only the model's tokens (`tool_mask`, a rollout function's `env_mask`) enter the credit and the losses
+    (`rlsd.step.turns`). Refused with environments or a rollout function: what builds prompts of its own outside the
+    rollout (teacher rollouts, teacher-aligned prompt selection, a source that generates its context with a model
+    under environments, whose tool schemas TRL renders per rollout row). Tools with a processor (`tool_images`) are
+    refused: images a tool returns reach the student's forward but not the teacher's prompt."""
+    if tool_images:
         raise NotImplementedError(
-            f"{' and '.join(used)} with {vision.teacher_use(args)}: the teacher's prompt is rebuilt from the "
-            "dataset row and would miss what the rollout added to the student's prompt (environment observations, "
-            "a custom format); use credit='grpo' and distill_loss='none' with these options"
+            f"tools with a processor and {vision.teacher_use(args)}: images a tool returns would reach the student's "
+            "forward but not the teacher's prompt; use a text tokenizer, or credit='grpo' and distill_loss='none'"
+        )
+    used = [name for name, on in (("environment_factory", environment_factory), ("rollout_func", rollout_func)) if on]
+    if not used:
+        return
+    blocked = {
+        f"teacher_rollout_loss={args.teacher_rollout_loss!r}": args.teacher_rollout_loss != "none",
+        f"teacher_aligned_prompts={args.teacher_aligned_prompts}": args.teacher_aligned_prompts > 0,
+        f"privileged_source={args.privileged_source!r}": environment_factory
+        and get_source(args.privileged_source).needs_generator,
+    }
+    refused = [name for name, on in blocked.items() if on]
+    if refused:
+        raise NotImplementedError(
+            f"{' and '.join(refused)} with {' and '.join(used)}: it builds prompts of its own outside the rollout, "
+            "which would miss what the environment or rollout function shows the student; drop the option (the "
+            "teacher's token credit and distillation losses work with these rollouts)"
         )
 
 

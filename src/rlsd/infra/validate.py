@@ -239,20 +239,40 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") >= 2 or "\\" in name or Path(name).exists()
 
 
-def check_model_folder(name: str) -> None:
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a valid hub repository id (`owner/name` or `name`, as `huggingface_hub` validates it)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_folder(name: str, flag: str = "") -> None:
     """A local model folder exists, holds a config and its tokenizer (transformers would otherwise report a bad
-    hub id, or build an empty tokenizer); hub names pass through."""
-    if not looks_local(name):
+    hub id, or build an empty tokenizer); hub names pass through. With `flag` (`--teacher_model`: a teacher, whose
+    tokenizer is optional) the errors name the flag. A name that cannot be a hub id (`teacher/`, `my teacher`) is a
+    local path."""
+    if not looks_local(name) and is_hub_id(name):
         return
     path = Path(name).expanduser()
     if not path.is_dir():
+        if flag:
+            raise ModelFolderError(f"{flag} folder {name}", "does not exist" if not path.exists() else "is a file",
+                                   "check the path, or pass a hub name such as Qwen/Qwen3-0.6B")  # fmt: skip
         raise ModelFolderError(
             f"model {name}", "no such local folder", "check the path, or pass a hub name such as Qwen/Qwen3-0.6B"
         )
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise ModelFolderError(
-            f"model folder {name}", "has no config.json", "save the model there with model.save_pretrained(folder)"
+            f"{flag} folder {name}" if flag else f"model folder {name}",
+            "has no config.json",
+            "save the model there with model.save_pretrained(folder)",
         )
+    if flag:
+        return
     if not any((path / file).exists() for file in TOKENIZER_FILES):
         raise ModelFolderError(
             f"model folder {name}",

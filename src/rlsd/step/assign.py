@@ -15,8 +15,10 @@ import torch
 from accelerate import Accelerator
 
 from rlsd.config import RLSDConfig
+from rlsd.context.annotation import span_token_labels, token_char_offsets
 from rlsd.core.credit import think_span_mask
 from rlsd.core.rules import CreditRule, RuleFn, RuleParams, RuleState, Signals, rule_params
+from rlsd.core.srpo_rule import role_char_spans
 from rlsd.step.batch import RLSDEntries, loss_mask, scalar
 from rlsd.step.scoring import ScoreResult
 
@@ -84,7 +86,7 @@ class CreditAssembler:
         and `entries` no longer carrying deferred credit."""
         output["advantages"] = self.assign(rule, entries, output, student_logps, mode)
         entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
-        entries.teacher_contrast_logps = None
+        entries.teacher_contrast_logps = entries.token_labels = None
         entries.lam, entries.state_values = None, {}
 
     def assign(
@@ -107,6 +109,8 @@ class CreditAssembler:
             vocab_size=self.vocab_size,
             span_mask=self.think_span(batch) if self.args.rlsd_span == "think" else None,
             teacher_contrast_logps=contrast,
+            token_labels=entries.token_labels,
+            role_ids=self.role_ids(batch) if "role_ids" in rule.needs else None,
         )
         values = {key: float(value) for key, value in entries.state_values.items()}
         params = rule_params(self.args, lam=float(entries.lam), **values)
@@ -147,6 +151,19 @@ class CreditAssembler:
         ids = batch["completion_ids"]
         pieces = [self.decode_tokens(row.unsqueeze(1)) for row in ids.cpu()]
         return think_span_mask(pieces, ids.size(1)).to(ids.device) & batch["completion_mask"].bool()
+
+    def role_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, T) SRPO's role of each completion token (1 perception, 2 reasoning, 0 neither): the character spans of
+        the tagged contents (`srpo_perception_tag`, `srpo_reasoning_tag`) mapped to the tokens whose text overlaps
+        them (`rlsd.context.annotation.span_token_labels`)."""
+        ids, keep = batch["completion_ids"], batch["completion_mask"].bool()
+        tags = (self.args.srpo_perception_tag, self.args.srpo_reasoning_tag)
+        roles = []
+        for row in ids.cpu():
+            pieces = self.decode_tokens(row.unsqueeze(1))
+            spans = role_char_spans("".join(pieces), *tags)
+            roles.append(span_token_labels(token_char_offsets(pieces), spans))
+        return torch.tensor(roles, dtype=torch.long, device=ids.device) * keep
 
 
 def rule_on_rows(

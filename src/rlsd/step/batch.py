@@ -52,6 +52,7 @@ class RLSDEntries:
     teacher_logps: Tensor | None = None  # (B, T)
     teacher_entropy: Tensor | None = None  # (B, T)
     teacher_contrast_logps: Tensor | None = None  # (B, T) log-mean-exp over the negative contexts (RLCSD)
+    token_labels: Tensor | None = None  # (B, T) long: the source's token labels, for a rule that reads them
     scored: Tensor | None = None  # (B,) bool: the rows a multiplicative rule scores (A_i != 0)
     lam: Tensor | None = None  # 0-dim float64
     state_values: dict[str, Tensor] = field(default_factory=dict)  # 0-dim float64 by parameter name

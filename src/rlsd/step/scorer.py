@@ -53,6 +53,7 @@ class Scorer:
     tokenizer: Any  # the text tokenizer (pad id, decoding generated texts)
     generation_config: Any  # TRL's `GenerationConfig`: `generate_texts` samples with the run's settings
     eos_token_ids: list[int]  # the ids that end a completion
+    served: Callable[..., torch.Tensor] | None = None  # `teacher_backend="vllm"`: the teacher's log-probs from vLLM
 
     def group_size(self) -> int:
         """Completions per prompt in the current mode."""
@@ -98,6 +99,8 @@ class Scorer:
         completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
         if rows is not None:
             completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
+        if which == "teacher" and self.served is not None:  # one log-prob per token, no entropy (checked by config)
+            return ScoreResult(self.served(prompt_ids, prompt_mask, completion_ids, completion_mask))
         with self.scoring_model(which) as model:
             if which == "teacher" and self._shares_prefixes(model_kwargs, rows, batch["completion_ids"].size(0)):
                 with self.accelerator.autocast():  # as TRL's scoring forward: same precision as the plain pass

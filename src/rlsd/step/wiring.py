@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -18,13 +18,18 @@ from rlsd.context.prompts import RolloutTap, TeacherPrompts
 from rlsd.context.sources import PrivilegedSource
 from rlsd.core.contrast_rule import log_mean_exp
 from rlsd.core.credit import grpo_advantages
+from rlsd.data.reward_range import check_reward_statistics
+from rlsd.data.rewards import reward_totals
+from rlsd.engines.generation import run_generation_config
+from rlsd.engines.vllm_teacher import ServedTeacher
 from rlsd.plan import StepPlan
 from rlsd.step.assign import CreditAssembler
 from rlsd.step.batch import RLSDEntries, loss_mask, scalar
 from rlsd.step.distill_term import DistillationTerm
+from rlsd.step.near_future import NearFutureSlots
 from rlsd.step.rollout_term import NoTeacherRollouts, TeacherRolloutTerm
 from rlsd.step.scorer import Scorer, TokenizePrompts, TrlLogps
-from rlsd.teachers import Teachers
+from rlsd.teachers import NearFutureTeacher, Teachers
 
 CONTRAST = "teacher_contrast_logps"
 """The signal of a rule that contrasts the teacher after the source's negative contexts (RLCSD): K more passes."""
@@ -59,6 +64,7 @@ class RunView:
     trl_logps: TrlLogps  # TRL's own scoring forward, bypassing the trainer's override
     trl_rewards: Callable[..., torch.Tensor]  # TRL's own `_calculate_rewards`
     sharded: bool  # FSDP or DeepSpeed
+    vllm: Callable[[], Any] | None = None  # TRL's colocated vLLM generation (`vllm_generation`), with use_vllm
 
 
 class Collaborators(NamedTuple):
@@ -76,6 +82,9 @@ def build_collaborators(run: RunView, teachers: Teachers, rule_state: Any) -> Co
     """Every collaborator of a step: the no-grad passes, the teacher prompts, the distillation term, the credit
     assembly, the teacher-rollout term `args.teacher_rollout_loss` names, and the rollout's credit."""
     args = run.args
+    if run.generation_config is None:  # vLLM generates the rollouts: TRL built no transformers GenerationConfig
+        run = replace(run, generation_config=run_generation_config(args, run.tokenizer, run.eos_token_ids,
+                                                                   run.temperature))  # fmt: skip
     if CONTRAST in run.plan().rule.needs and not hasattr(run.source, "negative_contexts"):
         raise ValueError(
             f"credit={run.plan().rule.name!r} contrasts the teacher after negative contexts, which "
@@ -88,7 +97,7 @@ def build_collaborators(run: RunView, teachers: Teachers, rule_state: Any) -> Co
         per_row_context=run.source.needs_completions or run.source.needs_generator, sharded=run.sharded,
         group_sizes=run.group_sizes, batch_sizes=run.batch_sizes, training=run.training,
         tokenize_prompts=run.tokenize_prompts, tokenizer=run.tokenizer, generation_config=run.generation_config,
-        eos_token_ids=run.eos_token_ids,
+        eos_token_ids=run.eos_token_ids, served=ServedTeacher(run.vllm) if args.teacher_backend == "vllm" else None,
     )  # fmt: skip
     prompts = TeacherPrompts(
         accelerator=run.accelerator, source=run.source, teacher_template=args.teacher_template,
@@ -116,7 +125,8 @@ def build_collaborators(run: RunView, teachers: Teachers, rule_state: Any) -> Co
             trl_rewards=run.trl_rewards, log=run.log, group_size=scorer.group_size,
             scoring_batch_size=scorer.scoring_batch_size, training=run.training, accumulation=run.accumulation,
         )  # fmt: skip
-    rollout = RolloutCredit(run, scorer, prompts, distill_term, credit, rollout_term)
+    near_future = NearFutureSlots(run, teachers.teacher) if isinstance(teachers.teacher, NearFutureTeacher) else None
+    rollout = RolloutCredit(run, scorer, prompts, distill_term, credit, rollout_term, near_future)
     return Collaborators(scorer, prompts, distill_term, credit, rollout_term, rollout)
 
 
@@ -132,11 +142,15 @@ class RolloutCredit:
     distill_term: DistillationTerm
     credit: CreditAssembler
     rollout_term: TeacherRolloutTerm | NoTeacherRollouts
+    near_future: NearFutureSlots | None = None  # NPO's slot replacement (teacher="near_future")
 
     def complete(self, inputs: list[dict[str, Any]], output: dict[str, Any], tap: RolloutTap, step: int) -> dict:
         """The batch TRL buffers for the rollout `output` of `inputs` (`tap`: what the rollout recorded) at optimizer
         step `step` (1-based), under the active plan."""
         plan, mode = self.run.plan(), "train" if self.run.training() else "eval"
+        replaced = self.near_future is not None and mode == "train" and self.near_future.intervene(inputs, output, tap)
+        if replaced and output.get("old_per_token_logps") is not None:  # the guide's rows, under the rollout's policy
+            output["old_per_token_logps"] = self.scorer.rescore("student", output).logps
         mask = loss_mask(output)
         lam = self.run.lam(step) if plan.rule_uses_teacher else 0.0
         if plan.rule_uses_teacher:
@@ -148,6 +162,8 @@ class RolloutCredit:
         if rule_pass or distill:
             teacher = self.prompts.build(inputs, output, mode, rows, tap, distill=distill)
             prompt_ids, prompt_mask, types, entries.has_context = teacher
+            if "token_labels" in plan.rule.needs:  # the source's labels (annotation spans), for a rule reading them
+                entries.token_labels = tap.token_labels
             if distill:  # the loss-time teacher pass needs the teacher's prompt
                 self.distill_term.rollout_entries(
                     plan, entries, teacher, output["advantages"], tap.row_weights, tap.token_labels, step, mode
@@ -182,6 +198,15 @@ class RolloutCredit:
         if student_logps is not None and not at_loss:  # the credit is final at rollout time
             self.credit.finalize(plan.rule, entries, output, student_logps, mode)
         return {**output, **entries.to_batch()}
+
+    def reward_totals(self, rewards_per_func: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The weighted total reward of each row of TRL's (B_global, n_funcs) rewards, once TRL's float32 group
+        statistics of them are checked finite (`check_reward_statistics`: an overflow names the functions and rows)."""
+        args = self.run.args
+        group_size = self.run.group_sizes[0 if self.run.training() else 1]
+        check_reward_statistics(rewards_per_func, self.run.reward_weights, names, group_size, args.scale_rewards,
+                                args.multi_objective_aggregation)  # fmt: skip
+        return reward_totals(rewards_per_func, self.run.reward_weights)
 
     def contrast_logps(
         self, inputs: list[dict[str, Any]], output: dict[str, Any], mode: str, rows: torch.Tensor | None,

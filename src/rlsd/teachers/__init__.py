@@ -44,6 +44,7 @@ from rlsd.teachers.self_teachers import (
 from rlsd.teachers.adapters import _disable_adapter_dropout
 from rlsd.teachers.build import Teachers, TeacherSyncCallback, build_teachers
 from rlsd.teachers.external import ExternalTeacher, external_teacher, load_external_teacher
+from rlsd.teachers.near_future import NPO_KNOBS, NearFutureTeacher  # registers NPO's guide, "near_future"
 from rlsd.teachers.sharding import is_zero3_partitioned
 from rlsd.teachers.vocabulary import check_same_tokenizer, check_same_vocabulary, sample_texts
 
@@ -52,6 +53,7 @@ __all__ = [
     "EXTERNAL_TEACHER",
     "INITIAL_ADAPTER",
     "LOW_PRECISION",
+    "NPO_KNOBS",
     "TEACHER_ADAPTER",
     "TEACHER_KINDS",
     "TEACHER_MODES",
@@ -64,6 +66,7 @@ __all__ = [
     "InitialTeacher",
     "KindClass",
     "LiveTeacher",
+    "NearFutureTeacher",
     "SelfTeacher",
     "SyncedTeacher",
     "Teacher",

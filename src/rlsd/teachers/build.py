@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from rlsd.teachers.base import Teacher, TeacherBuild, get_teacher_kind
 from rlsd.teachers.external import external_teacher
+from rlsd.teachers.offload import offload_teachers
 from rlsd.teachers.self_teachers import InitialTeacher
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def build_teachers(
 ) -> Teachers:
     """The teacher of kind `args.teacher` (when the run `uses_teacher`), MAD-OPD's `mad_opd_teachers` and, with
     `sdpg_reference`, SDPG's anchor to the initial model; every model a teacher owns is placed by `place` (as TRL
-    places its reference model), in that order (a frozen PEFT reference reuses the teacher's snapshot adapter)."""
+    places its reference model), in that order (a frozen PEFT reference reuses the teacher's snapshot adapter). With
+    `teacher_offload`, each such model then waits on the CPU between uses (`rlsd.teachers.offload`)."""
     args = build.args
     if args.teacher_model is not None and not uses_teacher:
         logger.warning("teacher_model is set but credit=%r and distill_loss='none' use no teacher: not loaded",
@@ -47,6 +49,8 @@ def build_teachers(
             cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
         )  # fmt: skip
         reference = _placed(reference, place)
+    if getattr(args, "teacher_offload", False):
+        offload_teachers([teacher, *mad, reference], args.distributed_state.distributed_type)
     return Teachers(teacher, mad, reference)
 
 
@@ -65,4 +69,7 @@ class TeacherSyncCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        bind = getattr(self.trainer.teacher, "bind_optimizer", None)
+        if bind is not None:  # a kind that rolls the optimizer back (NPO's guide) is handed HF's optimizer first
+            bind(kwargs.get("optimizer"))
         self.trainer._on_teacher_step(state.global_step)

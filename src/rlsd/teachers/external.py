@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 from trl.trainer.utils import create_model_from_path
 
 from rlsd.infra.guards import check_plain_lm_head
+from rlsd.infra.validate import check_model_folder
 from rlsd.teachers.base import (
     EXTERNAL_TEACHER,
     TEACHER_STATE_FILE,
@@ -23,6 +24,7 @@ from rlsd.teachers.base import (
     read_teacher_state,
     teacher_kind,
 )
+from rlsd.teachers.offload import TeacherOffload, resident
 from rlsd.teachers.vocabulary import check_same_tokenizer, check_same_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class ExternalTeacher:
     mode: str
     uses_disabled_adapter = False
     adapter_name = None
+    offload: TeacherOffload | None = None  # set by `offload_teachers` (`teacher_offload`): the model waits on the CPU
 
     def __init__(
         self,
@@ -68,8 +71,9 @@ class ExternalTeacher:
 
     @contextlib.contextmanager
     def forward_context(self, policy: nn.Module, unwrapped_policy: nn.Module) -> Iterator[nn.Module]:
-        """Yield the external model (the policy is left alone)."""
-        yield self.model
+        """Yield the external model (the policy is left alone), on the accelerator while it scores."""
+        with resident(self):
+            yield self.model
 
     def on_optimizer_step(self, global_step: int, policy: nn.Module) -> bool:
         """An external teacher never follows the policy."""
@@ -127,6 +131,7 @@ def load_external_teacher(
     """The teacher model `name`, loaded with TRL's `create_model_from_path(name, **init_kwargs)` after its
     vocabulary and tokenizer are checked against the student's (`check_same_vocabulary`, `check_same_tokenizer`;
     both before the weights are loaded). `dtype` and `attn_implementation` default to the policy's."""
+    check_model_folder(name, "teacher_model")  # a missing folder would read as a bad hub name
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     check_same_vocabulary(policy.config, config, name)
     check_same_tokenizer(student_tokenizer, _teacher_tokenizer(name, trust_remote_code), sample_texts, name)

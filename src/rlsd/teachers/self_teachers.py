@@ -40,6 +40,7 @@ from rlsd.teachers.base import (
     teacher_kind,
     teacher_modes,
 )
+from rlsd.teachers.offload import TeacherOffload, resident
 from rlsd.teachers.sharding import (
     _full_state_dict,
     _full_tensor,
@@ -75,6 +76,7 @@ class SelfTeacher:
     mode: str
     copies_policy: ClassVar[bool] = True
     frozen: ClassVar[bool] = False
+    offload: TeacherOffload | None = None  # set by `offload_teachers` (`teacher_offload`): the copy waits on the CPU
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SelfTeacher:
         """`SelfTeacher(mode, ...)` is an instance of the class registered for `mode`; a subclass builds itself."""
@@ -205,7 +207,8 @@ class SelfTeacher:
         """Yield the module that scores teacher sequences: the copy, or the policy (live, with the teacher's adapter
         active, or with its adapter disabled); the policy's adapter and trainable flags are restored after."""
         if self.model is not None:
-            yield self.model
+            with resident(self):
+                yield self.model
         elif self.adapter_name is not None:
             with _adapter_active(unwrapped_policy, self.adapter_name), self._teacher_head():
                 yield policy
@@ -243,13 +246,19 @@ class SelfTeacher:
     def _hard_copy(self, policy: nn.Module) -> None:
         """teacher <- policy (the whole copy through TRL's sync, or the adapter weights only)."""
         if self.model is not None:
-            SyncRefModelCallback.sync_target_model(policy, self.model, alpha=1.0)
+            with resident(self):
+                SyncRefModelCallback.sync_target_model(policy, self.model, alpha=1.0)
             return
         for target, source in self.adapter_pairs(policy):
             target.data.copy_(source.data)
 
     @torch.no_grad()
     def _ema_step(self, policy: nn.Module) -> None:
+        """`_ema_update` with the teacher's weights on the accelerator (`teacher_offload`)."""
+        with resident(self):
+            self._ema_update(policy)
+
+    def _ema_update(self, policy: nn.Module) -> None:
         """teacher <- decay * teacher + (1 - decay) * policy; a bf16 / fp16 parameter is averaged in its fp32 shadow
         and rounded into the teacher (in its own precision, updates below one ulp would round away)."""
         alpha = 1.0 - self.ema_decay

@@ -1,0 +1,469 @@
+"""`rlsd demo --task agent`: a hidden-value lookup that the tiny model must query with a tool before answering.
+
+Each row asks for the value stored under a key (`key c?`); the value, a digit drawn per row, is known only to the
+row's environment (`LookupEnv`, TRL's `environment_factory`), whose `lookup` tool returns it. A correct completion
+calls the tool (`[lookup key=c]`), reads the result TRL appends (`T: 5`) and answers (`5`); answering at once is
+a guess (one in ten). The warm start calls the tool in about half of its completions and guesses otherwise, so RL has
+room to teach the call. The self-teacher sees the same conversation with the answer in the user turn (`[ref 5] key
+c?`). GRPO, RLSD and SOD are compared from the same warm start; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl.trainer.utils import pad
+
+from rlsd.experiments.demo import (
+    DemoConfig,
+    _Bar,
+    _EvalAndTiming,
+    _sequence_logps,
+    jsonable,
+    run_summary,
+    trainer_args,
+)
+from rlsd.experiments.task import TEACHER_TEMPLATE, leakage_rate
+from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
+from rlsd.experiments.warmstart import cached_warm_start, is_cached
+from rlsd.infra.progress import Phases, ticking
+from rlsd.infra.threads import pick_threads, torch_threads
+
+AGENT_WARMSTART_FORMAT_VERSION = 1
+"""Bump when the agent warm-start recipe changes in a way its configuration does not capture."""
+KEYS = "abcdefgh"
+"""The keys a row may ask for."""
+AGENT_CHAT_TEMPLATE = (
+    "{% if tools %}tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}A: {{ m.get('content') or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}[{{ c['function']['name'] }}"
+    "{% for k, v in c['function']['arguments'].items() %} {{ k }}={{ v }}{% endfor %}]{% endfor %}<eos>\n"
+    "{% elif m['role'] == 'tool' %}T: {{ m['content'] }}\n"
+    "{% else %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}"
+)
+"""A chat template with tools for the character tokenizer, short in tokens: roles `U:`, `A:` (assistant), `T:` (tool
+result), a tool call `[name key=value]`."""
+AGENT_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "A: ",
+    "fields": {
+        "tool_calls": {
+            "open_pattern": r"\[(?P<name>[a-z_]+)",
+            "close_pattern": r"\]\s*",
+            "repeats": True,
+            "content": "xml-inline",
+            "content_args": {"tag_pattern": r"(?P<key>[a-z_]+)=(?P<value>[^ \]]*)", "value_parser": {"name": "text"}},
+            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
+        },
+        "content": {"close_pattern": r"<eos>\s*", "content": "text"},
+    },
+}
+"""How TRL's `parse_response` reads the model's turns into tool calls and answers."""
+CALL_RE = re.compile(r"^\[lookup key=([a-z]*)\]")
+
+
+class LookupEnv:
+    """One row's hidden value: `reset` receives the row (its `key` and `solution`) and shows nothing."""
+
+    def reset(self, **row: Any) -> None:
+        self.key, self.value = row["key"], str(row["solution"])
+
+    def lookup(self, key: str) -> str:
+        """Read the hidden value stored under a key.
+
+        Args:
+            key: the key to read.
+        """
+        return self.value if key == self.key else "none"
+
+
+def agent_reward(completions: list[Any], solution: list[str], **kwargs: Any) -> list[float]:
+    """1 when the last assistant turn is exactly the hidden value."""
+    last = [(turns[-1].get("content") or "") if turns else "" for turns in completions]
+    return [float(text.strip() == str(answer)) for text, answer in zip(last, solution, strict=True)]
+
+
+def build_agent_tokenizer() -> PreTrainedTokenizerBase:
+    """The character tokenizer with the tool chat template and its response parser."""
+    tokenizer = build_char_tokenizer()
+    return with_agent_templates(tokenizer)
+
+
+def with_agent_templates(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Set the tool chat template and the response parser (a loaded tokenizer may not keep the parser)."""
+    tokenizer.chat_template = AGENT_CHAT_TEMPLATE
+    tokenizer.response_template = AGENT_RESPONSE_TEMPLATE
+    return tokenizer
+
+
+def question(key: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"key {key}?"}]
+
+
+def make_agent_dataset(count: int, seed: int) -> Dataset:
+    """Rows for `RLSDTrainer` with `environment_factory=LookupEnv`: the question, its key and hidden value."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        key, value = rng.choice(KEYS), str(rng.randrange(10))
+        rows.append({"prompt": question(key), "key": key, "solution": value})
+    return Dataset.from_list(rows)
+
+
+def evaluation_rows(count: int) -> list[dict[str, Any]]:
+    """The fixed held-out rows (a seed no training set uses)."""
+    return list(make_agent_dataset(count, seed=10_007))
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt ids as TRL renders them for the environment (its `lookup` tool schema included)."""
+    return tokenizer.apply_chat_template(
+        messages, tools=[LookupEnv().lookup], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+
+
+def tool_suffix(tokenizer: PreTrainedTokenizerBase, value: str) -> list[int]:
+    """The tokens the environment writes after a tool call: the result and the next assistant header."""
+    return tokenizer(f"\nT: {value}\nA: ", add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------- the warm start
+@dataclass(frozen=True)
+class AgentWarmStartConfig:
+    """Everything that determines the warm-started tiny Qwen2; its hash names the cache entry."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    tool_share: float = 0.5  # share of transcripts that call the tool (the others guess a digit)
+    teacher_share: float = 0.3  # share of transcripts in the teacher format (`[ref v]` in the user turn)
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = json.dumps({"version": AGENT_WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def transcript(tokenizer, rng: random.Random, config: AgentWarmStartConfig) -> tuple[list[int], list[int]]:
+    """One supervised example (ids, labels): the prompt and the environment's tokens unscored, the model's turns
+    scored. A `tool_share` of them call the tool; the others answer at once: a guess in the student format, the
+    shown value in the teacher format (so that the self-teacher's Delta marks wrong guesses)."""
+    key, value = rng.choice(KEYS), str(rng.randrange(10))
+    messages = question(key)
+    shown = rng.random() < config.teacher_share
+    if shown:
+        messages = [{"role": "user", "content": TEACHER_TEMPLATE.format(answer=value, prompt=messages[0]["content"])}]
+    prompt = render_prompt(tokenizer, messages)
+    if rng.random() < config.tool_share:
+        call, env = encode(tokenizer, f"[lookup key={key}]<eos>"), tool_suffix(tokenizer, value)
+        answer = encode(tokenizer, f"{value}<eos>")
+        return prompt + call + env + answer, [-100] * len(prompt) + call + [-100] * len(env) + answer
+    # the student guesses; the teacher, shown the value, answers it at once
+    guess = encode(tokenizer, f"{value if shown else rng.randrange(10)}<eos>")
+    return prompt + guess, [-100] * len(prompt) + guess
+
+
+def train_agent_warm_start(config: AgentWarmStartConfig, progress: bool = True):
+    """Next-token cross-entropy on the model's turns of tool-calling and guessing transcripts; returns the model,
+    the tokenizer and the seconds it took."""
+    start = time.perf_counter()
+    tokenizer = build_agent_tokenizer()
+    model = build_tiny_qwen2(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
+                             num_heads=config.num_heads, intermediate_size=config.intermediate_size,
+                             seed=config.seed)  # fmt: skip
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    model.train()
+    bar = tqdm(range(config.steps), desc="agent warm start", disable=not progress)
+    for _ in bar:
+        rows = [transcript(tokenizer, rng, config) for _ in range(config.batch_size)]
+        ids = pad([torch.tensor(i) for i, _ in rows], padding_value=tokenizer.pad_token_id)
+        labels = pad([torch.tensor(t) for _, t in rows], padding_value=-100)
+        mask = pad([torch.ones(len(i), dtype=torch.long) for i, _ in rows], padding_value=0)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model, tokenizer, time.perf_counter() - start
+
+
+def agent_warm_start(config: AgentWarmStartConfig, progress: bool = True) -> Path:
+    """Path of the warm-started model for `config`, training and caching it on first use."""
+    return cached_warm_start("agent-warmstart", config, lambda: train_agent_warm_start(config, progress))
+
+
+def load_agent_warm_start(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), with_agent_templates(AutoTokenizer.from_pretrained(path))
+
+
+# ------------------------------------------------------------------------------------------------ the evaluation
+@torch.no_grad()
+def generate_turn(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sample: bool) -> list[list[int]]:
+    """One turn per prompt (left-padded), cut after its end-of-sequence token (kept)."""
+    ids = pad([torch.tensor(p) for p in prompts], padding_value=tokenizer.pad_token_id, padding_side="left")
+    mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0, padding_side="left")
+    sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **sampling)  # fmt: skip
+    turns = []
+    for row in out[:, ids.size(1) :].tolist():
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        turns.append(row[:end])
+    return turns
+
+
+def run_episodes(model, tokenizer, rows, max_new_tokens: int = 16, sample: bool = False) -> list[dict[str, Any]]:
+    """The tool loop of the task for each row, at most one call: a first turn, the tool's result when the turn
+    calls it, a second turn. Each episode: its completion ids, env mask, final answer and whether it called."""
+    was_training = model.training
+    model.eval()
+    prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
+    first = generate_turn(model, tokenizer, prompts, max_new_tokens, sample)
+    episodes = []
+    for row, turn in zip(rows, first, strict=True):
+        text = tokenizer.decode(turn, skip_special_tokens=True)
+        call = CALL_RE.match(text)
+        episode = {"ids": turn, "mask": [1] * len(turn), "answer": text.strip(), "called": call is not None}
+        if call is not None:
+            env = LookupEnv()
+            env.reset(**row)
+            suffix = tool_suffix(tokenizer, env.lookup(call.group(1)))
+            episode.update(ids=turn + suffix, mask=episode["mask"] + [0] * len(suffix))
+        episodes.append(episode)
+    called = [i for i, e in enumerate(episodes) if e["called"]]
+    if called:
+        second = generate_turn(model, tokenizer, [prompts[i] + episodes[i]["ids"] for i in called], 4, sample)
+        for i, turn in zip(called, second, strict=True):
+            e = episodes[i]
+            e.update(ids=e["ids"] + turn, mask=e["mask"] + [1] * len(turn))
+            e["answer"] = tokenizer.decode(turn, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return episodes
+
+
+def evaluate_agent(model, tokenizer, rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Sampled pass@1 (T = 1, one episode per row, seeded) through the tool loop, the share of episodes that called
+    the tool, leakage and mean length. Sampled, not greedy: the warm start's most likely first token is already the
+    call (about half of the samples call, against 1 in 20 for any one digit), so greedy pass@1 starts saturated."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1_000 + seed)
+        episodes = run_episodes(model, tokenizer, rows, sample=True)
+    correct = [float(e["answer"] == str(row["solution"])) for e, row in zip(episodes, rows, strict=True)]
+    texts = [tokenizer.decode(e["ids"], skip_special_tokens=True) for e in episodes]
+    return {
+        "pass_at_1": sum(correct) / len(correct),
+        "tool_call_rate": sum(e["called"] for e in episodes) / len(episodes),
+        "leakage_rate": leakage_rate(texts),
+        "mean_length": statistics.mean(sum(e["mask"]) for e in episodes),
+        "correct": "".join(str(int(c)) for c in correct),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- the demo
+@dataclass
+class AgentDemoConfig:
+    """One agent comparison: the same warm start, budget and seed for every method (sized for 2 CPU cores)."""
+
+    methods: tuple[str, ...] = ("grpo", "rlsd", "sod")
+    steps: int = 40
+    seed: int = 0
+    eval_every: int = 10
+    eval_size: int = 200
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    learning_rate: float = 1e-3
+    lambda_decay_steps: int = 50
+    max_completion_length: int = 40  # the whole multi-turn completion: call, tool result and answer
+    train_size: int = 1000
+    out: Path = Path("runs/agent-demo")
+    warm: AgentWarmStartConfig = field(default_factory=AgentWarmStartConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 1 or self.eval_size < 1:
+            raise ValueError("steps, eval_every and eval_size must be >= 1")
+
+    def budget(self) -> DemoConfig:
+        """The text demo's config carrying this budget, for the shared `trainer_args`."""
+        return DemoConfig(
+            methods=self.methods, steps=self.steps, seed=self.seed, eval_every=self.eval_every,
+            eval_size=self.eval_size, prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
+            learning_rate=self.learning_rate, lambda_decay_steps=self.lambda_decay_steps,
+            max_completion_length=self.max_completion_length, train_size=self.train_size, out=self.out,
+        )  # fmt: skip
+
+
+def agent_quick_config(out: Path, seed: int = 0) -> AgentDemoConfig:
+    """A smoke run for tests: a very small warm start and two steps per method, every file still written."""
+    warm = AgentWarmStartConfig(hidden_size=32, num_heads=2, intermediate_size=64, steps=10, batch_size=8)
+    return AgentDemoConfig(steps=2, eval_every=1, eval_size=8, prompts_per_step=2, num_generations=4,
+                           lambda_decay_steps=2, train_size=16, out=out, warm=warm, seed=seed)  # fmt: skip
+
+
+def with_agent_overrides(config: AgentDemoConfig, **changes: Any) -> AgentDemoConfig:
+    """A copy of `config` with fields replaced (None values ignored)."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def run_agent_demo(config: AgentDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """Train every method from the same agent warm start; write metrics.jsonl, summary.json, curves.png and
+    report.html (curves, table, and the credit viewer over a sampled episode's turns and tool result)."""
+    phase = Phases()
+    count, line = pick_threads(threads)
+    phase(line)
+    with torch_threads(count):
+        return _run_agent_demo(config, progress, phase, count)
+
+
+def _run_agent_demo(config: AgentDemoConfig, progress: bool, phase: Callable[[str], None], threads: int) -> dict:
+    from rlsd.experiments.report import write_report
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    metrics_path = config.out / "metrics.jsonl"
+    metrics_path.write_text("")
+    start = time.perf_counter()
+    cached = is_cached("agent-warmstart", config.warm)
+    phase("agent warm start: " + ("loading it from the cache" if cached else
+          f"{config.warm.steps} supervised steps (once: cached for later runs)"))  # fmt: skip
+    warm_path = agent_warm_start(config.warm, progress=progress)
+    warm_seconds = time.perf_counter() - start
+    rows = evaluation_rows(config.eval_size)
+
+    def record(row: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    summary: dict[str, Any] = {"task": "agent", "config": jsonable(asdict(config)), "threads": threads,
+                               "warm_start_seconds": warm_seconds, "methods": {}}  # fmt: skip
+    viewer: dict[str, Any] = {}
+    for method in config.methods:
+        trainer, summary["methods"][method] = train_agent_method(method, config, warm_path, rows, record, progress,
+                                                                 phase)  # fmt: skip
+        if trainer.teacher is not None and (method == "rlsd" or not viewer):
+            phase(f"credit viewer: sampling episodes of {method}'s policy")
+            viewer = agent_credit_examples(trainer, rows, config)
+    summary["total_seconds"] = time.perf_counter() - start
+    phase(f"report: writing summary.json, curves.png and report.html to {config.out}")
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    write_report(config.out, lines, summary, viewer)
+    return summary
+
+
+def train_agent_method(
+    method: str,
+    config: AgentDemoConfig,
+    warm_path: Path,
+    rows: list[dict[str, Any]],
+    record: Callable[[dict[str, Any]], None],
+    progress: bool = True,
+    phase: Callable[[str], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train one method from the agent warm start with TRL's environment tool loop, evaluating held-out sampled
+    pass@1 (through the same loop) as it goes; returns the trainer and its summary."""
+    from rlsd.trainer import RLSDTrainer
+
+    say = phase or (lambda text: None)
+    name = f"{method} (agent, seed {config.seed})"
+    say(f"{name}: loading the warm start, evaluating it (sampled pass@1 on {len(rows)} episodes)")
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_agent_warm_start(warm_path)
+    dataset = make_agent_dataset(config.train_size, seed=config.seed)
+
+    def evaluate(policy):
+        return evaluate_agent(policy, tokenizer, rows, config.seed)
+
+    evals = [{"step": 0, **evaluate(model)}]
+    record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
+
+    def on_record(row: dict[str, Any]) -> None:
+        if row["kind"] == "eval":
+            evals.append(row)
+        record({"method": method, "seed": config.seed, **row})
+
+    callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
+    trainer = RLSDTrainer(
+        model, agent_reward, args=trainer_args(config.budget(), method), train_dataset=dataset,
+        processing_class=tokenizer, environment_factory=LookupEnv, callbacks=[callback],
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    say(f"{name}: training, {config.steps} steps, sampled pass@1 every {config.eval_every} steps")
+    began = time.perf_counter()
+    with tqdm(total=config.steps, desc=name, disable=not progress) as bar, ticking(bar):
+        trainer.add_callback(_Bar(bar))
+        trainer.train()
+    summary = run_summary(evals, callback.step_seconds, time.perf_counter() - began)
+    summary["final_tool_call_rate"] = evals[-1]["tool_call_rate"]
+    return trainer, summary
+
+
+@torch.no_grad()
+def agent_credit_examples(trainer, rows: list[dict[str, Any]], config: AgentDemoConfig) -> dict[str, Any]:
+    """A correct and a wrong sampled episode of the trained policy, each token with its Delta (the teacher sees the
+    conversation with the answer) and RLSD weight; the environment's tokens show Delta 0 and weight 1 (no credit)."""
+    from rlsd.core.credit import rlsd_advantages
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    teacher = getattr(trainer.teacher, "model", None) or model
+    tokenizer = trainer.processing_class
+    with torch.random.fork_rng():
+        torch.manual_seed(3_000 + config.seed)
+        episodes = run_episodes(model, tokenizer, rows, sample=True)
+    examples: dict[str, Any] = {}
+    for label, wanted in (("correct", True), ("wrong", False)):
+        index = next((i for i, (e, r) in enumerate(zip(episodes, rows, strict=True))
+                      if (e["answer"] == str(r["solution"])) == wanted and e["ids"]), None)  # fmt: skip
+        if index is None:
+            continue
+        episode, row, sign = episodes[index], rows[index], 1.0 if wanted else -1.0
+        shown = [
+            {"role": "user", "content": TEACHER_TEMPLATE.format(answer=row["solution"], prompt=f"key {row['key']}?")}
+        ]
+        temperature = trainer.args.temperature
+        student = _sequence_logps(model, render_prompt(tokenizer, row["prompt"]), episode["ids"], temperature)
+        tutor = _sequence_logps(teacher, render_prompt(tokenizer, shown), episode["ids"], temperature)
+        mask = torch.tensor([episode["mask"]], dtype=torch.float64)
+        advantages, _ = rlsd_advantages(torch.tensor([sign], dtype=torch.float64), tutor, student, mask, lam=1.0,
+                                        clip=trainer.args.rlsd_clip)  # fmt: skip
+        delta = ((tutor - student) * mask)[0]
+        examples[label] = {
+            "prompt": f"key {row['key']}? (hidden value {row['solution']})",
+            "answer": row["solution"],
+            "advantage_sign": sign,
+            "tokens": [tokenizer.decode([t]) for t in episode["ids"]],
+            "delta": delta.tolist(),
+            "weight": torch.where(mask[0] > 0, torch.exp(sign * delta), torch.ones_like(delta)).tolist(),
+            "clipped_weight": torch.where(mask[0] > 0, advantages[0] / sign, torch.ones_like(delta)).tolist(),
+        }
+    return examples
