@@ -39,7 +39,7 @@ from rlsd.experiments.demo import (
 )
 from rlsd.experiments.task import TEACHER_TEMPLATE, leakage_rate
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
-from rlsd.experiments.warmstart import cached_warm_start, is_cached
+from rlsd.experiments.warmstart import cached_warm_start, is_cached, supervised_step
 from rlsd.infra.progress import Phases, ticking
 from rlsd.infra.threads import pick_threads, torch_threads
 
@@ -206,11 +206,7 @@ def train_agent_warm_start(config: AgentWarmStartConfig, progress: bool = True):
         labels = pad([torch.tensor(t) for _, t in rows], padding_value=-100)
         mask = pad([torch.ones(len(i), dtype=torch.long) for i, _ in rows], padding_value=0)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=supervised_step(model, optimizer, loss))
     model.eval()
     return model, tokenizer, time.perf_counter() - start
 

@@ -37,7 +37,7 @@ from rlsd.experiments.task import (
     sample_problems,
 )
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.experiments.warmstart import _lr_factor, cached_warm_start, generate_batch, is_cached
+from rlsd.experiments.warmstart import _lr_factor, cached_warm_start, generate_batch, is_cached, supervised_step
 from rlsd.infra.progress import Phases, ticking
 from rlsd.infra.threads import pick_threads, torch_threads
 
@@ -217,11 +217,7 @@ def train_vision_warm_start(
             solution = vision_solution(problem, cite_hint=cite, perception=config.perception)
             examples.append((images[problem.prompt], text, solution))
         loss = model(**collate_supervised(examples, processor)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=supervised_step(model, optimizer, loss))
     model.eval()
     return model, processor, time.perf_counter() - start
 

@@ -141,13 +141,19 @@ def train_warm_start(
         examples = [_example(rng.choice(pool), rng, config) for _ in range(config.batch_size)]
         input_ids, attention_mask, labels = _collate(examples, tokenizer)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=supervised_step(model, optimizer, loss))
     model.eval()
     return model, tokenizer, time.perf_counter() - start
+
+
+def supervised_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> str:
+    """One supervised update of a warm start (gradients clipped at norm 1.0); the loss formatted for the progress
+    bar. Every embedded task's warm start trains through it."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return f"{loss.item():.3f}"
 
 
 def _lr_factor(step: int, config: WarmStartConfig) -> float:
