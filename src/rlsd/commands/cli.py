@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rlsd.commands.parsing import actionable, command_line, one_line
@@ -99,34 +100,30 @@ def run_demo_command(argv: list[str]) -> int:
 
 def run_vision_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
     """`rlsd demo --task vision`: the same comparison on the image version of the task (its own step defaults)."""
-    from rlsd.experiments.provenance import record_run
-    from rlsd.experiments.vision_task import (
-        VisionDemoConfig,
-        run_vision_demo,
-        vision_quick_config,
-        with_vision_overrides,
-    )
+    from rlsd.experiments.vision_task import VisionDemoConfig, run_vision_demo, vision_quick_config
 
-    out = args.out or VisionDemoConfig().out
-    base = vision_quick_config(out, seed=args.seed) if args.quick else VisionDemoConfig(out=out, seed=args.seed)
-    config = with_vision_overrides(base, **overrides)
-    started = time.perf_counter()
-    summary = run_vision_demo(config, progress=not args.no_progress, threads=args.threads)
-    record_run(config.out, command, time.perf_counter() - started)
-    print_summary(summary, config.out)
-    return 0
+    return run_task_demo(args, overrides, command, VisionDemoConfig, vision_quick_config, run_vision_demo)
 
 
 def run_agent_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
     """`rlsd demo --task agent`: GRPO, RLSD and SOD on the embedded tool task (`rlsd.experiments.agent_task`)."""
-    from rlsd.experiments.agent_task import AgentDemoConfig, agent_quick_config, run_agent_demo, with_agent_overrides
+    from rlsd.experiments.agent_task import AgentDemoConfig, agent_quick_config, run_agent_demo
+
+    return run_task_demo(args, overrides, command, AgentDemoConfig, agent_quick_config, run_agent_demo)
+
+
+def run_task_demo(
+    args: argparse.Namespace, overrides: dict, command: list[str], config_class: type, quick: Callable, run: Callable
+) -> int:
+    """One task demo (vision, agent): its default or quick config with the flags applied, run, timed and summarised."""
+    from rlsd.experiments.demo import with_overrides
     from rlsd.experiments.provenance import record_run
 
-    out = args.out or AgentDemoConfig().out
-    base = agent_quick_config(out, seed=args.seed) if args.quick else AgentDemoConfig(out=out, seed=args.seed)
-    config = with_agent_overrides(base, **overrides)
+    out = args.out or config_class().out
+    base = quick(out, seed=args.seed) if args.quick else config_class(out=out, seed=args.seed)
+    config = with_overrides(base, **overrides)
     started = time.perf_counter()
-    summary = run_agent_demo(config, progress=not args.no_progress, threads=args.threads)
+    summary = run(config, progress=not args.no_progress, threads=args.threads)
     record_run(config.out, command, time.perf_counter() - started)
     print_summary(summary, config.out)
     return 0

@@ -17,7 +17,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -324,11 +324,6 @@ def agent_quick_config(out: Path, seed: int = 0) -> AgentDemoConfig:
     warm = AgentWarmStartConfig(hidden_size=32, num_heads=2, intermediate_size=64, steps=10, batch_size=8)
     return AgentDemoConfig(steps=2, eval_every=1, eval_size=8, prompts_per_step=2, num_generations=4,
                            lambda_decay_steps=2, train_size=16, out=out, warm=warm, seed=seed)  # fmt: skip
-
-
-def with_agent_overrides(config: AgentDemoConfig, **changes: Any) -> AgentDemoConfig:
-    """A copy of `config` with fields replaced (None values ignored)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
 def run_agent_demo(config: AgentDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:

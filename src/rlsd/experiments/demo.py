@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -525,6 +525,9 @@ def jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-def with_overrides(config: DemoConfig, **changes: Any) -> DemoConfig:
-    """A copy of `config` with fields replaced (None values ignored)."""
+Config = TypeVar("Config")
+
+
+def with_overrides(config: Config, **changes: Any) -> Config:
+    """A copy of a demo's config dataclass (text, vision or agent) with fields replaced (None values ignored)."""
     return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -357,11 +357,6 @@ def vision_quick_config(out: Path, seed: int = 0) -> VisionDemoConfig:
     )  # fmt: skip
 
 
-def with_vision_overrides(config: VisionDemoConfig, **changes: Any) -> VisionDemoConfig:
-    """A copy of `config` with fields replaced (None values ignored)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
-
-
 def run_vision_demo(config: VisionDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Train every method from the same vision warm start; write metrics.jsonl, summary.json, curves.png and
     report.html (curves, table and the token-credit viewer with each completion's image).
