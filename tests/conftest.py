@@ -154,6 +154,7 @@ def registries():
 CHILD_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
+import rlsd  # before transformers: in the [vllm] venv it hides vLLM's CUDA torchvision (rlsd.infra.torch_extensions)
 import torch
 from transformers import TrainerCallback
 from conftest import make_config, make_model

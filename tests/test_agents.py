@@ -365,11 +365,16 @@ def test_the_agent_task_s_environment_and_parser_round_trip():
     assert agent_reward(turns, solution=["5", "5"]) == [1.0, 0.0]
 
 
-def test_tools_with_a_processor_are_refused_with_a_teacher(tmp_path):
-    """A tool may return images, which TRL adds to the student's forward but no teacher prompt shows."""
-    from rlsd.infra.guards import check_rollout_supported
+def test_tools_with_a_dataset_image_column_are_still_refused_with_a_teacher(tmp_path):
+    """Images a tool returns reach the teacher (`tests/test_agent_tool_images.py`), so tools with a processor are not
+    refused; a dataset's image column with tools is (the teacher prompt would be rebuilt from the dataset row)."""
+    from PIL import Image
+
+    from rlsd.infra.guards import check_rollout_supported, check_vision_supported
 
     args = make_config(tmp_path, credit="rlsd")
-    with pytest.raises(NotImplementedError, match=r"tools with a processor and credit='rlsd'"):
-        check_rollout_supported(args, environment_factory=False, rollout_func=False, tool_images=True)
     check_rollout_supported(args, environment_factory=True, rollout_func=True)  # text rollouts are supported
+    dataset = Dataset.from_list([{"prompt": QUESTION, "image": Image.new("RGB", (28, 28)), "solution": "7"}])
+    with pytest.raises(NotImplementedError, match=r"images with tools and credit='rlsd'"):
+        check_vision_supported({"train_dataset": dataset}, args, has_images=True, is_vlm=True, tools=True,
+                               environment_factory=False, rollout_func=False)  # fmt: skip

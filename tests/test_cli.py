@@ -44,15 +44,20 @@ def write_fixture(folder: Path, suffix: str, rows: list[dict]) -> Path:
     return path
 
 
+RECIPE_CREDIT = {"-srpo": "srpo", "-gui-sd": "grpo"}
+"""The credit rule of a recipe named for a method other than RLSD (its file name's end)."""
+
+
 def test_every_recipe_parses_and_names_only_existing_options():
-    parser = make_parser()
     assert len(RECIPES) >= 6
     for recipe in RECIPES:
+        parser = make_parser()  # TrlParser keeps a config's values as its defaults: one parser per recipe
         keys = set(yaml.safe_load(recipe.read_text()))
         # use_cpu: the recipes ask for bf16, which the config refuses on a machine without a GPU otherwise
         script, training, model = parser.parse_args_and_config(args=["--config", str(recipe), "--use_cpu", "true"])
-        method = "srpo" if recipe.stem.endswith("-srpo") else "rlsd"  # a recipe for another method says it by name
-        assert training.credit == method and training.loss_type == "dapo", recipe.name
+        # a recipe for another method says it by name (GUI-SD: no policy gradient, its credit rule is GRPO's)
+        credit = next((rule for end, rule in RECIPE_CREDIT.items() if recipe.stem.endswith(end)), "rlsd")
+        assert training.credit == credit and training.loss_type == "dapo", recipe.name
         known = {f for obj in (script, training, model) for f in vars(obj)}
         assert keys <= known, (recipe.name, keys - known)
 

@@ -43,11 +43,12 @@ def test_choose_threads_from_cores_load_and_override(available, load, override, 
         (0.1, 0.0, 2),  # idle
         (0.2, 1.0, 1),  # a competitor started seconds ago: the load average has not seen it yet, /proc/stat has
         (0.1, 0.6, 1),  # a competitor at 60% of a core: one thread still
-        (1.2, 0.0, 1),  # the competitor just stopped: the load average still counts it
+        (1.9, 0.0, 2),  # other work just stopped: the lagging load average still counts it, /proc/stat does not
         (0.1, None, 2),  # busy cores unknown: the load average alone
+        (1.2, None, 1),  # busy cores unknown, a competitor in the load average
     ],
 )
-def test_choose_threads_takes_the_larger_of_the_load_average_and_the_busy_cores_now(load, busy_now, expected):
+def test_choose_threads_trusts_the_busy_cores_now_over_the_lagging_load_average(load, busy_now, expected):
     assert choose_threads(2, load, busy_now=busy_now) == expected
 
 

@@ -1,6 +1,7 @@
 """TRACE (arXiv 2605.10194): an annotator's key and error spans (`privileged_source="annotation"`), mapped from
 characters to tokens, route the forward KL (key spans) and the reverse KL (error spans) of `distill_loss="trace"`,
-whose weight is annealed after a warm-up; GRPO on every token."""
+whose weight is annealed after a warm-up; GRPO on the other tokens (and on every token once the weight is 0, or with
+`trace_grpo_on_spans`)."""
 
 from __future__ import annotations
 
@@ -166,6 +167,47 @@ def test_trace_distils_error_spans_when_no_completion_is_rewarded(tokenizer, tmp
     (log,) = [entry for entry in trainer.state.log_history if "rlsd/distill_loss" in entry]
     assert log["reward"] == 0.0 and log["rlsd/annotation_span_count"] > 0 and log["rlsd/distill_scale"] == 1.0
     assert log["rlsd/distill_loss"] > 0.0 and log["grad_norm"] > 0.0
+
+
+# ------------------------------------------------------------------------------- GRPO elsewhere (policy mask)
+@pytest.mark.parametrize(
+    ("error_kl", "step", "expected"),
+    [
+        (False, 1, [[0, 1, 1, 0], [1, 1, 1, 1]]),  # key spans only: the error span keeps the policy gradient
+        (True, 1, [[0, 1, 0, 0], [1, 0, 1, 1]]),  # both routes: every span token leaves it
+        (True, 3, [[0, 1, 0, 0], [1, 0, 1, 1]]),  # weight 0.5 in the decay: still distilled, still out
+        (True, 4, [[1, 1, 1, 1], [1, 1, 1, 1]]),  # weight 0: the KL channel is annealed away, GRPO on every token
+    ],
+)
+def test_the_routed_tokens_leave_the_policy_gradient_while_the_kl_weight_is_above_zero(error_kl, step, expected):
+    labels = torch.tensor([[1, 0, -1, 1], [0, -1, 0, 0]])
+    loss = token_loss_fn("trace", None, trace_error_kl=error_kl, trace_kl_warmup_steps=2, trace_kl_decay_steps=2)
+    assert loss.scale(step) == {1: 1.0, 3: 0.5, 4: 0.0}[step]
+    assert loss.policy_mask(labels, step).tolist() == expected
+    kept = token_loss_fn("trace", None, trace_error_kl=error_kl, trace_grpo_on_spans=True)
+    assert kept.policy_mask(labels, step).tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def alternate_reward(completions, **kwargs):
+    """Every other completion is rewarded: every group has reward variance, so every A_i != 0."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("on_spans", [False, True])
+def test_the_span_tokens_get_no_policy_advantage_in_the_trainer(tokenizer, tmp_path, on_spans):
+    dataset = make_rl_dataset(TaskConfig(), 8, seed=0)
+    config = {**CATALOGUE["trace"], "trace_grpo_on_spans": on_spans}
+    trainer = build_trainer(tokenizer, tmp_path, reward=alternate_reward, dataset=dataset, **config)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([dataset[i] for i in (0, 0, 0, 0)])
+    labels, mask, advantages = batch["rlsd_distill_labels"], batch["completion_mask"].bool(), batch["advantages"]
+    spans = (labels != 0) & mask
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    sequence = (rewards - rewards.mean()) / rewards.std()  # GRPO's A_i: -+0.866
+    expected = sequence.unsqueeze(1) * mask * (1.0 if on_spans else (~spans).float())
+    assert spans.any() and (mask & ~spans).any()
+    torch.testing.assert_close(advantages.float(), expected.float(), atol=1e-4, rtol=1e-4)
+    assert "rlsd_policy_mask" not in batch  # applied at rollout time: it does not travel to the loss
 
 
 def test_the_trace_loss_without_an_annotating_source_is_refused(tokenizer, tmp_path):

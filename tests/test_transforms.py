@@ -65,10 +65,3 @@ def test_blank_images_reach_the_teacher_through_the_processor(processor, tmp_pat
         torch.testing.assert_close(logps[index, : len(completion)].double(), expected, atol=1e-5, rtol=1e-5)
         seen = direct_teacher_logps(trainer.model, processor, rows[index], completion, temperature=0.7)
         assert (expected - seen).abs().max() > 1e-4, "the blank image does not change the teacher: test is vacuous"
-
-
-def test_transformed_images_with_a_distillation_loss_are_refused(processor, tmp_path):  # noqa: F811
-    trainer = build(processor, tmp_path, credit="grpo", distill_loss="jsd", teacher="live",
-                    teacher_transform="blank_images")  # fmt: skip
-    with pytest.raises(NotImplementedError, match="teacher_transform='blank_images' on images with distill_loss"):
-        trainer.train()

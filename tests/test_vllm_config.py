@@ -13,7 +13,7 @@ import torch
 from conftest import build_trainer, make_config
 
 from rlsd.engines.generation import run_generation_config
-from rlsd.engines.vllm_teacher import ServedTeacher
+from rlsd.engines.vllm_teacher import ServedTeacher, TeacherEngine, served_teacher
 from rlsd.infra.validate import ConfigError
 
 SERVED = {"use_vllm": True, "vllm_mode": "colocate", "teacher_backend": "vllm", "teacher": "live"}
@@ -31,6 +31,9 @@ def test_trl_builds_the_engine_we_serve_from():
     assert init.index("if self.use_vllm:") < init.index("self.generation_config = GenerationConfig(")
     assert "self.llm = LLM(" in inspect.getsource(VLLMGeneration._init_vllm)
     assert "model_runner.model.load_weights([(name, param)])" in inspect.getsource(VLLMGeneration.sync_weights)
+    served_with = {"model", "accelerator", "processing_class", "mode", "tensor_parallel_size",  # start_teacher_engine
+                   "gpu_memory_utilization", "max_model_length", "max_num_seqs", "model_impl", "trust_remote_code"}
+    assert served_with <= set(inspect.signature(VLLMGeneration).parameters)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +42,7 @@ def test_trl_builds_the_engine_we_serve_from():
         ({"teacher_backend": "remote"}, r"--teacher_backend: is 'remote'; use one of trainer, vllm"),
         ({"use_vllm": False}, r"--teacher_backend: is 'vllm' without use_vllm=True in colocate mode"),
         ({"vllm_mode": "server"}, r"without use_vllm=True in colocate mode"),
-        ({"teacher": "synced"}, r"is 'vllm' with teacher='synced'; only the live self-teacher is served"),
+        ({"teacher": "near_future"}, r"teacher='near_future'; a vLLM engine serves .* live, synced, ema, initial"),
         ({"temperature": 0.7}, r"is 'vllm' with temperature=0.7; vLLM's prompt log-probs are at temperature 1"),
         ({"distill_loss": "jsd"}, r"is 'vllm' with distill_loss='jsd'; a distillation loss reads the teacher's whole"),
         ({"credit": "antisd"}, r"is 'vllm' with credit='antisd'; the rule reads teacher_entropy"),
@@ -51,9 +54,58 @@ def test_vllm_settings_a_run_cannot_use_are_refused_by_name(tmp_path, overrides,
         make_config(tmp_path, **{**SERVED, **overrides})
 
 
-def test_a_served_live_teacher_with_a_sampled_token_rule_is_accepted(tmp_path):
-    config = make_config(tmp_path, **SERVED, credit="rlsd")
-    assert (config.teacher_backend, config.teacher) == ("vllm", "live")
+@pytest.mark.parametrize("teacher", ["live", "synced", "ema", "initial"])
+def test_a_served_teacher_with_a_sampled_token_rule_is_accepted(tmp_path, teacher):
+    config = make_config(tmp_path, **{**SERVED, "teacher": teacher}, credit="rlsd")
+    assert (config.teacher_backend, config.teacher) == ("vllm", teacher)
+
+
+class FakeGeneration:
+    """TRL's `VLLMGeneration` as a teacher engine uses it: `sync_weights` records the model it pushes."""
+
+    def __init__(self):
+        self.model, self.pushed = None, []
+
+    def sync_weights(self):
+        self.pushed.append(self.model)
+
+
+def test_a_teacher_engine_is_pushed_the_teachers_copy_only_when_it_changed():
+    teacher = types.SimpleNamespace(mode="synced", model="copy-0", last_sync_step=0)
+    engine = TeacherEngine(FakeGeneration(), teacher, pushes=True)
+    assert engine() is engine.generation
+    assert engine.follow() and engine.generation.pushed == ["copy-0"]  # the first use pushes the copy
+    assert not engine.follow()  # unchanged since the push
+    teacher.last_sync_step, teacher.model = 3, "copy-3"  # synced after step 3 (and the module re-placed)
+    assert engine.follow() and engine.generation.pushed == ["copy-0", "copy-3"] and engine.pushed_step == 3
+    external = TeacherEngine(FakeGeneration(), types.SimpleNamespace(mode="external", model="m", last_sync_step=0),
+                             pushes=False)  # fmt: skip
+    assert not external.follow() and external.generation.pushed == []  # loaded from its folder, never pushed
+
+
+def test_the_served_teacher_pushes_before_it_scores(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    engine, order = FakeEngine(), []
+    generate = engine.generate
+    engine.generate = lambda *a, **k: order.append("score") or generate(*a, **k)
+    served = ServedTeacher(lambda: engine, follow=lambda: order.append("follow") or False)
+    served(torch.tensor([[5]]), torch.tensor([[1]]), torch.tensor([[3]]), torch.tensor([[1]]))
+    assert order == ["follow", "score"]
+
+
+def test_which_engine_serves_which_teacher_and_what_cannot_be_served():
+    args = types.SimpleNamespace(teacher_backend="vllm")
+    live = types.SimpleNamespace(mode="live", model=None)
+    served = served_teacher(args, live, "the generation engine", None, None, sharded=False)
+    assert served.engine == "the generation engine" and served.follow is None
+    in_trainer = types.SimpleNamespace(teacher_backend="trainer")
+    assert served_teacher(in_trainer, live, None, None, None, sharded=False) is None
+    assert served_teacher(args, None, None, None, None, sharded=False) is None  # credit="grpo": no teacher
+    synced = types.SimpleNamespace(mode="synced", model=torch.nn.Linear(1, 1))
+    with pytest.raises(ConfigError, match="teacher='synced' under FSDP or DeepSpeed"):
+        served_teacher(args, synced, None, None, None, sharded=True)
+    with pytest.raises(ConfigError, match="teacher='synced' on a PEFT policy; the teacher is an adapter"):
+        served_teacher(args, types.SimpleNamespace(mode="synced", model=None), None, None, None, sharded=False)
 
 
 class FakeEngine:

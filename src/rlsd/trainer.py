@@ -52,12 +52,15 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   `test_teacher_logps_align_with_a_direct_forward`.
 - `reward_weights`, `reward_func_names` (read): the rewards' weights in the total, and their names. Guarded by
   `test_sibling_context_shows_a_successful_sibling_and_rows_without_one_get_no_signal`, `test_reward_overflow_named`.
-- `tools`, `environment_factories`, `rollout_func` (read; with a teacher `rollout_func` is wrapped to check its
-  `env_mask`, `rlsd.step.turns`): None / empty when unused; with environments `_tokenize_prompts` renders each row's
-  tool schema by its position in the batch, so the teacher scores every row. Guarded by
-  `test_image_column_with_a_rollout_function_is_refused_with_a_teacher`,
+- `tools`, `environment_factories`, `rollout_func`, `environments`, `_environment_pool`, `_tool_call_loop`,
+  `_sync_tool_dicts`, `_async_tool_dicts`, `_get_tool_suffix_ids`, `max_completion_length` (read; override; with a
+  teacher `rollout_func` is wrapped to check its `env_mask`; factories and tool dicts are wrapped, `rlsd.step.turns`):
+  `_tokenize_prompts` renders each row's tool schema by its position, so the teacher scores every row; row i resets
+  `environments[i]`; the loop calls row i's tool dicts, appends to `completions` in place, drops a result over the
+  budget. Guarded by `test_image_column_with_a_rollout_function_is_refused_with_a_teacher`,
   `test_teacher_scores_the_rollout_conversation_and_credit_skips_environment_tokens`,
-  `test_environment_reset_observation_and_tool_schema_reach_the_teacher`.
+  `test_environment_reset_observation_and_tool_schema_reach_the_teacher`, `test_a_tool_that_raises_names_row_and_turn`,
+  `test_a_tool_result_over_the_budget_names_row_and_turn`, `test_an_environment_reset_that_raises_names_the_row`.
 - `_metrics` (read): `_metrics[mode][key]` lists, averaged and logged by TRL. Guarded by
   `test_rule_metrics_are_token_weighted_across_processes`.
 - `current_gradient_accumulation_steps` (read): set by HF's loop; the distillation term divides by it like TRL's loss.
@@ -79,12 +82,12 @@ reviewing this table (`tests/test_layout.py` checks it against the code).
   (`rlsd.step.aligned_prompts`); TRL's dataloader reads it in `get_train_dataloader` / `_get_train_sampler` when
   training starts. Guarded by `test_a_trainer_keeps_the_prompts_the_pure_function_ranks_highest`.
 - `add_fused_lm_head`, `use_adapter`, `SyncRefModelCallback`, `create_model_from_path`, `prepare_deepspeed`,
-  `prepare_fsdp`, `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad` (TRL helpers called, the
-  first four by `rlsd.teachers`): the fused log-prob head and its `outputs`, adapter switching, the weight copy / EMA
-  of the reference model, loading a model by name or path as TRL loads its reference model (the external teacher,
-  `dtype` strings and device_map included), frozen-model placement, image blocks placed as the rollout places them,
-  left padding. Guarded by
-  `test_copy_teacher_with_fp32_head_scores_exactly_like_the_policy`,
+  `prepare_fsdp`, `disable_gradient_checkpointing`, `prepare_multimodal_messages`, `pad`, `VLLMGeneration` (TRL
+  helpers called, the first four by `rlsd.teachers`): the fused log-prob head and its `outputs`, adapter switching,
+  the weight copy / EMA of the reference model, loading a model by name or path as TRL loads its reference model (the
+  external teacher, `dtype` strings and device_map included), frozen-model placement, image blocks placed as the
+  rollout places them, left padding, a served teacher's own vLLM engine. Guarded by
+  `test_trl_builds_the_engine_we_serve_from`, `test_copy_teacher_with_fp32_head_scores_exactly_like_the_policy`,
   `test_a_live_teacher_asks_the_fused_head_only_for_what_the_rule_reads`,
   `test_peft_synced_teacher_scores_like_the_policy_after_a_sync`, `test_ema_teacher_follows_the_policy_by_its_decay`,
   `test_teacher_prompt_keeps_image_blocks_and_rewrites_the_last_text`,
@@ -104,7 +107,6 @@ import torch
 from torch import Tensor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
-from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from rlsd.config import RLSDConfig
 from rlsd.context import vision
@@ -129,7 +131,7 @@ from rlsd.step.metrics import reduce_metrics
 from rlsd.step.rollout_term import TeacherRolloutTerm
 from rlsd.step.scorer import captured_output
 from rlsd.step.scoring import ScoreResult
-from rlsd.step.turns import checked_rollout_func
+from rlsd.step.turns import ToolWatch, checked_rollout_func, watch_resets
 from rlsd.step.wiring import RunView, build_collaborators
 from rlsd.teachers import (
     Teacher,
@@ -138,6 +140,7 @@ from rlsd.teachers import (
     backbone_and_head,
     build_teachers,
     get_teacher_kind,
+    place_frozen,
 )
 
 logger = logging.getLogger(__name__)
@@ -188,6 +191,8 @@ class RLSDTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         check_run_supported(args, policy, kwargs, teacher=needs.teacher, distill=needs.distill, facts=facts)
         self.rollout_func = checked_rollout_func(self.rollout_func, needs.teacher, vision.teacher_use(args))
+        pool, batch = (lambda: self._environment_pool), (lambda: self.environments)
+        self.environment_factories = watch_resets(self.environment_factories, pool, batch)
         if args.teacher_rollout_loss != "none":
             TeacherRolloutTerm.check_supported(
                 args, policy, kwargs, images=self.has_images,
@@ -204,9 +209,9 @@ class RLSDTrainer(GRPOTrainer):
             args, policy, tokenizer=self._tokenizer, dataset=kwargs.get("train_dataset"), text_columns=columns,
             temperature=self.temperature, with_entropy=needs.teacher_entropy, distill=needs.distill,
         )  # fmt: skip
-        teachers = build_teachers(
-            build, self._prepare_frozen_model, uses_teacher=needs.teacher, sdpg_reference=needs.sdpg_reference
-        )
+        place = functools.partial(place_frozen, accelerator=self.accelerator, deepspeed=self.is_deepspeed_enabled,
+                                  fsdp=self.is_fsdp_enabled)  # fmt: skip
+        teachers = build_teachers(build, place, uses_teacher=needs.teacher, sdpg_reference=needs.sdpg_reference)
         self.teacher: Teacher | None = teachers.teacher
         self.mad_teachers: list[Teacher] = teachers.mad
         self.reference: Teacher | None = teachers.reference
@@ -262,15 +267,6 @@ class RLSDTrainer(GRPOTrainer):
         """DeepSpeed's ZeRO stage of this run, None without DeepSpeed."""
         return self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
 
-    def _prepare_frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device): the `place`
-        callable of `build_teachers`."""
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(model, self.accelerator)
-        return self.accelerator.prepare_model(model, evaluation_mode=True)
-
     def _on_teacher_step(self, global_step: int) -> None:
         """End of optimizer step `global_step`: let the teacher follow the policy and log whether it did."""
         synced = self.teacher.on_optimizer_step(global_step, self.accelerator.unwrap_model(self.model))
@@ -297,6 +293,13 @@ class RLSDTrainer(GRPOTrainer):
             self._rollout_tap.prompts = list(prompts)
             self._rollout_tap.rewards = self.rollout.reward_totals(rewards_per_func, self.reward_func_names)
         return rewards_per_func
+
+    def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, *args):
+        """TRL's tool loop, each row's tools watched by `rlsd.step.turns.ToolWatch` (faults and overlong results)."""
+        watch = ToolWatch.over(self._sync_tool_dicts, self._async_tool_dicts, completions)
+        result = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, *args)
+        watch.check(prompt_ids, self._get_tool_suffix_ids, self.max_completion_length, self.model, self._metrics)
+        return result
 
     # ------------------------------------------------------------------ public diagnostics (credit viewer, tests)
     def teacher_inputs(self, inputs, output, mode="train", rows=None, rollout=None) -> TeacherInputs:
@@ -350,12 +353,7 @@ class RLSDTrainer(GRPOTrainer):
             captured_output(backbone if teacher is not None else None) as student_hidden,
         ):
             loss = super()._compute_loss(model, inputs)
-        if state.logps is None:
-            raise RuntimeError(
-                "TRL's loss never called _get_per_token_logps_and_entropies, so the token credit that waits for its "
-                "log-probs was not computed and the step would silently train with sequence advantages; this "
-                "trainer relies on TRL 1.16's loss (check the TRL version and loss options such as liger)"
-            )
+        state.check_scored()
         if teacher is None:
             return loss + self.rollout_term.term(model, inputs, entries, state.logps)
         completion_length = inputs["completion_ids"].size(1)

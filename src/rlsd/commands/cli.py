@@ -44,9 +44,11 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, sampling and warm start")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
     parser.add_argument(
-        "--task", choices=("text", "vision", "agent"), default="text",
+        "--task", choices=("text", "vision", "agent", "video", "gui"), default="text",
         help="text: the arithmetic task as text; vision: the expression only in an image, a tiny Qwen2-VL; agent: a "
-        "hidden value the model must look up with a tool before answering (GRPO, RLSD and SOD unless --methods)",
+        "hidden value the model must look up with a tool before answering (GRPO, RLSD and SOD unless --methods); "
+        "video: the expression one character per frame of a clip (GRPO, RLSD and VISD unless --methods); gui: "
+        "click the named button on a synthetic screen (GRPO, RLSD and GUI-SD unless --methods)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="output folder (runs/demo, runs/vision-demo)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (CI): small model, few steps")
@@ -83,9 +85,15 @@ def run_demo_command(argv: list[str]) -> int:
     )
     if args.task == "vision":
         return run_vision_demo_command(args, overrides, ["rlsd", "demo", *argv])
+    if args.task == "video":
+        overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
+        return run_video_demo_command(args, overrides, ["rlsd", "demo", *argv])
     if args.task == "agent":
         overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
         return run_agent_demo_command(args, overrides, ["rlsd", "demo", *argv])
+    if args.task == "gui":
+        overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
+        return run_gui_demo_command(args, overrides, ["rlsd", "demo", *argv])
     out = args.out or DemoConfig().out
     base = quick_config(out, seed=args.seed) if args.quick else DemoConfig(out=out, seed=args.seed)
     if not args.quick:
@@ -105,11 +113,25 @@ def run_vision_demo_command(args: argparse.Namespace, overrides: dict, command: 
     return run_task_demo(args, overrides, command, VisionDemoConfig, vision_quick_config, run_vision_demo)
 
 
+def run_video_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
+    """`rlsd demo --task video`: GRPO, RLSD and VISD on the embedded video task (`rlsd.experiments.video_task`)."""
+    from rlsd.experiments.video_task import VideoDemoConfig, run_video_demo, video_quick_config
+
+    return run_task_demo(args, overrides, command, VideoDemoConfig, video_quick_config, run_video_demo)
+
+
 def run_agent_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
     """`rlsd demo --task agent`: GRPO, RLSD and SOD on the embedded tool task (`rlsd.experiments.agent_task`)."""
     from rlsd.experiments.agent_task import AgentDemoConfig, agent_quick_config, run_agent_demo
 
     return run_task_demo(args, overrides, command, AgentDemoConfig, agent_quick_config, run_agent_demo)
+
+
+def run_gui_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
+    """`rlsd demo --task gui`: GRPO, RLSD and GUI-SD on the embedded GUI task (`rlsd.experiments.gui_demo`)."""
+    from rlsd.experiments.gui_demo import GuiDemoConfig, gui_quick_config, run_gui_demo
+
+    return run_task_demo(args, overrides, command, GuiDemoConfig, gui_quick_config, run_gui_demo)
 
 
 def run_task_demo(

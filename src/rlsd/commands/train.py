@@ -234,13 +234,14 @@ def check_prompts_fit(
 
 
 def check_teacher_inputs(dataset: Dataset, transform: str | None) -> None:
-    """Before any model is loaded: an image transform has images to change, and a box transform a valid
-    `teacher_box` on every row with images (the first bad row named), as the trainer checks again at its start."""
-    from rlsd.context.transforms import check_dataset_boxes, check_images_to_transform
+    """Before any model is loaded: an image transform has images to change, a box transform a valid `teacher_box`
+    on every row with images, and no transform changes an image's size (the first bad row named), as the trainer
+    checks again at its start."""
+    from rlsd.context.transforms import check_dataset_transform, check_images_to_transform
 
     try:
         check_images_to_transform(transform, bool({"image", "images"} & set(dataset.column_names)))
-        check_dataset_boxes(dataset, transform, "train_dataset")
+        check_dataset_transform(dataset, transform, "train_dataset")
     except ValueError as err:
         raise ConfigError("--teacher_transform", str(err)) from err
 

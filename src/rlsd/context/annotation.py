@@ -25,7 +25,7 @@ this project's reading of its self-OPD teacher). A row whose annotation is empty
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, finite_number, instruction_check
 from rlsd.context.reflection import prompt_text
@@ -165,6 +165,7 @@ class AnnotationSource(GeneratedSource):
     default_template = ANNOTATION_TEACHER_TEMPLATE
     knobs = ANNOTATION_KNOBS
     falls_back = True  # an empty annotation leaves the row without context (counted), not the run stopped
+    generated_fields: ClassVar[dict[str, str]] = {"diagnosis": "none"}  # the teacher sees the type, not the spans
 
     def check_dataset(self, dataset: Any, split_name: str) -> None:
         check_privileged_column(dataset, self.args.privileged_column, split_name)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rlsd.context.sources import PrivilegedSource, RolloutView
+from rlsd.context.citation import ContextRecord
+from rlsd.context.sources import Context, PrivilegedSource, RolloutView
 from rlsd.context.templates import template_fields
 from rlsd.core.credit import TokenMean
 from rlsd.core.rules import Knob
@@ -140,12 +141,34 @@ class GeneratedSource(PrivilegedSource):
     """The base of a source whose context is generated after the rewards: subclasses build each row's
     `GenerationRequest` and turn the generated texts into template fields; `generate` runs the generator with the
     checks. `falls_back` (class attribute): an empty context leaves the row without context (counted) instead of
-    stopping the run."""
+    stopping the run. `generated_fields` (class attribute): the template fields a generator wrote, each with the text
+    a row without one shows; `record` keeps the recent ones of training rollouts (`remember`), which the held-out
+    citation metric reads (`rlsd.context.citation`)."""
 
     needs_completions = True
     needs_generator = True
     knobs = GENERATED_KNOBS
     falls_back: ClassVar[bool] = False
+    generated_fields: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, args: Any) -> None:
+        super().__init__(args)
+        self.record = ContextRecord()
+
+    def remember(self, view: RolloutView, rows: Sequence[int], context: Context) -> None:
+        """Record the generated fields of a training rollout's rows that have context (a placeholder is no context),
+        each with the row's completion when the source read it (a reflection quotes the attempt: those words are the
+        student's own)."""
+        if view.mode != "train":
+            return
+        texts = view.completion_texts
+        quoted = [texts[view.offset + i] if texts is not None else "" for i in rows]
+        self.record.add(
+            (text, own)
+            for name, placeholder in self.generated_fields.items()
+            for text, has, own in zip(context.fields[name], context.has_context, quoted, strict=True)
+            if has and text != placeholder
+        )
 
     def max_prompt_tokens(self) -> int | None:
         return self.args.context_max_tokens

@@ -31,7 +31,7 @@ empty leaves its group without context (the paper drops a sample whose harness r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, GenerationRequest
 from rlsd.context.sources import Context, RolloutView, privileged_source
@@ -107,6 +107,7 @@ class HarnessSource(GeneratedSource):
     default_template = HARNESS_TEACHER_TEMPLATE
     needs_completions = False  # the harness reads the prompt alone
     falls_back = True
+    generated_fields: ClassVar[dict[str, str]] = {"harness": NO_HARNESS_TEXT}
     knobs = HARNESS_KNOBS
 
     def context(self, view: RolloutView, rows: Sequence[int]) -> Context:
@@ -123,7 +124,8 @@ class HarnessSource(GeneratedSource):
         """The harness on each row of `leaders` (one per group): each stage is one request per row (one batched call
         for a model generator, made on every process even with nothing to ask), its prompt built from the row's
         prompt and the earlier stages' outputs; a row whose stage came back empty stops there (None). Returns each
-        row's `HARNESS_OUTPUTS` text and the generator's calls and time over the stages."""
+        row's `HARNESS_OUTPUTS` text and the generator's calls and time over the stages, with the share of the texts
+        that contain the row's answer (`answer_share`)."""
         harness = self.args.harness
         outputs: list[dict[str, str] | None] = [{} for _ in leaders]
         calls = seconds = 0.0
@@ -147,4 +149,6 @@ class HarnessSource(GeneratedSource):
                 else:
                     outputs[k][stage] = text
         written = [None if done is None else HARNESS_OUTPUTS[harness].format(**done) for done in outputs]
-        return written, {"context_generator_calls": calls, "context_generator_time_s": seconds}
+        shown = [GenerationRequest(None, dict(view.rows[i]), source=self.name) for i in leaders]
+        return written, {"context_generator_calls": calls, "context_generator_time_s": seconds,
+                         **self.answer_share(shown, written)}  # fmt: skip

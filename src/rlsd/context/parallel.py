@@ -17,7 +17,7 @@ text unless the template names `{prompt}`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from datasets import Dataset
 
@@ -95,6 +95,7 @@ class ParallelSource(GeneratedSource):
     default_template = "{parallel}"
     replaces_prompt = True
     needs_completions = False  # the parallel prompt depends on the prompt alone
+    generated_fields: ClassVar[dict[str, str]] = {"parallel": ""}  # one from the column too: the teacher read it
     knobs = PARALLEL_KNOBS
 
     def check_dataset(self, dataset: Any, split_name: str) -> None:

@@ -22,6 +22,7 @@ from rlsd.context.annotation import completion_token_labels
 from rlsd.context.sources import Context, PrivilegedSource, RolloutView, TextGenerator
 from rlsd.context.templates import has_image_blocks, render_teacher_prompts
 from rlsd.context.transforms import apply_transform
+from rlsd.step.turns import turn_index
 
 TokenizePrompts = Callable[[list[Any]], tuple[list[list[int]], Any, Any]]
 """TRL's `_tokenize_prompts`: prompts rendered and tokenized as the rollout does -> (ids, images, fields)."""
@@ -71,6 +72,7 @@ class TeacherPrompts:
     generate: TextGenerator  # `RolloutView.generate`, for a source that `needs_generator`
     log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics
     teacher_use: Callable[[], str]  # what in the config (of the active stage) uses the teacher, for error messages
+    context_length: int | None = None  # the model's context: [teacher prompt ; completion] must fit it
 
     def build(
         self,
@@ -92,7 +94,9 @@ class TeacherPrompts:
         rollout = rollout or RolloutTap()
         selected = list(range(len(inputs))) if rows is None else rows.tolist()
         if context is None:
-            context = self.source.context(self.rollout_view(inputs, output, rollout.rewards, mode), selected)
+            view = self.rollout_view(inputs, output, rollout.rewards, mode)
+            context = self.source.context(view, selected)
+            self.source.remember(view, selected, context)
         self.log(mode, context.metrics)
         device = self.accelerator.device
         if context.row_weights is not None:  # rows outside `rows` keep 1
@@ -113,7 +117,7 @@ class TeacherPrompts:
             raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=self.teacher_use()))
         row_images = [images[i] for i in selected] if images is not None else [None] * len(selected)
         if self.teacher_transform is not None:  # what the teacher sees instead of the student's input
-            prompts, row_images = self.transformed(prompts, row_images, distill, inputs, selected)
+            prompts, row_images = self.transformed(prompts, row_images, inputs, selected)
         if images is not None:  # the prompts TRL rolled out: image blocks placed as TRL places them
             prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, row_images, strict=True)]
         teacher_prompts = render_teacher_prompts(prompts, self.teacher_template, context.fields)
@@ -122,16 +126,21 @@ class TeacherPrompts:
             return TeacherInputs(empty, empty, {}, has_context)
         prompt_ids_list, _, fields = self.tokenize_prompts(teacher_prompts)
         self.check_lengths(prompt_ids_list, selected)
+        self.check_context(prompt_ids_list, selected, output)
         pad_id = self.tokenizer.pad_token_id
         prompt_ids = pad([torch.tensor(ids) for ids in prompt_ids_list], padding_value=pad_id, padding_side="left")
         prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0,
                           padding_side="left")  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        types = self.token_types(fields, prompt_ids, output) if images is not None else {}
+        no_images = self.no_image_types(output, prompt_ids)
+        types = self.token_types(fields, prompt_ids, output) if images is not None else no_images
         if images is not None and self.teacher_transform is not None:  # the teacher's own images, processed
             flat = [image for row in row_images if row for image in row]  # as TRL processes the student's
             processed = self.processing_class.image_processor(images=flat, return_tensors="pt")
-            types.update({key: value.to(device) for key, value in processed.items() if key in vision.IMAGE_KEYS})
+            processed = {key: value for key, value in processed.items() if key in vision.IMAGE_KEYS}
+            if distill:  # they travel to the loss-time teacher pass with their rows, through TRL's split by rows
+                processed = vision.rows_first(processed, [len(row or []) for row in row_images])
+            types.update({key: value.to(device) for key, value in processed.items()})
         return TeacherInputs(prompt_ids, prompt_mask, types, has_context)
 
     def negatives(
@@ -182,22 +191,48 @@ class TeacherPrompts:
                     "limit or shorten the context"
                 )
 
+    @staticmethod
+    def no_image_types(output: dict[str, Any], prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The token types of teacher prompts without images (zeros) for the keys the rollout carries: a tool's
+        images in the completion (TRL's tool loop), whose types `vision.teacher_vision_kwargs` appends; else none."""
+        return {key: torch.zeros_like(prompt_ids) for key in vision.TOKEN_TYPE_KEYS if output.get(key) is not None}
+
+    def check_context(self, prompt_ids: list[list[int]], rows: list[int], output: dict[str, Any]) -> None:
+        """Refuse a teacher input [teacher prompt ; completion] longer than the model's context (`context_length`),
+        naming the row and the completion turn it runs past the context in: TRL keeps the student's input (and its
+        tool results) within the context, but the privileged context lengthens the teacher's, whose last tokens would
+        be scored at positions the model never had; never truncated."""
+        limit, completions = self.context_length, output.get("completion_ids")
+        if limit is None or completions is None:
+            return
+        keep = output.get("completion_mask")
+        lengths = keep.sum(1).tolist() if keep is not None else [len(completion) for completion in completions]
+        tool_mask = output.get("tool_mask")
+        for row, ids in zip(rows, prompt_ids, strict=True):
+            completion = int(lengths[row])
+            if len(ids) + completion <= limit:
+                continue
+            position = limit - len(ids)  # the first completion token past the context
+            turn = turn_index(tool_mask[row].tolist(), position) if tool_mask is not None and position >= 0 else 0
+            where = "the teacher prompt itself" if position < 0 else f"completion token {position} (turn {turn})"
+            prompt_mask = output.get("prompt_mask")
+            student = "" if prompt_mask is None else f"; the student's is {int(prompt_mask[row].sum()) + completion:,}"
+            raise ValueError(
+                f"the teacher's input of rollout row {row} is {len(ids) + completion:,} tokens (teacher prompt "
+                f"{len(ids):,} + completion {completion:,}{student}), over the model's context "
+                f"of {limit:,} (max_position_embeddings) from {where}; shorten the privileged context or the teacher "
+                "template, or lower max_completion_length"
+            )
+
     def transformed(
-        self, prompts: list[Any], images: list[Any], distill: bool, inputs: list[dict[str, Any]], rows: list[int]
+        self, prompts: list[Any], images: list[Any], inputs: list[dict[str, Any]], rows: list[int]
     ) -> tuple[list[Any], list[Any]]:
         """The prompt and images of each of `rows` after `teacher_transform` (a box transform reads the row's box from
-        `inputs`, naming the rollout row in errors); images changed for a loss-time teacher pass (`distill`: whose
-        inputs TRL would have to split by rows) are refused."""
+        `inputs`, naming the rollout row in errors)."""
         name = self.teacher_transform
         pairs = [apply_transform(name, prompt, row_images, inputs[row], f"rollout row {row}")
                  for prompt, row_images, row in zip(prompts, images, rows, strict=True)]  # fmt: skip
-        new_images = [row for _, row in pairs]
-        if distill and any(row is not None for row in new_images):
-            raise NotImplementedError(
-                f"teacher_transform={self.teacher_transform!r} on images with distill_loss: the loss-time "
-                "teacher pass reads the student's images; use a token-advantage rule (credit=...) with this transform"
-            )
-        return [prompt for prompt, _ in pairs], new_images
+        return [prompt for prompt, _ in pairs], [row for _, row in pairs]
 
     def rollout_view(
         self, inputs: list[dict[str, Any]], output: dict[str, Any], rewards: torch.Tensor | None, mode: str = "train"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from accelerate.utils import gather_object
 
@@ -209,6 +209,7 @@ class ReflectionSource(GeneratedSource):
     default_template = REFLECTION_TEACHER_TEMPLATE
     knobs = REFLECTION_KNOBS
     falls_back = True  # an empty reflection leaves the row without one (counted), not the run stopped
+    generated_fields: ClassVar[dict[str, str]] = {"reflection": NO_REFLECTION_TEXT}  # the lessons are cut from them
 
     def __init__(self, args: Any) -> None:
         super().__init__(args)

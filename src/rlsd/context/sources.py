@@ -93,6 +93,11 @@ class PrivilegedSource:
         """The fields of the local rows `rows` (indices into `view.rows`)."""
         raise NotImplementedError
 
+    def remember(self, view: RolloutView, rows: Sequence[int], context: Context) -> None:
+        """Keep what `context` (of the local rows `rows` of `view`) showed the teacher, for measuring later whether
+        the student cites it (a generated source records its generated fields: `GeneratedSource.remember`); nothing
+        here."""
+
     def max_prompt_tokens(self) -> int | None:
         """The longest teacher prompt, in tokens, this source allows (None: no bound): a longer one is refused naming
         the row, never truncated."""

@@ -10,7 +10,8 @@ The image transforms keep each image's size (so the number of image tokens; a tr
 `apply_transform`) and apply to every image of a row, video frames given as images included: `blank_images`,
 `noise_images`, `blur_images` (corrupted views, SRPO's visual-dependency probe), and the box transforms registered with
 `@box_transform`, which read each row's box from the `teacher_box` column (`crop_to_box`, a zoom; `draw_box` and
-`gaussian_mask`, GUI-SD's visual hints), checked before training (`check_dataset_boxes`)."""
+`gaussian_mask`, GUI-SD's visual hints, and `box_hint`, both at once), checked before training
+(`check_dataset_transform`, which also refuses a transform that changes an image's size)."""
 
 from __future__ import annotations
 
@@ -164,28 +165,29 @@ def check_images_to_transform(name: str | None, has_images: bool) -> None:
         )
 
 
-def check_dataset_boxes(dataset: Any, name: str | None, split_name: str) -> None:
-    """Before training: with a box transform, every row of a map-style split with images has a valid box (the
-    column present, each box well-formed and inside its image), the first bad row named."""
+def check_dataset_transform(dataset: Any, name: str | None, split_name: str) -> None:
+    """Before training: the transform applied once to every row of a map-style split that has images, so that a box
+    transform's missing column or bad box (malformed, outside its image) and any transform that changes an image's
+    size (the number of image tokens) is refused naming the first bad row, before any step."""
     from datasets import Dataset
 
-    if name is None or name not in BOXED or not isinstance(dataset, Dataset):
+    if name is None or not isinstance(dataset, Dataset):
         return
     columns = dataset.column_names
     image_column = "images" if "images" in columns else "image" if "image" in columns else None
     if image_column is None:
         return
-    if BOX_COLUMN not in columns:
+    if name in BOXED and BOX_COLUMN not in columns:
         raise ValueError(
             f"teacher_transform={name!r} reads a box per row from the {BOX_COLUMN!r} column, which {split_name} "
             f"lacks (its columns: {sorted(columns)})"
         )
-    for index, row in enumerate(dataset.select_columns([image_column, BOX_COLUMN])):
+    read = [column for column in (image_column, BOX_COLUMN, "prompt") if column in columns]
+    for index, row in enumerate(dataset.select_columns(read)):
         images = row[image_column] if image_column == "images" else [row[image_column]]
         images = [image for image in images or [] if image is not None]
-        value = row[BOX_COLUMN]
         if images:
-            row_boxes(value, images, f"{split_name} row {index}")
+            apply_transform(name, row.get("prompt", ""), images, row, f"{split_name} row {index}")
 
 
 def _pixels(image: Image.Image) -> Image.Image:
@@ -266,6 +268,14 @@ def gaussian_mask(prompt: Prompt, images: list[Any], boxes: list[Box]) -> tuple[
         weight = torch.exp(-0.5 * (ys.unsqueeze(1) + xs.unsqueeze(0))).unsqueeze(-1)
         masked.append(_from_tensor(values * weight, image.mode))
     return prompt, masked
+
+
+@box_transform("box_hint")
+def box_hint(prompt: Prompt, images: list[Any], boxes: list[Box]) -> tuple[Prompt, list[Any]]:
+    """GUI-SD's visual hint as its paper describes it (arXiv 2605.00642): the Gaussian soft mask around each box
+    (`gaussian_mask`) with the box's red outline drawn over it (`draw_box`); no coordinate is shown."""
+    _, masked = gaussian_mask(prompt, images, boxes)
+    return draw_box(prompt, masked, boxes)
 
 
 IMAGE_ONLY = frozenset({"blank_images", "noise_images", "blur_images", *BOXED})

@@ -182,11 +182,13 @@ class RoutedTokenLoss:
     """A distillation loss that routes each completion token by its label (`RLSDEntries.distill_labels`, from a
     source that gives `Context.char_spans`): the tokens labelled `label` get `routes[label]`, every other token none.
     Its weight in the term is scaled per optimizer step by `scale(step)`: 1 for the first `warmup_steps`, then down
-    linearly to 0 over `decay_steps` (0: no decay), applied to each row's weight when the rollout is scored."""
+    linearly to 0 over `decay_steps` (0: no decay), applied to each row's weight when the rollout is scored. The tokens
+    a route takes leave the policy gradient while the weight is above 0 (`policy_mask`), unless `policy_on_routes`."""
 
     routes: dict[int, TokenLoss]
     warmup_steps: int = 0
     decay_steps: int = 0
+    policy_on_routes: bool = False
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, *rest: Any) -> Tensor:
         raise ValueError(
@@ -199,6 +201,15 @@ class RoutedTokenLoss:
         if self.decay_steps <= 0 or step <= self.warmup_steps:
             return 1.0
         return max(0.0, 1.0 - (step - self.warmup_steps) / self.decay_steps)
+
+    def policy_mask(self, labels: Tensor, step: int) -> Tensor:
+        """(B, T) float, the tokens the policy gradient runs on at optimizer step `step`: 0 on those a route takes
+        (`labels` (B, T)) while the distillation weight is above 0, 1 on every other token; all 1 with
+        `policy_on_routes`, and once the weight has fallen to 0 (the KL channel annealed away leaves GRPO)."""
+        if self.policy_on_routes or self.scale(step) <= 0.0:
+            return torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+        routes = torch.tensor(list(self.routes), dtype=labels.dtype, device=labels.device)
+        return (~torch.isin(labels, routes)).float()
 
 
 def routed_token_loss(
@@ -251,18 +262,27 @@ def _non_negative_integer(value: Any) -> str | None:
             30, "With distill_loss='trace', the optimizer steps over which the KL weight then falls linearly to 0 "
             "(a reconstruction); 0 keeps it at full weight for the whole run.", _non_negative_integer,
         ),
+        "trace_grpo_on_spans": Knob(
+            False, "With distill_loss='trace', the policy gradient also runs on the tokens the KL routes take; off "
+            "(the paper's 'GRPO elsewhere'), they leave it while the KL weight is above 0.", _boolean,
+        ),
     },
 )  # fmt: skip
 def _trace(
-    trace_key_kl: bool, trace_error_kl: bool, trace_kl_warmup_steps: int, trace_kl_decay_steps: int
+    trace_key_kl: bool,
+    trace_error_kl: bool,
+    trace_kl_warmup_steps: int,
+    trace_kl_decay_steps: int,
+    trace_grpo_on_spans: bool,
 ) -> TokenLoss:
     """TRACE (arXiv 2605.10194): forward KL(p_T || p_S) over the full vocabulary on the tokens of key spans (label +1)
     and, with `trace_error_kl`, reverse KL(p_S || p_T) on those of error spans (label -1), 0 on every other token
-    (left to the policy gradient); the weight is 1 for `trace_kl_warmup_steps` then decays linearly to 0 over
-    `trace_kl_decay_steps`. The spans come from an annotator (privileged_source='annotation')."""
+    (left to the policy gradient, which leaves the routed tokens unless `trace_grpo_on_spans`); the weight is 1 for
+    `trace_kl_warmup_steps` then decays linearly to 0 over `trace_kl_decay_steps`. The spans come from an annotator
+    (privileged_source='annotation')."""
     routes: dict[int, TokenLoss] = {}
     if trace_key_kl:
         routes[1] = functools.partial(generalized_jsd, beta=0.0)
     if trace_error_kl:
         routes[-1] = functools.partial(generalized_jsd, beta=1.0)
-    return RoutedTokenLoss(routes, trace_kl_warmup_steps, trace_kl_decay_steps)
+    return RoutedTokenLoss(routes, trace_kl_warmup_steps, trace_kl_decay_steps, trace_grpo_on_spans)

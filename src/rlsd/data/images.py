@@ -249,7 +249,11 @@ def to_image_rows(
     features = Features({"prompt": List(message), target: List(Image()) if several else Image(),
                          "solution": Value("string"), **{c: dataset.features[c] for c in kept}})  # fmt: skip
     removed = [c for c in dataset.column_names if c not in kept]
-    return dataset.map(convert, with_indices=True, remove_columns=removed, features=features)
+    # `datasets` keys its map cache on the dataset file, not on the image files rows name: read (and check) them
+    # again on every load, or re-extracted frames or a replaced image would be skipped (tests/test_media_reload.py)
+    return dataset.map(
+        convert, with_indices=True, remove_columns=removed, features=features, load_from_cache_file=False
+    )
 
 
 def _is_image_list(feature: Any) -> bool:

@@ -116,12 +116,39 @@ def _row_videos(row: dict[str, Any], where: str, base_dir: Path | None, max_fram
             raise DatasetError(f"{where}, column 'videos', video {index}", "has no frames",
                                "extract its frames or drop the row")  # fmt: skip
         frames += found
-    if len(frames) > max_frames:
-        raise DatasetError(
-            f"{where}, column 'videos'", f"holds {len(frames)} frames, over the frame budget of {max_frames}",
-            "extract fewer frames (a lower fps) or raise --video_max_frames",
-        )  # fmt: skip
+    _check_budget(len(frames), max_frames, f"{where}, column 'videos'")
     return frames
+
+
+def _check_budget(count: int, max_frames: int, where: str) -> None:
+    """A row's frames within the frame budget, else an error naming `where`."""
+    if count > max_frames:
+        raise DatasetError(where, f"holds {count} frames, over the frame budget of {max_frames}",
+                           "extract fewer frames (a lower fps) or raise --video_max_frames")  # fmt: skip
+
+
+def _check_every_row_has_video(without: list[int], total: int, label: str, column: str, fix: str) -> None:
+    """Refuse a set with no video at all, or rows with and without video mixed, naming the first row without."""
+    if len(without) == total:
+        raise DatasetError(label, f"has no row with a video in column {column!r}", fix)
+    if without:
+        raise DatasetError(
+            f"row {without[0]} of {label}", f"has no video while other rows do ({len(without)} of {total} "
+            "rows without one): mixed rows with and without video", "split them into a video and an image/text set",
+        )  # fmt: skip
+
+
+def check_frame_rows(frames: list[list[Any] | None], max_frames: int, label: str) -> None:
+    """Frames-as-images rows built in memory (a row's frames, None for a row without video), checked as the
+    EasyVideoR1 rows are, before any training step: every row has a video, every video frames, every row at most
+    `max_frames` frames; each failure names its row of `label` and the `images` column."""
+    without = [i for i, row in enumerate(frames) if row is None]
+    _check_every_row_has_video(without, len(frames), label, "images", "give every row its frames")
+    for index, row in enumerate(frames):
+        where = f"row {index} of {label}, column 'images'"
+        if not row:
+            raise DatasetError(where, "has no frames", "give the video its frames or drop the row")
+        _check_budget(len(row), max_frames, where)
 
 
 def _has_a_video(value: Any) -> bool:
@@ -143,14 +170,8 @@ def to_video_rows(
     every row at most `max_frames` frames, an answer: each failure names its row and `source`."""
     label = source or f"the {fmt.name} dataset"
     without = [i for i, value in enumerate(dataset["videos"]) if not _has_a_video(value)]
-    if len(without) == len(dataset):
-        raise DatasetError(label, "has no row with a video in column 'videos'",
-                           "for images use --dataset_format mmfinereason, for text a text format")  # fmt: skip
-    if without:
-        raise DatasetError(
-            f"row {without[0]} of {label}", f"has no video while other rows do ({len(without)} of {len(dataset)} "
-            "rows without one): mixed rows with and without video", "split them into a video and an image/text set",
-        )  # fmt: skip
+    _check_every_row_has_video(without, len(dataset), label, "videos",
+                               "for images use --dataset_format mmfinereason, for text a text format")  # fmt: skip
     kept = [c for c in KEPT_COLUMNS if c in dataset.column_names]
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -170,7 +191,11 @@ def to_video_rows(
     features = Features({"prompt": List(message), "images": List(Image()), "solution": Value("string"),
                          "problem_type": Value("string"), **{c: dataset.features[c] for c in kept}})  # fmt: skip
     removed = [c for c in dataset.column_names if c not in kept]
-    return dataset.map(convert, with_indices=True, remove_columns=removed, features=features)
+    # `datasets` keys its map cache on the dataset file, not on the image files rows name: read (and check) them
+    # again on every load, or re-extracted frames or a replaced image would be skipped (tests/test_media_reload.py)
+    return dataset.map(
+        convert, with_indices=True, remove_columns=removed, features=features, load_from_cache_file=False
+    )
 
 
 dataset_format(

@@ -1,14 +1,19 @@
 """A vLLM-served teacher (`teacher_backend="vllm"`): the teacher's log-probs of the student's completions from vLLM's
 `prompt_logprobs` on [teacher prompt ; completion], instead of a forward in the trainer.
 
-The engine is TRL's colocated generation engine (`use_vllm=True, vllm_mode="colocate"`). TRL pushes the policy's
-weights into it before every generation, so during a rollout it holds exactly the live self-teacher's weights
-(`teacher="live"`); the teacher sees its own (privileged) prompt. vLLM's prompt log-probs give one log-prob per
-position, of the token that is there, at temperature 1 (prompt tokens skip vLLM's sampling processors): enough for the
-credit rules that read the teacher's log-probs of the sampled tokens (RLSD, OPSD, GEAR, RLCSD's contrast passes, ...),
-not for what needs its whole next-token distribution (the distillation losses, the entropy rules), which is refused
-by name. A synced or EMA teacher would need a second engine whose weights are pushed every `teacher_sync_steps`, an
-external teacher an engine of its own: not implemented, refused by name.
+Which engine serves it: the live self-teacher (`teacher="live"`) is TRL's colocated generation engine (`use_vllm=True,
+vllm_mode="colocate"`), which TRL pushes the policy's weights into before every generation. A teacher with weights of
+its own has an engine of its own (`TeacherEngine`, TRL's `VLLMGeneration` built on the teacher's model): an external
+teacher's (`teacher_model`) loads its folder; a synced, EMA or initial copy's loads the policy's folder and is pushed
+the trainer's copy through TRL's `sync_weights` (the generation engine's weight-load path) at the first teacher pass
+after each change of the copy (its `last_sync_step`: every `teacher_sync_steps` for `synced`, every step for `ema`).
+The trainer keeps its own copy (or external model), the source of the pushes: the engine replaces its scoring forward,
+not its memory. The teacher sees its own (privileged) prompt.
+
+vLLM's prompt log-probs give one log-prob per position, of the token that is there, at temperature 1 (prompt tokens
+skip vLLM's sampling processors): enough for the credit rules that read the teacher's log-probs of the sampled tokens
+(RLSD, OPSD, GEAR, RLCSD's contrast passes, ...), not for what needs its whole next-token distribution (the
+distillation losses, the entropy rules), which is refused by name.
 
 The log-probs differ from the trainer's by the engines' numerics (vLLM's CPU backend runs a float32 checkpoint in
 bfloat16): `tests/vllm_engine` measures the gap and what it does to RLSD's token advantages.
@@ -25,15 +30,19 @@ import torch
 from rlsd.core.rules import RULES
 from rlsd.core.stages import STAGE_FIELDS, reachable, stage_values
 from rlsd.infra.validate import ConfigError
+from rlsd.teachers.base import EXTERNAL_TEACHER
 
 BACKENDS = ("trainer", "vllm")
 """`teacher_backend`'s values."""
 FULL_DISTRIBUTION_NEEDS = ("teacher_entropy",)
 """What a credit rule may read that one log-prob per sampled token cannot give."""
+SERVED_KINDS = ("live", "synced", "ema", "initial", EXTERNAL_TEACHER)
+"""The teacher kinds a vLLM engine can serve: the live teacher (the generation engine), a copy of the policy pushed
+into an engine of its own, an external model loaded by one."""
 
 
 def check_served_teacher(config: Any) -> None:
-    """`teacher_backend="vllm"` only where the colocated engine can serve the teacher: the live self-teacher, at
+    """`teacher_backend="vllm"` only where a colocated engine can serve the teacher: a kind of `SERVED_KINDS`, at
     temperature 1, with rules that read sampled-token log-probs only (every reachable stage); the rest refused by
     name."""
     flag = "--teacher_backend"
@@ -45,12 +54,11 @@ def check_served_teacher(config: Any) -> None:
         raise ConfigError(flag, "is 'vllm' without use_vllm=True in colocate mode",
                           "the teacher is served by TRL's colocated generation engine: set use_vllm=True and "
                           "vllm_mode='colocate', or teacher_backend='trainer'")  # fmt: skip
-    if config.teacher_model is not None or config.teacher != "live":
-        teacher = "an external teacher_model" if config.teacher_model is not None else f"teacher={config.teacher!r}"
-        raise ConfigError(flag, f"is 'vllm' with {teacher}",
-                          "only the live self-teacher is served (the generation engine holds its weights); a "
-                          "synced, EMA, initial or external teacher would need an engine of its own, not implemented: "
-                          "use teacher='live' or teacher_backend='trainer'")  # fmt: skip
+    kind = EXTERNAL_TEACHER if config.teacher_model is not None else config.teacher
+    if kind not in SERVED_KINDS:
+        raise ConfigError(flag, f"is 'vllm' with teacher={kind!r}",
+                          f"a vLLM engine serves the teacher kinds {', '.join(SERVED_KINDS)} (weights it can "
+                          "load or be pushed); use one of them or teacher_backend='trainer'")  # fmt: skip
     if config.temperature != 1.0:
         raise ConfigError(flag, f"is 'vllm' with temperature={config.temperature}",
                           "vLLM's prompt log-probs are at temperature 1 while the trainer's teacher divides its "
@@ -77,9 +85,12 @@ def check_served_teacher(config: Any) -> None:
 @dataclass(frozen=True)
 class ServedTeacher:
     """The teacher's log-probs of completions from a vLLM engine's `prompt_logprobs`; `engine()` returns TRL's
-    `VLLMGeneration` (its `llm`), read at each call since TRL builds it after the trainer's collaborators' inputs."""
+    `VLLMGeneration` (its `llm`), read at each call since TRL builds the generation engine after the trainer's
+    collaborators' inputs; `follow()` (a teacher engine of its own) first pushes the teacher's weights if they
+    changed."""
 
     engine: Callable[[], Any]
+    follow: Callable[[], bool] | None = None
 
     def __call__(
         self,
@@ -92,6 +103,8 @@ class ServedTeacher:
         0. Each row is sent as its unpadded [teacher prompt ; completion] (completions end at their first padding)."""
         from vllm import SamplingParams
 
+        if self.follow is not None:
+            self.follow()
         sequences = []
         for ids, mask, completion, kept in zip(prompt_ids, prompt_mask, completion_ids, completion_mask, strict=True):
             length = int(kept.sum())
@@ -116,3 +129,66 @@ class ServedTeacher:
             for t, token in enumerate(completion):
                 logps[row, t] = scores[len(prompt) + t][token].logprob
         return logps.to(completion_ids.device)
+
+
+@dataclass
+class TeacherEngine:
+    """A vLLM engine of a teacher with weights of its own: TRL's `VLLMGeneration` built on the teacher's model, which
+    loads that model's folder. A copy of the policy (`pushes`) is pushed the trainer's copy through TRL's
+    `sync_weights` whenever the copy changed since the last push (its `last_sync_step`; the first call always
+    pushes); an external model is frozen and never pushed."""
+
+    generation: Any  # TRL's `VLLMGeneration` over the teacher's model (`llm`, `max_model_length`, `sync_weights`)
+    teacher: Any  # the trainer's teacher (`model`, `last_sync_step`): the source of the pushes
+    pushes: bool
+    pushed_step: int | None = None  # the teacher's `last_sync_step` at the last push, None before the first
+
+    def __call__(self) -> Any:
+        """The engine, as `ServedTeacher.engine` reads it."""
+        return self.generation
+
+    def follow(self) -> bool:
+        """Push the teacher's weights if they changed since the last push; True when it pushed."""
+        if not self.pushes or self.teacher.last_sync_step == self.pushed_step:
+            return False
+        self.generation.model = self.teacher.model  # the module the trainer holds now (placed, maybe reloaded)
+        self.generation.sync_weights()
+        self.pushed_step = self.teacher.last_sync_step
+        return True
+
+
+def start_teacher_engine(args: Any, teacher: Any, accelerator: Any, processing_class: Any) -> TeacherEngine:
+    """A `TeacherEngine` for `teacher` (a copy of the policy or an external model), with the generation engine's
+    colocate settings (`vllm_*`, one sequence per row of TRL's generation batch), without sleep mode (its weights
+    must stay loaded between pushes)."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    if teacher.model is None:
+        raise ConfigError("--teacher_backend", f"is 'vllm' with teacher={teacher.mode!r} on a PEFT policy",
+                          "the teacher is an adapter, not a model an engine can load or be pushed: merge it, use "
+                          "teacher='live' or teacher_backend='trainer'")  # fmt: skip
+    generation = VLLMGeneration(
+        model=teacher.model, accelerator=accelerator, processing_class=processing_class, mode="colocate",
+        tensor_parallel_size=args.vllm_tensor_parallel_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_length=args.vllm_max_model_length,
+        max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size * args.steps_per_generation,
+        model_impl=args.vllm_model_impl, trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    return TeacherEngine(generation, teacher, pushes=teacher.mode != EXTERNAL_TEACHER)
+
+
+def served_teacher(args: Any, teacher: Any, generation: Callable[[], Any], accelerator: Any, processing_class: Any,
+                   *, sharded: bool) -> ServedTeacher | None:  # fmt: skip
+    """The scorer's served teacher of a run (None with `teacher_backend="trainer"` or no teacher): the live teacher
+    from the generation engine (`generation()`, TRL's `vllm_generation`), any other kind (`SERVED_KINDS`, checked by
+    the config) from an engine of its own (`start_teacher_engine`), refused under FSDP / DeepSpeed (never run)."""
+    if args.teacher_backend != "vllm" or teacher is None:
+        return None
+    if teacher.mode == "live":
+        return ServedTeacher(generation)
+    if sharded:
+        raise ConfigError("--teacher_backend", f"is 'vllm' with teacher={teacher.mode!r} under FSDP or DeepSpeed",
+                          "a teacher engine of its own was only run on one process: use teacher='live' or "
+                          "teacher_backend='trainer'")  # fmt: skip
+    engine = start_teacher_engine(args, teacher, accelerator, processing_class)
+    return ServedTeacher(engine, follow=engine.follow)

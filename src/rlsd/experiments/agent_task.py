@@ -16,32 +16,20 @@ import random
 import re
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer.utils import pad
 
-from rlsd.experiments.demo import (
-    DemoConfig,
-    _Bar,
-    _EvalAndTiming,
-    _sequence_logps,
-    jsonable,
-    run_summary,
-    trainer_args,
-)
+from rlsd.experiments.demo import DemoConfig, _sequence_logps
 from rlsd.experiments.task import TEACHER_TEMPLATE, leakage_rate
+from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
-from rlsd.experiments.warmstart import cached_warm_start, is_cached, supervised_step
-from rlsd.infra.progress import Phases, ticking
-from rlsd.infra.threads import pick_threads, torch_threads
+from rlsd.experiments.warmstart import cached_warm_start, labelled_batch, supervised_warm_start
 
 AGENT_WARMSTART_FORMAT_VERSION = 1
 """Bump when the agent warm-start recipe changes in a way its configuration does not capture."""
@@ -196,18 +184,10 @@ def train_agent_warm_start(config: AgentWarmStartConfig, progress: bool = True):
     model = build_tiny_qwen2(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
                              num_heads=config.num_heads, intermediate_size=config.intermediate_size,
                              seed=config.seed)  # fmt: skip
-    rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    model.train()
-    bar = tqdm(range(config.steps), desc="agent warm start", disable=not progress)
-    for _ in bar:
-        rows = [transcript(tokenizer, rng, config) for _ in range(config.batch_size)]
-        ids = pad([torch.tensor(i) for i, _ in rows], padding_value=tokenizer.pad_token_id)
-        labels = pad([torch.tensor(t) for _, t in rows], padding_value=-100)
-        mask = pad([torch.ones(len(i), dtype=torch.long) for i, _ in rows], padding_value=0)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        bar.set_postfix(loss=supervised_step(model, optimizer, loss))
-    model.eval()
+    supervised_warm_start(
+        model, config, lambda rng: transcript(tokenizer, rng, config),
+        lambda rows: labelled_batch(rows, tokenizer.pad_token_id), "agent warm start", progress, scheduled=False,
+    )  # fmt: skip
     return model, tokenizer, time.perf_counter() - start
 
 
@@ -311,12 +291,7 @@ class AgentDemoConfig:
 
     def budget(self) -> DemoConfig:
         """The text demo's config carrying this budget, for the shared `trainer_args`."""
-        return DemoConfig(
-            methods=self.methods, steps=self.steps, seed=self.seed, eval_every=self.eval_every,
-            eval_size=self.eval_size, prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
-            learning_rate=self.learning_rate, lambda_decay_steps=self.lambda_decay_steps,
-            max_completion_length=self.max_completion_length, train_size=self.train_size, out=self.out,
-        )  # fmt: skip
+        return task_budget(self)
 
 
 def agent_quick_config(out: Path, seed: int = 0) -> AgentDemoConfig:
@@ -326,97 +301,29 @@ def agent_quick_config(out: Path, seed: int = 0) -> AgentDemoConfig:
                            lambda_decay_steps=2, train_size=16, out=out, warm=warm, seed=seed)  # fmt: skip
 
 
-def run_agent_demo(config: AgentDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
-    """Train every method from the same agent warm start; write metrics.jsonl, summary.json, curves.png and
-    report.html (curves, table, and the credit viewer over a sampled episode's turns and tool result)."""
-    phase = Phases()
-    count, line = pick_threads(threads)
-    phase(line)
-    with torch_threads(count):
-        return _run_agent_demo(config, progress, phase, count)
-
-
-def _run_agent_demo(config: AgentDemoConfig, progress: bool, phase: Callable[[str], None], threads: int) -> dict:
-    from rlsd.experiments.report import write_report
-
-    config.out.mkdir(parents=True, exist_ok=True)
-    metrics_path = config.out / "metrics.jsonl"
-    metrics_path.write_text("")
-    start = time.perf_counter()
-    cached = is_cached("agent-warmstart", config.warm)
-    phase("agent warm start: " + ("loading it from the cache" if cached else
-          f"{config.warm.steps} supervised steps (once: cached for later runs)"))  # fmt: skip
-    warm_path = agent_warm_start(config.warm, progress=progress)
-    warm_seconds = time.perf_counter() - start
+def agent_demo(config: AgentDemoConfig) -> TaskDemo:
+    """The agent task as the shared runner takes it: sampled pass@1 through the tool loop (and the tool-call rate) on
+    held-out episodes, TRL's environment tool loop in training, the credit viewer of RLSD's policy (else of the first
+    method with a teacher) over a sampled episode's turns and tool result."""
     rows = evaluation_rows(config.eval_size)
-
-    def record(row: dict[str, Any]) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    summary: dict[str, Any] = {"task": "agent", "config": jsonable(asdict(config)), "threads": threads,
-                               "warm_start_seconds": warm_seconds, "methods": {}}  # fmt: skip
-    viewer: dict[str, Any] = {}
-    for method in config.methods:
-        trainer, summary["methods"][method] = train_agent_method(method, config, warm_path, rows, record, progress,
-                                                                 phase)  # fmt: skip
-        if trainer.teacher is not None and (method == "rlsd" or not viewer):
-            phase(f"credit viewer: sampling episodes of {method}'s policy")
-            viewer = agent_credit_examples(trainer, rows, config)
-    summary["total_seconds"] = time.perf_counter() - start
-    phase(f"report: writing summary.json, curves.png and report.html to {config.out}")
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    write_report(config.out, lines, summary, viewer)
-    return summary
-
-
-def train_agent_method(
-    method: str,
-    config: AgentDemoConfig,
-    warm_path: Path,
-    rows: list[dict[str, Any]],
-    record: Callable[[dict[str, Any]], None],
-    progress: bool = True,
-    phase: Callable[[str], None] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Train one method from the agent warm start with TRL's environment tool loop, evaluating held-out sampled
-    pass@1 (through the same loop) as it goes; returns the trainer and its summary."""
-    from rlsd.trainer import RLSDTrainer
-
-    say = phase or (lambda text: None)
-    name = f"{method} (agent, seed {config.seed})"
-    say(f"{name}: loading the warm start, evaluating it (sampled pass@1 on {len(rows)} episodes)")
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_agent_warm_start(warm_path)
-    dataset = make_agent_dataset(config.train_size, seed=config.seed)
-
-    def evaluate(policy):
-        return evaluate_agent(policy, tokenizer, rows, config.seed)
-
-    evals = [{"step": 0, **evaluate(model)}]
-    record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
-
-    def on_record(row: dict[str, Any]) -> None:
-        if row["kind"] == "eval":
-            evals.append(row)
-        record({"method": method, "seed": config.seed, **row})
-
-    callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
-    trainer = RLSDTrainer(
-        model, agent_reward, args=trainer_args(config.budget(), method), train_dataset=dataset,
-        processing_class=tokenizer, environment_factory=LookupEnv, callbacks=[callback],
+    return TaskDemo(
+        task="agent", warm_namespace="agent-warmstart", warm_config=config.warm, warm_steps=config.warm.steps,
+        warm_start=lambda progress: agent_warm_start(config.warm, progress=progress), load=load_agent_warm_start,
+        dataset=lambda: make_agent_dataset(config.train_size, seed=config.seed),
+        evaluate=lambda policy, tokenizer: evaluate_agent(policy, tokenizer, rows, config.seed),
+        evaluation=f"sampled pass@1 on {len(rows)} episodes", reward=agent_reward,
+        viewer=lambda trainer: agent_credit_examples(trainer, rows, config),
+        viewer_from=lambda method, trainer, viewer: trainer.teacher is not None and (method == "rlsd" or not viewer),
+        trainer_kwargs={"environment_factory": LookupEnv},
+        method_summary=lambda evals: {"final_tool_call_rate": evals[-1]["tool_call_rate"]},
     )  # fmt: skip
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    say(f"{name}: training, {config.steps} steps, sampled pass@1 every {config.eval_every} steps")
-    began = time.perf_counter()
-    with tqdm(total=config.steps, desc=name, disable=not progress) as bar, ticking(bar):
-        trainer.add_callback(_Bar(bar))
-        trainer.train()
-    summary = run_summary(evals, callback.step_seconds, time.perf_counter() - began)
-    summary["final_tool_call_rate"] = evals[-1]["tool_call_rate"]
-    return trainer, summary
+
+
+def run_agent_demo(config: AgentDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """Train every method from the same agent warm start with TRL's environment tool loop; write metrics.jsonl,
+    summary.json, curves.png and report.html (curves, table, and the credit viewer over a sampled episode's turns
+    and tool result): `run_task_demo`."""
+    return run_task_demo(config, agent_demo(config), progress, threads)
 
 
 @torch.no_grad()
@@ -456,5 +363,6 @@ def agent_credit_examples(trainer, rows: list[dict[str, Any]], config: AgentDemo
             "delta": delta.tolist(),
             "weight": torch.where(mask[0] > 0, torch.exp(sign * delta), torch.ones_like(delta)).tolist(),
             "clipped_weight": torch.where(mask[0] > 0, advantages[0] / sign, torch.ones_like(delta)).tolist(),
+            "env_mask": list(episode["mask"]),  # the viewer greys the tool result and marks the turns
         }
     return examples

@@ -30,11 +30,11 @@ from rlsd.experiments.demo import (
     evaluate_heldout,
     jsonable,
     quick_config,
-    train_method,
     trainer_args,
 )
 from rlsd.experiments.evidence import mean_interval, render_documents
 from rlsd.experiments.methods import BENCH_METHODS, CATALOGUE, COST_CONFIGS, FAMILY_METHODS, STUDY_CONFIGS, check_known
+from rlsd.experiments.orchestrated import ORCHESTRATED, train_bench_method
 from rlsd.experiments.provenance import provenance, record_run
 from rlsd.experiments.regimes import add_regime_options, apply_regime
 from rlsd.experiments.tables import TEACHER_SHARE_FLOOR, render_cost_table, render_study_table
@@ -140,10 +140,7 @@ def run_methods(
             if f"{method}/{seed}" in runs:
                 continue
             seeded = replace(config, seed=seed)
-            builder = PEERS[method](seeded) if method in PEERS else None
-            _, summary = train_method(
-                method, seeded, warm_path, eval_problems, record, progress=progress, build_trainer=builder
-            )
+            summary = train_bench_method(method, seeded, warm_path, eval_problems, record, progress, PEERS)
             runs[f"{method}/{seed}"] = {**summary, "provenance": made_by}
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     wanted = {f"{method}/{seed}" for method in methods for seed in seeds}
@@ -581,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     try:
-        check_known(names)
+        check_known(names, tuple(m for m in CATALOGUE if m not in ORCHESTRATED))  # cost times one trainer's step
     except ValueError as err:
         raise ConfigError("--configs", str(err)) from None
     started = time.perf_counter()

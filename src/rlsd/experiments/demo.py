@@ -22,13 +22,14 @@ from trl.trainer.utils import pad
 
 from rlsd.config import RLSDConfig
 from rlsd.core.credit import rlsd_advantages
+from rlsd.experiments.heldout_citation import HeldoutCitations, heldout_citations
 from rlsd.experiments.methods import CATALOGUE, check_known
 from rlsd.experiments.task import (
     TEACHER_TEMPLATE,
     TaskConfig,
     accuracy_reward,
     evaluation_problems,
-    leakage_rate,
+    greedy_metrics,
     make_rl_dataset,
     teacher_prompt,
 )
@@ -203,9 +204,12 @@ def train_method(
     torch.manual_seed(config.seed)
     model, tokenizer = load_warm_start(warm_path)
     train_dataset = make_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
+    overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
+    citations = heldout_citations(overrides, eval_problems)  # None unless the source is a generated one
 
     def evaluate(policy):
-        return evaluate_heldout(policy, tokenizer, eval_problems, config.max_completion_length, progress=progress)
+        return evaluate_heldout(policy, tokenizer, eval_problems, config.max_completion_length, progress=progress,
+                                citations=citations)  # fmt: skip
 
     say(f"{name}: evaluating the warm start ({_evaluations(config, len(eval_problems))})")
     evals = [{"step": 0, **evaluate(model)}]
@@ -221,7 +225,6 @@ def train_method(
         record({"method": method, "seed": config.seed, **row})
 
     callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
-    overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
     external = overrides.get("teacher") == "external" and "teacher_model" not in overrides
     if build_trainer is None and external and not is_cached("warmstart", config.external_teacher()):
         teacher = config.external_teacher()
@@ -238,6 +241,8 @@ def train_method(
         )
     else:
         trainer = build_trainer(model, tokenizer, train_dataset, [callback])
+    if citations is not None:
+        citations.source = trainer.source
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     say(f"{name}: training, {config.steps} steps of {config.prompts_per_step} prompts x {config.num_generations} "
@@ -272,14 +277,17 @@ def _evaluations(config: DemoConfig, problems: int, greedy: bool = True) -> str:
 
 
 def run_summary(evals: list[dict[str, Any]], step_seconds: list[float], wall_seconds: float) -> dict[str, Any]:
-    """One method's summary: held-out pass@1 at the start, end and peak, final leakage and length, step time."""
+    """One method's summary: held-out pass@1 at the start, end and peak, final leakage (and, with a generated source,
+    final citation of its contexts) and length, step time."""
     peak = max(evals, key=lambda row: row["pass_at_1"])
+    cited = evals[-1].get("context_citation_rate")
     return {
         "initial_pass_at_1": evals[0]["pass_at_1"],
         "final_pass_at_1": evals[-1]["pass_at_1"],
         "peak_pass_at_1": peak["pass_at_1"],
         "peak_step": peak["step"],
         "final_leakage_rate": evals[-1]["leakage_rate"],
+        **({} if cited is None else {"final_context_citation_rate": cited}),
         "final_mean_length": evals[-1]["mean_length"],
         "seconds_per_step": statistics.median(step_seconds),
         "wall_seconds": wall_seconds,
@@ -303,6 +311,9 @@ class _Bar(TrainerCallback):
 def trainer_args(config: DemoConfig, method: str, progress: bool = False) -> RLSDConfig:
     """The shared budget plus the method's own overrides (`lr_multiplier` scales the shared learning rate);
     `progress` shows the bar of the external teacher's warm start when it is trained here."""
+    if method in CATALOGUE and CATALOGUE[method] is None and method not in config.method_overrides:
+        raise ValueError(f"method {method!r} is not an RLSDTrainer run (its own trainer or several policies): "
+                         "train it with `rlsd bench methods --methods NAME`")  # fmt: skip
     overrides = {**(CATALOGUE.get(method) or {}), **config.method_overrides.get(method, {})}
     if overrides.get("teacher") == "external" and "teacher_model" not in overrides:
         overrides["teacher_model"] = str(warm_start(config.external_teacher(), progress=progress))
@@ -349,19 +360,17 @@ def budget_kwargs(config: DemoConfig, method: str) -> dict[str, Any]:
 
 
 def evaluate_heldout(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems, max_new_tokens: int, progress: bool = False
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems, max_new_tokens: int, progress: bool = False,
+    citations: HeldoutCitations | None = None,
 ) -> dict[str, float]:
     """Greedy pass@1 on the held-out problems, the share of completions that cite a hint, and the per-problem
-    outcomes as a string of 0/1 in problem order (for problem-by-problem comparisons)."""
+    outcomes as a string of 0/1 in problem order (for problem-by-problem comparisons); with `citations` (a run with a
+    generated source), the share that cite its recorded contexts (`HeldoutCitations.measure`)."""
     completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
                            progress="greedy pass@1" if progress else None)  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
-    return {
-        "pass_at_1": sum(rewards) / len(rewards),
-        "leakage_rate": leakage_rate(completions),
-        "mean_length": statistics.mean(len(tokenizer(c)["input_ids"]) for c in completions),
-        "correct": "".join(str(int(r)) for r in rewards),
-    }
+    measured = citations.measure(completions) if citations is not None else {}
+    return {**greedy_metrics(completions, rewards, tokenizer), **measured}
 
 
 def _sampled_eval(model, tokenizer, problems, config: DemoConfig, step: int, progress: bool = False) -> dict[str, Any]:

@@ -17,7 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlsd.experiments.evidence_demos import render_agent_demo, render_vision_srpo
+from rlsd.experiments.evidence_citation import render_generated_citation
+from rlsd.experiments.evidence_demos import (
+    render_agent_demo,
+    render_agent_demo_idle,
+    render_gui_demo,
+    render_gui_pilots,
+    render_video_demo,
+    render_video_pilots,
+    render_vision_srpo,
+)
 from rlsd.experiments.evidence_engines import render_served_teacher
 from rlsd.experiments.evidence_real import (
     render_real_contention,
@@ -411,6 +420,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "family-cost": lambda root: render_cost(root, "family-cost"),
     "generated": lambda root: render_methods(root, "generated"),
     "generated-cost": lambda root: render_cost(root, "generated-cost"),
+    "generated-citation": render_generated_citation,
     "cost-before-skip": lambda root: render_cost(root, "cost-before-skip"),
     "cost-trainer-v2": lambda root: render_cost(root, "cost-trainer-v2"),
     "demo": render_demo,
@@ -428,7 +438,12 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "regime-long": render_regime_long,
     "regime-long-pilot": render_regime_pilot,
     "agent-demo": render_agent_demo,
+    "agent-demo-idle": render_agent_demo_idle,
     "vision-srpo": render_vision_srpo,
+    "gui-pilots": render_gui_pilots,
+    "gui-demo": render_gui_demo,
+    "video-pilots": render_video_pilots,
+    "video-demo": render_video_demo,
     "served-teacher": render_served_teacher,
     "credit-verdict": render_credit_verdict,
 }

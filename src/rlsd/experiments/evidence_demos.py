@@ -20,6 +20,8 @@ from rlsd.experiments.verdicts import ALPHA, holm, mcnemar_exact
 EVALUATION = {
     "agent": "sampled pass@1 (T = 1, one seeded episode per problem, through the tool loop)",
     "vision": "greedy pass@1",
+    "gui": "greedy click accuracy (the click inside the target's box)",
+    "video": "greedy pass@1",
 }
 """How each task's demo evaluates (`evaluate_agent`, `evaluate_vision`): what the table's pass@1 is."""
 
@@ -123,6 +125,68 @@ def render_agent_demo(root: Path) -> str:
     return render_demo_run(root, "agent-demo", target_seconds=600.0)
 
 
+def render_agent_demo_idle(root: Path) -> str:
+    """The agent demo rerun on the idle machine with a cold cache (`benchmarks/agent-demo-idle/`), for its time."""
+    return render_demo_run(root, "agent-demo-idle", target_seconds=600.0)
+
+
 def render_vision_srpo(root: Path) -> str:
     """GRPO against SRPO on the vision task (`benchmarks/vision-srpo/`)."""
     return render_demo_run(root, "vision-srpo")
+
+
+def render_gui_demo(root: Path) -> str:
+    """The GUI-grounding demo run (`benchmarks/gui-demo/`), against issue 23's 10-minute target."""
+    return render_demo_run(root, "gui-demo", target_seconds=600.0)
+
+
+def render_video_demo(root: Path) -> str:
+    """The video demo run (`benchmarks/video-demo/`), against issue 23's 10-minute target."""
+    return render_demo_run(root, "video-demo", target_seconds=600.0)
+
+
+PILOT_WINDOW = (50, 60, 70, 80)
+"""The pre-registered pilot rule's evaluations (`benchmarks/{gui,video}-demo/preregistration.md`): their mean ..."""
+PILOT_MARGIN = 0.02
+"""... at least this far (2 points) above the warm start (step 0) adopts the regime."""
+
+
+def pilot_verdict(curve: dict[int, float]) -> tuple[float, bool]:
+    """(mean of the window's evaluations minus step 0, whether that meets the margin) of one pilot's GRPO curve."""
+    missing = [step for step in (0, *PILOT_WINDOW) if step not in curve]
+    if missing:
+        raise ValueError(f"pilot curve lacks the evaluations at steps {missing}")
+    gain = sum(curve[step] for step in PILOT_WINDOW) / len(PILOT_WINDOW) - curve[0]
+    return gain, gain >= PILOT_MARGIN - 1e-12
+
+
+def render_pilots(root: Path, folder: str) -> str:
+    """Markdown: every pilot run of a demo (`benchmarks/<folder>/pilot-*/`, in name order), GRPO's pilot-set curve,
+    the rule's gain and verdict, and where and how long each ran."""
+    pilots = sorted(path for path in (root / "benchmarks" / folder).glob("pilot-*") if path.is_dir())
+    if not pilots:
+        raise ValueError(f"benchmarks/{folder}: no pilot-* folders")
+    lines = ["| pilot run | GRPO accuracy at the evaluated steps | mean of steps 50-80 minus step 0 | rule (+2 points)"
+             " | wall s (warm start s) |", "|---|---|---|---|---|"]  # fmt: skip
+    for path in pilots:
+        summary, rows, timing = _read(path)
+        curve = {r["step"]: r["pass_at_1"] for r in rows if r.get("kind") == "eval" and r.get("method") == "grpo"}
+        shown = " / ".join(f"{step}: {100 * value:.1f}" for step, value in sorted(curve.items()))
+        try:
+            gain, passes = pilot_verdict(curve)
+            verdict = (f"{100 * gain:+.2f}", "passes" if passes else "fails")
+        except ValueError:
+            verdict = ("n/a (stopped before step 80)", "not assessed")
+        lines.append(f"| `{path.name}` | {shown} | {verdict[0]} | {verdict[1]} | {timing['wall_seconds']:.0f} "
+                     f"({summary['warm_start_seconds']:.0f}) |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def render_gui_pilots(root: Path) -> str:
+    """The GUI demo's regime pilots (`benchmarks/gui-demo/pilot-*`)."""
+    return render_pilots(root, "gui-demo")
+
+
+def render_video_pilots(root: Path) -> str:
+    """The video demo's regime pilots (`benchmarks/video-demo/pilot-*`)."""
+    return render_pilots(root, "video-demo")

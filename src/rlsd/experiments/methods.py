@@ -7,7 +7,10 @@ from typing import Any
 
 from rlsd.context.harness import HARNESS_TEACHER_TEMPLATE
 from rlsd.context.templates import PAPER_TEACHER_TEMPLATE
-from rlsd.experiments import contexts  # noqa: F401  (registers the embedded task's context generators)
+from rlsd.experiments import (
+    contexts,  # noqa: F401  (registers the embedded task's context generators)
+    video_judge,  # noqa: F401  (registers VISD's scripted judge, "video-judge")
+)
 from rlsd.experiments.task import SIBLING_TEMPLATE
 
 _FULL_OPSD = {"credit": "grpo", "policy_loss_coef": 0.0, "teacher": "initial"}
@@ -84,6 +87,30 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
         "rlsd_lambda": 1.0,
         "rlsd_lambda_decay_steps": 0,
     },
+    # VISD (arXiv 2605.06094, reconstructed: `rlsd.context.judge`): RLSD's direction-magnitude rule and synced
+    # teacher, the teacher shown the answer and a judge's structured feedback on the completion (answer, logic,
+    # grounding: which step or frame is wrong); on the video task the task's checker judges ("video-judge", reading
+    # the row's `frame_text`), the paper's judge is a video-aware model
+    "visd": {
+        "credit": "rlsd",
+        "teacher": "synced",
+        "privileged_source": "judge",
+        "context_generator": "video-judge",
+        "teacher_template": "[ref {answer}|{feedback}] {prompt}",
+    },
+    # GUI-SD (arXiv 2605.00642, weights reconstructed: `rlsd.core.gui_sd`): on-policy self-distillation, no policy
+    # gradient; the teacher is the current policy (the same weights) shown the screen with the target's box as a
+    # visual hint (`box_hint`: Gaussian soft mask and red outline, read from the `teacher_box` column; no text
+    # context), and each token's JSD is weighted by digit significance x the teacher's probability of the token
+    "gui-sd": {
+        "credit": "grpo",
+        "policy_loss_coef": 0.0,
+        "teacher": "live",
+        "distill_loss": "gui_sd",
+        "privileged_source": "none",
+        "teacher_template": "{prompt}",
+        "teacher_transform": "box_hint",
+    },
     # MSD on-policy (arXiv 2605.02971): no reward; DPSW-weighted reverse KL on the student's own completions from the
     # teacher frozen at the warm start and shown the parallel prompt *instead of* the student's. On the embedded task
     # the parallel prompt is the same problem in words (the deterministic "task-words" generator): `Q: three plus
@@ -117,11 +144,12 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
     # and its correct value, the answer, and a `Lesson:` line).
     "resd": {**_RESD, "context_generator": "policy", "reflection_instruction": _TASK_REFLECTION},
     "resd-scripted": {**_RESD, "context_generator": "task-reflection"},
-    # TRACE (arXiv 2605.10194): GRPO on every token plus, on the spans an annotator marks, the forward KL(p_T || p_S)
+    # TRACE (arXiv 2605.10194): on the spans an annotator marks, instead of GRPO, the forward KL(p_T || p_S)
     # on the key spans of correct completions and the reverse KL(p_S || p_T) on the error spans of wrong ones (the
     # paper's optional channel, on here so that a batch with no correct completion still distils), from the current
     # policy shown the answer and the annotator's diagnostic type (never the spans); the KL weight is 1 for 20 steps,
-    # then falls to 0 over 30 (a reconstruction). On the embedded task the task's checker annotates
+    # then falls to 0 over 30 (a reconstruction), GRPO on every other token (on all once the weight is 0). On the
+    # embedded task the task's checker annotates
     # ("task-annotator": each step's result in a correct completion; the first wrong step and all after it in a wrong
     # one); the paper's annotator is a model (context_generator="policy" is its online self-annotation).
     "trace": _TRACE,
@@ -174,6 +202,16 @@ CATALOGUE: dict[str, dict[str, Any] | None] = {
         "npo_guide_steps": 8,
         "npo_window": 2,
     },
+    # CoARS (arXiv 2604.10029, reconstructed: `rlsd.coevolve`, `rlsd.experiments.coars_task`): two co-evolving
+    # policies, a recommender and a user simulator, on a toy dialogue; each trained on its coupled interaction reward
+    # with RLSD credit from itself shown the dialogue's privileged outcome (built by the bench's orchestrated
+    # methods, `rlsd.experiments.orchestrated`, not from an RLSDConfig)
+    "coars": None,
+    # CoPD (arXiv 2604.27083, reconstructed: `rlsd.copd`, `rlsd.experiments.copd_task`): one branch per domain of
+    # the task (problems with a product / sums only) from the warm start, rounds of each branch's own GRPO step
+    # then one step of on-policy distillation (reverse KL) on the other domain's prompts from that domain's branch,
+    # then the branches' parameter average (built by the bench's orchestrated methods, not from an RLSDConfig)
+    "copd": None,
     # issue 26's study on the long chains (`--task long`): the positive control, oracle credit from the task's checker
     # (`rlsd.experiments.oracle`: a wrong completion's correct prefix unblamed, lam = 1 held; its rule registers when
     # a run selects it), and the declared RLSD variant, lam = 1 held with a wider clip (eps_w = 0.5), shown the answer

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from rlsd.step.turns import turn_index
+
 COLORS = {"grpo": "#1f77b4", "rlsd": "#d62728", "opsd": "#2ca02c", "grpo+opsd": "#9467bd"}
 
 
@@ -67,13 +69,24 @@ def _weight_color(weight: float, low: float, high: float) -> str:
 
 
 def render_tokens(example: dict[str, Any]) -> str:
-    """One completion as coloured token spans; hovering shows Delta and the weights."""
+    """One completion as coloured token spans; hovering shows Delta and the weights. A multi-turn completion
+    (`env_mask`: 1 for the model's tokens, 0 for what the environment wrote) shows the environment's tokens in grey
+    with no credit colour, and a marker where each model turn after the first begins."""
     weights = example["clipped_weight"]
-    low, high = min([*weights, 0.8]), max([*weights, 1.2])
+    env_mask = example.get("env_mask") or [1] * len(weights)
+    model_weights = [w for w, m in zip(weights, env_mask, strict=True) if m]
+    low, high = min([*model_weights, 0.8]), max([*model_weights, 1.2])
     spans = []
-    for token, delta, raw, clipped in zip(
-        example["tokens"], example["delta"], example["weight"], weights, strict=True
+    for position, (token, delta, raw, clipped, mine) in enumerate(
+        zip(example["tokens"], example["delta"], example["weight"], weights, env_mask, strict=True)
     ):
+        if mine and position > 0 and not env_mask[position - 1]:  # a model turn resumes after the environment
+            turn = turn_index(env_mask, position)
+            spans.append(f'<span class="turn" data-turn="{turn}" title="model turn {turn}">turn {turn} &#9656;</span>')
+        if not mine:
+            tip = f"token {token!r}: written by the environment (tool result), no credit"
+            spans.append(f'<span class="tok env" title="{html.escape(tip)}">{html.escape(token)}</span>')
+            continue
         tip = f"token {token!r}: Delta={delta:+.3f}, w={raw:.3f}, clipped w={clipped:.3f}"
         spans.append(
             f'<span class="tok" style="background:{_weight_color(clipped, low, high)}" '
@@ -103,7 +116,9 @@ def write_report(
             f'<p class="prompt">{html.escape(example["prompt"])} (reference {example["answer"]})</p>'
             f'<div class="viewer">{render_tokens(example)}</div>'
         )
+    methods = " vs ".join(name.upper() for name in summary["methods"])
     page = _PAGE.format(
+        title=f"{methods} on the embedded {summary.get('task', 'arithmetic')} task",
         image=image,
         table_rows=table_rows,
         examples=examples or "<p>No completion to show.</p>",
@@ -119,10 +134,12 @@ body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #22
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 .viewer {{ font-family: monospace; font-size: 20px; line-height: 2; word-break: break-all; }}
 .tok {{ padding: 2px 1px; border-radius: 3px; }} .prompt {{ font-family: monospace; color: #555; }}
+.env {{ background: #e4e4e4; color: #777; font-style: italic; }}
+.turn {{ font-size: 12px; color: #fff; background: #557; border-radius: 3px; padding: 1px 4px; margin: 0 3px; }}
 .legend {{ margin: 0.5em 0 1em; line-height: 1.8; }}
 pre {{ font-size: 11px; background: #f6f6f6; padding: 8px; }}
 </style></head><body>
-<h1>RLSD vs GRPO vs OPSD on the embedded arithmetic task</h1>
+<h1>{title}</h1>
 <img id="curves" alt="curves" src="data:image/png;base64,{image}" style="width:100%">
 <p id="leakage-note">Leakage (right panel and the "final leakage" column) counts, at each evaluation, the share of the
 student's greedy completions of the held-out problems that cite a reference answer they were never shown
@@ -140,7 +157,9 @@ weight w = exp(sign(A) Delta) and the clipped weight.</p>
 more of the sequence's credit (A &gt; 0) or blame (A &lt; 0) than under GRPO;
 <span class="tok" style="background:transparent; border:1px solid #ccc">no colour</span> weight 1: GRPO's share;
 <span class="tok" style="background:rgba(210, 50, 50, 0.85)">red</span> weight below 1: less credit or blame;
-paler shades are nearer 1, full colour at the clip bounds.</div>
+paler shades are nearer 1, full colour at the clip bounds. In a multi-turn (agent) completion,
+<span class="tok env">grey italics</span> are tokens the environment wrote (tool results), which get no credit, and
+<span class="turn">turn k &#9656;</span> marks where the model's turn k begins after them.</div>
 {examples}
 <h2>Configuration</h2><pre>{summary}</pre>
 </body></html>

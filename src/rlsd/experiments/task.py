@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -256,3 +257,14 @@ def leakage_rate(completions: list[str]) -> float:
     if not completions:
         raise ValueError("leakage_rate needs at least one completion")
     return sum(refers_to_hint(c) for c in completions) / len(completions)
+
+
+def greedy_metrics(completions: list[str], rewards: list[float], tokenizer: Any) -> dict[str, Any]:
+    """The metrics of every greedy held-out evaluation: pass@1 (the mean 0/1 reward), the leakage rate, the mean
+    length in tokens and the per-item outcomes as a 0/1 string (for item-by-item comparisons)."""
+    return {
+        "pass_at_1": sum(rewards) / len(rewards),
+        "leakage_rate": leakage_rate(completions),
+        "mean_length": statistics.mean(len(tokenizer(c)["input_ids"]) for c in completions),
+        "correct": "".join(str(int(r)) for r in rewards),
+    }

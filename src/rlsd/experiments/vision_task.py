@@ -12,34 +12,29 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from rlsd.experiments.demo import DemoConfig, _Bar, _EvalAndTiming, jsonable, run_summary, trainer_args
+from rlsd.experiments.demo import DemoConfig
 from rlsd.experiments.task import (
     TEACHER_TEMPLATE,
     Problem,
     TaskConfig,
     accuracy_reward,
     evaluation_problems,
-    leakage_rate,
+    greedy_metrics,
     sample_problems,
 )
+from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.experiments.warmstart import _lr_factor, cached_warm_start, generate_batch, is_cached, supervised_step
-from rlsd.infra.progress import Phases, ticking
-from rlsd.infra.threads import pick_threads, torch_threads
+from rlsd.experiments.warmstart import cached_warm_start, generate_batch, pad_completion_rows, supervised_warm_start
 
 VISION_WARMSTART_FORMAT_VERSION = 1
 """Bump when the vision warm-start recipe changes in a way its configuration does not capture."""
@@ -113,9 +108,10 @@ def make_vision_rl_dataset(config: TaskConfig, count: int, seed: int, split: str
     )
 
 
-def messages(text: str) -> list[dict[str, Any]]:
-    """A user turn with the image block first and `text` after it, as TRL 1.16 builds it from an `image` column."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def messages(text: str, images: int = 1) -> list[dict[str, Any]]:
+    """A user turn with the image blocks first (one; a clip's frames: one a frame) and `text` after them, as TRL
+    1.16 builds it from an `image` (`images`) column."""
+    return [{"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}]}]
 
 
 def vision_solution(problem: Problem, cite_hint: bool = False, perception: bool = False) -> str:
@@ -137,10 +133,12 @@ def teacher_text(problem: Problem) -> str:
 
 # ------------------------------------------------------------------------------------------------- the warm start
 @dataclass(frozen=True)
-class VisionWarmStartConfig:
-    """Everything that determines the warm-started tiny Qwen2-VL; its hash names the cache entry."""
+class VLWarmStartConfig:
+    """The recipe of every tiny Qwen2-VL warm start (image, video, GUI): a task's subclass sets its format `version`
+    and the defaults that differ; the hash of the fields (`key`) names the cache entry."""
 
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(num_operands=3))
+    version: ClassVar[int]  # bump a task's when its recipe changes in a way the fields do not capture
+    task: Any = field(default_factory=lambda: TaskConfig(num_operands=3))
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -152,22 +150,36 @@ class VisionWarmStartConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"  # after `warmup_steps` linear warm-up: "constant", or "cosine" (decay to 10%)
     warmup_steps: int = 20
-    teacher_share: float = 0.3  # share of examples in the teacher format
+    teacher_share: float = 0.3  # share of examples in the teacher format (`[ref 23] Q:`)
     hint_share: float = 0.2  # share of teacher-format solutions that cite the hint
     train_pool: int = 4000
     seed: int = 0
-    perception: bool = False  # completions first transcribe the image in a perception span (SRPO's format)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
 
+    def key_fields(self) -> dict[str, Any]:
+        """The fields the cache key hashes (all of them; a subclass leaves out the later-added ones at defaults)."""
+        return asdict(self)
+
     def key(self) -> str:
+        payload = json.dumps({"version": self.version, **self.key_fields()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class VisionWarmStartConfig(VLWarmStartConfig):
+    """Everything that determines the warm-started tiny Qwen2-VL of the image task; its hash names the cache entry."""
+
+    version: ClassVar[int] = VISION_WARMSTART_FORMAT_VERSION
+    perception: bool = False  # completions first transcribe the image in a perception span (SRPO's format)
+
+    def key_fields(self) -> dict[str, Any]:
         fields = asdict(self)
         if not fields["perception"]:  # added later: the key of a warm start without it is unchanged
             del fields["perception"]
-        payload = json.dumps({"version": VISION_WARMSTART_FORMAT_VERSION, **fields}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fields
 
 
 def vision_warm_start(config: VisionWarmStartConfig, cache_dir: Path | None = None, progress: bool = True) -> Path:
@@ -201,24 +213,17 @@ def train_vision_warm_start(
     )  # fmt: skip
     pool = sample_problems(config.task, config.train_pool, config.seed, "train")
     images = {p.prompt: problem_image(p) for p in pool}
-    rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    model.train()
-    bar = tqdm(range(config.steps), desc="vision warm start", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * _lr_factor(step, config)  # type: ignore[arg-type]
-        examples = []
-        for _ in range(config.batch_size):
-            problem = rng.choice(pool)
-            teacher = rng.random() < config.teacher_share
-            text = teacher_text(problem) if teacher else QUESTION
-            cite = teacher and rng.random() < config.hint_share
-            solution = vision_solution(problem, cite_hint=cite, perception=config.perception)
-            examples.append((images[problem.prompt], text, solution))
-        loss = model(**collate_supervised(examples, processor)).loss
-        bar.set_postfix(loss=supervised_step(model, optimizer, loss))
-    model.eval()
+
+    def draw(rng: random.Random) -> tuple[Image.Image, str, str]:
+        problem = rng.choice(pool)
+        teacher = rng.random() < config.teacher_share
+        cite = teacher and rng.random() < config.hint_share
+        solution = vision_solution(problem, cite_hint=cite, perception=config.perception)
+        return images[problem.prompt], teacher_text(problem) if teacher else QUESTION, solution
+
+    supervised_warm_start(
+        model, config, draw, lambda examples: collate_supervised(examples, processor), "vision warm start", progress
+    )
     return model, processor, time.perf_counter() - start
 
 
@@ -234,56 +239,53 @@ def collate_supervised(
 ) -> dict[str, torch.Tensor]:
     """Right-padded model inputs (ids, mask, token types, pixel values, grids) and labels that score only the
     completion and its end-of-sequence token."""
-    tokenizer = processor.tokenizer
     vision = processor.image_processor(images=[image for image, _, _ in examples], return_tensors="pt")
     merge = processor.image_processor.merge_size**2
-    rows = []
-    for (_, text, completion), grid in zip(examples, vision["image_grid_thw"], strict=True):
-        prompt = prompt_ids(processor, text, int(grid.prod()) // merge)
-        completion_ids = [*tokenizer(completion)["input_ids"], tokenizer.eos_token_id]
-        rows.append((prompt + completion_ids, [-100] * len(prompt) + completion_ids))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    for i, (ids, target) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, : len(ids)] = torch.tensor(target)
-    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mm_token_type_ids": (input_ids == image_token).long(),
-        "pixel_values": vision["pixel_values"],
-        "image_grid_thw": vision["image_grid_thw"],
-        "labels": labels,
-    }
+    prompts = [prompt_ids(processor, text, int(grid.prod()) // merge)
+               for (_, text, _), grid in zip(examples, vision["image_grid_thw"], strict=True)]  # fmt: skip
+    return vl_batch(processor, prompts, [completion for _, _, completion in examples], vision)
+
+
+def vl_batch(
+    processor: ImageOnlyQwen2VLProcessor, prompts: list[list[int]], completions: list[str], vision: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The supervised model inputs of expanded prompt ids + completions with their images' `pixel_values` and
+    `image_grid_thw` (the image and the video warm starts' batch): right-padded, completion-only labels."""
+    batch = pad_completion_rows(prompts, completions, processor.tokenizer)
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    return {**batch, "mm_token_type_ids": (batch["input_ids"] == image_token).long(),
+            "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}  # fmt: skip
+
+
+def generate_vision(
+    model: PreTrainedModel, processor: ImageOnlyQwen2VLProcessor, images: list[Image.Image], texts: list[str], **kwargs
+) -> list[str]:
+    """Completions of [image, text] prompts (`generate_frames` with one-image clips)."""
+    return generate_frames(model, processor, [[image] for image in images], texts, **kwargs)
 
 
 @torch.no_grad()
-def generate_vision(
+def generate_frames(
     model: PreTrainedModel,
     processor: ImageOnlyQwen2VLProcessor,
-    images: list[Image.Image],
+    clips: list[list[Image.Image]],
     texts: list[str],
     *,
     max_new_tokens: int,
     do_sample: bool = False,
     batch_size: int = 64,
 ) -> list[str]:
-    """Completions of [image, text] prompts, left-padded in batches (greedy unless `do_sample`, then T = 1)."""
+    """Completions of [frames, text] prompts, left-padded in batches (greedy unless `do_sample`, then T = 1)."""
     was_training = model.training
     model.eval()
     tokenizer = processor.tokenizer
     completions: list[str] = []
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        rendered = [processor.apply_chat_template(messages(text), add_generation_prompt=True) for text in chunk]
-        batch = processor(
-            images=images[start : start + batch_size], text=rendered, return_tensors="pt", padding=True,
-            padding_side="left",
-        )  # fmt: skip
+        chunk = clips[start : start + batch_size]
+        rendered = [processor.apply_chat_template(messages(t, len(c)), add_generation_prompt=True)
+                    for c, t in zip(chunk, texts[start : start + batch_size], strict=True)]  # fmt: skip
+        batch = processor(images=[f for c in chunk for f in c], text=rendered, return_tensors="pt", padding=True,
+                          padding_side="left")  # fmt: skip
         completions += generate_batch(model, tokenizer, batch, max_new_tokens, do_sample)
     model.train(was_training)
     return [c.replace(tokenizer.pad_token, "").replace(tokenizer.eos_token, "") for c in completions]
@@ -297,12 +299,7 @@ def evaluate_vision(
     images = [problem_image(p) for p in problems]
     completions = generate_vision(model, processor, images, [QUESTION] * len(problems), max_new_tokens=max_new_tokens)
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
-    return {
-        "pass_at_1": sum(rewards) / len(rewards),
-        "leakage_rate": leakage_rate(completions),
-        "mean_length": statistics.mean(len(processor.tokenizer(c)["input_ids"]) for c in completions),
-        "correct": "".join(str(int(r)) for r in rewards),
-    }
+    return greedy_metrics(completions, rewards, processor.tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------- the demo
@@ -337,12 +334,7 @@ class VisionDemoConfig:
 
     def budget(self) -> DemoConfig:
         """The text demo's config carrying this budget, for the shared `trainer_args`."""
-        return DemoConfig(
-            methods=self.methods, steps=self.steps, seed=self.seed, eval_every=self.eval_every,
-            eval_size=self.eval_size, prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
-            learning_rate=self.learning_rate, lambda_decay_steps=self.lambda_decay_steps,
-            max_completion_length=self.completion_length(), train_size=self.train_size, out=self.out,
-        )  # fmt: skip
+        return task_budget(self, self.completion_length())
 
 
 def vision_quick_config(out: Path, seed: int = 0) -> VisionDemoConfig:
@@ -357,106 +349,28 @@ def vision_quick_config(out: Path, seed: int = 0) -> VisionDemoConfig:
     )  # fmt: skip
 
 
+def vision_demo(config: VisionDemoConfig) -> TaskDemo:
+    """The vision task as the shared runner takes it: greedy pass@1 and leakage on held-out image problems, the
+    credit viewer of RLSD's policy (else of the last method) with each completion's image."""
+    problems = evaluation_problems(config.warm.task, config.eval_size)
+    last = config.methods[-1]
+    return TaskDemo(
+        task="vision", warm_namespace="vision-warmstart", warm_config=config.warm, warm_steps=config.warm.steps,
+        warm_start=lambda progress: vision_warm_start(config.warm, progress=progress),
+        load=load_vision_warm_start,
+        dataset=lambda: make_vision_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train"),
+        evaluate=lambda policy, processor: evaluate_vision(policy, processor, problems, config.completion_length()),
+        evaluation=f"greedy pass@1 on {len(problems)} problems", reward=accuracy_reward,
+        viewer=lambda trainer: vision_credit_examples(trainer, trainer.processing_class, problems, config),
+        viewer_from=lambda method, trainer, viewer: method == "rlsd" or (not viewer and method == last),
+        finish_report=add_images_to_report,
+    )  # fmt: skip
+
+
 def run_vision_demo(config: VisionDemoConfig, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Train every method from the same vision warm start; write metrics.jsonl, summary.json, curves.png and
-    report.html (curves, table and the token-credit viewer with each completion's image).
-
-    Threads and phase lines as in the text demo (`rlsd.experiments.demo.run_demo`)."""
-    phase = Phases()
-    count, line = pick_threads(threads)
-    phase(line)
-    with torch_threads(count):
-        return _run_vision_demo(config, progress, phase, count)
-
-
-def _run_vision_demo(
-    config: VisionDemoConfig, progress: bool, phase: Callable[[str], None], threads: int
-) -> dict[str, Any]:
-    from rlsd.experiments.report import write_report
-
-    config.out.mkdir(parents=True, exist_ok=True)
-    metrics_path = config.out / "metrics.jsonl"
-    metrics_path.write_text("")
-    start = time.perf_counter()
-    cached = is_cached("vision-warmstart", config.warm)
-    phase("vision warm start: " + ("loading it from the cache" if cached else
-          f"{config.warm.steps} supervised steps (once: cached for later runs)"))  # fmt: skip
-    warm_path = vision_warm_start(config.warm, progress=progress)
-    warm_seconds = time.perf_counter() - start
-    problems = evaluation_problems(config.warm.task, config.eval_size)
-
-    def record(row: dict[str, Any]) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    summary: dict[str, Any] = {
-        "task": "vision",
-        "config": jsonable(asdict(config)),
-        "threads": threads,
-        "warm_start_seconds": warm_seconds,
-        "methods": {},
-    }
-    viewer: dict[str, Any] = {}
-    for method in config.methods:
-        trainer, summary["methods"][method] = train_vision_method(
-            method, config, warm_path, problems, record, progress, phase=phase
-        )
-        if method == "rlsd" or (not viewer and method == config.methods[-1]):
-            phase(f"credit viewer: sampling completions of {method}'s policy")
-            viewer = vision_credit_examples(trainer, trainer.processing_class, problems, config)
-    summary["total_seconds"] = time.perf_counter() - start
-    phase(f"report: writing summary.json, curves.png and report.html to {config.out}")
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    write_report(config.out, rows, summary, viewer)
-    add_images_to_report(config.out / "report.html", viewer)
-    return summary
-
-
-def train_vision_method(
-    method: str,
-    config: VisionDemoConfig,
-    warm_path: Path,
-    problems: list[Problem],
-    record: Callable[[dict[str, Any]], None],
-    progress: bool = True,
-    phase: Callable[[str], None] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Train one method from the vision warm start, evaluating held-out pass@1 and leakage as it goes; returns the
-    trainer and its summary (`phase(text)`, when given, is told as each phase begins)."""
-    from rlsd.trainer import RLSDTrainer
-
-    say = phase or (lambda text: None)
-    name = f"{method} (vision, seed {config.seed})"
-    say(f"{name}: loading the warm start, evaluating it (greedy pass@1 on {len(problems)} problems)")
-    torch.manual_seed(config.seed)
-    model, processor = load_vision_warm_start(warm_path)
-    dataset = make_vision_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train")
-
-    def evaluate(policy):
-        return evaluate_vision(policy, processor, problems, config.completion_length())
-
-    evals = [{"step": 0, **evaluate(model)}]
-    record({"kind": "eval", "method": method, "seed": config.seed, **evals[0]})
-
-    def on_record(row: dict[str, Any]) -> None:
-        if row["kind"] == "eval":
-            evals.append(row)
-        record({"method": method, "seed": config.seed, **row})
-
-    callback = _EvalAndTiming(evaluate, config.eval_every, on_record)
-    trainer = RLSDTrainer(
-        model, accuracy_reward, args=trainer_args(config.budget(), method), train_dataset=dataset,
-        processing_class=processor, callbacks=[callback],
-    )  # fmt: skip
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    say(f"{name}: training, {config.steps} steps, greedy pass@1 every {config.eval_every} steps")
-    began = time.perf_counter()
-    with tqdm(total=config.steps, desc=name, disable=not progress) as bar, ticking(bar):
-        trainer.add_callback(_Bar(bar))
-        trainer.train()
-    return trainer, run_summary(evals, callback.step_seconds, time.perf_counter() - began)
+    report.html (curves, table and the token-credit viewer with each completion's image): `run_task_demo`."""
+    return run_task_demo(config, vision_demo(config), progress, threads)
 
 
 # ------------------------------------------------------------------------------------------- the token-credit viewer
@@ -466,6 +380,12 @@ def sequence_logps(model, processor, image: Image.Image, text: str, completion_i
     prompt = prompt_ids(
         processor, text, int(vision["image_grid_thw"][0].prod()) // processor.image_processor.merge_size**2
     )
+    return prompted_logps(model, processor, prompt, completion_ids, vision, temperature)
+
+
+def prompted_logps(model, processor, prompt: list[int], completion_ids: list[int], vision: dict, temperature: float):
+    """(1, T) log-probs of the completion tokens after the expanded `prompt` ids with the images' `pixel_values` and
+    `image_grid_thw` (one image or a clip's frames), temperature-scaled as in sampling."""
     ids = torch.tensor([prompt + completion_ids])
     types = (ids == processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)).long()
     logits = model(
@@ -494,12 +414,8 @@ def vision_credit_examples(trainer, processor, problems: list[Problem], config: 
         )  # fmt: skip
     rewards = accuracy_reward(completions, [str(p.answer) for p in problems])
     examples: dict[str, Any] = {}
-    for label, wanted in (("correct", 1.0), ("wrong", 0.0)):
-        index = next((i for i, r in enumerate(rewards) if r == wanted), None)
-        ids = processor.tokenizer(completions[index])["input_ids"] if index is not None else []
-        if not ids:
-            continue
-        sign, problem, temperature = (1.0 if wanted else -1.0), problems[index], trainer.args.temperature
+    for label, index, ids, sign in viewer_picks(rewards, completions, processor.tokenizer):
+        problem, temperature = problems[index], trainer.args.temperature
         student = sequence_logps(model, processor, images[index], QUESTION, ids, temperature)
         tokens = [processor.tokenizer.decode([t]) for t in ids]
         if trainer.args.credit == "srpo":
@@ -524,6 +440,20 @@ def vision_credit_examples(trainer, processor, problems: list[Problem], config: 
             "image": _data_uri(images[index]),
         }
     return examples
+
+
+def viewer_picks(
+    rewards: list[float], completions: list[str], tokenizer: Any
+) -> list[tuple[str, int, list[int], float]]:
+    """The credit viewer's examples: the first correct and the first wrong sampled completion, each as (label, index,
+    token ids, advantage sign); one that is missing or has no tokens is left out."""
+    picks = []
+    for label, wanted in (("correct", 1.0), ("wrong", 0.0)):
+        index = next((i for i, r in enumerate(rewards) if r == wanted), None)
+        ids = tokenizer(completions[index])["input_ids"] if index is not None else []
+        if ids:
+            picks.append((label, index, ids, 1.0 if wanted else -1.0))
+    return picks
 
 
 def srpo_credit(args, model, processor, image, tokens, ids, student, sign: float):

@@ -131,19 +131,36 @@ def train_warm_start(
         seed=config.seed,
     )
     pool = sample_problems(config.task, config.train_pool, config.seed, "train")
+    supervised_warm_start(
+        model, config, lambda rng: _example(rng.choice(pool), rng, config),
+        lambda examples: _collate(examples, tokenizer), "warm start", progress,
+    )  # fmt: skip
+    return model, tokenizer, time.perf_counter() - start
+
+
+def supervised_warm_start(
+    model: PreTrainedModel,
+    config: Any,
+    draw: Callable[[random.Random], Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    desc: str,
+    progress: bool = True,
+    scheduled: bool = True,
+) -> None:
+    """Every embedded task's warm-start loop: `config.steps` AdamW updates (warm-up, then `config.lr_schedule`;
+    a constant `config.learning_rate` unless `scheduled`) on batches of `config.batch_size` examples drawn in order
+    by `draw(rng)` from one `random.Random(config.seed)`, scored by the model's loss on `collate(examples)`; leaves
+    the model in eval mode."""
     rng = random.Random(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     model.train()
-    bar = tqdm(range(config.steps), desc="warm start", disable=not progress)
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress)
     for step in bar:
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups if scheduled else ():
             group["lr"] = config.learning_rate * _lr_factor(step, config)
-        examples = [_example(rng.choice(pool), rng, config) for _ in range(config.batch_size)]
-        input_ids, attention_mask, labels = _collate(examples, tokenizer)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        bar.set_postfix(loss=supervised_step(model, optimizer, loss))
+        examples = [draw(rng) for _ in range(config.batch_size)]
+        bar.set_postfix(loss=supervised_step(model, optimizer, model(**collate(examples)).loss))
     model.eval()
-    return model, tokenizer, time.perf_counter() - start
 
 
 def supervised_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> str:
@@ -176,24 +193,35 @@ def _example(problem: Problem, rng: random.Random, config: WarmStartConfig) -> t
     return problem.prompt, problem.solution()
 
 
-def _collate(
-    examples: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(examples: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask and labels that score only the completion and its end-of-sequence token."""
+    return pad_completion_rows([tokenizer(p)["input_ids"] for p, _ in examples], [c for _, c in examples], tokenizer)
+
+
+def pad_completion_rows(
+    prompts: list[list[int]], completions: list[str], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels of prompt-id + completion rows, the labels scoring only each
+    completion and its end-of-sequence token (the text, image and video warm starts' supervised batch)."""
     rows = []
-    for prompt, completion in examples:
-        prompt_ids = tokenizer(prompt)["input_ids"]
+    for prompt_ids, completion in zip(prompts, completions, strict=True):
         completion_ids = [*tokenizer(completion)["input_ids"], tokenizer.eos_token_id]
         rows.append((prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids))
+    return labelled_batch(rows, tokenizer.pad_token_id)
+
+
+def labelled_batch(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `labels` of (ids, labels) rows, right-padded (ids with `pad_token_id`,
+    labels with -100): every embedded warm start's supervised batch."""
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    input_ids = torch.full((len(rows), width), pad_token_id)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
     for i, (ids, target) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         labels[i, : len(ids)] = torch.tensor(target)
-    return input_ids, attention_mask, labels
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 @torch.no_grad()

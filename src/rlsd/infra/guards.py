@@ -14,7 +14,7 @@ from trl import GRPOConfig
 
 from rlsd.context import vision
 from rlsd.context.sources import get_source
-from rlsd.context.transforms import check_dataset_boxes, check_images_to_transform
+from rlsd.context.transforms import check_dataset_transform, check_images_to_transform
 from rlsd.infra.validate import NonFiniteError
 
 LOGIT_RESCALING = (
@@ -83,8 +83,7 @@ def check_run_supported(
         return
     check_vision_supported(datasets, args, has_images=facts.has_images, is_vlm=facts.is_vlm, tools=facts.tools,
                            environment_factory=facts.environment_factory, rollout_func=facts.rollout_func)  # fmt: skip
-    check_rollout_supported(args, environment_factory=facts.environment_factory, rollout_func=facts.rollout_func,
-                            tool_images=facts.is_vlm and facts.tools)  # fmt: skip
+    check_rollout_supported(args, environment_factory=facts.environment_factory, rollout_func=facts.rollout_func)
     if distill:
         check_plain_lm_head(policy, "distill_loss")
         if facts.zero_stage == 3:
@@ -116,8 +115,8 @@ def check_vision_supported(
     check_images_to_transform(getattr(args, "teacher_transform", None), has_images)
     if not has_images:
         return
-    for split_name in ("train_dataset", "eval_dataset"):  # a box transform's boxes, before any step
-        check_dataset_boxes(datasets.get(split_name), getattr(args, "teacher_transform", None), split_name)
+    for split_name in ("train_dataset", "eval_dataset"):  # the transform on every row with images, before any step
+        check_dataset_transform(datasets.get(split_name), getattr(args, "teacher_transform", None), split_name)
     what = vision.teacher_use(args)
     if not is_vlm:
         raise ValueError(vision.TOKENIZER_WITH_IMAGES_ERROR.format(what=what))
@@ -131,21 +130,16 @@ def check_vision_supported(
         )
 
 
-def check_rollout_supported(
-    args: Any, *, environment_factory: bool, rollout_func: bool, tool_images: bool = False
-) -> None:
+def check_rollout_supported(args: Any, *, environment_factory: bool, rollout_func: bool) -> None:
     """Multi-turn rollouts are supported: the teacher's prompt is the one the rollout used (an environment's `reset`
     observation and tool schema included), it scores [teacher prompt ; completion] with the tool results in place, and
     only the model's tokens (`tool_mask`, a rollout function's `env_mask`) enter the credit and the losses
     (`rlsd.step.turns`). Refused with environments or a rollout function: what builds prompts of its own outside the
     rollout (teacher rollouts, teacher-aligned prompt selection, a source that generates its context with a model
-    under environments, whose tool schemas TRL renders per rollout row). Tools with a processor (`tool_images`) are
-    refused: images a tool returns reach the student's forward but not the teacher's prompt."""
-    if tool_images:
-        raise NotImplementedError(
-            f"tools with a processor and {vision.teacher_use(args)}: images a tool returns would reach the student's "
-            "forward but not the teacher's prompt; use a text tokenizer, or credit='grpo' and distill_loss='none'"
-        )
+    under environments, whose tool schemas TRL renders per rollout row). Images a tool returns are in the completion
+    (TRL's tool loop renders them and adds their pixels to the rollout's images), which the teacher scores with them
+    (`rlsd.context.vision.teacher_vision_kwargs`); tools with a dataset's image column are refused by
+    `check_vision_supported`."""
     used = [name for name, on in (("environment_factory", environment_factory), ("rollout_func", rollout_func)) if on]
     if not used:
         return

@@ -3,10 +3,10 @@
 Torch's default (one intra-op thread per core) is right on an idle machine and wrong on a busy one: with another
 CPU-bound process on one of two cores, every parallel region of a small model waits at its barrier for the thread
 that shares its core, and a run takes many times its idle time. One thread per core left free avoids that; a
-competitor then costs at most its share of the machine. The busy cores are read two ways: the 1-minute load average,
-and the CPU time the process's cores spend on other work over half a second at the start (the load average takes a
-minute to see a competitor that has just started). Erring towards fewer threads is cheap: one thread on an idle
-2-core machine costs less than 2x, two threads beside a competitor cost several times.
+competitor then costs at most its share of the machine. The busy cores are read from the CPU time the process's cores
+spend on other work over half a second at the start; the 1-minute load average is the fallback where that cannot be
+read (it lags by about a minute both ways: it misses a competitor that has just started and still counts one that has
+just stopped, which made an idle run right after other work choose one thread).
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ def choose_threads(
     `load` is the machine's recent count of runnable processes (the 1-minute load average; None when unknown),
     `machine_cores` the machine's core count when the process may use only some of them (the load then taken as
     spread evenly over all of them), and `busy_now` the cores of the process's own that other work keeps busy at
-    this moment (None when unknown); the larger of the two estimates counts."""
+    this moment (None when unknown): the direct measurement counts when there is one, the lagging load average
+    only without it."""
     if override is not None:
         if override < 1:
             raise ValueError(f"--threads must be at least 1, got {override}")
         return override
     available = max(1, available)
     share = max(load or 0.0, 0.0) * available / max(machine_cores or available, available)  # the load on our cores
-    busy = max(share, busy_now or 0.0)
+    busy = share if busy_now is None else busy_now
     return max(1, available - math.floor(busy + 0.5))
 
 

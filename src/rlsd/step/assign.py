@@ -86,7 +86,7 @@ class CreditAssembler:
         and `entries` no longer carrying deferred credit."""
         output["advantages"] = self.assign(rule, entries, output, student_logps, mode)
         entries.seq_advantages = entries.teacher_logps = entries.teacher_entropy = entries.scored = None
-        entries.teacher_contrast_logps = entries.token_labels = None
+        entries.teacher_contrast_logps = entries.token_labels = entries.policy_mask = None
         entries.lam, entries.state_values = None, {}
 
     def assign(
@@ -121,6 +121,8 @@ class CreditAssembler:
         else:
             token_adv, metrics = rule.fn(signals, params)
         self.log(mode, metrics)
+        if entries.policy_mask is not None:  # a routed loss's tokens leave the policy gradient
+            token_adv = token_adv * entries.policy_mask.to(token_adv)
         return token_adv.to(entries.seq_advantages.dtype)
 
     def rule_on_global_groups(

@@ -33,7 +33,8 @@ class RLSDEntries:
     Teacher inputs (only when a distillation loss re-runs the teacher at loss time): the left-padded teacher prompt ids
     and mask, and its token-type ids for vision models (`teacher_types[key]`). Context: which rows have any privileged
     context. Distillation: each row's weight in the distillation term; each completion token's label, for a loss that
-    routes tokens by label (TRACE: +1 key span, -1 error span, 0 elsewhere); SDPG's reference log-probs. Deferred
+    routes tokens by label (TRACE: +1 key span, -1 error span, 0 elsewhere), and the tokens it leaves to the policy
+    gradient (the credit's token advantages are 0 on the others); SDPG's reference log-probs. Deferred
     credit (only when the student's log-probs come from the loss's own forward): the sequence advantages, the teacher's
     log-probs (and entropy; RLCSD: their log-mean-exp over a contrastive source's negative contexts), which rows the
     rule scores, lam and the rule state's values. Teacher rollouts (`teacher_rollout_loss`): the per-row tensors the
@@ -44,9 +45,11 @@ class RLSDEntries:
     has_context: Tensor | None = None  # (B,) bool
     teacher_prompt_ids: Tensor | None = None  # (B, P)
     teacher_prompt_mask: Tensor | None = None  # (B, P)
-    teacher_types: dict[str, Tensor] = field(default_factory=dict)  # (B, P) token types by processor key
+    teacher_types: dict[str, Tensor] = field(default_factory=dict)  # (B, P) token types by processor key (and a
+    # teacher transform's own images, row-first: `rlsd.context.vision.rows_first`)
     distill_weight: Tensor | None = None  # (B,)
     distill_labels: Tensor | None = None  # (B, T) long: the token labels a routed loss reads
+    policy_mask: Tensor | None = None  # (B, T) float: the tokens the policy gradient runs on (a routed loss's others)
     ref_logps: Tensor | None = None  # (B, T)
     seq_advantages: Tensor | None = None  # (B,)
     teacher_logps: Tensor | None = None  # (B, T)
@@ -103,3 +106,12 @@ class LossState:
     pending: RLSDEntries | None
     batch: dict[str, Any]
     logps: Tensor | None = None
+
+    def check_scored(self) -> None:
+        """Refuse a loss whose forward never handed its log-probs back (the credit waiting for them not computed)."""
+        if self.logps is None:
+            raise RuntimeError(
+                "TRL's loss never called _get_per_token_logps_and_entropies, so the token credit that waits for its "
+                "log-probs was not computed and the step would silently train with sequence advantages; this "
+                "trainer relies on TRL 1.16's loss (check the TRL version and loss options such as liger)"
+            )

@@ -18,6 +18,7 @@ from rlsd.config import RLSDConfig
 from rlsd.core.credit import TokenMean
 from rlsd.core.distill import OverlapProbe, sdpg_ref_penalty, selected_mad_opd_loss, selected_token_loss
 from rlsd.core.family_losses import RoutedTokenLoss, routed_token_loss
+from rlsd.core.gui_sd import TextWeightedLoss
 from rlsd.plan import StepPlan
 from rlsd.step.batch import RLSDEntries, loss_mask
 
@@ -35,6 +36,7 @@ class DistillationTerm:
     log: Callable[[str, dict[str, Any]], None]  # combines metrics over processes into TRL's `rlsd/` metrics
     training: Callable[[], bool]  # whether the policy is in training mode
     accumulation: Callable[[], int]  # HF's `current_gradient_accumulation_steps`
+    decode_tokens: Callable[[Any], list[str]] | None = None  # the tokenizer's `batch_decode`, for `TextWeightedLoss`
 
     def rollout_entries(
         self,
@@ -51,9 +53,9 @@ class DistillationTerm:
         types of `teacher`, a `TeacherInputs`) and each row's weight (1 with privileged context, 0 without; with
         `distill_positive_only`, 0 on rows whose A_i <= 0), times the source's own `row_weights` when it gives them
         (`Context.row_weights`, RESD's batch-success weights). A loss that routes tokens by label
-        (`RoutedTokenLoss`, TRACE) also gets the source's `token_labels` (B, T) (refused without them), and its
-        weight at optimizer step `step` (`RoutedTokenLoss.scale`, logged as `rlsd/distill_scale`) scales every
-        row's."""
+        (`RoutedTokenLoss`, TRACE) also gets the source's `token_labels` (B, T) (refused without them), its weight at
+        optimizer step `step` (`RoutedTokenLoss.scale`, logged as `rlsd/distill_scale`) scales every row's, and the
+        tokens it leaves to the policy gradient (`RoutedTokenLoss.policy_mask`) go to `entries.policy_mask`."""
         entries.teacher_prompt_ids, entries.teacher_prompt_mask = teacher.prompt_ids, teacher.prompt_mask
         entries.teacher_types = teacher.token_types
         weight = entries.has_context.float()
@@ -68,10 +70,19 @@ class DistillationTerm:
                     "this privileged_source does not give: use privileged_source='annotation'"
                 )
             entries.distill_labels = token_labels
+            entries.policy_mask = plan.distill_fn.policy_mask(token_labels, step)
             scale = plan.distill_fn.scale(step)
             weight = weight * scale
             self.log(mode, {"distill_scale": TokenMean(scale, 1)})
         entries.distill_weight = weight
+
+    def text_weights(self, distill_fn: TextWeightedLoss, completion_ids: Tensor) -> Tensor:
+        """(B, T) the loss's weight of each completion token from the decoded tokens of its row (GUI-SD's digit
+        significance)."""
+        if self.decode_tokens is None:
+            raise ValueError("a text-weighted distillation loss needs the tokenizer's decode_tokens")
+        rows = [distill_fn.text_weights(self.decode_tokens(row.unsqueeze(1))) for row in completion_ids.cpu()]
+        return torch.tensor(rows, dtype=torch.float32, device=completion_ids.device)
 
     def term(
         self,
@@ -96,6 +107,8 @@ class DistillationTerm:
             labels = entries.distill_labels
             routes = torch.tensor(list(distill_fn.routes), dtype=labels.dtype, device=labels.device)
             weights = weights * torch.isin(labels, routes)
+        if isinstance(distill_fn, TextWeightedLoss):  # GUI-SD: each token also weighted by the completion's text
+            weights = weights * self.text_weights(distill_fn, inputs["completion_ids"]).to(weights)
         selected = weights > 0
         tokens = token_mask.sum().clamp(min=1.0)
         accumulation = self.accumulation() if mode == "train" else 1

@@ -21,7 +21,8 @@ from rlsd.core.credit import grpo_advantages
 from rlsd.data.reward_range import check_reward_statistics
 from rlsd.data.rewards import reward_totals
 from rlsd.engines.generation import run_generation_config
-from rlsd.engines.vllm_teacher import ServedTeacher
+from rlsd.engines.vllm_teacher import served_teacher
+from rlsd.infra.run_guard import model_context_length
 from rlsd.plan import StepPlan
 from rlsd.step.assign import CreditAssembler
 from rlsd.step.batch import RLSDEntries, loss_mask, scalar
@@ -97,7 +98,8 @@ def build_collaborators(run: RunView, teachers: Teachers, rule_state: Any) -> Co
         per_row_context=run.source.needs_completions or run.source.needs_generator, sharded=run.sharded,
         group_sizes=run.group_sizes, batch_sizes=run.batch_sizes, training=run.training,
         tokenize_prompts=run.tokenize_prompts, tokenizer=run.tokenizer, generation_config=run.generation_config,
-        eos_token_ids=run.eos_token_ids, served=ServedTeacher(run.vllm) if args.teacher_backend == "vllm" else None,
+        eos_token_ids=run.eos_token_ids, served=served_teacher(args, teachers.teacher, run.vllm, run.accelerator,
+                                                               run.processing_class, sharded=run.sharded),
     )  # fmt: skip
     prompts = TeacherPrompts(
         accelerator=run.accelerator, source=run.source, teacher_template=args.teacher_template,
@@ -105,10 +107,12 @@ def build_collaborators(run: RunView, teachers: Teachers, rule_state: Any) -> Co
         tokenize_prompts=run.tokenize_prompts, is_vlm=run.is_vlm, image_pad_token_id=run.image_pad_token_id,
         processing_class=run.processing_class, group_size=scorer.group_size, generate=scorer.generate_texts,
         log=run.log, teacher_use=lambda: vision.teacher_use(run.plan()),
+        context_length=model_context_length(run.accelerator.unwrap_model(run.model()).config),
     )  # fmt: skip
     distill_term = DistillationTerm(
-        args=args, temperature=run.temperature, log=run.log, training=run.training, accumulation=run.accumulation
-    )
+        args=args, temperature=run.temperature, log=run.log, training=run.training, accumulation=run.accumulation,
+        decode_tokens=run.tokenizer.batch_decode,
+    )  # fmt: skip
     credit = CreditAssembler(
         accelerator=run.accelerator, args=args, rule_state=rule_state, log=run.log, group_size=scorer.group_size,
         decode_tokens=run.tokenizer.batch_decode,
@@ -172,6 +176,9 @@ class RolloutCredit:
             entries.ref_logps = self.scorer.rescore("reference", output).logps
         if not rule_pass:
             output["advantages"], _ = grpo_advantages(output["advantages"], mask)
+            if entries.policy_mask is not None:  # a routed loss's tokens leave the policy gradient
+                output["advantages"] = output["advantages"] * entries.policy_mask.to(output["advantages"])
+                entries.policy_mask = None  # applied: it need not travel to the loss
             if plan.rule_uses_teacher:
                 self.run.record(mode, "rlsd/teacher_time_s", 0.0)
             self.rollout_term.add(inputs, output, entries, mode)

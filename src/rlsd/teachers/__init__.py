@@ -45,7 +45,7 @@ from rlsd.teachers.adapters import _disable_adapter_dropout
 from rlsd.teachers.build import Teachers, TeacherSyncCallback, build_teachers
 from rlsd.teachers.external import ExternalTeacher, external_teacher, load_external_teacher
 from rlsd.teachers.near_future import NPO_KNOBS, NearFutureTeacher  # registers NPO's guide, "near_future"
-from rlsd.teachers.sharding import is_zero3_partitioned
+from rlsd.teachers.sharding import is_zero3_partitioned, place_frozen
 from rlsd.teachers.vocabulary import check_same_tokenizer, check_same_vocabulary, sample_texts
 
 __all__ = [
@@ -84,6 +84,7 @@ __all__ = [
     "get_teacher_kind",
     "is_zero3_partitioned",
     "load_external_teacher",
+    "place_frozen",
     "read_teacher_state",
     "sample_texts",
     "teacher_kind",

@@ -4,8 +4,20 @@ out again to load, and the ZeRO-3 partitioning under which a copy of the policy 
 from __future__ import annotations
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+
+def place_frozen(model: nn.Module, accelerator: Accelerator, *, deepspeed: bool, fsdp: bool) -> nn.Module:
+    """Place a no-grad copy the way TRL places its reference model (DeepSpeed, FSDP or plain device): the `place`
+    callable of `build_teachers`."""
+    if deepspeed:
+        return prepare_deepspeed(model, accelerator)
+    if fsdp:
+        return prepare_fsdp(model, accelerator)
+    return accelerator.prepare_model(model, evaluation_mode=True)
 
 
 def _refuse_zero3_copy(mode: str, policy: nn.Module) -> None:
