@@ -49,6 +49,19 @@ def make_dataset(n: int = 8, conversational: bool = False) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def record_prompt_logprobs(llm, calls: list) -> None:
+    """Wrap a vLLM engine's `generate` so that each call appends its sampling parameters' `prompt_logprobs` to
+    `calls` (None: a generation; 0: a served teacher's scoring), for the vLLM tests to count engine calls."""
+    generate = llm.generate
+
+    def recorded(*args, **kwargs):
+        params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
+        calls.append(getattr(params, "prompt_logprobs", None))
+        return generate(*args, **kwargs)
+
+    llm.generate = recorded
+
+
 def parity_reward(completions, **kwargs):
     """A deterministic reward with spread inside every group: the parity of a checksum of the completion."""
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]

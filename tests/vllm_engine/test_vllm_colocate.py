@@ -21,7 +21,7 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (vLLM's CPU default takes much more)
 
 import torch  # noqa: E402
-from conftest import config_kwargs, make_dataset, parity_reward  # noqa: E402
+from conftest import config_kwargs, make_dataset, parity_reward, record_prompt_logprobs  # noqa: E402
 
 from rlsd import RLSDConfig, RLSDTrainer  # noqa: E402
 from rlsd.core.credit import rlsd_advantages  # noqa: E402
@@ -207,15 +207,8 @@ def test_rlsd_trains_with_the_live_teacher_served_by_the_generation_engine(model
     ))  # fmt: skip
     trainer = RLSDTrainer(str(model_folder), parity_reward, args=args, train_dataset=make_dataset(),
                           processing_class=tokenizer)  # fmt: skip
-    llm, calls = trainer.vllm_generation.llm, []
-    generate = llm.generate
-
-    def recorded(*a, **k):
-        params = k.get("sampling_params", a[1] if len(a) > 1 else None)
-        calls.append(getattr(params, "prompt_logprobs", None))
-        return generate(*a, **k)
-
-    llm.generate = recorded
+    calls = []
+    record_prompt_logprobs(trainer.vllm_generation.llm, calls)
     trainer.train()
     assert calls == [None, 0]  # the rollout's generation, then the served teacher's prompt log-probs
     (log,) = [h for h in trainer.state.log_history if "loss" in h]

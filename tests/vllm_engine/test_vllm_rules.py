@@ -22,7 +22,7 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (vLLM's CPU default takes much more)
 
 import torch  # noqa: E402
-from conftest import config_kwargs, make_dataset, parity_reward, rule_overrides  # noqa: E402
+from conftest import config_kwargs, make_dataset, parity_reward, record_prompt_logprobs, rule_overrides  # noqa: E402
 
 from rlsd import RLSDConfig, RLSDTrainer  # noqa: E402
 from rlsd.config import DISTILL_LOSSES  # noqa: E402
@@ -61,14 +61,7 @@ def shared_engine():
     def one_engine(**kwargs):
         if kwargs["model"] not in engines:
             llm = build(**kwargs)
-            generate = llm.generate
-
-            def recorded(*a, **k):
-                params = k.get("sampling_params", a[1] if len(a) > 1 else None)
-                calls.append(getattr(params, "prompt_logprobs", None))
-                return generate(*a, **k)
-
-            llm.generate = recorded
+            record_prompt_logprobs(llm, calls)
             engines[kwargs["model"]] = llm
         return engines[kwargs["model"]]
 
