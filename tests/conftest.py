@@ -142,6 +142,21 @@ def teacher_dir(tmp_path_factory, tokenizer):
     return folder
 
 
+def make_head64_model(tokenizer, seed: int = 0):
+    """A tiny Qwen2 with head_dim 64 (hidden 128, 2 heads, 2 layers): vLLM's CPU attention refuses smaller heads, so
+    the model of the vLLM tests (tests/vllm_engine)."""
+    return build_tiny_qwen2(tokenizer, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def head64_model_dir(tmp_path_factory, tokenizer):
+    """`make_head64_model` and the character tokenizer saved as a model folder (what vLLM loads), once per module."""
+    folder = tmp_path_factory.mktemp("tiny-head64")
+    make_head64_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def registries():
     """Every extension registry (rules, losses, terms, sources, transforms, formats, teacher kinds and their knobs)

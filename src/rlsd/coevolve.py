@@ -33,6 +33,7 @@ from trl.trainer.utils import pad
 
 from rlsd.context.templates import check_template_fields, render_teacher_prompt
 from rlsd.core.credit import rlsd_lambda
+from rlsd.core.prompt_selection import left_pad
 from rlsd.core.rollout_losses import completion_mask
 from rlsd.core.rules import RuleParams, Signals, get_rule
 from rlsd.step.near_future import group_advantages
@@ -40,6 +41,9 @@ from rlsd.step.scoring import score_tokens
 
 CHECKPOINT_FILE = "coevolve.pt"
 """The file `CoEvolution.save` writes into a checkpoint folder."""
+
+CPU = torch.device("cpu")
+"""Where the padded batches are built (the models run on the CPU)."""
 
 
 SIGNALS = frozenset(
@@ -216,7 +220,8 @@ class CoEvolution:
             for d in dialogues
         ] if self.config.uses_teacher else prompts  # fmt: skip
         pad_id = self.tokenizer.pad_token_id
-        (prompt_ids, prompt_mask), (teacher_ids, teacher_mask) = _left(prompts, pad_id), _left(teacher, pad_id)
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id, CPU)
+        teacher_ids, teacher_mask = left_pad(teacher, pad_id, CPU)
         return {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
@@ -348,7 +353,7 @@ def generate_turns(model: nn.Module, tokenizer: Any, prompts: list[list[int]], m
     end-of-sequence token (kept)."""
     was_training = model.training
     model.eval()
-    ids, mask = _left(prompts, tokenizer.pad_token_id)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, CPU)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                          temperature=temperature, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
@@ -365,13 +370,6 @@ def token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, ids: 
                    use_cache=False).logits[:, prompt_ids.size(1) - 1 : -1]  # fmt: skip
     logps = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logps.masked_fill(~mask.bool(), 0.0)
-
-
-def _left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-padded ids and their attention mask."""
-    ids = pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=pad_id, padding_side="left")
-    mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0, padding_side="left")
-    return ids, mask
 
 
 def _call(fn: Callable[[], Any], where: str) -> Any:

@@ -52,9 +52,9 @@ DistillKnobs = _knob_fields("DistillKnobs", LOSS_KNOBS)
 TermKnobs = _knob_fields("TermKnobs", TERM_KNOBS)
 """The teacher-rollout terms' knobs as config fields, declared with their term (`rlsd.step.rollout_term.loss_term`)."""
 SourceKnobs = _knob_fields("SourceKnobs", SOURCE_KNOBS)
+"""The privileged sources' knobs as config fields, declared with their source (`rlsd.context.sources`)."""
 NearFutureKnobs = _knob_fields("NearFutureKnobs", NPO_KNOBS)
 """NPO / AutoNPO's knobs (`rlsd.teachers.near_future`, the guide of `teacher='near_future'`)."""
-"""The privileged sources' knobs as config fields, declared with their source (`rlsd.context.sources`)."""
 
 
 @dataclass

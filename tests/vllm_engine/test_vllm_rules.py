@@ -30,24 +30,12 @@ from rlsd.core.rules import RULES  # noqa: E402
 from rlsd.engines.vllm_teacher import FULL_DISTRIBUTION_NEEDS  # noqa: E402
 from rlsd.experiments.methods import CATALOGUE  # noqa: E402
 from rlsd.experiments.task import TaskConfig, make_rl_dataset  # noqa: E402
-from rlsd.experiments.tiny import build_tiny_qwen2  # noqa: E402
 from rlsd.infra.validate import ConfigError  # noqa: E402
 
 LOSSES = [name for name in DISTILL_LOSSES if name != "none"]
 SERVED_RULES = [name for name, rule in RULES.items() if not set(FULL_DISTRIBUTION_NEEDS) & rule.needs]
 """The rules a served teacher (one log-prob per sampled token) can feed; the others read the teacher's entropy."""
 VLLM = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_max_model_length=512)
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tokenizer):
-    """A tiny Qwen2 with head_dim 64 (vLLM's CPU attention refuses smaller heads) and the character tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-head64")
-    build_tiny_qwen2(tokenizer, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256).save_pretrained(
-        folder
-    )
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +79,7 @@ def assert_finite(entry: dict) -> None:
 
 @pytest.mark.parametrize("backend", ["trainer", "vllm"])
 @pytest.mark.parametrize("name", list(RULES))
-def test_every_credit_rule_trains_a_step_generated_by_vllm(shared_engine, model_folder, tmp_path, tokenizer, name,
+def test_every_credit_rule_trains_a_step_generated_by_vllm(shared_engine, head64_model_dir, tmp_path, tokenizer, name,
                                                           backend):  # fmt: skip
     engines, calls = shared_engine
     config = {**rule_overrides(name), "teacher": "live", "teacher_backend": backend, "loss_type": "grpo"}
@@ -100,7 +88,7 @@ def test_every_credit_rule_trains_a_step_generated_by_vllm(shared_engine, model_
             RLSDConfig(**config_kwargs(tmp_path, **VLLM, **config))
         return
     start = len(calls)
-    trainer, entry, moved = train_one_step(model_folder, tmp_path, tokenizer, **config)
+    trainer, entry, moved = train_one_step(head64_model_dir, tmp_path, tokenizer, **config)
     assert_finite(entry)
     assert moved and math.isfinite(entry["loss"])
     assert len(engines) == 1  # every trainer of the module generated with the one engine
@@ -124,12 +112,14 @@ def loss_config(name: str) -> tuple[dict, object]:
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_every_distillation_loss_trains_a_step_generated_by_vllm(shared_engine, model_folder, tmp_path, tokenizer,
+def test_every_distillation_loss_trains_a_step_generated_by_vllm(shared_engine, head64_model_dir, tmp_path, tokenizer,
                                                                  name):  # fmt: skip
     config, dataset = loss_config(name)
     with pytest.raises(ConfigError, match=f"distill_loss='{name}'.*whole next-token distribution"):
         RLSDConfig(**config_kwargs(tmp_path, **VLLM, **config, teacher_backend="vllm"))
-    _, entry, moved = train_one_step(model_folder, tmp_path, tokenizer, dataset=dataset, loss_type="grpo", **config)
+    _, entry, moved = train_one_step(
+        head64_model_dir, tmp_path, tokenizer, dataset=dataset, loss_type="grpo", **config
+    )
     assert_finite(entry)
     assert moved and "rlsd/distill_loss" in entry and math.isfinite(entry["rlsd/distill_loss"])
     assert len(shared_engine[0]) == 1

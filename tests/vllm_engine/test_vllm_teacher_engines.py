@@ -19,11 +19,10 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine (vLLM's CPU default takes more)
 
 import torch  # noqa: E402
-from conftest import config_kwargs, make_dataset, parity_reward  # noqa: E402
+from conftest import config_kwargs, make_dataset, make_head64_model, parity_reward  # noqa: E402
 
 from rlsd import RLSDConfig, RLSDTrainer  # noqa: E402
 from rlsd.engines.vllm_teacher import ServedTeacher, TeacherEngine  # noqa: E402
-from rlsd.experiments.tiny import build_tiny_qwen2  # noqa: E402
 
 LOGP_TOLERANCE = 0.03
 """Max |vLLM log-prob - trainer log-prob| per token, as in `test_vllm_colocate.py` (vLLM's CPU backend runs the
@@ -35,9 +34,9 @@ VLLM = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1
 
 
 def tiny_head64(tokenizer, seed: int, noise: float = 0.0):
-    """A tiny Qwen2 with head_dim 64 (vLLM's CPU attention refuses smaller heads); `noise` moves every weight by that
-    much Gaussian noise, so that its log-probs are far from another seed's (a random init is near uniform)."""
-    model = build_tiny_qwen2(tokenizer, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, seed=seed)
+    """`make_head64_model` with `seed`; `noise` moves every weight by that much Gaussian noise, so that its log-probs
+    are far from another seed's (a random init is near uniform)."""
+    model = make_head64_model(tokenizer, seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

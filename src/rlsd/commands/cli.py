@@ -65,8 +65,8 @@ def run_demo_command(argv: list[str]) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from rlsd.experiments.demo import DemoConfig, quick_config, run_demo, with_overrides
-    from rlsd.experiments.provenance import record_run, started_at
+    from rlsd.experiments.demo import DemoConfig, quick_config, run_demo
+    from rlsd.experiments.provenance import started_at
 
     started_at()  # a malformed $RLSD_STARTED_AT is refused before any work
 
@@ -83,27 +83,16 @@ def run_demo_command(argv: list[str]) -> int:
         steps=args.steps if "--steps" in explicit else None,
         eval_every=args.eval_every if "--eval-every" in explicit else None,
     )
-    if args.task == "vision":
-        return run_vision_demo_command(args, overrides, ["rlsd", "demo", *argv])
-    if args.task == "video":
+    command = ["rlsd", "demo", *argv]
+    if args.task in ("video", "agent", "gui"):  # their own default methods unless --methods is given
         overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
-        return run_video_demo_command(args, overrides, ["rlsd", "demo", *argv])
-    if args.task == "agent":
-        overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
-        return run_agent_demo_command(args, overrides, ["rlsd", "demo", *argv])
-    if args.task == "gui":
-        overrides["methods"] = overrides["methods"] if "--methods" in explicit else None
-        return run_gui_demo_command(args, overrides, ["rlsd", "demo", *argv])
-    out = args.out or DemoConfig().out
-    base = quick_config(out, seed=args.seed) if args.quick else DemoConfig(out=out, seed=args.seed)
+    tasks = {"vision": run_vision_demo_command, "video": run_video_demo_command, "agent": run_agent_demo_command,
+             "gui": run_gui_demo_command}  # fmt: skip
+    if args.task in tasks:
+        return tasks[args.task](args, overrides, command)
     if not args.quick:
         overrides.update(steps=args.steps, eval_every=args.eval_every)
-    config = with_overrides(base, **overrides)
-    started = time.perf_counter()
-    summary = run_demo(config, progress=not args.no_progress, threads=args.threads)
-    record_run(config.out, ["rlsd", "demo", *argv], time.perf_counter() - started)  # provenance and timing.json
-    print_summary(summary, config.out)
-    return 0
+    return run_task_demo(args, overrides, command, DemoConfig, quick_config, run_demo)
 
 
 def run_vision_demo_command(args: argparse.Namespace, overrides: dict, command: list[str]) -> int:
@@ -137,7 +126,8 @@ def run_gui_demo_command(args: argparse.Namespace, overrides: dict, command: lis
 def run_task_demo(
     args: argparse.Namespace, overrides: dict, command: list[str], config_class: type, quick: Callable, run: Callable
 ) -> int:
-    """One task demo (vision, agent): its default or quick config with the flags applied, run, timed and summarised."""
+    """One task demo (text, vision, video, agent, gui): its default or quick config with the flags applied, run,
+    timed and summarised."""
     from rlsd.experiments.demo import with_overrides
     from rlsd.experiments.provenance import record_run
 

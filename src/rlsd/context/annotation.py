@@ -27,10 +27,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, finite_number, instruction_check
+from rlsd.context.generated import (
+    GENERATED_KNOBS,
+    GeneratedSource,
+    chat_turn,
+    finite_number,
+    instruction_check,
+    no_context_frac,
+)
 from rlsd.context.reflection import prompt_text
 from rlsd.context.sources import Context, RolloutView, check_privileged_column, privileged_source, reference_answers
-from rlsd.core.credit import TokenMean
 from rlsd.core.rules import Knob
 
 KEY, ERROR = 1, -1
@@ -186,7 +192,7 @@ class AnnotationSource(GeneratedSource):
         metrics.update(
             annotation_span_count=float(marked),
             annotation_unfound_count=float(unfound),
-            no_context_frac=TokenMean(sum(not h for h in has_context) / max(len(rows), 1), len(rows)),
+            no_context_frac=no_context_frac(has_context),
         )
         fields = {"answer": answers, "diagnosis": diagnoses}
         return Context(fields, has_context, metrics, char_spans=char_spans)
@@ -204,4 +210,4 @@ class AnnotationSource(GeneratedSource):
             verdict=verdict, what=what, kinds=kinds, answer=view.rows[row][self.args.privileged_column],
             prompt=prompt_text(prompt), completion=view.completion_texts[view.offset + row],
         )  # fmt: skip
-        return [{"role": "user", "content": text}] if isinstance(prompt, list) else text
+        return chat_turn(prompt, text)

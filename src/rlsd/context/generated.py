@@ -82,6 +82,16 @@ def resolve_generator(spec: str) -> GeneratorFn | None:
     raise ValueError(f"context_generator={spec!r} is not one of {known}, nor a 'module:function'")
 
 
+def chat_turn(prompt: Any, text: str) -> Any:
+    """A generator's request `text` as one user turn when the dataset's `prompt` is a conversation, else as is."""
+    return [{"role": "user", "content": text}] if isinstance(prompt, list) else text
+
+
+def no_context_frac(has_context: Sequence[bool]) -> TokenMean:
+    """`no_context_frac`: the share of a source's rows left without context, weighted by their number."""
+    return TokenMean(sum(not has for has in has_context) / max(len(has_context), 1), len(has_context))
+
+
 def instruction_check(fields: Sequence[str], required: str = "completion") -> Callable[[Any], str | None]:
     """A knob check for a generator's instruction: a format string with `{required}` naming no field besides
     `fields`."""

@@ -149,6 +149,6 @@ class HarnessSource(GeneratedSource):
                 else:
                     outputs[k][stage] = text
         written = [None if done is None else HARNESS_OUTPUTS[harness].format(**done) for done in outputs]
-        shown = [GenerationRequest(None, dict(view.rows[i]), source=self.name) for i in leaders]
+        shown = self.requests(view, leaders, lambda i: None)  # the rows, for their answers
         return written, {"context_generator_calls": calls, "context_generator_time_s": seconds,
                          **self.answer_share(shown, written)}  # fmt: skip

@@ -30,7 +30,14 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, finite_number, instruction_check
+from rlsd.context.generated import (
+    GENERATED_KNOBS,
+    GeneratedSource,
+    chat_turn,
+    finite_number,
+    instruction_check,
+    no_context_frac,
+)
 from rlsd.context.reflection import prompt_text
 from rlsd.context.sources import Context, RolloutView, check_privileged_column, privileged_source, reference_answers
 from rlsd.core.credit import TokenMean
@@ -113,7 +120,7 @@ class JudgeSource(GeneratedSource):
         for dimension in DIMENSIONS:  # the share of judged rows the dimension flags (named, and not "ok")
             flagged = sum(dimension in v and v[dimension].lower() != "ok" for v in judged)
             metrics[f"judge_{dimension}_flagged_frac"] = TokenMean(flagged / max(len(judged), 1), len(judged))
-        metrics["no_context_frac"] = TokenMean(sum(not h for h in has_context) / max(len(rows), 1), len(rows))
+        metrics["no_context_frac"] = no_context_frac(has_context)
         fields = {"answer": answers, "feedback": [text or "" for text in texts]}
         return Context(fields, has_context, metrics)
 
@@ -126,4 +133,4 @@ class JudgeSource(GeneratedSource):
             verdict="correct" if correct else "wrong", answer=view.rows[row][self.args.privileged_column],
             prompt=prompt_text(prompt), completion=view.completion_texts[view.offset + row],
         )  # fmt: skip
-        return [{"role": "user", "content": text}] if isinstance(prompt, list) else text
+        return chat_turn(prompt, text)

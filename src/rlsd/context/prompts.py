@@ -132,8 +132,10 @@ class TeacherPrompts:
         prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list], padding_value=0,
                           padding_side="left")  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        no_images = self.no_image_types(output, prompt_ids)
-        types = self.token_types(fields, prompt_ids, output) if images is not None else no_images
+        if images is not None:
+            types = self.token_types(fields, prompt_ids, output)
+        else:  # zeros for the keys a tool's images in the completion need, else none
+            types = self.no_image_types(output, prompt_ids)
         if images is not None and self.teacher_transform is not None:  # the teacher's own images, processed
             flat = [image for row in row_images if row for image in row]  # as TRL processes the student's
             processed = self.processing_class.image_processor(images=flat, return_tensors="pt")

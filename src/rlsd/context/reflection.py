@@ -28,7 +28,15 @@ from typing import Any, ClassVar
 
 from accelerate.utils import gather_object
 
-from rlsd.context.generated import GENERATED_KNOBS, GeneratedSource, _positive_int, finite_number, instruction_check
+from rlsd.context.generated import (
+    GENERATED_KNOBS,
+    GeneratedSource,
+    _positive_int,
+    chat_turn,
+    finite_number,
+    instruction_check,
+    no_context_frac,
+)
 from rlsd.context.sources import Context, RolloutView, check_privileged_column, privileged_source
 from rlsd.core.credit import TokenMean
 from rlsd.core.rules import Knob
@@ -254,7 +262,7 @@ class ReflectionSource(GeneratedSource):
             reflection_count=float(len(reflections)),
             playbook_lessons=TokenMean(float(len(self.playbook.lessons)), 1),
             batch_success_rate=TokenMean(sum(reward > threshold for reward in rewards) / max(len(rewards), 1), 1),
-            no_context_frac=TokenMean(sum(not h for h in has_context) / max(len(rows), 1), len(rows)),
+            no_context_frac=no_context_frac(has_context),
         )
         return Context(fields, has_context, metrics, weights)
 
@@ -273,7 +281,7 @@ class ReflectionSource(GeneratedSource):
             prompt=prompt_text(prompt), completion=view.completion_texts[view.offset + row], feedback=feedback,
             playbook=playbook,
         )  # fmt: skip
-        return [{"role": "user", "content": text}] if isinstance(prompt, list) else text
+        return chat_turn(prompt, text)
 
     def curate(self, view: RolloutView, reflections: dict[int, str]) -> None:
         """Curate the lessons of one training rollout's reflections into the playbook: every process's, gathered in

@@ -3,6 +3,7 @@ self-teacher (and every re-scoring pass) see the student's images (TRL 1.16's vi
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -124,7 +125,7 @@ def rows_first(processed: dict[str, Any], images_per_row: list[int]) -> dict[str
     if sum(images_per_row) != grids.size(0):
         raise ValueError(f"{grids.size(0)} processed images for {sum(images_per_row)} images in the rows")
     per_image = list(torch.split(pixels, grids.prod(-1).tolist()))
-    starts = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
+    starts = [0, *itertools.accumulate(images_per_row)][:-1]
     rows = [per_image[start : start + count] for start, count in zip(starts, images_per_row, strict=True)]
     width = max([sum(part.size(0) for part in row) for row in rows] + [1])
     row_pixels = pixels.new_zeros(len(rows), width, pixels.size(-1))

@@ -77,11 +77,15 @@ def role_char_spans(text: str, perception_tag: str, reasoning_tag: str) -> list[
     return sorted(spans)
 
 
+def role_masks(role_ids: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """The (B, T) bool masks of the completion's (`active`) perception and reasoning tokens."""
+    return active & (role_ids == PERCEPTION), active & (role_ids == REASONING)
+
+
 def centred_scores(delta: Tensor, role_ids: Tensor, active: Tensor) -> Tensor:
     """z_t - b_i: -Delta_t on perception tokens, Delta_t on reasoning tokens, less their completion's mean over both
     roles (the shared baseline); 0 on every other token (`delta` (B, T) = c_t - s_t, `active` the completion mask)."""
-    perception = active & (role_ids == PERCEPTION)
-    reasoning = active & (role_ids == REASONING)
+    perception, reasoning = role_masks(role_ids, active)
     roles = perception | reasoning
     score = torch.where(perception, -delta, torch.where(reasoning, delta, torch.zeros_like(delta)))
     baseline = (score * roles).sum(1, keepdim=True) / roles.sum(1, keepdim=True).clamp(min=1)
@@ -123,17 +127,15 @@ def srpo(signals: Signals, params: RuleParams) -> tuple[Tensor, dict[str, float]
     role_ids = signals.role_ids if signals.role_ids is not None else torch.zeros_like(signals.mask, dtype=torch.long)
     delta, nonfinite = token_delta(signals.teacher_logps, signals.student_logps, signals.mask)  # c_t - s_t
     active = signals.mask.bool()
-    perception = active & (role_ids == PERCEPTION)
-    reasoning = active & (role_ids == REASONING)
+    perception, reasoning = role_masks(role_ids, active)
     roles = perception | reasoning
-    count = roles.sum(1, keepdim=True)
     weight = torch.exp(centred_scores(delta, role_ids, active))
     clipped = weight.clamp(1.0 - params.clip, 1.0 + params.clip)
     multiplier = torch.where(roles, (1.0 - params.lam) + params.lam * clipped, torch.ones_like(weight))
     adv = signals.seq_advantages.double().unsqueeze(1)
     token_adv = (adv * multiplier).masked_fill(~active, 0.0)
     n_rows = int(active.any(1).sum().item())
-    untagged = int(((count.squeeze(1) == 0) & active.any(1)).sum().item())
+    untagged = int((~roles.any(1) & active.any(1)).sum().item())
     metrics = {
         "srpo_perception_frac": _masked_mean(perception.double(), active),
         "srpo_reasoning_frac": _masked_mean(reasoning.double(), active),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -244,10 +245,16 @@ def to_image_rows(
             images = load_image(row[column], cell, base_dir)
         return {"prompt": chat_prompt(question, system_prompt, instruction), target: images, "solution": answer}
 
+    outputs = {target: List(Image()) if several else Image(), "solution": Value("string")}
+    return map_vision_rows(dataset, convert, outputs)
+
+
+def map_vision_rows(dataset: Dataset, convert: Callable[..., dict[str, Any]], outputs: dict[str, Any]) -> Dataset:
+    """`dataset.map(convert, with_indices=True)` into rows `{prompt, **outputs}` plus the `KEPT_COLUMNS` present, every
+    other column dropped: the one row mapping of the image and video formats (`rlsd.data.videos`)."""
     message = {"role": Value("string"), "content": Value("string")}
     kept = [c for c in KEPT_COLUMNS if c in dataset.column_names]  # passed through (the box transforms' boxes)
-    features = Features({"prompt": List(message), target: List(Image()) if several else Image(),
-                         "solution": Value("string"), **{c: dataset.features[c] for c in kept}})  # fmt: skip
+    features = Features({"prompt": List(message), **outputs, **{c: dataset.features[c] for c in kept}})
     removed = [c for c in dataset.column_names if c not in kept]
     # `datasets` keys its map cache on the dataset file, not on the image files rows name: read (and check) them
     # again on every load, or re-extracted frames or a replaced image would be skipped (tests/test_media_reload.py)

@@ -36,10 +36,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Features, Image, List, Value
+from datasets import Dataset, Image, List, Value
 
-from rlsd.data.formats import KEPT_COLUMNS, DatasetFormat, chat_prompt, dataset_format
-from rlsd.data.images import load_image
+from rlsd.data.formats import DatasetFormat, chat_prompt, dataset_format
+from rlsd.data.images import load_image, map_vision_rows
 from rlsd.infra.validate import DatasetError, check_answer_length, text_cell
 
 DEFAULT_MAX_FRAMES = 128
@@ -172,7 +172,6 @@ def to_video_rows(
     without = [i for i, value in enumerate(dataset["videos"]) if not _has_a_video(value)]
     _check_every_row_has_video(without, len(dataset), label, "videos",
                                "for images use --dataset_format mmfinereason, for text a text format")  # fmt: skip
-    kept = [c for c in KEPT_COLUMNS if c in dataset.column_names]
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
         where = f"row {index} of {label}"
@@ -187,15 +186,8 @@ def to_video_rows(
             "problem_type": str(row.get("problem_type") or ""),
         }
 
-    message = {"role": Value("string"), "content": Value("string")}
-    features = Features({"prompt": List(message), "images": List(Image()), "solution": Value("string"),
-                         "problem_type": Value("string"), **{c: dataset.features[c] for c in kept}})  # fmt: skip
-    removed = [c for c in dataset.column_names if c not in kept]
-    # `datasets` keys its map cache on the dataset file, not on the image files rows name: read (and check) them
-    # again on every load, or re-extracted frames or a replaced image would be skipped (tests/test_media_reload.py)
-    return dataset.map(
-        convert, with_indices=True, remove_columns=removed, features=features, load_from_cache_file=False
-    )
+    outputs = {"images": List(Image()), "solution": Value("string"), "problem_type": Value("string")}
+    return map_vision_rows(dataset, convert, outputs)
 
 
 dataset_format(

@@ -65,25 +65,17 @@ def vllm_runs_on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def prepare_vllm(args: Any) -> bool:
-    """Before TRL builds the engine: with `use_vllm` in colocate mode on vLLM's CPU backend, keep the linear weights
-    reloadable (`keep_cpu_linear_weights`). Returns whether it did. Server mode runs the engine in another process
-    (`trl vllm-serve`), where this cannot reach; its weight transfer needs a GPU communicator anyway."""
-    if not getattr(args, "use_vllm", False) or getattr(args, "vllm_mode", "colocate") != "colocate":
-        return False
-    if not vllm_runs_on_cpu():
-        return False
-    return keep_cpu_linear_weights()
-
-
 def check_vllm_config(config: Any) -> None:
     """`use_vllm` in colocate mode: refuse vLLM's transformers backend (`vllm_model_impl="transformers"` patches the
-    Hugging Face model classes in this process, and the trainer's own forward then fails), then `prepare_vllm`. Run by
-    `RLSDConfig.__post_init__`, so the engine TRL builds from this config keeps its weights reloadable."""
+    Hugging Face model classes in this process, and the trainer's own forward then fails), then, on vLLM's CPU
+    backend, keep the linear weights reloadable (`keep_cpu_linear_weights`). Run by `RLSDConfig.__post_init__`, before
+    TRL builds the engine from this config. Server mode runs the engine in another process (`trl vllm-serve`), where
+    this cannot reach; its weight transfer needs a GPU communicator anyway."""
     if not config.use_vllm or config.vllm_mode != "colocate":
         return
     if config.vllm_model_impl == "transformers":
         raise ConfigError("--vllm_model_impl", "is 'transformers' with use_vllm in colocate mode",
                           "vLLM's transformers backend patches the Hugging Face model class that the trainer also "
                           "runs (its forward then fails): use 'vllm'")  # fmt: skip
-    prepare_vllm(config)
+    if vllm_runs_on_cpu():
+        keep_cpu_linear_weights()

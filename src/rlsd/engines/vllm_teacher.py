@@ -125,9 +125,10 @@ class ServedTeacher:
         )
         logps = torch.zeros(completion_ids.shape, dtype=torch.float32)
         for row, ((prompt, completion), output) in enumerate(zip(sequences, outputs, strict=True)):
-            scores = output.prompt_logprobs
-            for t, token in enumerate(completion):
-                logps[row, t] = scores[len(prompt) + t][token].logprob
+            scores = output.prompt_logprobs[len(prompt) :]  # one per completion token, the token's own
+            logps[row, : len(completion)] = torch.tensor(
+                [score[token].logprob for score, token in zip(scores, completion, strict=True)]
+            )
         return logps.to(completion_ids.device)
 
 

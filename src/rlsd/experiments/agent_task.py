@@ -10,8 +10,6 @@ c?`). GRPO, RLSD and SOD are compared from the same warm start; nothing is downl
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 import statistics
@@ -29,7 +27,7 @@ from rlsd.experiments.demo import DemoConfig, _sequence_logps
 from rlsd.experiments.task import TEACHER_TEMPLATE, leakage_rate
 from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
-from rlsd.experiments.warmstart import cached_warm_start, labelled_batch, supervised_warm_start
+from rlsd.experiments.warmstart import cached_warm_start, config_key, labelled_batch, supervised_warm_start
 
 AGENT_WARMSTART_FORMAT_VERSION = 1
 """Bump when the agent warm-start recipe changes in a way its configuration does not capture."""
@@ -153,8 +151,7 @@ class AgentWarmStartConfig:
     seed: int = 0
 
     def key(self) -> str:
-        payload = json.dumps({"version": AGENT_WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_key(AGENT_WARMSTART_FORMAT_VERSION, asdict(self))
 
 
 def transcript(tokenizer, rng: random.Random, config: AgentWarmStartConfig) -> tuple[list[int], list[int]]:

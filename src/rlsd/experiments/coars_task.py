@@ -20,8 +20,6 @@ agents have room to learn.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import statistics
 import time
@@ -37,7 +35,7 @@ from rlsd.coevolve import Agent, CoEvolution, CoEvolveConfig
 from rlsd.experiments.demo import DemoConfig, run_summary
 from rlsd.experiments.task import leakage_rate
 from rlsd.experiments.tiny import build_char_tokenizer, build_tiny_qwen2
-from rlsd.experiments.warmstart import cached_warm_start, labelled_batch, supervised_warm_start
+from rlsd.experiments.warmstart import cached_warm_start, config_key, labelled_batch, supervised_warm_start
 
 COARS_WARMSTART_FORMAT_VERSION = 1
 """Bump when the warm-start recipe changes in a way its configuration does not capture."""
@@ -151,8 +149,7 @@ class CoarsWarmStartConfig:
     seed: int = 0
 
     def key(self) -> str:
-        payload = json.dumps({"version": COARS_WARMSTART_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_key(COARS_WARMSTART_FORMAT_VERSION, asdict(self))
 
 
 def scripted_turns(item: str, rng: random.Random, config: CoarsWarmStartConfig, shown: str | None) -> list:

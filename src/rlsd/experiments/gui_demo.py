@@ -34,7 +34,7 @@ from rlsd.experiments.gui_task import (
 )
 from rlsd.experiments.methods import check_known
 from rlsd.experiments.task import TEACHER_TEMPLATE, greedy_metrics
-from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget
+from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget, viewer_of
 from rlsd.experiments.tiny_vlm import build_tiny_qwen2_vl, build_vl_processor
 from rlsd.experiments.vision_task import (
     VLWarmStartConfig,
@@ -195,20 +195,14 @@ def gui_demo(config: GuiDemoConfig) -> TaskDemo:
     """The GUI task as the shared runner takes it: greedy click accuracy on held-out screens, the box reward, and the
     credit viewer of GUI-SD's policy (else RLSD's, else the last method's) with the screen and the sampled click."""
     screens = evaluation_screens(config.warm.task, config.eval_size, config.eval_set)
-    last = config.methods[-1]
-
-    def viewer_from(method: str, trainer: Any, viewer: dict[str, Any]) -> bool:
-        if method == "gui-sd":
-            return True
-        return (method == "rlsd" and "gui-sd" not in config.methods) or (not viewer and method == last)
-
     return TaskDemo(
         task="gui", warm_namespace="gui-warmstart", warm_config=config.warm, warm_steps=config.warm.steps,
         warm_start=lambda progress: gui_warm_start(config.warm, progress=progress), load=load_vision_warm_start,
         dataset=lambda: make_gui_rl_dataset(config.warm.task, config.train_size, seed=config.seed, split="train"),
         evaluate=lambda policy, processor: evaluate_gui(policy, processor, screens, config.max_completion_length),
         evaluation=f"greedy click accuracy on {len(screens)} screens", reward=click_reward,
-        viewer=lambda trainer: gui_credit_examples(trainer, screens, config), viewer_from=viewer_from,
+        viewer=lambda trainer: gui_credit_examples(trainer, screens, config),
+        viewer_from=viewer_of("gui-sd", config.methods),
         finish_report=add_images_to_report,
     )  # fmt: skip
 

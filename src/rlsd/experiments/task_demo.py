@@ -96,6 +96,16 @@ def _run(config: Any, demo: TaskDemo, progress: bool, phase: Callable[[str], Non
     return summary
 
 
+def viewer_of(own: str, methods: tuple[str, ...]) -> Callable[[str, Any, dict[str, Any]], bool]:
+    """`TaskDemo.viewer_from` of a task with its own method: the credit viewer of `own`'s policy, else RLSD's, else
+    the last method's."""
+
+    def viewer_from(method: str, trainer: Any, viewer: dict[str, Any]) -> bool:
+        return method == own or (method == "rlsd" and own not in methods) or (not viewer and method == methods[-1])
+
+    return viewer_from
+
+
 def task_budget(config: Any, max_completion_length: int | None = None) -> DemoConfig:
     """The text demo's config carrying a task config's budget (a task config's `budget()`, for `trainer_args`); its
     `max_completion_length` unless one is given."""

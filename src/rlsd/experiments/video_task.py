@@ -41,7 +41,7 @@ from rlsd.experiments.task import (
     is_heldout,
     sample_problems,
 )
-from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget
+from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget, viewer_of
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
 from rlsd.experiments.video_judge import FRAME_COLUMN, judge_clip
 from rlsd.experiments.vision_task import (
@@ -59,6 +59,7 @@ from rlsd.experiments.vision_task import (
     teacher_text,
     viewer_picks,
     vl_batch,
+    vl_quick_config,
 )
 from rlsd.experiments.warmstart import cached_warm_start, supervised_warm_start
 
@@ -246,14 +247,7 @@ class VideoDemoConfig:
 
 def video_quick_config(out: Path, seed: int = 0) -> VideoDemoConfig:
     """A smoke run for tests: a very small warm start and two steps per method, every file still written."""
-    warm = VideoWarmStartConfig(
-        task=TaskConfig(num_operands=3), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-        vision_width=16, steps=10, batch_size=8, train_pool=200,
-    )  # fmt: skip
-    return VideoDemoConfig(
-        steps=2, eval_every=1, eval_size=8, prompts_per_step=2, num_generations=4, lambda_decay_steps=2,
-        max_completion_length=16, train_size=16, out=out, warm=warm, seed=seed,
-    )  # fmt: skip
+    return vl_quick_config(VideoDemoConfig, VideoWarmStartConfig, out, seed)
 
 
 def video_demo(config: VideoDemoConfig) -> TaskDemo:
@@ -265,13 +259,6 @@ def video_demo(config: VideoDemoConfig) -> TaskDemo:
         if config.eval_set == "heldout"
         else pilot_problems(task, config.eval_size)
     )
-    last = config.methods[-1]
-
-    def viewer_from(method: str, trainer: Any, viewer: dict[str, Any]) -> bool:
-        return (
-            method == "visd" or (method == "rlsd" and "visd" not in config.methods) or (not viewer and method == last)
-        )
-
     return TaskDemo(
         task="video", warm_namespace="video-warmstart", warm_config=config.warm, warm_steps=config.warm.steps,
         warm_start=lambda progress: video_warm_start(config.warm, progress=progress), load=load_vision_warm_start,
@@ -280,7 +267,7 @@ def video_demo(config: VideoDemoConfig) -> TaskDemo:
         evaluate=lambda policy, processor: evaluate_video(policy, processor, problems, config.max_completion_length),
         evaluation=f"greedy pass@1 on {len(problems)} {config.eval_set} clips", reward=accuracy_reward,
         viewer=lambda trainer: video_credit_examples(trainer, trainer.processing_class, problems, config),
-        viewer_from=viewer_from, finish_report=add_images_to_report,
+        viewer_from=viewer_of("visd", config.methods), finish_report=add_images_to_report,
     )  # fmt: skip
 
 

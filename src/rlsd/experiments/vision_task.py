@@ -9,13 +9,11 @@ text task's (`<think>4*5=20;3+20=23</think><answer>23</answer>`). The self-teach
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from datasets import Dataset
@@ -32,9 +30,18 @@ from rlsd.experiments.task import (
     greedy_metrics,
     sample_problems,
 )
-from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget
+from rlsd.experiments.task_demo import TaskDemo, run_task_demo, task_budget, viewer_of
 from rlsd.experiments.tiny_vlm import CELL, ImageOnlyQwen2VLProcessor, build_tiny_qwen2_vl, build_vl_processor
-from rlsd.experiments.warmstart import cached_warm_start, generate_batch, pad_completion_rows, supervised_warm_start
+from rlsd.experiments.warmstart import (
+    cached_warm_start,
+    config_key,
+    generate_batch,
+    pad_completion_rows,
+    supervised_warm_start,
+)
+
+Demo = TypeVar("Demo")
+"""An image or video demo's config class (`vl_quick_config`)."""
 
 VISION_WARMSTART_FORMAT_VERSION = 1
 """Bump when the vision warm-start recipe changes in a way its configuration does not capture."""
@@ -164,8 +171,7 @@ class VLWarmStartConfig:
         return asdict(self)
 
     def key(self) -> str:
-        payload = json.dumps({"version": self.version, **self.key_fields()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_key(self.version, self.key_fields())
 
 
 @dataclass(frozen=True)
@@ -337,23 +343,28 @@ class VisionDemoConfig:
         return task_budget(self, self.completion_length())
 
 
-def vision_quick_config(out: Path, seed: int = 0) -> VisionDemoConfig:
-    """A smoke run for tests: a very small warm start and two steps per method, every file still written."""
-    warm = VisionWarmStartConfig(
+def vl_quick_config(demo: type[Demo], warm_start: type[VLWarmStartConfig], out: Path, seed: int = 0) -> Demo:
+    """A smoke run of an image or video demo for tests: a very small warm start and two steps per method, every
+    file still written."""
+    warm = warm_start(
         task=TaskConfig(num_operands=3), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
         vision_width=16, steps=10, batch_size=8, train_pool=200,
     )  # fmt: skip
-    return VisionDemoConfig(
+    return demo(
         steps=2, eval_every=1, eval_size=8, prompts_per_step=2, num_generations=4, lambda_decay_steps=2,
         max_completion_length=16, train_size=16, out=out, warm=warm, seed=seed,
     )  # fmt: skip
+
+
+def vision_quick_config(out: Path, seed: int = 0) -> VisionDemoConfig:
+    """A smoke run for tests: a very small warm start and two steps per method, every file still written."""
+    return vl_quick_config(VisionDemoConfig, VisionWarmStartConfig, out, seed)
 
 
 def vision_demo(config: VisionDemoConfig) -> TaskDemo:
     """The vision task as the shared runner takes it: greedy pass@1 and leakage on held-out image problems, the
     credit viewer of RLSD's policy (else of the last method) with each completion's image."""
     problems = evaluation_problems(config.warm.task, config.eval_size)
-    last = config.methods[-1]
     return TaskDemo(
         task="vision", warm_namespace="vision-warmstart", warm_config=config.warm, warm_steps=config.warm.steps,
         warm_start=lambda progress: vision_warm_start(config.warm, progress=progress),
@@ -362,7 +373,7 @@ def vision_demo(config: VisionDemoConfig) -> TaskDemo:
         evaluate=lambda policy, processor: evaluate_vision(policy, processor, problems, config.completion_length()),
         evaluation=f"greedy pass@1 on {len(problems)} problems", reward=accuracy_reward,
         viewer=lambda trainer: vision_credit_examples(trainer, trainer.processing_class, problems, config),
-        viewer_from=lambda method, trainer, viewer: method == "rlsd" or (not viewer and method == last),
+        viewer_from=viewer_of("rlsd", config.methods),
         finish_report=add_images_to_report,
     )  # fmt: skip
 

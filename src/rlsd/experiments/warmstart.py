@@ -37,6 +37,13 @@ WARMSTART_FORMAT_VERSION = 3
 """Bump when the warm-start recipe changes in a way its configuration does not capture."""
 
 
+def config_key(version: int, fields: dict[str, Any]) -> str:
+    """A warm start's cache key: the first 16 hex digits of the sha256 of its format version and fields (sorted
+    JSON), so that any change to either names a new cache entry."""
+    payload = json.dumps({"version": version, **fields}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class WarmStartConfig:
     """Everything that determines the warm-started model; its hash names the cache entry."""
@@ -69,8 +76,7 @@ class WarmStartConfig:
         fields = {**asdict(self), "task": self.task.key_dict()}
         if self.steps_share == 0.0:
             del fields["steps_share"]
-        payload = json.dumps({"version": WARMSTART_FORMAT_VERSION, **fields}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_key(WARMSTART_FORMAT_VERSION, fields)
 
 
 def external_teacher_config(student: WarmStartConfig) -> WarmStartConfig:

@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rlsd.context.sources import PrivilegedSource
 from rlsd.core.rules import RuleState
-from rlsd.infra.model_save import fsync_dir, fsync_file
+from rlsd.infra.model_save import PARTIAL_PREFIX, SHARDED_STATE_PREFIXES, fsync_dir, fsync_file
 from rlsd.infra.validate import CheckpointError
 from rlsd.teachers import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, Teacher, Unwrap
 
@@ -41,9 +41,9 @@ HASH_CHUNK = 4 * 2**20
 HASH_THREADS = 4
 """Files hashed at once (hashlib and file reads release the GIL): sealing and verifying each read and hash the whole
 checkpoint (sha256 runs at roughly 0.5 GB/s per core)."""
-PARTIAL_PREFIX = ".rlsd-partial-"
-"""Checkpoints are written into `<output_dir>/.rlsd-partial-checkpoint-N/checkpoint-N`, a name that neither
-`get_last_checkpoint` nor checkpoint rotation picks up, and renamed to `<output_dir>/checkpoint-N` once sealed."""
+# PARTIAL_PREFIX (`rlsd.infra.model_save`'s): checkpoints are written into
+# `<output_dir>/.rlsd-partial-checkpoint-N/checkpoint-N`, a name that neither `get_last_checkpoint` nor checkpoint
+# rotation picks up, and renamed to `<output_dir>/checkpoint-N` once sealed.
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -286,7 +286,7 @@ def _read_manifest(folder: str, weights_only: bool) -> dict | None:
 
 def _has_sharded_state(folder: str) -> bool:
     """FSDP and DeepSpeed checkpoints keep their weights in sub-folders."""
-    return any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in os.listdir(folder))
+    return any(name.startswith(SHARDED_STATE_PREFIXES) for name in os.listdir(folder))
 
 
 def _check_file(where: str, path: str, name: str, size: int | None) -> None:

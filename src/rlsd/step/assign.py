@@ -19,7 +19,7 @@ from rlsd.context.annotation import span_token_labels, token_char_offsets
 from rlsd.core.credit import think_span_mask
 from rlsd.core.rules import CreditRule, RuleFn, RuleParams, RuleState, Signals, rule_params
 from rlsd.core.srpo_rule import role_char_spans
-from rlsd.step.batch import RLSDEntries, loss_mask, scalar
+from rlsd.step.batch import RLSDEntries, loss_mask, scalar, token_pieces
 from rlsd.step.scoring import ScoreResult
 
 DecodeTokens = Callable[[torch.Tensor], list[str]]
@@ -151,8 +151,8 @@ class CreditAssembler:
     def think_span(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, T) completion tokens inside the reasoning span (`rlsd_span="think"`), from each token's text."""
         ids = batch["completion_ids"]
-        pieces = [self.decode_tokens(row.unsqueeze(1)) for row in ids.cpu()]
-        return think_span_mask(pieces, ids.size(1)).to(ids.device) & batch["completion_mask"].bool()
+        span = think_span_mask(token_pieces(self.decode_tokens, ids), ids.size(1))
+        return span.to(ids.device) & batch["completion_mask"].bool()
 
     def role_ids(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, T) SRPO's role of each completion token (1 perception, 2 reasoning, 0 neither): the character spans of
@@ -161,8 +161,7 @@ class CreditAssembler:
         ids, keep = batch["completion_ids"], batch["completion_mask"].bool()
         tags = (self.args.srpo_perception_tag, self.args.srpo_reasoning_tag)
         roles = []
-        for row in ids.cpu():
-            pieces = self.decode_tokens(row.unsqueeze(1))
+        for pieces in token_pieces(self.decode_tokens, ids):
             spans = role_char_spans("".join(pieces), *tags)
             roles.append(span_token_labels(token_char_offsets(pieces), spans))
         return torch.tensor(roles, dtype=torch.long, device=ids.device) * keep

@@ -10,6 +10,7 @@ TRL copies to every micro-batch). `RLSDEntries.to_batch` writes them under the `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -90,6 +91,12 @@ class RLSDEntries:
 def scalar(value: float) -> Tensor:
     """A per-batch scalar as TRL copies it to every micro-batch."""
     return torch.tensor(value, dtype=torch.float64)
+
+
+def token_pieces(decode_tokens: Callable[[Any], list[str]], ids: Tensor) -> list[list[str]]:
+    """Each row's tokens of (B, T) `ids` decoded one by one (the tokenizer's `batch_decode` over a column), for a
+    rule or loss that reads each token's text."""
+    return [decode_tokens(row.unsqueeze(1)) for row in ids.cpu()]
 
 
 def loss_mask(batch: dict[str, Any]) -> Tensor:

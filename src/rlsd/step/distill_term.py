@@ -20,7 +20,7 @@ from rlsd.core.distill import OverlapProbe, sdpg_ref_penalty, selected_mad_opd_l
 from rlsd.core.family_losses import RoutedTokenLoss, routed_token_loss
 from rlsd.core.gui_sd import TextWeightedLoss
 from rlsd.plan import StepPlan
-from rlsd.step.batch import RLSDEntries, loss_mask
+from rlsd.step.batch import RLSDEntries, loss_mask, token_pieces
 
 Hidden = tuple[torch.Tensor, torch.nn.Module]
 """Hidden states at the completion positions (B, T, H) and the LM head that projects them."""
@@ -81,7 +81,7 @@ class DistillationTerm:
         significance)."""
         if self.decode_tokens is None:
             raise ValueError("a text-weighted distillation loss needs the tokenizer's decode_tokens")
-        rows = [distill_fn.text_weights(self.decode_tokens(row.unsqueeze(1))) for row in completion_ids.cpu()]
+        rows = [distill_fn.text_weights(pieces) for pieces in token_pieces(self.decode_tokens, completion_ids)]
         return torch.tensor(rows, dtype=torch.float32, device=completion_ids.device)
 
     def term(

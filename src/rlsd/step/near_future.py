@@ -122,11 +122,11 @@ class NearFutureSlots:
         verified = torch.zeros(hard.numel(), samples, dtype=torch.bool)
         verified[hard_ids] = (totals >= args.npo_success_reward).view(-1, samples).cpu()
         rows, picks = replacement_rows(hard.cpu(), verified, group, args.npo_slots)
+        if rows.numel() == 0:
+            return 0
         position = torch.full((hard.numel(),), -1, dtype=torch.long)
         position[hard_ids] = torch.arange(hard_ids.numel())
         picks = position[picks // samples] * samples + picks % samples  # into the hard groups' rollouts
-        if rows.numel() == 0:
-            return 0
         pad_id = self.run.tokenizer.pad_token_id
         output["completion_ids"], output["completion_mask"] = splice(
             output["completion_ids"], output["completion_mask"], rows, ids[picks], mask[picks], pad_id

@@ -188,8 +188,9 @@ class ToolWatch:
         spent, context = 0, model_context_length(model.config)
         for row, conversation in enumerate(self.completions):
             turn = self.turn(row)
-            answered = bool(conversation) and conversation[-1].get("role") == "tool"
-            dropped = [call for call in self.calls if call.row == row and call.turn == turn and not answered]
+            if conversation and conversation[-1].get("role") == "tool":  # the last turn's results were appended
+                continue
+            dropped = [call for call in self.calls if call.row == row and call.turn == turn]
             if not dropped:
                 continue
             length = len(suffix_ids([tool_message(call) for call in dropped]))

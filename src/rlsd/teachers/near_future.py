@@ -30,6 +30,8 @@ from rlsd.teachers.base import TEACHER_STATE_FILE, TEACHER_WEIGHTS_FILE, Teacher
 NPO_TRIGGERS = ("none", "step", "auto")
 """`npo_trigger`: off; NPO's manual intervention at `npo_start_step`; AutoNPO's trigger (`npo_should_trigger`)."""
 NEAR_FUTURE = "near_future"
+STATE_KEYS = ("phase", "anchor_step", "steps_left", "lookahead", "rewards", "entropies")
+"""The guide's attributes kept in the JSON part of its checkpoint state (`NearFutureTeacher.state` / `load`)."""
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -232,8 +234,7 @@ class NearFutureTeacher:
 
     def state(self) -> dict[str, Any]:
         """The JSON part of the checkpoint state."""
-        keys = ("phase", "anchor_step", "steps_left", "lookahead", "rewards", "entropies")
-        return {"mode": self.mode, **{key: getattr(self, key) for key in keys}}
+        return {"mode": self.mode, **{key: getattr(self, key) for key in STATE_KEYS}}
 
     def save(self, directory: str, unwrap: Callable[[nn.Module], nn.Module], *, write: bool = True) -> None:
         """Write the state (json) and the guide, anchor, candidates and mistake pool (`TEACHER_WEIGHTS_FILE`)."""
@@ -248,7 +249,7 @@ class NearFutureTeacher:
     def load(self, directory: str, unwrap: Callable[[nn.Module], nn.Module]) -> None:
         """Restore what `save` wrote."""
         state = read_teacher_state(directory, self.mode)
-        for key in ("phase", "anchor_step", "steps_left", "lookahead", "rewards", "entropies"):
+        for key in STATE_KEYS:
             setattr(self, key, state[key])
         weights = torch.load(os.path.join(directory, TEACHER_WEIGHTS_FILE), map_location="cpu", weights_only=False)
         unwrap(self.model).load_state_dict(weights["guide"])
